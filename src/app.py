@@ -1,0 +1,829 @@
+"""Qwen-Image-Layered studio: split one image into editable RGBA layers on one consumer GPU.
+
+The whole runtime lives in this file, top to bottom:
+    1. flags            the knobs, each with its reason; command line and environment override them in `parse_args`
+    2. environment      `print_environment_info`, `clear_memory`
+    3. demo model       a tiny random pipeline of the real classes, for machines without the 57 GB of weights
+    4. loading          `get_model_path`, `load_pipeline`, `apply_memory_optimizations`
+    5. infer            `infer` (one decomposition) and `save_run` (its run folder)
+    6. exports          pure functions `layers -> file`: PNG, ZIP, PPTX, PSD
+    7. UI               `build_ui` (Gradio Blocks, port 7869)
+    8. main             `python src/app.py` (UI) and `python src/app.py decompose IMAGE` (headless)
+
+Importing this module loads no model and needs no GPU.
+"""
+
+# Environment variables that must be set before torch / huggingface_hub / gradio are imported.
+import os
+
+# Fewer fragmentation OOMs on a 24 GB card: the allocator grows segments instead of reserving new ones.
+os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
+# A local tool: no usage reports to Gradio's or the hub's servers.
+os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+
+import argparse
+import dataclasses
+import datetime
+import gc
+import io
+import json
+import logging
+import platform
+import random
+import sys
+import time
+import zipfile
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+from PIL import Image
+
+logger = logging.getLogger("qwen_layered_studio")
+
+# ----------------------------------------------------------------------------------------------------
+# 1. Flags (defaults; `parse_args` is the one place where command line and environment override them)
+# ----------------------------------------------------------------------------------------------------
+ROOT_DIR = Path(__file__).resolve().parent.parent
+MODEL_ID = "Qwen/Qwen-Image-Layered"  # the hub repo of the real weights (~57 GB in bf16)
+MODELS_DIR = ROOT_DIR / "models"  # local weight cache, looked at before the hub; never committed
+LOCAL_MODEL_DIR = MODELS_DIR / "Qwen-Image-Layered"  # where `snapshot_download` puts the weights
+DEMO_MODEL_DIR = MODELS_DIR / "demo-tiny-random"  # the offline demo pipeline (~3 MB), built on first use
+OUTPUTS_DIR = ROOT_DIR / "outputs"  # one folder per run, plus Gradio's upload cache
+ASSETS_DIR = ROOT_DIR / "assets" / "test_images"  # example images the project made itself
+HOST = "0.0.0.0"  # reachable from the LAN, like the seed; pass --host 127.0.0.1 to keep it local
+PORT = 7869
+
+# "auto" picks per machine in `resolve_offload_mode`. "off": everything on the GPU (needs ~60 GB);
+# "model": whole components move to the GPU in turn (the 41 GB transformer must fit alone);
+# "sequential": accelerate streams every layer from CPU (fits ~1 GB of VRAM, but ~12x slower per step).
+CPU_OFFLOAD_MODE = "auto"
+OFFLOAD_MODES = ("auto", "off", "model", "sequential")
+# Skip the remaining transformer blocks on a step whose first block changed less than the threshold
+# (diffusers' FirstBlockCache). Trades a little fidelity for speed; 0.1 follows the seed.
+ENABLE_FIRST_BLOCK_CACHE = True
+FIRST_BLOCK_CACHE_THRESHOLD = 0.1
+# None keeps bf16 weights. "fp8_storage" stores transformer weights in float8 and computes in bf16
+# (diffusers layerwise casting): half the weight memory, LOSSY.
+QUANTIZATION_MODE = None
+QUANTIZATION_MODES = (None, "fp8_storage")
+# SageAttention kernels through diffusers' attention dispatcher; needs the `sageattention` package.
+ENABLE_SAGE_ATTENTION = False
+# The VAE decodes N layers at up to 1024 px: one layer at a time (slicing) and in tiles keeps its peak low.
+ENABLE_VAE_SLICING = True
+ENABLE_VAE_TILING = True
+
+# Parameter ranges of the decomposition (the pipeline asserts the resolution; the rest are the UI's limits).
+LAYERS_RANGE = (2, 10)
+STEPS_RANGE = (1, 50)
+TRUE_CFG_RANGE = (1.0, 10.0)
+RESOLUTIONS = (640, 1024)
+MAX_SEED = 2**31 - 1
+# The defaults of the model card's example call.
+DEFAULTS = dict(
+    prompt="",
+    negative_prompt=" ",
+    true_cfg_scale=4.0,
+    num_inference_steps=50,
+    layers=4,
+    resolution=640,
+    cfg_normalize=True,
+    use_en_prompt=True,
+    seed=777,
+    randomize_seed=False,
+)
+
+
+@dataclasses.dataclass
+class Settings:
+    """Resolved run-time settings: the flags above after command line and environment overrides."""
+
+    host: str = HOST
+    port: int = PORT
+    offload: str = CPU_OFFLOAD_MODE
+    model: str | None = None  # a folder with model_index.json; None: models/ then the hub
+    demo: bool = False
+    outputs: Path = OUTPUTS_DIR
+    models_dir: Path = MODELS_DIR
+    first_block_cache: bool = ENABLE_FIRST_BLOCK_CACHE
+    first_block_cache_threshold: float = FIRST_BLOCK_CACHE_THRESHOLD
+    quantization: str | None = QUANTIZATION_MODE
+    sage_attention: bool = ENABLE_SAGE_ATTENTION
+
+
+def _env(name: str, default: Any) -> Any:
+    """Environment override `QIL_<NAME>` for a flag default, parsed to the default's type."""
+    raw = os.environ.get(f"QIL_{name}")
+    if raw is None:
+        return default
+    if isinstance(default, bool):
+        return raw.strip().lower() in ("1", "true", "yes", "on")
+    if isinstance(default, (int, float)) and not isinstance(default, bool):
+        return type(default)(raw)
+    if isinstance(default, Path):
+        return Path(raw)
+    return raw
+
+
+def _add_common_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--offload", default=_env("OFFLOAD", CPU_OFFLOAD_MODE), choices=OFFLOAD_MODES,
+                        help="CPU offload mode (default: %(default)s)")
+    parser.add_argument("--model", default=_env("MODEL", None),
+                        help="folder holding the pipeline (model_index.json); default: models/, then the hub")
+    parser.add_argument("--demo", action="store_true", default=_env("DEMO", False),
+                        help="use the tiny random demo pipeline (offline; its layers are noise)")
+    parser.add_argument("--outputs", type=Path, default=_env("OUTPUTS", OUTPUTS_DIR), help="run folders go here")
+    parser.add_argument("--models-dir", type=Path, default=_env("MODELS_DIR", MODELS_DIR),
+                        help="local weight cache (default: %(default)s)")
+    parser.add_argument("--no-first-block-cache", dest="first_block_cache", action="store_false",
+                        default=_env("FIRST_BLOCK_CACHE", ENABLE_FIRST_BLOCK_CACHE))
+    parser.add_argument("--first-block-cache-threshold", type=float,
+                        default=_env("FIRST_BLOCK_CACHE_THRESHOLD", FIRST_BLOCK_CACHE_THRESHOLD))
+    parser.add_argument("--quantization", default=_env("QUANTIZATION", QUANTIZATION_MODE),
+                        choices=[m for m in QUANTIZATION_MODES if m], help="fp8_storage is lossy")
+    parser.add_argument("--sage-attention", action="store_true", default=_env("SAGE_ATTENTION", ENABLE_SAGE_ATTENTION))
+
+
+def parse_args(argv: list[str] | None = None) -> tuple[str, Settings, argparse.Namespace]:
+    """The one place where command line (`argv`) and environment (`QIL_*`) override the flags above.
+
+    Returns (command, settings, namespace): command is "ui" or "decompose".
+    """
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] == "decompose":
+        command, argv = "decompose", argv[1:]
+        parser = argparse.ArgumentParser(prog="app.py decompose", description="Decompose one image, headless.")
+        parser.add_argument("image", help="input image file")
+        parser.add_argument("--layers", type=int, default=DEFAULTS["layers"])
+        parser.add_argument("--seed", type=int, default=DEFAULTS["seed"])
+        parser.add_argument("--steps", type=int, default=DEFAULTS["num_inference_steps"])
+        parser.add_argument("--resolution", type=int, default=DEFAULTS["resolution"], choices=RESOLUTIONS)
+        parser.add_argument("--prompt", default=DEFAULTS["prompt"], help="empty: the model writes a caption")
+        parser.add_argument("--negative-prompt", default=DEFAULTS["negative_prompt"])
+        parser.add_argument("--true-cfg-scale", type=float, default=DEFAULTS["true_cfg_scale"])
+        parser.add_argument("--zh-caption", dest="use_en_prompt", action="store_false",
+                            help="auto-caption in Chinese instead of English")
+        parser.add_argument("--out", type=Path, default=None, help="outputs folder (default: --outputs)")
+    else:
+        command = "ui"
+        parser = argparse.ArgumentParser(prog="app.py", description="Qwen-Image-Layered studio (Gradio UI).")
+        parser.add_argument("--host", default=_env("HOST", HOST))
+        parser.add_argument("--port", type=int, default=_env("PORT", PORT))
+    _add_common_args(parser)
+    ns = parser.parse_args(argv)
+    settings = Settings(
+        host=getattr(ns, "host", HOST),
+        port=getattr(ns, "port", PORT),
+        offload=ns.offload,
+        model=ns.model,
+        demo=ns.demo,
+        outputs=Path(getattr(ns, "out", None) or ns.outputs),
+        models_dir=Path(ns.models_dir),
+        first_block_cache=ns.first_block_cache,
+        first_block_cache_threshold=ns.first_block_cache_threshold,
+        quantization=ns.quantization,
+        sage_attention=ns.sage_attention,
+    )
+    return command, settings, ns
+
+
+# ----------------------------------------------------------------------------------------------------
+# 2. Environment
+# ----------------------------------------------------------------------------------------------------
+def _version(package: str) -> str | None:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(package)
+    except PackageNotFoundError:
+        return None
+
+
+def print_environment_info(print_it: bool = True) -> dict[str, Any]:
+    """What this machine offers the model; printed once at start-up and stored in every params.json."""
+    info: dict[str, Any] = {
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "torch": torch.__version__,
+        "cuda_available": torch.cuda.is_available(),
+        "cuda": torch.version.cuda,
+        "diffusers": _version("diffusers"),
+        "transformers": _version("transformers"),
+        "accelerate": _version("accelerate"),
+        "gradio": _version("gradio"),
+        "gpu_name": None,
+        "gpu_vram_gb": None,
+        "sdpa_backends": {
+            "flash": torch.backends.cuda.flash_sdp_enabled(),
+            "mem_efficient": torch.backends.cuda.mem_efficient_sdp_enabled(),
+            "math": torch.backends.cuda.math_sdp_enabled(),
+        },
+    }
+    if torch.cuda.is_available():
+        props = torch.cuda.get_device_properties(0)
+        info["gpu_name"] = props.name
+        info["gpu_vram_gb"] = round(props.total_memory / 2**30, 1)
+    if print_it:
+        width = max(len(k) for k in info)
+        print("Environment:")
+        for key, value in info.items():
+            print(f"  {key:<{width}}  {value}")
+        if not info["cuda_available"]:
+            print("  No CUDA GPU found: the app runs on the CPU in float32, which is very slow for the real model.")
+    return info
+
+
+def clear_memory() -> None:
+    """Free Python garbage and, when there is a GPU, the CUDA caching allocator's unused blocks."""
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+        torch.cuda.ipc_collect()
+
+
+# ----------------------------------------------------------------------------------------------------
+# 3. Demo model: the real classes at toy size, random weights, built offline
+# ----------------------------------------------------------------------------------------------------
+# Qwen's special tokens the pipeline's prompt templates use.
+QWEN_SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
+                       "<|image_pad|>", "<|video_pad|>"]
+
+
+def build_demo_pipeline(path: Path) -> Path:
+    """Build (once) a tiny random QwenImageLayeredPipeline of the real classes and save it to `path`.
+
+    It loads through the same `from_pretrained` path as the real weights, so everything but the output
+    quality is exercised: its layers are noise. Cached: an existing `model_index.json` means done.
+    """
+    path = Path(path)
+    if (path / "model_index.json").is_file():
+        return path
+    from diffusers import (AutoencoderKLQwenImage, FlowMatchEulerDiscreteScheduler, QwenImageLayeredPipeline,
+                           QwenImageTransformer2DModel)
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import (Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2TokenizerFast,
+                              Qwen2VLImageProcessor, Qwen2VLProcessor, Qwen2VLVideoProcessor)
+
+    logger.info("Building the tiny demo pipeline in %s", path)
+    # 1. A byte-level BPE tokenizer (Qwen2's kind) trained on the pipeline's own templates.
+    bpe = Tokenizer(models.BPE(unk_token=None))
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    corpus = ["Describe the image by detailing the color, shape, size, texture, quantity, text, spatial "
+              "relationships of the objects and background. You are a helpful assistant. Image Annotator."] * 4
+    bpe.train_from_iterator(corpus, trainers.BpeTrainer(
+        vocab_size=400, special_tokens=QWEN_SPECIAL_TOKENS, show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tokenizer = Qwen2TokenizerFast(tokenizer_object=bpe, eos_token="<|im_end|>", pad_token="<|endoftext|>",
+                                   unk_token=None, bos_token=None)
+    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in QWEN_SPECIAL_TOKENS}
+
+    # 2. Models. Seeded, so every machine builds the same demo weights.
+    torch.manual_seed(0)
+    text_config = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                       num_key_value_heads=1, vocab_size=len(tokenizer), max_position_embeddings=2048,
+                       rope_theta=1e6, rope_scaling={"type": "mrope", "mrope_section": [2, 3, 3]},
+                       bos_token_id=ids["<|endoftext|>"], eos_token_id=ids["<|im_end|>"],
+                       pad_token_id=ids["<|endoftext|>"])
+    vision_config = dict(depth=1, hidden_size=16, intermediate_size=32, num_heads=2, out_hidden_size=32,
+                         patch_size=14, spatial_merge_size=2, temporal_patch_size=2, fullatt_block_indexes=[0],
+                         window_size=28)
+    text_encoder = Qwen2_5_VLForConditionalGeneration(Qwen2_5_VLConfig(
+        text_config=text_config, vision_config=vision_config, image_token_id=ids["<|image_pad|>"],
+        video_token_id=ids["<|video_pad|>"], vision_start_token_id=ids["<|vision_start|>"],
+        vision_end_token_id=ids["<|vision_end|>"], eos_token_id=ids["<|im_end|>"],
+        pad_token_id=ids["<|endoftext|>"])).eval()
+    # The caption sees at most 112x112 px (16 vision tokens) so a 512-token caption stays ~2 s on a CPU.
+    image_processor = Qwen2VLImageProcessor(min_pixels=56 * 56, max_pixels=112 * 112)
+    video_processor = Qwen2VLVideoProcessor(min_pixels=56 * 56, max_pixels=112 * 112)
+    processor = Qwen2VLProcessor(image_processor=image_processor, tokenizer=tokenizer,
+                                 video_processor=video_processor)
+    # The real DiT's switches (layer-3D RoPE, the RGB/RGBA t-cond), at 2 blocks of width 32.
+    # in_channels = 4 * z_dim: latents are packed in 2x2 patches.
+    transformer = QwenImageTransformer2DModel(
+        patch_size=2, in_channels=32, out_channels=8, num_layers=2, attention_head_dim=16, num_attention_heads=2,
+        joint_attention_dim=32, axes_dims_rope=(4, 6, 6), use_additional_t_cond=True, use_layer3d_rope=True)
+    # RGBA in (input_channels=4). z_dim must differ from 4: the pipeline tells images from latents by channels.
+    vae = AutoencoderKLQwenImage(base_dim=4, z_dim=8, dim_mult=[1, 2, 4, 4], num_res_blocks=1,
+                                 temperal_downsample=[False, True, True], input_channels=4,
+                                 latents_mean=[0.0] * 8, latents_std=[1.0] * 8)
+    # The published scheduler config of Qwen-Image.
+    scheduler = FlowMatchEulerDiscreteScheduler(
+        base_image_seq_len=256, base_shift=0.5, max_image_seq_len=8192, max_shift=0.9, num_train_timesteps=1000,
+        shift=1.0, shift_terminal=0.02, time_shift_type="exponential", use_dynamic_shifting=True)
+
+    # 3. Save next to the target, then rename: a half-written folder is never taken for a model.
+    pipe = QwenImageLayeredPipeline(scheduler=scheduler, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
+                                    processor=processor, transformer=transformer)
+    partial = path.with_name(path.name + ".partial")
+    pipe.save_pretrained(partial)
+    (partial / "DEMO_MODEL.txt").write_text("Tiny random Qwen-Image-Layered pipeline built by src/app.py --demo. "
+                                            "Its layers are noise.\n")
+    partial.rename(path)
+    return path
+
+
+def is_demo_model(path: Path | str) -> bool:
+    return (Path(path) / "DEMO_MODEL.txt").is_file()
+
+
+# ----------------------------------------------------------------------------------------------------
+# 4. Loading
+# ----------------------------------------------------------------------------------------------------
+class ModelNotAvailableError(RuntimeError):
+    """No local weights and the hub could not provide them. The message says what to do."""
+
+
+def setup_cuda_optimizations() -> list[str]:
+    """TF32 matmuls and cuDNN autotuning. Flash SDPA stays as PyTorch chose (on)."""
+    if not torch.cuda.is_available():
+        return []
+    torch.backends.cuda.matmul.allow_tf32 = True
+    torch.backends.cudnn.allow_tf32 = True
+    torch.backends.cudnn.benchmark = True
+    return ["tf32", "cudnn_benchmark"]
+
+
+def offline_message(models_dir: Path) -> str:
+    return (
+        f"No Qwen-Image-Layered weights found and the Hugging Face hub could not be reached.\n"
+        f"  Put the weights (the folder with model_index.json, ~57 GB) in: {Path(models_dir) / LOCAL_MODEL_DIR.name}\n"
+        f"  or pass --model /path/to/Qwen-Image-Layered,\n"
+        f"  or run with network access once so they download there,\n"
+        f"  or try the app offline with --demo (a tiny random model: it runs everything, but its layers are noise)."
+    )
+
+
+def get_model_path(settings: Settings) -> Path:
+    """Where the pipeline comes from: --demo, --model, the local models/ folder, else the hub."""
+    if settings.demo:
+        return build_demo_pipeline(Path(settings.models_dir) / DEMO_MODEL_DIR.name)
+    if settings.model:
+        path = Path(settings.model)
+        if not (path / "model_index.json").is_file():
+            raise ModelNotAvailableError(f"--model {path} holds no model_index.json: pass the folder of a "
+                                         f"diffusers pipeline (the one that contains model_index.json).")
+        return path
+    local = Path(settings.models_dir) / LOCAL_MODEL_DIR.name
+    if (local / "model_index.json").is_file():
+        return local
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+
+    logger.info("No weights in %s: downloading %s from the hub (~57 GB)", local, MODEL_ID)
+    try:
+        return Path(snapshot_download(MODEL_ID, local_dir=local))
+    except (LocalEntryNotFoundError, HfHubHTTPError, OSError) as err:
+        raise ModelNotAvailableError(offline_message(settings.models_dir) + f"\n  (hub error: {type(err).__name__})") from err
+
+
+def resolve_offload_mode(mode: str, cuda_available: bool, vram_gb: float | None) -> str:
+    """Turn "auto" into a concrete mode for this machine; check an explicit one."""
+    if mode not in OFFLOAD_MODES:
+        raise ValueError(f"offload mode {mode!r} is not one of {OFFLOAD_MODES}")
+    if not cuda_available:
+        if mode not in ("auto", "off"):
+            logger.warning("Offload mode %r needs a CUDA GPU; none found, running everything on the CPU.", mode)
+        return "off"
+    if mode != "auto":
+        return mode
+    if vram_gb >= 64:  # transformer 41 GB + text encoder 17 GB + VAE + activations
+        return "off"
+    if vram_gb >= 48:  # the 41 GB transformer fits alone, with room for activations
+        return "model"
+    return "sequential"
+
+
+def apply_memory_optimizations(pipe, settings: Settings, offload_mode: str) -> list[str]:
+    """Apply offload, VAE, cache and attention features, one line each; return what was applied by name.
+
+    A feature that cannot apply is logged with its reason (never swallowed).
+    """
+    applied: list[str] = []
+    on_cuda = torch.cuda.is_available()
+
+    # 1. Weight storage (before offloading, so offload hooks move the smaller tensors).
+    if settings.quantization == "fp8_storage":
+        pipe.transformer.enable_layerwise_casting(storage_dtype=torch.float8_e4m3fn, compute_dtype=pipe.transformer.dtype)
+        applied.append("fp8_storage (LOSSY: transformer weights stored in float8)")
+    elif settings.quantization is not None:
+        raise ValueError(f"quantization {settings.quantization!r} is not one of {QUANTIZATION_MODES}")
+
+    # 2. Where the weights live.
+    if offload_mode == "off":
+        pipe.to("cuda" if on_cuda else "cpu")
+        applied.append("resident_on_" + ("cuda" if on_cuda else "cpu"))
+    elif offload_mode == "model":
+        pipe.enable_model_cpu_offload()  # text_encoder -> transformer -> vae, whole components in turn
+        applied.append("model_cpu_offload")
+    elif offload_mode == "sequential":
+        pipe.enable_sequential_cpu_offload()  # accelerate hooks stream each layer's weights
+        applied.append("sequential_cpu_offload")
+    else:
+        raise ValueError(f"offload mode {offload_mode!r} is not one of {OFFLOAD_MODES[1:]}")
+
+    # 3. VAE: decode one layer at a time, and in tiles.
+    if ENABLE_VAE_SLICING:
+        pipe.vae.enable_slicing()
+        applied.append("vae_slicing")
+    if ENABLE_VAE_TILING:
+        pipe.vae.enable_tiling()
+        applied.append("vae_tiling")
+
+    # 4. FirstBlockCache through diffusers' hooks. para-attn's FBC has no adapter for QwenImage
+    #    (its apply_cache_on_pipe raises for this pipeline), diffusers' CacheMixin covers it.
+    if settings.first_block_cache:
+        from diffusers.hooks import FirstBlockCacheConfig
+
+        pipe.transformer.enable_cache(FirstBlockCacheConfig(threshold=settings.first_block_cache_threshold))
+        applied.append(f"first_block_cache(threshold={settings.first_block_cache_threshold})")
+
+    # 5. Attention kernels.
+    if settings.sage_attention:
+        if not on_cuda:
+            logger.warning("SageAttention not applied: it needs a CUDA GPU.")
+        elif _version("sageattention") is None:
+            logger.warning("SageAttention not applied: the `sageattention` package is not installed (pip install sageattention).")
+        else:
+            pipe.transformer.set_attention_backend("sage")
+            applied.append("sage_attention")
+    return applied
+
+
+def load_pipeline(settings: Settings):
+    """Load the QwenImageLayeredPipeline (bf16 on CUDA, float32 on CPU) and apply the memory features."""
+    from diffusers import QwenImageLayeredPipeline
+
+    # 1. Find the weights (raises ModelNotAvailableError with what to do).
+    model_path = get_model_path(settings)
+    # 2. Pick the dtype: bf16 is the model's dtype; PyTorch's CPU bf16 convolutions are ~20x slower than
+    #    float32 (measured: a 2-step demo run took 214 s in bf16, 11 s in float32), so the CPU uses float32.
+    cuda = torch.cuda.is_available()
+    dtype = torch.bfloat16 if cuda else torch.float32
+    vram_gb = torch.cuda.get_device_properties(0).total_memory / 2**30 if cuda else None
+    offload_mode = resolve_offload_mode(settings.offload, cuda, vram_gb)
+    setup_cuda_optimizations()
+    # 3. Load through from_pretrained, the same path for the real and the demo weights.
+    start = time.perf_counter()
+    pipe = QwenImageLayeredPipeline.from_pretrained(model_path, dtype=dtype)
+    applied = apply_memory_optimizations(pipe, settings, offload_mode)
+    # Attach what the run folders record.
+    pipe._studio_info = dict(model_path=str(model_path), offload_mode=offload_mode, dtype=str(dtype).replace("torch.", ""),
+                             optimizations=applied, demo=is_demo_model(model_path))
+    logger.info("Loaded %s in %.1f s (offload=%s, dtype=%s)", model_path, time.perf_counter() - start, offload_mode, dtype)
+    for name in applied:
+        logger.info("  applied: %s", name)
+    if pipe._studio_info["demo"]:
+        logger.warning("DEMO MODEL in use: tiny random weights, the layers are noise.")
+    return pipe
+
+
+# ----------------------------------------------------------------------------------------------------
+# 5. Infer
+# ----------------------------------------------------------------------------------------------------
+@dataclasses.dataclass
+class DecomposeResult:
+    layers: list[Image.Image]  # RGBA, bottom first
+    caption: str  # the prompt that conditioned the run (the auto-caption when the prompt was empty)
+    auto_caption: bool  # True when the model wrote the caption
+    seed: int
+    params: dict[str, Any]  # every input, for params.json
+    duration_s: float
+
+
+def to_rgba(image: Any) -> Image.Image:
+    """Accept a path, PIL image, numpy array (HxW, HxWx3, HxWx4; uint8 or float 0..1) or Gradio's value."""
+    if isinstance(image, dict):  # Gradio ImageEditor / FileData-like values
+        image = image.get("composite") or image.get("background") or image.get("path") or image.get("name")
+    if isinstance(image, (str, Path)):
+        path = Path(image)
+        if not path.is_file():
+            raise ValueError(f"image file {str(path)!r} does not exist")
+        with Image.open(path) as opened:
+            opened.load()
+            image = opened.copy()
+    if isinstance(image, np.ndarray):
+        array = image
+        if array.dtype != np.uint8:
+            array = (np.clip(array, 0.0, 1.0) * 255).round().astype(np.uint8)
+        if array.ndim not in (2, 3) or (array.ndim == 3 and array.shape[2] not in (1, 3, 4)):
+            raise ValueError(f"image array of shape {array.shape} is not HxW, HxWx3 or HxWx4")
+        image = Image.fromarray(array.squeeze(2) if array.ndim == 3 and array.shape[2] == 1 else array)
+    if not isinstance(image, Image.Image):
+        raise ValueError(f"cannot read an image from a {type(image).__name__}; pass a path, PIL image or array")
+    return image.convert("RGBA")
+
+
+def check_params(layers: int, num_inference_steps: int, true_cfg_scale: float, resolution: int) -> None:
+    """Reject out-of-range values with the accepted range (the pipeline itself would assert or misbehave)."""
+    if not (isinstance(layers, (int, np.integer)) and LAYERS_RANGE[0] <= layers <= LAYERS_RANGE[1]):
+        raise ValueError(f"layers={layers!r} is out of range: use an integer from {LAYERS_RANGE[0]} to {LAYERS_RANGE[1]}")
+    if not (isinstance(num_inference_steps, (int, np.integer)) and STEPS_RANGE[0] <= num_inference_steps <= STEPS_RANGE[1]):
+        raise ValueError(f"num_inference_steps={num_inference_steps!r} is out of range: use {STEPS_RANGE[0]} to {STEPS_RANGE[1]}")
+    if not TRUE_CFG_RANGE[0] <= float(true_cfg_scale) <= TRUE_CFG_RANGE[1]:
+        raise ValueError(f"true_cfg_scale={true_cfg_scale!r} is out of range: use {TRUE_CFG_RANGE[0]} to {TRUE_CFG_RANGE[1]}")
+    if resolution not in RESOLUTIONS:
+        raise ValueError(f"resolution={resolution!r} is not supported: use one of {RESOLUTIONS}")
+
+
+def infer(
+    pipe,
+    image: Any,
+    prompt: str = DEFAULTS["prompt"],
+    negative_prompt: str = DEFAULTS["negative_prompt"],
+    true_cfg_scale: float = DEFAULTS["true_cfg_scale"],
+    num_inference_steps: int = DEFAULTS["num_inference_steps"],
+    layers: int = DEFAULTS["layers"],
+    resolution: int = DEFAULTS["resolution"],
+    cfg_normalize: bool = DEFAULTS["cfg_normalize"],
+    use_en_prompt: bool = DEFAULTS["use_en_prompt"],
+    seed: int = DEFAULTS["seed"],
+    randomize_seed: bool = DEFAULTS["randomize_seed"],
+) -> DecomposeResult:
+    """Decompose `image` into `layers` RGBA layers (bottom first). The pipeline's tqdm reports the steps."""
+    # 1. Check inputs.
+    layers, num_inference_steps, resolution = int(layers), int(num_inference_steps), int(resolution)
+    check_params(layers, num_inference_steps, true_cfg_scale, resolution)
+    rgba = to_rgba(image)
+    if randomize_seed:
+        seed = random.randint(0, MAX_SEED)
+    seed = int(seed)
+    prompt = (prompt or "").strip()
+    start = time.perf_counter()
+    try:
+        with torch.inference_mode(), torch.autocast("cuda", dtype=torch.bfloat16, enabled=torch.cuda.is_available()):
+            # 2. Caption. An empty prompt makes the pipeline caption the image itself; we call its own
+            #    `get_image_caption` on the same resized image first so the caption can be shown and saved.
+            auto_caption = not prompt
+            if auto_caption:
+                from diffusers.pipelines.qwenimage.pipeline_qwenimage_layered import calculate_dimensions
+
+                width, height = calculate_dimensions(resolution * resolution, rgba.width / rgba.height)
+                prompt_image = pipe.image_processor.resize(rgba, height, width)
+                prompt = pipe.get_image_caption(prompt_image, use_en_prompt=use_en_prompt, device=pipe._execution_device)
+            # 3. Denoise and decode. A CPU generator: the same seed gives the same noise in every offload
+            #    mode and on every device (diffusers moves CPU noise to the execution device).
+            generator = torch.Generator(device="cpu").manual_seed(seed)
+            output = pipe(
+                image=rgba,
+                prompt=prompt,
+                negative_prompt=negative_prompt,
+                true_cfg_scale=true_cfg_scale,
+                num_inference_steps=num_inference_steps,
+                layers=layers,
+                resolution=resolution,
+                cfg_normalize=cfg_normalize,
+                use_en_prompt=use_en_prompt,
+                generator=generator,
+                num_images_per_prompt=1,
+            )
+    finally:
+        # 4. Free what the run left on the device, also after an error.
+        clear_memory()
+    result_layers = [layer.convert("RGBA") for layer in output.images[0]]
+    params = dict(
+        prompt_given=prompt if not auto_caption else "",
+        negative_prompt=negative_prompt,
+        true_cfg_scale=float(true_cfg_scale),
+        num_inference_steps=num_inference_steps,
+        layers=layers,
+        resolution=resolution,
+        cfg_normalize=bool(cfg_normalize),
+        use_en_prompt=bool(use_en_prompt),
+        seed=seed,
+        randomize_seed=bool(randomize_seed),
+        input_size=list(rgba.size),
+        output_size=list(result_layers[0].size),
+    )
+    return DecomposeResult(layers=result_layers, caption=prompt, auto_caption=auto_caption, seed=seed,
+                           params=params, duration_s=time.perf_counter() - start)
+
+
+# ----------------------------------------------------------------------------------------------------
+# 6. Exports: pure functions, layers -> file (bottom first), no Gradio in them
+# ----------------------------------------------------------------------------------------------------
+def composite_layers(layers: list[Image.Image]) -> Image.Image:
+    """Stack RGBA layers bottom first with Porter-Duff "over"."""
+    canvas = Image.new("RGBA", layers[0].size, (0, 0, 0, 0))
+    for layer in layers:
+        canvas = Image.alpha_composite(canvas, layer.convert("RGBA"))
+    return canvas
+
+
+def layer_file_name(index: int) -> str:
+    """`layer_1.png` is the bottom layer."""
+    return f"layer_{index + 1}.png"
+
+
+def export_layer_pngs(layers: list[Image.Image], folder: Path) -> list[Path]:
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for index, layer in enumerate(layers):
+        path = folder / layer_file_name(index)
+        layer.save(path)
+        paths.append(path)
+    return paths
+
+
+def export_zip(layers: list[Image.Image], path: Path, extra_files: dict[str, bytes] | None = None) -> Path:
+    """layer_1.png ... layer_N.png (bottom first), composite.png, and any extra files (params.json)."""
+    with zipfile.ZipFile(path, "w", compression=zipfile.ZIP_DEFLATED) as archive:
+        for index, layer in enumerate(layers):
+            archive.writestr(layer_file_name(index), _png_bytes(layer))
+        archive.writestr("composite.png", _png_bytes(composite_layers(layers)))
+        for name, data in (extra_files or {}).items():
+            archive.writestr(name, data)
+    return Path(path)
+
+
+def _png_bytes(image: Image.Image) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def export_pptx(layers: list[Image.Image], path: Path) -> Path:
+    """One slide sized to the image, one full-slide picture per layer, bottom first (z-order)."""
+    from pptx import Presentation
+    from pptx.util import Emu
+
+    width, height = layers[0].size
+    emu_per_px = 9525  # 96 dpi: 914400 EMU per inch / 96
+    presentation = Presentation()
+    presentation.slide_width, presentation.slide_height = Emu(width * emu_per_px), Emu(height * emu_per_px)
+    slide = presentation.slides.add_slide(presentation.slide_layouts[6])  # layout 6: blank
+    for index, layer in enumerate(layers):
+        picture = slide.shapes.add_picture(io.BytesIO(_png_bytes(layer)), 0, 0,
+                                           presentation.slide_width, presentation.slide_height)
+        picture.name = f"Layer {index + 1}"
+    presentation.save(path)
+    return Path(path)
+
+
+def export_psd(layers: list[Image.Image], path: Path) -> Path:
+    """An RGBA PSD with one named pixel layer per output layer, bottom first."""
+    from psd_tools import PSDImage
+    from psd_tools.api.layers import PixelLayer
+
+    psd = PSDImage.new(mode="RGBA", size=layers[0].size, color=(0, 0, 0, 0))
+    for index, layer in enumerate(layers):
+        psd.append(PixelLayer.frompil(layer.convert("RGBA"), psd, name=f"Layer {index + 1}", top=0, left=0))
+    psd.save(path)
+    return Path(path)
+
+
+def new_run_folder(outputs: Path, seed: int) -> Path:
+    stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S-%f")
+    folder = Path(outputs) / f"{stamp}_seed{seed}"
+    folder.mkdir(parents=True, exist_ok=False)
+    return folder
+
+
+def save_run(result: DecomposeResult, outputs: Path, run_info: dict[str, Any] | None = None) -> dict[str, Path]:
+    """Write one run's folder: layer PNGs, composite, params.json, ZIP, PPTX and PSD. Returns the paths."""
+    folder = new_run_folder(outputs, result.seed)
+    params = dict(result.params, seed=result.seed, caption=result.caption, auto_caption=result.auto_caption,
+                  duration_s=round(result.duration_s, 3), created=datetime.datetime.now().isoformat(timespec="seconds"),
+                  **(run_info or {}))
+    params_bytes = json.dumps(params, indent=2, ensure_ascii=False).encode("utf-8")
+    paths: dict[str, Path] = {"folder": folder}
+    paths["layers"] = export_layer_pngs(result.layers, folder)
+    paths["composite"] = folder / "composite.png"
+    composite_layers(result.layers).save(paths["composite"])
+    paths["params"] = folder / "params.json"
+    paths["params"].write_bytes(params_bytes)
+    paths["zip"] = export_zip(result.layers, folder / "layers.zip", {"params.json": params_bytes})
+    paths["pptx"] = export_pptx(result.layers, folder / "layers.pptx")
+    paths["psd"] = export_psd(result.layers, folder / "layers.psd")
+    return paths
+
+
+def run_info_for(pipe, environment: dict[str, Any]) -> dict[str, Any]:
+    """What params.json records about the model and machine besides the inputs."""
+    info = dict(getattr(pipe, "_studio_info", {}))
+    info["versions"] = {k: environment.get(k) for k in ("python", "torch", "cuda", "diffusers", "transformers", "gradio")}
+    info["gpu_name"] = environment.get("gpu_name")
+    return info
+
+
+# ----------------------------------------------------------------------------------------------------
+# 7. UI
+# ----------------------------------------------------------------------------------------------------
+DEMO_BANNER = ("**Demo model in use** — tiny random weights built offline. Everything runs, but the layers are "
+               "noise. Put the real weights in `models/Qwen-Image-Layered` (or pass `--model`) for real results.")
+
+
+def example_images() -> list[str]:
+    return sorted(str(p) for p in ASSETS_DIR.glob("*.png"))
+
+
+def build_ui(pipe, settings: Settings, environment: dict[str, Any] | None = None):
+    """The Gradio Blocks app. Handlers only map widget values to `infer`/`save_run` arguments."""
+    # Gradio reads GRADIO_TEMP_DIR when it is imported: keep its upload cache inside the outputs folder.
+    os.environ.setdefault("GRADIO_TEMP_DIR", str(Path(settings.outputs) / ".gradio-cache"))
+    import gradio as gr
+
+    environment = environment or print_environment_info(print_it=False)
+    run_info = run_info_for(pipe, environment)
+
+    def decompose(image, prompt="", negative_prompt=DEFAULTS["negative_prompt"], seed=DEFAULTS["seed"],
+                  randomize_seed=DEFAULTS["randomize_seed"], true_cfg_scale=DEFAULTS["true_cfg_scale"],
+                  num_inference_steps=DEFAULTS["num_inference_steps"], layers=DEFAULTS["layers"],
+                  resolution=DEFAULTS["resolution"], cfg_normalize=DEFAULTS["cfg_normalize"],
+                  use_en_prompt=DEFAULTS["use_en_prompt"], progress=gr.Progress(track_tqdm=True)):
+        if image is None:
+            raise gr.Error("No image: upload an image (PNG, JPEG, WebP) first.")
+        try:
+            result = infer(pipe, image, prompt=prompt, negative_prompt=negative_prompt, seed=seed,
+                           randomize_seed=randomize_seed, true_cfg_scale=true_cfg_scale,
+                           num_inference_steps=num_inference_steps, layers=layers, resolution=resolution,
+                           cfg_normalize=cfg_normalize, use_en_prompt=use_en_prompt)
+        except ValueError as err:
+            raise gr.Error(str(err)) from err
+        paths = save_run(result, settings.outputs, run_info)
+        logger.info("Run saved in %s (%.1f s)", paths["folder"], result.duration_s)
+        gallery = [(str(p), f"Layer {i + 1}" + (" (bottom)" if i == 0 else "")) for i, p in enumerate(paths["layers"])]
+        return gallery, str(paths["pptx"]), str(paths["zip"]), str(paths["psd"]), result.caption, result.seed
+
+    with gr.Blocks(title="Qwen-Image-Layered studio") as demo:
+        gr.Markdown("# Qwen-Image-Layered studio\nSplit an image into editable RGBA layers.")
+        if run_info.get("demo"):
+            gr.Markdown(DEMO_BANNER)
+        with gr.Row():
+            with gr.Column():
+                image = gr.Image(label="Input image", type="pil", image_mode="RGBA")
+                prompt = gr.Textbox(label="Prompt (empty: the model writes a caption)", lines=2)
+                with gr.Accordion("Advanced settings", open=False):
+                    negative_prompt = gr.Textbox(label="Negative prompt", value=DEFAULTS["negative_prompt"])
+                    with gr.Row():
+                        seed = gr.Number(label="Seed", value=DEFAULTS["seed"], precision=0, minimum=0, maximum=MAX_SEED)
+                        randomize_seed = gr.Checkbox(label="Randomize seed", value=DEFAULTS["randomize_seed"])
+                    true_cfg_scale = gr.Slider(*TRUE_CFG_RANGE, value=DEFAULTS["true_cfg_scale"], step=0.1, label="True CFG scale")
+                    num_inference_steps = gr.Slider(*STEPS_RANGE, value=DEFAULTS["num_inference_steps"], step=1, label="Steps")
+                    layers = gr.Slider(*LAYERS_RANGE, value=DEFAULTS["layers"], step=1, label="Layers")
+                    resolution = gr.Radio(list(RESOLUTIONS), value=DEFAULTS["resolution"], label="Resolution bucket")
+                    cfg_normalize = gr.Checkbox(label="CFG normalize", value=DEFAULTS["cfg_normalize"])
+                    use_en_prompt = gr.Checkbox(label="English auto-caption (off: Chinese)", value=DEFAULTS["use_en_prompt"])
+                run = gr.Button("Decompose", variant="primary")
+            with gr.Column():
+                gallery = gr.Gallery(label="Layers (bottom first)", columns=4, object_fit="contain", format="png")
+                caption = gr.Textbox(label="Caption used", interactive=False)
+                used_seed = gr.Number(label="Seed used", interactive=False, precision=0)
+                with gr.Row():
+                    pptx_file = gr.File(label="PPTX")
+                    zip_file = gr.File(label="ZIP")
+                    psd_file = gr.File(label="PSD")
+        examples = example_images()
+        if examples:
+            gr.Examples(examples=[[p] for p in examples], inputs=[image])
+        run.click(
+            decompose,
+            inputs=[image, prompt, negative_prompt, seed, randomize_seed, true_cfg_scale, num_inference_steps,
+                    layers, resolution, cfg_normalize, use_en_prompt],
+            outputs=[gallery, pptx_file, zip_file, psd_file, caption, used_seed],
+            api_name="decompose",
+            concurrency_limit=1,  # one GPU job at a time; others wait in Gradio's queue
+        )
+    demo.queue(default_concurrency_limit=1)
+    return demo
+
+
+# ----------------------------------------------------------------------------------------------------
+# 8. main
+# ----------------------------------------------------------------------------------------------------
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    command, settings, ns = parse_args(argv)
+    environment = print_environment_info()
+    try:
+        pipe = load_pipeline(settings)
+    except ModelNotAvailableError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    if pipe._studio_info["demo"]:
+        print("DEMO MODEL in use: tiny random weights; everything runs, but the layers are noise.")
+
+    if command == "decompose":
+        try:
+            result = infer(pipe, ns.image, prompt=ns.prompt, negative_prompt=ns.negative_prompt,
+                           true_cfg_scale=ns.true_cfg_scale, num_inference_steps=ns.steps, layers=ns.layers,
+                           resolution=ns.resolution, use_en_prompt=ns.use_en_prompt, seed=ns.seed)
+        except (ValueError, OSError) as err:
+            print(f"error: {err}", file=sys.stderr)
+            return 2
+        paths = save_run(result, settings.outputs, run_info_for(pipe, environment))
+        print(f"caption: {result.caption}")
+        print(paths["folder"])
+        return 0
+
+    demo = build_ui(pipe, settings, environment)
+    print(f"Serving on http://{settings.host}:{settings.port}")
+    demo.launch(server_name=settings.host, server_port=settings.port, show_error=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
