@@ -1,0 +1,42 @@
+"""Shared fixtures: the tiny random demo pipeline, built offline and loaded through the app's real load path."""
+
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "src"))
+
+import app  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def models_dir(tmp_path_factory) -> Path:
+    """A models/ folder of the session's own, so tests never touch the user's weight cache."""
+    return tmp_path_factory.mktemp("models")
+
+
+def demo_settings(models_dir: Path, **overrides) -> "app.Settings":
+    """Settings for the demo model; FirstBlockCache off unless a test turns it on (it changes outputs)."""
+    values = dict(demo=True, models_dir=models_dir, offload="off", first_block_cache=False)
+    values.update(overrides)
+    return app.Settings(**values)
+
+
+@pytest.fixture(scope="session")
+def demo_pipe(models_dir):
+    """The demo pipeline, loaded once per session with FirstBlockCache off."""
+    return app.load_pipeline(demo_settings(models_dir))
+
+
+@pytest.fixture(scope="session")
+def rgba_image():
+    """A 3:2 RGBA test image with a transparent border."""
+    from PIL import Image, ImageDraw
+
+    image = Image.new("RGBA", (300, 200), (0, 0, 0, 0))
+    draw = ImageDraw.Draw(image)
+    draw.rectangle([20, 20, 280, 180], fill=(30, 90, 200, 255))
+    draw.ellipse([100, 50, 200, 150], fill=(230, 40, 40, 255))
+    return image
