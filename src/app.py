@@ -7,8 +7,9 @@ The whole runtime lives in this file, top to bottom:
     4. loading          `get_model_path`, `load_pipeline`, `apply_memory_optimizations`
     5. infer            `infer` (one decomposition) and `save_run` (its run folder)
     6. exports          pure functions `layers -> file`: PNG, ZIP, PPTX, PSD
+    6b. layer stack     `LayerStack`, `replace_layer`, `decompose_layer`, `undo`: decompose a layer again, in place
     7. UI               `build_ui` (Gradio Blocks, port 7869)
-    8. main             `python src/app.py` (UI) and `python src/app.py decompose IMAGE` (headless)
+    8. main             `python src/app.py` (UI) and `python src/app.py decompose IMG_OR_DIR...` (headless batch)
 
 Importing this module loads no model and needs no GPU.
 """
@@ -714,6 +715,103 @@ def run_info_for(pipe, environment: dict[str, Any]) -> dict[str, Any]:
 
 
 # ----------------------------------------------------------------------------------------------------
+# 6b. Layer stack: recursive decomposition ("decompose this layer" again), plain data, no Gradio
+# ----------------------------------------------------------------------------------------------------
+# A sub-run returns its layers at the resolution bucket of the layer it was given, which can differ from the
+# stack's canvas (another bucket chosen, or 32 px rounding of the aspect ratio). They are resized back with
+# Lanczos on premultiplied alpha (so a transparent pixel's colour, black here, cannot darken an edge).
+CANVAS_RESAMPLE = Image.Resampling.LANCZOS
+# A layer usually holds fewer things than the whole image, so a sub-run asks for fewer layers by default.
+SUB_RUN_LAYERS = 2
+SUB_RUNS_DIR = "sub_runs"  # inside the first decomposition's run folder, one folder per sub-run
+
+
+@dataclasses.dataclass
+class LayerStack:
+    """What the UI shows and the exports write: RGBA layers bottom first on one canvas, with one step of undo."""
+
+    layers: list[Image.Image]  # RGBA, bottom first, all of one size (the canvas)
+    run_folder: Path  # the first decomposition's run folder; sub-runs are saved under it
+    files: dict[str, Any] = dataclasses.field(default_factory=dict)  # save_run's paths for exactly these layers
+    previous: "LayerStack | None" = None  # the stack before the last sub-run (one step of undo)
+
+
+def fit_to_canvas(layers: list[Image.Image], size: tuple[int, int]) -> list[Image.Image]:
+    """Resize RGBA layers to the canvas `size` (width, height); layers already that size are returned as they are.
+
+    Premultiplied ("RGBa"; Pillow does this for RGBA too, spelled out because the clean edge is the point):
+    resampling colour and alpha apart would mix the colour of transparent pixels (black) into the edges.
+    """
+    size = (int(size[0]), int(size[1]))
+    return [layer if layer.size == size else layer.convert("RGBa").resize(size, CANVAS_RESAMPLE).convert("RGBA")
+            for layer in (layer.convert("RGBA") for layer in layers)]
+
+
+def check_layer_index(index: int, count: int) -> None:
+    """Reject an index outside a stack of `count` layers, saying which indices (and gallery numbers) exist."""
+    if not (isinstance(index, (int, np.integer)) and 0 <= index < count):
+        raise ValueError(f"layer index {index!r} is not in the stack: use 0 to {count - 1} "
+                         f"(layer 1 to {count} as the gallery numbers them, 1 = bottom)")
+
+
+def replace_layer(layers: list[Image.Image], index: int, sub_layers: list[Image.Image]) -> list[Image.Image]:
+    """A new list in which `layers[index]` is replaced, in place, by `sub_layers` (bottom first) fit to the canvas."""
+    check_layer_index(index, len(layers))
+    if not sub_layers:
+        raise ValueError(f"no sub-layers to put in place of layer {index + 1}: a decomposition gives at least "
+                         f"{LAYERS_RANGE[0]}")
+    return list(layers[:index]) + fit_to_canvas(sub_layers, layers[0].size) + list(layers[index + 1:])
+
+
+def undo(stack: LayerStack) -> LayerStack:
+    """The stack before the last sub-run. One step only: the restored stack has no undo of its own."""
+    if stack.previous is None:
+        raise ValueError("nothing to undo: undo goes back one sub-run, and there is none since the last "
+                         "decomposition or undo")
+    return stack.previous
+
+
+def save_sub_run(stack: LayerStack, new_layers: list[Image.Image], index: int, result: DecomposeResult,
+                 run_info: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Write one sub-run under `stack.run_folder/sub_runs/` and return its paths.
+
+    The folder is a normal run folder for the *new stack* (layer PNGs, composite, ZIP, PPTX, PSD: what the UI
+    offers), whose params.json holds the sub-run's parameters and a `sub_run` entry with the index it replaced.
+    Next to them: `input_layer.png` (the layer that was decomposed, alpha as it was) and `sub_layers/` (the
+    sub-run's own output at the model's resolution).
+    """
+    sub_run = dict(replaced_index=index, replaced_file=layer_file_name(index), sub_layers=len(result.layers),
+                   stack_layers_before=len(stack.layers), stack_layers_after=len(new_layers),
+                   applied_to=str(stack.files.get("folder", stack.run_folder)))
+    step = dataclasses.replace(result, layers=new_layers)
+    paths = save_run(step, Path(stack.run_folder) / SUB_RUNS_DIR, dict(run_info or {}, sub_run=sub_run))
+    paths["input_layer"] = paths["folder"] / "input_layer.png"
+    stack.layers[index].save(paths["input_layer"])
+    paths["sub_layers"] = export_layer_pngs(result.layers, paths["folder"] / "sub_layers")
+    return paths
+
+
+def decompose_layer(pipe, stack: LayerStack, index: int, run_info: dict[str, Any] | None = None,
+                    **infer_kwargs) -> tuple[LayerStack, DecomposeResult]:
+    """Decompose `stack.layers[index]` again and put its sub-layers in its place. `infer_kwargs` go to `infer`.
+
+    Returns the new stack (whose `previous` is `stack`, for one step of undo) and the sub-run's own result.
+    """
+    # 1. Check the index before spending a run on it.
+    check_layer_index(index, len(stack.layers))
+    # 2. Decompose the layer as it is, RGBA: its transparent surroundings stay transparent for the model
+    #    (flattening to RGB would turn them black and the model would see a black background).
+    result = infer(pipe, stack.layers[index], **infer_kwargs)
+    # 3. Its sub-layers, fit to the canvas, take its place.
+    new_layers = replace_layer(stack.layers, index, result.layers)
+    # 4. Save the sub-run and the new stack's exports.
+    files = save_sub_run(stack, new_layers, index, result, run_info)
+    # 5. The old stack, without its own undo, is the one step back.
+    previous = dataclasses.replace(stack, previous=None)
+    return LayerStack(layers=new_layers, run_folder=stack.run_folder, files=files, previous=previous), result
+
+
+# ----------------------------------------------------------------------------------------------------
 # 7. UI
 # ----------------------------------------------------------------------------------------------------
 DEMO_BANNER = ("**Demo model in use** — tiny random weights built offline. Everything runs, but the layers are "
@@ -724,8 +822,16 @@ def example_images() -> list[str]:
     return sorted(str(p) for p in ASSETS_DIR.glob("*.png"))
 
 
+def gallery_items(layer_files: list[Path]) -> list[tuple[str, str]]:
+    """The gallery's (file, caption) pairs, bottom first; the numbers are the ones "Selected layer" takes."""
+    return [(str(p), f"Layer {i + 1}" + (" (bottom)" if i == 0 else "")) for i, p in enumerate(layer_files)]
+
+
 def build_ui(pipe, settings: Settings, environment: dict[str, Any] | None = None):
-    """The Gradio Blocks app. Handlers only map widget values to `infer`/`save_run` arguments."""
+    """The Gradio Blocks app. Handlers only map widget values to `infer`/`save_run`/`decompose_layer` arguments.
+
+    The layer stack (`LayerStack`) lives in a `gr.State`, one per browser session (or gradio_client `Client`).
+    """
     # Gradio reads GRADIO_TEMP_DIR when it is imported: keep its upload cache inside the outputs folder.
     os.environ.setdefault("GRADIO_TEMP_DIR", str(Path(settings.outputs) / ".gradio-cache"))
     import gradio as gr
@@ -733,7 +839,7 @@ def build_ui(pipe, settings: Settings, environment: dict[str, Any] | None = None
     environment = environment or print_environment_info(print_it=False)
     run_info = run_info_for(pipe, environment)
 
-    def decompose(image, prompt="", negative_prompt=DEFAULTS["negative_prompt"], seed=DEFAULTS["seed"],
+    def decompose(image, prompt=None, negative_prompt=DEFAULTS["negative_prompt"], seed=DEFAULTS["seed"],
                   randomize_seed=DEFAULTS["randomize_seed"], true_cfg_scale=DEFAULTS["true_cfg_scale"],
                   num_inference_steps=DEFAULTS["num_inference_steps"], layers=DEFAULTS["layers"],
                   resolution=DEFAULTS["resolution"], cfg_normalize=DEFAULTS["cfg_normalize"],
@@ -749,8 +855,50 @@ def build_ui(pipe, settings: Settings, environment: dict[str, Any] | None = None
             raise gr.Error(str(err)) from err
         paths = save_run(result, settings.outputs, run_info)
         logger.info("Run saved in %s (%.1f s)", paths["folder"], result.duration_s)
-        gallery = [(str(p), f"Layer {i + 1}" + (" (bottom)" if i == 0 else "")) for i, p in enumerate(paths["layers"])]
-        return gallery, str(paths["pptx"]), str(paths["zip"]), str(paths["psd"]), result.caption, result.seed
+        stack = LayerStack(layers=result.layers, run_folder=paths["folder"], files=paths)
+        return (gallery_items(paths["layers"]), str(paths["pptx"]), str(paths["zip"]), str(paths["psd"]),
+                result.caption, result.seed, stack)
+
+    def stack_view(stack: LayerStack):
+        """The gallery and the three downloads for a stack: the files its sub-run (or first run) wrote."""
+        files = stack.files
+        return gallery_items(files["layers"]), str(files["pptx"]), str(files["zip"]), str(files["psd"])
+
+    def decompose_this_layer(layer_number, layers=SUB_RUN_LAYERS, prompt=None, negative_prompt=DEFAULTS["negative_prompt"],
+                             seed=DEFAULTS["seed"], randomize_seed=DEFAULTS["randomize_seed"],
+                             true_cfg_scale=DEFAULTS["true_cfg_scale"],
+                             num_inference_steps=DEFAULTS["num_inference_steps"], resolution=DEFAULTS["resolution"],
+                             cfg_normalize=DEFAULTS["cfg_normalize"], use_en_prompt=DEFAULTS["use_en_prompt"],
+                             stack=None, progress=gr.Progress(track_tqdm=True)):
+        # (`prompt=None`, like `decompose`'s: an empty Textbox has no value, and a None default is what makes
+        # the parameter optional for gradio_client.)
+        if stack is None:
+            raise gr.Error("No layers yet: decompose an image first, then select one of its layers in the gallery.")
+        if layer_number is None:
+            raise gr.Error("No layer selected: click a layer in the gallery (or type its number, 1 = bottom).")
+        try:
+            new_stack, result = decompose_layer(
+                pipe, stack, int(layer_number) - 1, run_info, prompt=prompt, negative_prompt=negative_prompt,
+                seed=seed, randomize_seed=randomize_seed, true_cfg_scale=true_cfg_scale,
+                num_inference_steps=num_inference_steps, layers=layers, resolution=resolution,
+                cfg_normalize=cfg_normalize, use_en_prompt=use_en_prompt)
+        except ValueError as err:
+            raise gr.Error(str(err)) from err
+        logger.info("Layer %d replaced by %d sub-layers; saved in %s", layer_number, len(result.layers),
+                    new_stack.files["folder"])
+        return (*stack_view(new_stack), result.caption, result.seed, new_stack)
+
+    def undo_last(stack=None):
+        if stack is None:
+            raise gr.Error("Nothing to undo: decompose an image first.")
+        try:
+            restored = undo(stack)
+        except ValueError as err:
+            raise gr.Error(str(err)) from err
+        return (*stack_view(restored), restored)
+
+    def select_layer(evt: gr.SelectData):
+        return evt.index + 1  # the gallery counts from 0, its captions (and "Selected layer") from 1
 
     with gr.Blocks(title="Qwen-Image-Layered studio") as demo:
         gr.Markdown("# Qwen-Image-Layered studio\nSplit an image into editable RGBA layers.")
@@ -773,7 +921,16 @@ def build_ui(pipe, settings: Settings, environment: dict[str, Any] | None = None
                     use_en_prompt = gr.Checkbox(label="English auto-caption (off: Chinese)", value=DEFAULTS["use_en_prompt"])
                 run = gr.Button("Decompose", variant="primary")
             with gr.Column():
-                gallery = gr.Gallery(label="Layers (bottom first)", columns=4, object_fit="contain", format="png")
+                gallery = gr.Gallery(label="Layers (bottom first; click one to select it)", columns=4,
+                                     object_fit="contain", format="png")
+                with gr.Group():
+                    with gr.Row():
+                        layer_number = gr.Number(label="Selected layer (1 = bottom)", precision=0, minimum=1)
+                        sub_layers = gr.Slider(*LAYERS_RANGE, value=SUB_RUN_LAYERS, step=1, label="Its layers")
+                    sub_prompt = gr.Textbox(label="Prompt for this layer (empty: the model captions the layer)")
+                    with gr.Row():
+                        run_layer = gr.Button("Decompose this layer")
+                        undo_button = gr.Button("Undo last layer decomposition")
                 caption = gr.Textbox(label="Caption used", interactive=False)
                 used_seed = gr.Number(label="Seed used", interactive=False, precision=0)
                 with gr.Row():
@@ -783,14 +940,28 @@ def build_ui(pipe, settings: Settings, environment: dict[str, Any] | None = None
         examples = example_images()
         if examples:
             gr.Examples(examples=[[p] for p in examples], inputs=[image])
+        stack = gr.State(None)  # the LayerStack the gallery shows and the downloads hold
+        view = [gallery, pptx_file, zip_file, psd_file]
         run.click(
             decompose,
             inputs=[image, prompt, negative_prompt, seed, randomize_seed, true_cfg_scale, num_inference_steps,
                     layers, resolution, cfg_normalize, use_en_prompt],
-            outputs=[gallery, pptx_file, zip_file, psd_file, caption, used_seed],
+            outputs=[*view, caption, used_seed, stack],
             api_name="decompose",
             concurrency_limit=1,  # one GPU job at a time; others wait in Gradio's queue
+            concurrency_id="gpu",  # ... shared with "Decompose this layer"
+        ).then(lambda: None, outputs=layer_number, api_visibility="private")  # a new stack: nothing selected
+        gallery.select(select_layer, outputs=layer_number, api_visibility="private")
+        run_layer.click(
+            decompose_this_layer,
+            inputs=[layer_number, sub_layers, sub_prompt, negative_prompt, seed, randomize_seed, true_cfg_scale,
+                    num_inference_steps, resolution, cfg_normalize, use_en_prompt, stack],
+            outputs=[*view, caption, used_seed, stack],
+            api_name="decompose_layer",
+            concurrency_limit=1,
+            concurrency_id="gpu",
         )
+        undo_button.click(undo_last, inputs=[stack], outputs=[*view, stack], api_name="undo")
     demo.queue(default_concurrency_limit=1)
     return demo
 
