@@ -97,6 +97,9 @@ DEFAULTS = dict(
     seed=777,
     randomize_seed=False,
 )
+# The files `decompose DIR` takes from a folder (not recursive); a file named on the command line is tried
+# whatever its name, so a bad one is reported instead of silently left out.
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
 
 
 @dataclasses.dataclass
@@ -157,8 +160,11 @@ def parse_args(argv: list[str] | None = None) -> tuple[str, Settings, argparse.N
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] == "decompose":
         command, argv = "decompose", argv[1:]
-        parser = argparse.ArgumentParser(prog="app.py decompose", description="Decompose one image, headless.")
-        parser.add_argument("image", help="input image file")
+        parser = argparse.ArgumentParser(prog="app.py decompose", description=(
+            "Decompose images headless: the model loads once, every image gets its own run folder, a file "
+            "that fails is reported and skipped; the exit code is 1 when any failed."))
+        parser.add_argument("images", nargs="+", metavar="IMG_OR_DIR",
+                            help="image files, or folders whose " + "/".join(IMAGE_SUFFIXES) + " files are taken")
         parser.add_argument("--layers", type=int, default=DEFAULTS["layers"])
         parser.add_argument("--seed", type=int, default=DEFAULTS["seed"])
         parser.add_argument("--steps", type=int, default=DEFAULTS["num_inference_steps"])
@@ -969,9 +975,78 @@ def build_ui(pipe, settings: Settings, environment: dict[str, Any] | None = None
 # ----------------------------------------------------------------------------------------------------
 # 8. main
 # ----------------------------------------------------------------------------------------------------
+def find_images(paths: list[Path | str]) -> list[Path]:
+    """The images `decompose` runs on, in the order given: a folder gives its image files (IMAGE_SUFFIXES,
+    sorted, not recursive); anything else is taken as it is, so a missing or bad file fails visibly."""
+    images: list[Path] = []
+    for path in map(Path, paths):
+        if path.is_dir():
+            images += sorted(p for p in path.iterdir()
+                             if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith("."))
+        else:
+            images.append(path)
+    return images
+
+
+@dataclasses.dataclass
+class BatchItem:
+    image: Path
+    folder: Path | None = None  # its run folder, when it worked
+    error: str | None = None  # why it failed
+
+
+def decompose_batch(pipe, images: list[Path], outputs: Path, run_info: dict[str, Any] | None = None,
+                    **infer_kwargs) -> list[BatchItem]:
+    """Decompose each image into its own run folder under `outputs`; `infer_kwargs` go to `infer`.
+
+    One progress bar counts the images, the pipeline's own bar the current image's steps. A file that
+    cannot be read as an image (or whose run folder cannot be written) is reported and skipped.
+    """
+    from tqdm.auto import tqdm
+
+    # 1. The pipeline's step bar sits under the images bar and clears itself after each image.
+    pipe.set_progress_bar_config(desc="steps", position=1, leave=False)
+    items: list[BatchItem] = []
+    for image in tqdm(images, desc="images", unit="image", position=0):
+        # 2. Decompose and save. Bad input: missing (ValueError), not an image or truncated (OSError),
+        #    a decompression bomb (Pillow's own error). Anything else is a bug or the machine: it stops the batch.
+        try:
+            result = infer(pipe, image, **infer_kwargs)
+            paths = save_run(result, outputs, dict(run_info or {}, input_file=str(image)))
+        except (ValueError, OSError, Image.DecompressionBombError) as err:
+            items.append(BatchItem(image, error=f"{type(err).__name__}: {err}"))
+            tqdm.write(f"skipped {image}: {err}", file=sys.stderr)
+            continue
+        items.append(BatchItem(image, folder=paths["folder"]))
+        tqdm.write(f"{image} -> {paths['folder']} (caption: {result.caption})", file=sys.stderr)
+    return items
+
+
+def batch_summary(items: list[BatchItem]) -> str:
+    """What `decompose` prints at the end: the count, then each image that worked, then each that failed."""
+    done = [item for item in items if item.error is None]
+    failed = [item for item in items if item.error is not None]
+    lines = [f"{len(done)} of {len(items)} images decomposed, {len(failed)} failed"]
+    lines += [f"  ok      {item.image} -> {item.folder}" for item in done]
+    lines += [f"  FAILED  {item.image}: {item.error}" for item in failed]
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     command, settings, ns = parse_args(argv)
+    if command == "decompose":
+        # Mistakes that would fail every image are caught before the model loads.
+        images = find_images(ns.images)
+        if not images:
+            print(f"error: no images in {' '.join(ns.images)}: pass image files, or folders holding "
+                  f"{', '.join(IMAGE_SUFFIXES)} files", file=sys.stderr)
+            return 2
+        try:
+            check_params(ns.layers, ns.steps, ns.true_cfg_scale, ns.resolution)
+        except ValueError as err:
+            print(f"error: {err}", file=sys.stderr)
+            return 2
     environment = print_environment_info()
     try:
         pipe = load_pipeline(settings)
@@ -982,17 +1057,12 @@ def main(argv: list[str] | None = None) -> int:
         print("DEMO MODEL in use: tiny random weights; everything runs, but the layers are noise.")
 
     if command == "decompose":
-        try:
-            result = infer(pipe, ns.image, prompt=ns.prompt, negative_prompt=ns.negative_prompt,
-                           true_cfg_scale=ns.true_cfg_scale, num_inference_steps=ns.steps, layers=ns.layers,
-                           resolution=ns.resolution, use_en_prompt=ns.use_en_prompt, seed=ns.seed)
-        except (ValueError, OSError) as err:
-            print(f"error: {err}", file=sys.stderr)
-            return 2
-        paths = save_run(result, settings.outputs, run_info_for(pipe, environment))
-        print(f"caption: {result.caption}")
-        print(paths["folder"])
-        return 0
+        items = decompose_batch(pipe, images, settings.outputs, run_info_for(pipe, environment), prompt=ns.prompt,
+                                negative_prompt=ns.negative_prompt, true_cfg_scale=ns.true_cfg_scale,
+                                num_inference_steps=ns.steps, layers=ns.layers, resolution=ns.resolution,
+                                use_en_prompt=ns.use_en_prompt, seed=ns.seed)
+        print(batch_summary(items))
+        return 1 if any(item.error for item in items) else 0
 
     demo = build_ui(pipe, settings, environment)
     print(f"Serving on http://{settings.host}:{settings.port}")
