@@ -755,9 +755,11 @@ def fit_to_canvas(layers: list[Image.Image], size: tuple[int, int]) -> list[Imag
 
 def check_layer_index(index: int, count: int) -> None:
     """Reject an index outside a stack of `count` layers, saying which indices (and gallery numbers) exist."""
-    if not (isinstance(index, (int, np.integer)) and 0 <= index < count):
-        raise ValueError(f"layer index {index!r} is not in the stack: use 0 to {count - 1} "
-                         f"(layer 1 to {count} as the gallery numbers them, 1 = bottom)")
+    if not isinstance(index, (int, np.integer)):
+        raise ValueError(f"layer index {index!r} is not an integer: use 0 to {count - 1}")
+    if not 0 <= index < count:
+        raise ValueError(f"layer index {index} (layer {index + 1} in the gallery) is not in the stack: use 0 to "
+                         f"{count - 1} (gallery layers 1 to {count}, 1 = bottom)")
 
 
 def replace_layer(layers: list[Image.Image], index: int, sub_layers: list[Image.Image]) -> list[Image.Image]:
