@@ -958,7 +958,7 @@ def build_ui(pipe, settings: Settings, environment: dict[str, Any] | None = None
             api_name="decompose",
             concurrency_limit=1,  # one GPU job at a time; others wait in Gradio's queue
             concurrency_id="gpu",  # ... shared with "Decompose this layer"
-        ).then(lambda: None, outputs=layer_number, api_visibility="private")  # a new stack: nothing selected
+        ).success(lambda: None, outputs=layer_number, api_visibility="private")  # a new stack: nothing selected
         gallery.select(select_layer, outputs=layer_number, api_visibility="private")
         run_layer.click(
             decompose_this_layer,
