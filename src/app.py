@@ -177,6 +177,8 @@ def parse_args(argv: list[str] | None = None) -> tuple[str, Settings, argparse.N
         parser.add_argument("--zh-caption", dest="use_en_prompt", action="store_false",
                             help="auto-caption in Chinese instead of English")
         parser.add_argument("--out", type=Path, default=None, help="outputs folder (default: --outputs)")
+        parser.add_argument("--original-size", action="store_true",
+                            help="also export the layers resized to the input's size (run folder's original_size/)")
     else:
         command = "ui"
         parser = argparse.ArgumentParser(prog="app.py", description="Qwen-Image-Layered studio (Gradio UI).")
@@ -866,7 +868,7 @@ def build_ui(pipe, settings: Settings, environment: dict[str, Any] | None = None
                   randomize_seed=DEFAULTS["randomize_seed"], true_cfg_scale=DEFAULTS["true_cfg_scale"],
                   num_inference_steps=DEFAULTS["num_inference_steps"], layers=DEFAULTS["layers"],
                   resolution=DEFAULTS["resolution"], cfg_normalize=DEFAULTS["cfg_normalize"],
-                  use_en_prompt=DEFAULTS["use_en_prompt"], progress=gr.Progress(track_tqdm=True)):
+                  use_en_prompt=DEFAULTS["use_en_prompt"], original_size=False, progress=gr.Progress(track_tqdm=True)):
         if image is None:
             raise gr.Error("No image: upload an image (PNG, JPEG, WebP) first.")
         try:
@@ -876,10 +878,12 @@ def build_ui(pipe, settings: Settings, environment: dict[str, Any] | None = None
                            cfg_normalize=cfg_normalize, use_en_prompt=use_en_prompt)
         except ValueError as err:
             raise gr.Error(str(err)) from err
-        paths = save_run(result, settings.outputs, run_info)
+        paths = save_run(result, settings.outputs, run_info,
+                         original_size=result.params["input_size"] if original_size else None)
         logger.info("Run saved in %s (%.1f s)", paths["folder"], result.duration_s)
         gallery = [(str(p), f"Layer {i + 1}" + (" (bottom)" if i == 0 else "")) for i, p in enumerate(paths["layers"])]
-        return gallery, str(paths["pptx"]), str(paths["zip"]), str(paths["psd"]), result.caption, result.seed
+        offered = paths.get("original", paths)  # PPTX and PSD at the size asked for; the ZIP holds both sizes
+        return gallery, str(offered["pptx"]), str(paths["zip"]), str(offered["psd"]), result.caption, result.seed
 
     with gr.Blocks(title="Qwen-Image-Layered studio") as demo:
         gr.Markdown("# Qwen-Image-Layered studio\nSplit an image into editable RGBA layers.")
@@ -900,6 +904,8 @@ def build_ui(pipe, settings: Settings, environment: dict[str, Any] | None = None
                     resolution = gr.Radio(list(RESOLUTIONS), value=DEFAULTS["resolution"], label="Resolution bucket")
                     cfg_normalize = gr.Checkbox(label="CFG normalize", value=DEFAULTS["cfg_normalize"])
                     use_en_prompt = gr.Checkbox(label="English auto-caption (off: Chinese)", value=DEFAULTS["use_en_prompt"])
+                original_size = gr.Checkbox(label="Export at the input's original size (PPTX, PSD; the ZIP holds both sizes)",
+                                            value=False)
                 run = gr.Button("Decompose", variant="primary")
             with gr.Column():
                 gallery = gr.Gallery(label="Layers (bottom first)", columns=4, object_fit="contain", format="png")
@@ -915,7 +921,7 @@ def build_ui(pipe, settings: Settings, environment: dict[str, Any] | None = None
         run.click(
             decompose,
             inputs=[image, prompt, negative_prompt, seed, randomize_seed, true_cfg_scale, num_inference_steps,
-                    layers, resolution, cfg_normalize, use_en_prompt],
+                    layers, resolution, cfg_normalize, use_en_prompt, original_size],
             outputs=[gallery, pptx_file, zip_file, psd_file, caption, used_seed],
             api_name="decompose",
             concurrency_limit=1,  # one GPU job at a time; others wait in Gradio's queue
@@ -947,7 +953,8 @@ def main(argv: list[str] | None = None) -> int:
         except (ValueError, OSError) as err:
             print(f"error: {err}", file=sys.stderr)
             return 2
-        paths = save_run(result, settings.outputs, run_info_for(pipe, environment))
+        original_size = result.params["input_size"] if ns.original_size else None
+        paths = save_run(result, settings.outputs, run_info_for(pipe, environment), original_size=original_size)
         print(f"caption: {result.caption}")
         print(paths["folder"])
         return 0
