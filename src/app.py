@@ -97,7 +97,7 @@ DEFAULTS = dict(
     randomize_seed=False,
 )
 # Exports (section 6). PowerPoint's default widescreen slide is 13.333 in wide; the slide's longer side
-# gets that length and the shorter one follows the image's aspect ratio (PowerPoint accepts 1 to 56 in).
+# gets (about) that length and the shorter one follows the image's aspect ratio (PowerPoint accepts 1 to 56 in).
 SLIDE_LONG_SIDE_EMU = 12192000  # 914400 EMU per inch
 # Layers resized to the input's original size use Lanczos, the sharpest of Pillow's filters, for the
 # 1.5-4x upscales from the model's 640/1024 buckets; it runs on premultiplied alpha (no dark halo).
@@ -750,18 +750,17 @@ def export_pptx(layers: list[Image.Image], path: Path, names: list[str] | None =
     check_layers(layers, names)
     names = names or layer_names(layers)
     width, height = layers[0].size
-    emu_per_px = SLIDE_LONG_SIDE_EMU / max(width, height)
+    emu_per_px = SLIDE_LONG_SIDE_EMU // max(width, height)  # whole EMUs per pixel: places and aspect ratio exact
     presentation = Presentation()
-    presentation.slide_width, presentation.slide_height = Emu(round(width * emu_per_px)), Emu(round(height * emu_per_px))
+    presentation.slide_width, presentation.slide_height = Emu(width * emu_per_px), Emu(height * emu_per_px)
     slide = presentation.slides.add_slide(presentation.slide_layouts[6])  # layout 6: blank
     for layer, name in zip(layers, names):
         cropped = crop_to_alpha(layer)
         if cropped is None:
             continue
         image, (left, top) = cropped
-        picture = slide.shapes.add_picture(io.BytesIO(_png_bytes(image)),
-                                           Emu(round(left * emu_per_px)), Emu(round(top * emu_per_px)),
-                                           Emu(round(image.width * emu_per_px)), Emu(round(image.height * emu_per_px)))
+        picture = slide.shapes.add_picture(io.BytesIO(_png_bytes(image)), Emu(left * emu_per_px), Emu(top * emu_per_px),
+                                           Emu(image.width * emu_per_px), Emu(image.height * emu_per_px))
         picture.name = name
     presentation.save(path)
     return Path(path)

@@ -203,17 +203,15 @@ def test_pptx_pictures_are_cropped_named_and_placed_at_their_offsets(tmp_path, s
     from pptx import Presentation
 
     presentation = Presentation(app.export_pptx(shape_layers, tmp_path / "layers.pptx"))
-    emu_per_px = presentation.slide_width / SIZE[0]
-    assert presentation.slide_width == app.SLIDE_LONG_SIDE_EMU
-    assert presentation.slide_height == round(SIZE[1] * emu_per_px)  # the image's 3:2
+    emu_per_px = app.SLIDE_LONG_SIDE_EMU // SIZE[0]  # whole EMUs per pixel
+    assert (presentation.slide_width, presentation.slide_height) == (SIZE[0] * emu_per_px, SIZE[1] * emu_per_px)
     (slide,) = presentation.slides
     pictures = list(slide.shapes)  # z-order, bottom first; the empty layer has no picture
     assert [p.name for p in pictures] == ["Layer 1 (bottom)", "Layer 2", "Layer 4 (top)"]
     for picture, layer, box in zip(pictures, [shape_layers[0], shape_layers[1], shape_layers[3]],
                                    [(0, 0, *SIZE), BLUE_BOX, RED_BOX]):
         assert [picture.left, picture.top, picture.width, picture.height] == \
-            [round(box[0] * emu_per_px), round(box[1] * emu_per_px),
-             round((box[2] - box[0]) * emu_per_px), round((box[3] - box[1]) * emu_per_px)]
+            [box[0] * emu_per_px, box[1] * emu_per_px, (box[2] - box[0]) * emu_per_px, (box[3] - box[1]) * emu_per_px]
         embedded = Image.open(io.BytesIO(picture.image.blob))
         assert np.array_equal(array(embedded), array(layer.crop(box)))
 
@@ -261,7 +259,8 @@ def test_save_run_writes_both_sizes_named_after_the_prompt_and_a_zip_with_layers
     assert paths["zip"] == folder / "빨간-사과-红苹果_seed7.zip"
     assert paths["original"]["pptx"] == folder / "original_size" / "빨간-사과-红苹果_seed7_450x300.pptx"
     assert PSDImage.open(paths["original"]["psd"]).size == (450, 300)
-    assert Presentation(paths["original"]["pptx"]).slide_height == round(app.SLIDE_LONG_SIDE_EMU * 300 / 450)
+    original = Presentation(paths["original"]["pptx"])
+    assert original.slide_width * 300 == original.slide_height * 450  # the 3:2 of the original size
     assert Image.open(paths["original"]["composite"]).size == (450, 300)
     assert [Image.open(p).size for p in paths["original"]["layers"]] == [(450, 300)] * 4
 
