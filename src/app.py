@@ -32,8 +32,10 @@ import json
 import logging
 import platform
 import random
+import re
 import sys
 import time
+import unicodedata
 import zipfile
 from pathlib import Path
 from typing import Any, Callable
@@ -100,6 +102,15 @@ DEFAULTS = dict(
 # The files `decompose DIR` takes from a folder (not recursive); a file named on the command line is tried
 # whatever its name, so a bad one is reported instead of silently left out.
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
+# Exports (section 6). PowerPoint's default widescreen slide is 13.333 in wide; the slide's longer side
+# gets (about) that length and the shorter one follows the image's aspect ratio (PowerPoint accepts 1 to 56 in).
+SLIDE_LONG_SIDE_EMU = 12192000  # 914400 EMU per inch
+# Layers resized to the input's original size use Lanczos, the sharpest of Pillow's filters, for the
+# 1.5-4x upscales from the model's 640/1024 buckets; it runs on premultiplied alpha (no dark halo).
+ORIGINAL_SIZE_RESAMPLE = Image.Resampling.LANCZOS
+# Prompt text in file names is cut to this many UTF-8 bytes: readable, and far under the 255-byte name
+# limit of ext4, NTFS and APFS (a Hangul or Han character takes 3 bytes).
+FILE_NAME_TEXT_MAX_BYTES = 60
 
 
 @dataclasses.dataclass
@@ -175,6 +186,8 @@ def parse_args(argv: list[str] | None = None) -> tuple[str, Settings, argparse.N
         parser.add_argument("--zh-caption", dest="use_en_prompt", action="store_false",
                             help="auto-caption in Chinese instead of English")
         parser.add_argument("--out", type=Path, default=None, help="outputs folder (default: --outputs)")
+        parser.add_argument("--original-size", action="store_true",
+                            help="also export the layers resized to the input's size (run folder's original_size/)")
     else:
         command = "ui"
         parser = argparse.ArgumentParser(prog="app.py", description="Qwen-Image-Layered studio (Gradio UI).")
@@ -615,12 +628,85 @@ def infer(
 # ----------------------------------------------------------------------------------------------------
 # 6. Exports: pure functions, layers -> file (bottom first), no Gradio in them
 # ----------------------------------------------------------------------------------------------------
+def check_layers(layers: list[Image.Image], names: list[str] | None = None) -> None:
+    """Exporters take one canvas: at least one layer, all of the first layer's size, one name per layer."""
+    if not layers:
+        raise ValueError("layers is empty: pass at least one RGBA layer (bottom first)")
+    for index, layer in enumerate(layers):
+        if layer.size != layers[0].size:
+            raise ValueError(f"layer {index + 1} is {layer.width}x{layer.height} but layer 1 is "
+                             f"{layers[0].width}x{layers[0].height}: all layers must share one canvas size")
+    if names is not None and len(names) != len(layers):
+        raise ValueError(f"{len(names)} names for {len(layers)} layers: pass one name per layer, or none")
+
+
 def composite_layers(layers: list[Image.Image]) -> Image.Image:
     """Stack RGBA layers bottom first with Porter-Duff "over"."""
+    check_layers(layers)
     canvas = Image.new("RGBA", layers[0].size, (0, 0, 0, 0))
     for layer in layers:
         canvas = Image.alpha_composite(canvas, layer.convert("RGBA"))
     return canvas
+
+
+def crop_to_alpha(layer: Image.Image) -> tuple[Image.Image, tuple[int, int]] | None:
+    """The layer cut to the bounding box of its non-zero alpha, and the box's (left, top); None when empty.
+
+    Lossless: every pixel outside the box is fully transparent, so placing the crop at (left, top) gives
+    the layer back.
+    """
+    layer = layer.convert("RGBA")
+    box = layer.getbbox(alpha_only=True)
+    if box is None:
+        return None
+    return layer.crop(box), (box[0], box[1])
+
+
+def layer_names(layers: list[Image.Image]) -> list[str]:
+    """`Layer 1 (bottom)`, `Layer 2`, ..., `Layer N (top)`; `empty` is added for a fully transparent layer."""
+    names = []
+    for index, layer in enumerate(layers):
+        notes = ["bottom"] if index == 0 else ["top"] if index == len(layers) - 1 else []
+        if layer.convert("RGBA").getbbox(alpha_only=True) is None:
+            notes.append("empty")
+        names.append(f"Layer {index + 1}" + (f" ({', '.join(notes)})" if notes else ""))
+    return names
+
+
+def resize_layers(layers: list[Image.Image], size: tuple[int, int]) -> list[Image.Image]:
+    """Resize RGBA layers to `size` (width, height) in premultiplied alpha, so edges get no dark halo.
+
+    Resampling straight RGBA mixes the colour of the transparent pixels around a shape (black, here) into
+    its edge. Premultiplied, a transparent pixel weighs nothing. Pillow's `resize` premultiplies RGBA by
+    itself (Image.resize: "RGBA" -> "RGBa"); it is spelled out here because the no-halo edge is the point.
+    """
+    width, height = (int(v) for v in size)
+    if width < 1 or height < 1:
+        raise ValueError(f"size={tuple(size)!r} is not an image size: pass (width, height), both at least 1 px")
+    return [layer.convert("RGBA").convert("RGBa").resize((width, height), ORIGINAL_SIZE_RESAMPLE).convert("RGBA")
+            for layer in layers]
+
+
+def safe_file_text(text: str, max_bytes: int = FILE_NAME_TEXT_MAX_BYTES) -> str:
+    """Any prompt text as part of a file name that is valid on Linux, macOS and Windows.
+
+    Letters, digits and combining marks of every script are kept (Hangul, Han, Latin, Devanagari ...);
+    each run of anything else (spaces, slashes, dots, punctuation, emoji, control characters) becomes one
+    "-". NFC first, so the same text typed on macOS and on Linux gives the same name. Cut to `max_bytes`
+    of UTF-8 on a character boundary. "" when nothing is left.
+    """
+    text = unicodedata.normalize("NFC", text or "")
+    kept = "".join(c if unicodedata.category(c)[0] in "LNM" else "-" for c in text)
+    kept = re.sub(r"-+", "-", kept).strip("-")
+    return kept.encode("utf-8")[:max_bytes].decode("utf-8", errors="ignore").strip("-")
+
+
+def export_stem(caption: str, seed: int) -> str:
+    """`<caption>_seed<seed>`, the name of a run's ZIP, PPTX and PSD; `layers_seed<seed>` without text.
+
+    The suffix also keeps a name from being one Windows reserves (CON, NUL, ...).
+    """
+    return f"{safe_file_text(caption) or 'layers'}_seed{seed}"
 
 
 def layer_file_name(index: int) -> str:
@@ -629,6 +715,7 @@ def layer_file_name(index: int) -> str:
 
 
 def export_layer_pngs(layers: list[Image.Image], folder: Path) -> list[Path]:
+    """Full-canvas layer_1.png ... layer_N.png (bottom first) in `folder`."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     paths = []
@@ -639,12 +726,18 @@ def export_layer_pngs(layers: list[Image.Image], folder: Path) -> list[Path]:
     return paths
 
 
-def export_zip(layers: list[Image.Image], path: Path, extra_files: dict[str, bytes] | None = None) -> Path:
-    """layer_1.png ... layer_N.png (bottom first), composite.png, and any extra files (params.json)."""
+def export_zip(layers: list[Image.Image], path: Path, extra_files: dict[str, bytes] | None = None,
+               original_size_layers: list[Image.Image] | None = None) -> Path:
+    """layer_1.png ... layer_N.png (bottom first), composite.png and any extra files (params.json);
+    with `original_size_layers`, the same layer and composite files under `original_size/` too."""
+    check_layers(layers)
+    sets = {"": layers, "original_size/": original_size_layers or []}
     with zipfile.ZipFile(path, "w", compression=zipfile.ZIP_DEFLATED) as archive:
-        for index, layer in enumerate(layers):
-            archive.writestr(layer_file_name(index), _png_bytes(layer))
-        archive.writestr("composite.png", _png_bytes(composite_layers(layers)))
+        for prefix, set_layers in sets.items():
+            for index, layer in enumerate(set_layers):
+                archive.writestr(prefix + layer_file_name(index), _png_bytes(layer))
+            if set_layers:
+                archive.writestr(prefix + "composite.png", _png_bytes(composite_layers(set_layers)))
         for name, data in (extra_files or {}).items():
             archive.writestr(name, data)
     return Path(path)
@@ -656,33 +749,55 @@ def _png_bytes(image: Image.Image) -> bytes:
     return buffer.getvalue()
 
 
-def export_pptx(layers: list[Image.Image], path: Path) -> Path:
-    """One slide sized to the image, one full-slide picture per layer, bottom first (z-order)."""
+def export_pptx(layers: list[Image.Image], path: Path, names: list[str] | None = None) -> Path:
+    """One slide of the image's aspect ratio; each layer a named picture cropped to its alpha bounding box
+    and placed at its offset, so objects can be selected and moved; bottom first in z-order.
+
+    A fully transparent layer gets no picture (there is nothing to select); the others keep their numbers.
+    """
     from pptx import Presentation
     from pptx.util import Emu
 
+    check_layers(layers, names)
+    names = names or layer_names(layers)
     width, height = layers[0].size
-    emu_per_px = 9525  # 96 dpi: 914400 EMU per inch / 96
+    emu_per_px = SLIDE_LONG_SIDE_EMU // max(width, height)  # whole EMUs per pixel: places and aspect ratio exact
     presentation = Presentation()
     presentation.slide_width, presentation.slide_height = Emu(width * emu_per_px), Emu(height * emu_per_px)
     slide = presentation.slides.add_slide(presentation.slide_layouts[6])  # layout 6: blank
-    for index, layer in enumerate(layers):
-        picture = slide.shapes.add_picture(io.BytesIO(_png_bytes(layer)), 0, 0,
-                                           presentation.slide_width, presentation.slide_height)
-        picture.name = f"Layer {index + 1}"
+    for layer, name in zip(layers, names):
+        cropped = crop_to_alpha(layer)
+        if cropped is None:
+            continue
+        image, (left, top) = cropped
+        picture = slide.shapes.add_picture(io.BytesIO(_png_bytes(image)), Emu(left * emu_per_px), Emu(top * emu_per_px),
+                                           Emu(image.width * emu_per_px), Emu(image.height * emu_per_px))
+        picture.name = name
     presentation.save(path)
     return Path(path)
 
 
-def export_psd(layers: list[Image.Image], path: Path) -> Path:
-    """An RGBA PSD with one named pixel layer per output layer, bottom first."""
+def export_psd(layers: list[Image.Image], path: Path, names: list[str] | None = None) -> Path:
+    """An 8-bit RGB PSD with transparency: one named pixel layer per layer (bottom first), cropped to its
+    alpha bounding box and placed at its offset, plus the merged composite that layer-less viewers show.
+
+    A fully transparent layer stays as an empty (0x0) named layer, the way Photoshop stores one.
+    """
     from psd_tools import PSDImage
     from psd_tools.api.layers import PixelLayer
 
+    check_layers(layers, names)
+    names = names or layer_names(layers)
     psd = PSDImage.new(mode="RGBA", size=layers[0].size, color=(0, 0, 0, 0))
-    for index, layer in enumerate(layers):
-        psd.append(PixelLayer.frompil(layer.convert("RGBA"), psd, name=f"Layer {index + 1}", top=0, left=0))
-    psd.save(path)
+    # A negative layer count tells readers the composite's 4th channel is its alpha (PSD spec). psd-tools
+    # 1.26 keeps that sign for files it read but has no public switch for a new document; without it
+    # ImageMagick shows the composite's transparent parts as opaque black.
+    psd._merged_alpha = True
+    for layer, name in zip(layers, names):
+        image, (left, top) = crop_to_alpha(layer) or (Image.new("RGBA", (0, 0)), (0, 0))
+        psd_layer = PixelLayer.frompil(image, psd, top=top, left=left)  # frompil appends the layer to psd
+        psd_layer.name = name  # the setter writes the Unicode name too; frompil's name= takes MacRoman only
+    psd.save(path)  # psd-tools composites the layers into the file's merged image here
     return Path(path)
 
 
@@ -693,22 +808,41 @@ def new_run_folder(outputs: Path, seed: int) -> Path:
     return folder
 
 
-def save_run(result: DecomposeResult, outputs: Path, run_info: dict[str, Any] | None = None) -> dict[str, Path]:
-    """Write one run's folder: layer PNGs, composite, params.json, ZIP, PPTX and PSD. Returns the paths."""
+def save_run(result: DecomposeResult, outputs: Path, run_info: dict[str, Any] | None = None,
+             original_size: tuple[int, int] | None = None) -> dict[str, Any]:
+    """Write one run's folder and return its paths.
+
+    At the model's resolution: layer_1.png ... layer_N.png, composite.png, params.json and
+    <stem>.zip / .pptx / .psd, where <stem> is `export_stem(caption, seed)`. With `original_size`
+    (width, height; the input's is `result.params["input_size"]`), the layers are also resized to it and
+    written to original_size/ (layer PNGs, composite.png, <stem>_<W>x<H>.pptx / .psd; paths["original"]);
+    the ZIP then holds both sets.
+    """
     folder = new_run_folder(outputs, result.seed)
+    original_layers = resize_layers(result.layers, original_size) if original_size else None
     params = dict(result.params, seed=result.seed, caption=result.caption, auto_caption=result.auto_caption,
                   duration_s=round(result.duration_s, 3), created=datetime.datetime.now().isoformat(timespec="seconds"),
+                  export_original_size=list(original_layers[0].size) if original_layers else None,
                   **(run_info or {}))
     params_bytes = json.dumps(params, indent=2, ensure_ascii=False).encode("utf-8")
-    paths: dict[str, Path] = {"folder": folder}
+    stem = export_stem(result.caption, result.seed)
+    paths: dict[str, Any] = {"folder": folder}
     paths["layers"] = export_layer_pngs(result.layers, folder)
     paths["composite"] = folder / "composite.png"
     composite_layers(result.layers).save(paths["composite"])
     paths["params"] = folder / "params.json"
     paths["params"].write_bytes(params_bytes)
-    paths["zip"] = export_zip(result.layers, folder / "layers.zip", {"params.json": params_bytes})
-    paths["pptx"] = export_pptx(result.layers, folder / "layers.pptx")
-    paths["psd"] = export_psd(result.layers, folder / "layers.psd")
+    paths["zip"] = export_zip(result.layers, folder / f"{stem}.zip", {"params.json": params_bytes}, original_layers)
+    paths["pptx"] = export_pptx(result.layers, folder / f"{stem}.pptx")
+    paths["psd"] = export_psd(result.layers, folder / f"{stem}.psd")
+    if original_layers:
+        sub = folder / "original_size"
+        size = "{}x{}".format(*original_layers[0].size)
+        paths["original"] = {"folder": sub, "layers": export_layer_pngs(original_layers, sub),
+                             "composite": sub / "composite.png",
+                             "pptx": export_pptx(original_layers, sub / f"{stem}_{size}.pptx"),
+                             "psd": export_psd(original_layers, sub / f"{stem}_{size}.psd")}
+        composite_layers(original_layers).save(paths["original"]["composite"])
     return paths
 
 
@@ -740,6 +874,7 @@ class LayerStack:
     run_folder: Path  # the first decomposition's run folder; sub-runs are saved under it
     files: dict[str, Any] = dataclasses.field(default_factory=dict)  # save_run's paths for exactly these layers
     previous: "LayerStack | None" = None  # the stack before the last sub-run (one step of undo)
+    original_size: tuple[int, int] | None = None  # also export at the input's size (exports' original-size option)
 
 
 def fit_to_canvas(layers: list[Image.Image], size: tuple[int, int]) -> list[Image.Image]:
@@ -792,7 +927,8 @@ def save_sub_run(stack: LayerStack, new_layers: list[Image.Image], index: int, r
                    stack_layers_before=len(stack.layers), stack_layers_after=len(new_layers),
                    applied_to=str(stack.files.get("folder", stack.run_folder)))
     step = dataclasses.replace(result, layers=new_layers)
-    paths = save_run(step, Path(stack.run_folder) / SUB_RUNS_DIR, dict(run_info or {}, sub_run=sub_run))
+    paths = save_run(step, Path(stack.run_folder) / SUB_RUNS_DIR, dict(run_info or {}, sub_run=sub_run),
+                     original_size=stack.original_size)
     paths["input_layer"] = paths["folder"] / "input_layer.png"
     stack.layers[index].save(paths["input_layer"])
     paths["sub_layers"] = export_layer_pngs(result.layers, paths["folder"] / "sub_layers")
@@ -816,7 +952,8 @@ def decompose_layer(pipe, stack: LayerStack, index: int, run_info: dict[str, Any
     files = save_sub_run(stack, new_layers, index, result, run_info)
     # 5. The old stack, without its own undo, is the one step back.
     previous = dataclasses.replace(stack, previous=None)
-    return LayerStack(layers=new_layers, run_folder=stack.run_folder, files=files, previous=previous), result
+    return (LayerStack(layers=new_layers, run_folder=stack.run_folder, files=files, previous=previous,
+                       original_size=stack.original_size), result)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -851,7 +988,7 @@ def build_ui(pipe, settings: Settings, environment: dict[str, Any] | None = None
                   randomize_seed=DEFAULTS["randomize_seed"], true_cfg_scale=DEFAULTS["true_cfg_scale"],
                   num_inference_steps=DEFAULTS["num_inference_steps"], layers=DEFAULTS["layers"],
                   resolution=DEFAULTS["resolution"], cfg_normalize=DEFAULTS["cfg_normalize"],
-                  use_en_prompt=DEFAULTS["use_en_prompt"], progress=gr.Progress(track_tqdm=True)):
+                  use_en_prompt=DEFAULTS["use_en_prompt"], original_size=False, progress=gr.Progress(track_tqdm=True)):
         if image is None:
             raise gr.Error("No image: upload an image (PNG, JPEG, WebP) first.")
         try:
@@ -861,16 +998,18 @@ def build_ui(pipe, settings: Settings, environment: dict[str, Any] | None = None
                            cfg_normalize=cfg_normalize, use_en_prompt=use_en_prompt)
         except ValueError as err:
             raise gr.Error(str(err)) from err
-        paths = save_run(result, settings.outputs, run_info)
+        paths = save_run(result, settings.outputs, run_info,
+                         original_size=result.params["input_size"] if original_size else None)
         logger.info("Run saved in %s (%.1f s)", paths["folder"], result.duration_s)
-        stack = LayerStack(layers=result.layers, run_folder=paths["folder"], files=paths)
-        return (gallery_items(paths["layers"]), str(paths["pptx"]), str(paths["zip"]), str(paths["psd"]),
-                result.caption, result.seed, stack)
+        stack = LayerStack(layers=result.layers, run_folder=paths["folder"], files=paths,
+                           original_size=tuple(result.params["input_size"]) if original_size else None)
+        return (*stack_view(stack), result.caption, result.seed, stack)
 
     def stack_view(stack: LayerStack):
         """The gallery and the three downloads for a stack: the files its sub-run (or first run) wrote."""
         files = stack.files
-        return gallery_items(files["layers"]), str(files["pptx"]), str(files["zip"]), str(files["psd"])
+        offered = files.get("original", files)  # PPTX and PSD at the size asked for; the ZIP holds both sizes
+        return gallery_items(files["layers"]), str(offered["pptx"]), str(files["zip"]), str(offered["psd"])
 
     def decompose_this_layer(layer_number, layers=SUB_RUN_LAYERS, prompt=None, negative_prompt=DEFAULTS["negative_prompt"],
                              seed=DEFAULTS["seed"], randomize_seed=DEFAULTS["randomize_seed"],
@@ -927,6 +1066,8 @@ def build_ui(pipe, settings: Settings, environment: dict[str, Any] | None = None
                     resolution = gr.Radio(list(RESOLUTIONS), value=DEFAULTS["resolution"], label="Resolution bucket")
                     cfg_normalize = gr.Checkbox(label="CFG normalize", value=DEFAULTS["cfg_normalize"])
                     use_en_prompt = gr.Checkbox(label="English auto-caption (off: Chinese)", value=DEFAULTS["use_en_prompt"])
+                original_size = gr.Checkbox(label="Export at the input's original size (PPTX, PSD; the ZIP holds both sizes)",
+                                            value=False)
                 run = gr.Button("Decompose", variant="primary")
             with gr.Column():
                 gallery = gr.Gallery(label="Layers (bottom first; click one to select it)", columns=4,
@@ -953,7 +1094,7 @@ def build_ui(pipe, settings: Settings, environment: dict[str, Any] | None = None
         run.click(
             decompose,
             inputs=[image, prompt, negative_prompt, seed, randomize_seed, true_cfg_scale, num_inference_steps,
-                    layers, resolution, cfg_normalize, use_en_prompt],
+                    layers, resolution, cfg_normalize, use_en_prompt, original_size],
             outputs=[*view, caption, used_seed, stack],
             api_name="decompose",
             concurrency_limit=1,  # one GPU job at a time; others wait in Gradio's queue
@@ -998,7 +1139,7 @@ class BatchItem:
 
 
 def decompose_batch(pipe, images: list[Path], outputs: Path, run_info: dict[str, Any] | None = None,
-                    **infer_kwargs) -> list[BatchItem]:
+                    original_size: bool = False, **infer_kwargs) -> list[BatchItem]:
     """Decompose each image into its own run folder under `outputs`; `infer_kwargs` go to `infer`.
 
     One progress bar counts the images, the pipeline's own bar the current image's steps. A file that
@@ -1014,7 +1155,8 @@ def decompose_batch(pipe, images: list[Path], outputs: Path, run_info: dict[str,
         #    a decompression bomb (Pillow's own error). Anything else is a bug or the machine: it stops the batch.
         try:
             result = infer(pipe, image, **infer_kwargs)
-            paths = save_run(result, outputs, dict(run_info or {}, input_file=str(image)))
+            paths = save_run(result, outputs, dict(run_info or {}, input_file=str(image)),
+                             original_size=result.params["input_size"] if original_size else None)
         except (ValueError, OSError, Image.DecompressionBombError) as err:
             items.append(BatchItem(image, error=f"{type(err).__name__}: {err}"))
             tqdm.write(f"skipped {image}: {err}", file=sys.stderr)
@@ -1062,7 +1204,8 @@ def main(argv: list[str] | None = None) -> int:
         items = decompose_batch(pipe, images, settings.outputs, run_info_for(pipe, environment), prompt=ns.prompt,
                                 negative_prompt=ns.negative_prompt, true_cfg_scale=ns.true_cfg_scale,
                                 num_inference_steps=ns.steps, layers=ns.layers, resolution=ns.resolution,
-                                use_en_prompt=ns.use_en_prompt, seed=ns.seed)
+                                use_en_prompt=ns.use_en_prompt, seed=ns.seed,
+                                original_size=ns.original_size)
         print(batch_summary(items))
         return 1 if any(item.error for item in items) else 0
 
