@@ -5,8 +5,8 @@ The whole runtime lives in this file, top to bottom:
     2. environment      `print_environment_info`, `clear_memory`
     3. demo model       a tiny random pipeline of the real classes, for machines without the 57 GB of weights
     4. loading          `get_model_path`, `load_pipeline`, `apply_memory_optimizations`
-    5. infer            `infer` (one decomposition) and `save_run` (its run folder)
-    6. exports          pure functions `layers -> file`: PNG, ZIP, PPTX, PSD
+    5. infer            `infer` (one decomposition)
+    6. exports          pure functions `layers -> file`: PNG, ZIP, PPTX, PSD; `save_run` (a run folder)
     6b. layer stack     `LayerStack`, `replace_layer`, `decompose_layer`, `undo`: decompose a layer again, in place
     7. UI               `build_ui` (Gradio Blocks, port 7869)
     8. main             `python src/app.py` (UI) and `python src/app.py decompose IMG_OR_DIR...` (headless batch)
@@ -857,10 +857,6 @@ def run_info_for(pipe, environment: dict[str, Any]) -> dict[str, Any]:
 # ----------------------------------------------------------------------------------------------------
 # 6b. Layer stack: recursive decomposition ("decompose this layer" again), plain data, no Gradio
 # ----------------------------------------------------------------------------------------------------
-# A sub-run returns its layers at the resolution bucket of the layer it was given, which can differ from the
-# stack's canvas (another bucket chosen, or 32 px rounding of the aspect ratio). They are resized back with
-# Lanczos on premultiplied alpha (so a transparent pixel's colour, black here, cannot darken an edge).
-CANVAS_RESAMPLE = Image.Resampling.LANCZOS
 # A layer usually holds fewer things than the whole image, so a sub-run asks for fewer layers by default.
 SUB_RUN_LAYERS = 2
 SUB_RUNS_DIR = "sub_runs"  # inside the first decomposition's run folder, one folder per sub-run
@@ -878,13 +874,14 @@ class LayerStack:
 
 
 def fit_to_canvas(layers: list[Image.Image], size: tuple[int, int]) -> list[Image.Image]:
-    """Resize RGBA layers to the canvas `size` (width, height); layers already that size are returned as they are.
+    """Fit sub-layers to the canvas `size` (width, height); layers already that size are returned as they are.
 
-    Premultiplied ("RGBa"; Pillow does this for RGBA too, spelled out because the clean edge is the point):
-    resampling colour and alpha apart would mix the colour of transparent pixels (black) into the edges.
+    A sub-run returns its layers at the resolution bucket of the layer it was given, which can differ from the
+    stack's canvas (another bucket, or the 32 px rounding of the aspect ratio): those go through the exports'
+    `resize_layers` (premultiplied Lanczos, no dark edges).
     """
     size = (int(size[0]), int(size[1]))
-    return [layer if layer.size == size else layer.convert("RGBa").resize(size, CANVAS_RESAMPLE).convert("RGBA")
+    return [layer if layer.size == size else resize_layers([layer], size)[0]
             for layer in (layer.convert("RGBA") for layer in layers)]
 
 
