@@ -719,14 +719,15 @@ def export_pptx(layers: list[Image.Image], path: Path) -> Path:
     return Path(path)
 
 
-def export_psd(layers: list[Image.Image], path: Path) -> Path:
-    """An RGBA PSD with one named pixel layer per output layer, bottom first."""
+def export_psd(layers: list[Image.Image], path: Path, names: list[str] | None = None) -> Path:
+    """An RGBA PSD with one named pixel layer per output layer, bottom first (names: "Layer 1"... by default)."""
     from psd_tools import PSDImage
     from psd_tools.api.layers import PixelLayer
 
+    names = names or [f"Layer {index + 1}" for index in range(len(layers))]
     psd = PSDImage.new(mode="RGBA", size=layers[0].size, color=(0, 0, 0, 0))
-    for index, layer in enumerate(layers):
-        psd.append(PixelLayer.frompil(layer.convert("RGBA"), psd, name=f"Layer {index + 1}", top=0, left=0))
+    for layer, name in zip(layers, names, strict=True):
+        psd.append(PixelLayer.frompil(layer.convert("RGBA"), psd, name=name, top=0, left=0))
     psd.save(path)
     return Path(path)
 
