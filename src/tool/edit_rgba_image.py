@@ -125,7 +125,7 @@ def load_rmbg(models_dir: Path, allow_download: bool = True):
         # trust_remote_code: RMBG-2.0 ships its BiRefNet code with the weights (birefnet.py).
         model = AutoModelForImageSegmentation.from_pretrained(path, trust_remote_code=True)
     except ImportError as err:  # its code needs packages the app does not (kornia, timm)
-        raise app.ModelNotAvailableError(f"RMBG-2.0's code needs the package {err.name!r}: pip install {err.name}\n"
+        raise app.ModelNotAvailableError(f"RMBG-2.0's code could not be imported ({err}): pip install kornia timm\n"
                                          + RMBG_HINT) from err
     logger.info("Loaded RMBG-2.0 from %s", path)
     return model.eval().float()
