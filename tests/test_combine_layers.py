@@ -199,5 +199,6 @@ def test_ui_upload_with_a_bad_file_keeps_what_was_stacked(tmp_path):
     result = pixels(Image.open(png))
     assert result.shape == (20, 30, 4)
     assert tuple(result[0, 0]) == (255, 0, 0, 255) and tuple(result[19, 29]) == (0, 0, 255, 255)
+    assert np.array_equal(pixels(Image.open(preview)), result)  # the page shows what the PNG download holds
     assert "Canvas 30×20" in notes
     assert [l.name for l in cl.read_layers(psd)] == ["bottom", "top"]

@@ -266,14 +266,13 @@ def build_ui():
 
     def view(stack):
         """Composite, notes and the two downloads of the current stack."""
+        notes = "\n".join(f"- {note}" for note in stack_notes(stack))
         if not stack:
-            return None, "\n".join(f"- {n}" for n in stack_notes(stack)), None, None
-        composite = composite_stack(stack)
+            return None, notes, None, None
         stem = downloads / uuid.uuid4().hex[:8]
-        png = stem.with_suffix(".png")
-        composite.save(png)
-        psd = export_stack_psd(stack, stem.with_suffix(".psd")) if any(l.visible for l in stack) else None
-        return composite, "\n".join(f"- {n}" for n in stack_notes(stack)), str(png), psd and str(psd)
+        png = str(save_stack(stack, stem.with_suffix(".png")))  # the preview shows this same file
+        psd = str(export_stack_psd(stack, stem.with_suffix(".psd"))) if any(l.visible for l in stack) else None
+        return png, notes, png, psd
 
     def on_upload(stack, files):
         stack, errors = add_files(stack or [], files or [])
@@ -294,7 +293,7 @@ def build_ui():
                 clear = gr.Button("Remove all layers")
                 layer_list = gr.Column()
             with gr.Column():
-                preview = gr.Image(label="Composite", type="pil", image_mode="RGBA", format="png", interactive=False)
+                preview = gr.Image(label="Composite", type="filepath", image_mode="RGBA", interactive=False)
                 notes = gr.Markdown()
                 with gr.Row():
                     png_button = gr.DownloadButton("Download PNG")
