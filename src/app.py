@@ -77,7 +77,9 @@ ENABLE_VAE_TILING = True
 
 # Parameter ranges of the decomposition (the pipeline asserts the resolution; the rest are the UI's limits).
 LAYERS_RANGE = (2, 10)
-STEPS_RANGE = (1, 50)
+# At 1 step the scheduler's shift_terminal stretch divides by zero and every layer comes out NaN
+# (seen with diffusers 0.42.1: FlowMatchEulerDiscreteScheduler.stretch_shift_to_terminal), so 2 is the minimum.
+STEPS_RANGE = (2, 50)
 TRUE_CFG_RANGE = (1.0, 10.0)
 RESOLUTIONS = (640, 1024)
 MAX_SEED = 2**31 - 1
@@ -333,10 +335,10 @@ def build_demo_pipeline(path: Path) -> Path:
     logger.info("Building the tiny demo pipeline in %s", path)
     # 1. Tokenizer, text encoder, processor and scheduler (seeds torch: the weights below follow from it).
     components = build_demo_components(LAYERED_DEMO_CORPUS)
-    # 2. The real DiT's switches (layer-3D RoPE, the RGB/RGBA t-cond), at 2 blocks of width 32.
-    #    in_channels = 4 * z_dim: latents are packed in 2x2 patches.
+    # 2. The real DiT's switches (layer-3D RoPE, the RGB/RGBA t-cond), at 4 blocks of width 32 (enough blocks
+    #    for FirstBlockCache to have a tail to skip). in_channels = 4 * z_dim: latents are packed in 2x2 patches.
     transformer = QwenImageTransformer2DModel(
-        patch_size=2, in_channels=32, out_channels=8, num_layers=2, attention_head_dim=16, num_attention_heads=2,
+        patch_size=2, in_channels=32, out_channels=8, num_layers=4, attention_head_dim=16, num_attention_heads=2,
         joint_attention_dim=32, axes_dims_rope=(4, 6, 6), use_additional_t_cond=True, use_layer3d_rope=True)
     # RGBA in (input_channels=4). z_dim must differ from 4: the pipeline tells images from latents by channels.
     vae = AutoencoderKLQwenImage(base_dim=4, z_dim=8, dim_mult=[1, 2, 4, 4], num_res_blocks=1,
@@ -577,7 +579,8 @@ def check_params(layers: int, num_inference_steps: int, true_cfg_scale: float, r
     if not (isinstance(layers, (int, np.integer)) and LAYERS_RANGE[0] <= layers <= LAYERS_RANGE[1]):
         raise ValueError(f"layers={layers!r} is out of range: use an integer from {LAYERS_RANGE[0]} to {LAYERS_RANGE[1]}")
     if not (isinstance(num_inference_steps, (int, np.integer)) and STEPS_RANGE[0] <= num_inference_steps <= STEPS_RANGE[1]):
-        raise ValueError(f"num_inference_steps={num_inference_steps!r} is out of range: use {STEPS_RANGE[0]} to {STEPS_RANGE[1]}")
+        raise ValueError(f"num_inference_steps={num_inference_steps!r} is out of range: use {STEPS_RANGE[0]} to {STEPS_RANGE[1]} "
+                         f"(1 step makes the scheduler divide by zero)")
     if not TRUE_CFG_RANGE[0] <= float(true_cfg_scale) <= TRUE_CFG_RANGE[1]:
         raise ValueError(f"true_cfg_scale={true_cfg_scale!r} is out of range: use {TRUE_CFG_RANGE[0]} to {TRUE_CFG_RANGE[1]}")
     if resolution not in RESOLUTIONS:

@@ -1,0 +1,88 @@
+"""The Gradio app answers /decompose over HTTP; the command line runs headless and fails offline clearly."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+import app
+from conftest import ROOT, demo_settings
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(demo_pipe, models_dir, tmp_path_factory):
+    outputs = tmp_path_factory.mktemp("ui-outputs")
+    settings = demo_settings(models_dir, outputs=outputs, host="127.0.0.1", port=free_port())
+    demo = app.build_ui(demo_pipe, settings)
+    demo.launch(server_name=settings.host, server_port=settings.port, prevent_thread_lock=True, quiet=True)
+    yield f"http://127.0.0.1:{settings.port}/", outputs
+    demo.close()
+
+
+def test_api_decompose_returns_layers_files_caption_and_seed(server, tmp_path):
+    from gradio_client import Client, handle_file
+
+    url, outputs = server
+    Image.new("RGBA", (120, 80), (20, 200, 90, 255)).save(tmp_path / "in.png")
+    client = Client(url, verbose=False)
+    # Only the image and the few values this test changes: the rest take the endpoint's defaults.
+    gallery, pptx, zip_path, psd, caption, seed = client.predict(
+        handle_file(str(tmp_path / "in.png")), prompt="a green card", layers=3, num_inference_steps=2, seed=9,
+        api_name="/decompose")
+    assert len(gallery) == 3
+    assert [Image.open(item["image"]).mode for item in gallery] == ["RGBA"] * 3
+    assert [Path(p).suffix for p in (pptx, zip_path, psd)] == [".pptx", ".zip", ".psd"]
+    assert (caption, seed) == ("a green card", 9)
+    (run_folder,) = [p for p in outputs.iterdir() if p.is_dir() and not p.name.startswith(".")]
+    assert json.loads((run_folder / "params.json").read_text())["layers"] == 3
+
+
+def test_api_reports_bad_parameters_as_a_message(server, tmp_path):
+    from gradio_client import Client, handle_file
+
+    url, _ = server
+    Image.new("RGB", (64, 64), "white").save(tmp_path / "in.png")
+    client = Client(url, verbose=False)
+    # Gradio's slider refuses it before the handler runs, with the bound in the message.
+    with pytest.raises(Exception, match="12 is greater than maximum value 10"):
+        client.predict(handle_file(str(tmp_path / "in.png")), prompt="x", layers=12, api_name="/decompose")
+
+
+def run_app(*args, env_extra=None, timeout=300):
+    env = dict(os.environ, **(env_extra or {}))
+    return subprocess.run([sys.executable, str(ROOT / "src" / "app.py"), *args], capture_output=True, text=True,
+                          env=env, timeout=timeout)
+
+
+def test_no_weights_and_no_hub_exits_nonzero_with_what_to_do(tmp_path):
+    # An empty models dir and a hub endpoint nothing listens on: the download fails at once.
+    proc = run_app("--models-dir", str(tmp_path / "models"),
+                   env_extra={"HF_ENDPOINT": "http://127.0.0.1:9", "HF_HUB_ETAG_TIMEOUT": "2"})
+    assert proc.returncode == 2
+    assert str(tmp_path / "models" / "Qwen-Image-Layered") in proc.stderr
+    assert "--demo" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_headless_decompose_prints_the_run_folder(models_dir, tmp_path):
+    image = tmp_path / "in.png"
+    Image.new("RGBA", (90, 60), (250, 120, 0, 255)).save(image)
+    proc = run_app("decompose", str(image), "--demo", "--models-dir", str(models_dir), "--layers", "2",
+                   "--steps", "2", "--seed", "4", "--prompt", "an orange card", "--out", str(tmp_path / "out"))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    folder = Path(proc.stdout.strip().splitlines()[-1])
+    assert folder.parent == tmp_path / "out"
+    assert sorted(p.name for p in folder.glob("layer_*.png")) == ["layer_1.png", "layer_2.png"]
+    assert json.loads((folder / "params.json").read_text())["seed"] == 4
+    assert "DEMO MODEL" in proc.stdout
