@@ -1,5 +1,6 @@
 """src/tool/edit_rgba_image.py on a tiny random QwenImageEditPlusPipeline built offline and loaded by app.load_pipeline."""
 
+import dataclasses
 import json
 import socket
 
@@ -36,6 +37,17 @@ def test_demo_edit_pipeline_loads_through_the_apps_load_path(edit_pipe, models_d
     assert info["dtype"] == "float32" and info["offload_mode"] == "off"  # the CPU loads in float32
     assert edit_pipe.vae.config.input_channels == 3  # the edit model sees RGB: the layer on green
     assert not edit_pipe.transformer.config.use_layer3d_rope  # Edit-2509's DiT, not the layered one
+
+
+def test_the_tool_takes_the_apps_loading_flags(tmp_path):
+    flags = ["--offload", "sequential", "--models-dir", str(tmp_path), "--quantization", "fp8_storage",
+             "--no-first-block-cache", "--demo"]
+
+    _, app_settings, _ = app.parse_args(flags)
+    tool_settings = app.settings_from_args(edit.parse_args(flags))
+
+    assert tool_settings == dataclasses.replace(app_settings, port=7871)
+    assert tool_settings.offload == "sequential" and tool_settings.quantization == "fp8_storage"
 
 
 def test_chroma_key_round_trip_is_exact_on_a_synthetic_layer():
