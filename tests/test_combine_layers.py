@@ -43,6 +43,22 @@ def test_studio_zip_gives_its_layers_in_number_order_without_the_composite(tmp_p
     assert np.array_equal(pixels(cl.composite_stack(stack)), pixels(app.composite_layers(layers)))
 
 
+def test_zip_layers_come_from_its_top_folder_only(tmp_path):
+    import zipfile
+
+    red, blue = Image.new("RGBA", (8, 6), (255, 0, 0, 255)), Image.new("RGBA", (16, 12), (0, 0, 255, 255))
+    path = tmp_path / "with_original_size.zip"
+    with zipfile.ZipFile(path, "w") as archive:
+        for name, image in [("layer_1.png", red), ("original_size/layer_1.png", blue), ("composite.png", red),
+                            ("original_size/composite.png", blue)]:
+            with archive.open(name, "w") as handle:
+                image.save(handle, format="PNG")
+
+    stack = cl.read_layers(path)
+
+    assert [(l.source, l.image.size) for l in stack] == [("with_original_size.zip/layer_1.png", (8, 6))]
+
+
 def test_psd_layers_keep_their_offsets_visibility_and_canvas(tmp_path):
     from psd_tools import PSDImage
     from psd_tools.api.layers import PixelLayer

@@ -82,10 +82,14 @@ def read_image_file(path: Path) -> list[Layer]:
 def read_zip(path: Path) -> list[Layer]:
     """The studio's ZIP (layer_1.png ... layer_N.png, bottom first); any other ZIP: its PNGs by name.
 
-    composite.png is left out: it is the stack itself, not a layer.
+    Only the top-most folder that holds PNGs counts (the studio may add the same layers resized under
+    `original_size/`), and composite.png is left out: it is the stack itself, not a layer.
     """
     with zipfile.ZipFile(path) as archive:
         names = [n for n in archive.namelist() if n.lower().endswith(".png") and not n.startswith("__MACOSX/")]
+        if names:
+            top = min((n.count("/"), str(Path(n).parent)) for n in names)[1]
+            names = [n for n in names if str(Path(n).parent) == top]
         numbered = sorted((int(m.group(1)), n) for n in names if (m := ZIP_LAYER_NAME.search(Path(n).name)))
         if numbered:
             ordered = [n for _, n in numbered]
