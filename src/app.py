@@ -7,8 +7,9 @@ The whole runtime lives in this file, top to bottom:
     4. loading          `ModelSpec`, `get_model_path`, `load_pipeline`, `apply_memory_optimizations`
     5. infer            `infer` (one decomposition) and `save_run` (its run folder)
     6. exports          pure functions `layers -> file`: PNG, ZIP, PPTX, PSD
+    6b. layer stack     `LayerStack`, `replace_layer`, `decompose_layer`, `undo`: decompose a layer again, in place
     7. UI               `build_ui` (Gradio Blocks, port 7869)
-    8. main             `python src/app.py` (UI) and `python src/app.py decompose IMAGE` (headless)
+    8. main             `python src/app.py` (UI) and `python src/app.py decompose IMG_OR_DIR...` (headless batch)
 
 Importing this module loads no model and needs no GPU.
 """
@@ -31,8 +32,10 @@ import json
 import logging
 import platform
 import random
+import re
 import sys
 import time
+import unicodedata
 import zipfile
 from pathlib import Path
 from typing import Any, Callable
@@ -96,6 +99,18 @@ DEFAULTS = dict(
     seed=777,
     randomize_seed=False,
 )
+# The files `decompose DIR` takes from a folder (not recursive); a file named on the command line is tried
+# whatever its name, so a bad one is reported instead of silently left out.
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
+# Exports (section 6). PowerPoint's default widescreen slide is 13.333 in wide; the slide's longer side
+# gets (about) that length and the shorter one follows the image's aspect ratio (PowerPoint accepts 1 to 56 in).
+SLIDE_LONG_SIDE_EMU = 12192000  # 914400 EMU per inch
+# Layers resized to the input's original size use Lanczos, the sharpest of Pillow's filters, for the
+# 1.5-4x upscales from the model's 640/1024 buckets; it runs on premultiplied alpha (no dark halo).
+ORIGINAL_SIZE_RESAMPLE = Image.Resampling.LANCZOS
+# Prompt text in file names is cut to this many UTF-8 bytes: readable, and far under the 255-byte name
+# limit of ext4, NTFS and APFS (a Hangul or Han character takes 3 bytes).
+FILE_NAME_TEXT_MAX_BYTES = 60
 
 
 @dataclasses.dataclass
@@ -156,8 +171,11 @@ def parse_args(argv: list[str] | None = None) -> tuple[str, Settings, argparse.N
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] == "decompose":
         command, argv = "decompose", argv[1:]
-        parser = argparse.ArgumentParser(prog="app.py decompose", description="Decompose one image, headless.")
-        parser.add_argument("image", help="input image file")
+        parser = argparse.ArgumentParser(prog="app.py decompose", description=(
+            "Decompose images headless: the model loads once, every image gets its own run folder, a file "
+            "that fails is reported and skipped; the exit code is 1 when any failed."))
+        parser.add_argument("images", nargs="+", metavar="IMG_OR_DIR",
+                            help="image files, or folders whose " + "/".join(IMAGE_SUFFIXES) + " files are taken")
         parser.add_argument("--layers", type=int, default=DEFAULTS["layers"])
         parser.add_argument("--seed", type=int, default=DEFAULTS["seed"])
         parser.add_argument("--steps", type=int, default=DEFAULTS["num_inference_steps"])
@@ -168,6 +186,8 @@ def parse_args(argv: list[str] | None = None) -> tuple[str, Settings, argparse.N
         parser.add_argument("--zh-caption", dest="use_en_prompt", action="store_false",
                             help="auto-caption in Chinese instead of English")
         parser.add_argument("--out", type=Path, default=None, help="outputs folder (default: --outputs)")
+        parser.add_argument("--original-size", action="store_true",
+                            help="also export the layers resized to the input's size (run folder's original_size/)")
     else:
         command = "ui"
         parser = argparse.ArgumentParser(prog="app.py", description="Qwen-Image-Layered studio (Gradio UI).")
@@ -663,12 +683,85 @@ def infer(
 # ----------------------------------------------------------------------------------------------------
 # 6. Exports: pure functions, layers -> file (bottom first), no Gradio in them
 # ----------------------------------------------------------------------------------------------------
+def check_layers(layers: list[Image.Image], names: list[str] | None = None) -> None:
+    """Exporters take one canvas: at least one layer, all of the first layer's size, one name per layer."""
+    if not layers:
+        raise ValueError("layers is empty: pass at least one RGBA layer (bottom first)")
+    for index, layer in enumerate(layers):
+        if layer.size != layers[0].size:
+            raise ValueError(f"layer {index + 1} is {layer.width}x{layer.height} but layer 1 is "
+                             f"{layers[0].width}x{layers[0].height}: all layers must share one canvas size")
+    if names is not None and len(names) != len(layers):
+        raise ValueError(f"{len(names)} names for {len(layers)} layers: pass one name per layer, or none")
+
+
 def composite_layers(layers: list[Image.Image]) -> Image.Image:
     """Stack RGBA layers bottom first with Porter-Duff "over"."""
+    check_layers(layers)
     canvas = Image.new("RGBA", layers[0].size, (0, 0, 0, 0))
     for layer in layers:
         canvas = Image.alpha_composite(canvas, layer.convert("RGBA"))
     return canvas
+
+
+def crop_to_alpha(layer: Image.Image) -> tuple[Image.Image, tuple[int, int]] | None:
+    """The layer cut to the bounding box of its non-zero alpha, and the box's (left, top); None when empty.
+
+    Lossless: every pixel outside the box is fully transparent, so placing the crop at (left, top) gives
+    the layer back.
+    """
+    layer = layer.convert("RGBA")
+    box = layer.getbbox(alpha_only=True)
+    if box is None:
+        return None
+    return layer.crop(box), (box[0], box[1])
+
+
+def layer_names(layers: list[Image.Image]) -> list[str]:
+    """`Layer 1 (bottom)`, `Layer 2`, ..., `Layer N (top)`; `empty` is added for a fully transparent layer."""
+    names = []
+    for index, layer in enumerate(layers):
+        notes = ["bottom"] if index == 0 else ["top"] if index == len(layers) - 1 else []
+        if layer.convert("RGBA").getbbox(alpha_only=True) is None:
+            notes.append("empty")
+        names.append(f"Layer {index + 1}" + (f" ({', '.join(notes)})" if notes else ""))
+    return names
+
+
+def resize_layers(layers: list[Image.Image], size: tuple[int, int]) -> list[Image.Image]:
+    """Resize RGBA layers to `size` (width, height) in premultiplied alpha, so edges get no dark halo.
+
+    Resampling straight RGBA mixes the colour of the transparent pixels around a shape (black, here) into
+    its edge. Premultiplied, a transparent pixel weighs nothing. Pillow's `resize` premultiplies RGBA by
+    itself (Image.resize: "RGBA" -> "RGBa"); it is spelled out here because the no-halo edge is the point.
+    """
+    width, height = (int(v) for v in size)
+    if width < 1 or height < 1:
+        raise ValueError(f"size={tuple(size)!r} is not an image size: pass (width, height), both at least 1 px")
+    return [layer.convert("RGBA").convert("RGBa").resize((width, height), ORIGINAL_SIZE_RESAMPLE).convert("RGBA")
+            for layer in layers]
+
+
+def safe_file_text(text: str, max_bytes: int = FILE_NAME_TEXT_MAX_BYTES) -> str:
+    """Any prompt text as part of a file name that is valid on Linux, macOS and Windows.
+
+    Letters, digits and combining marks of every script are kept (Hangul, Han, Latin, Devanagari ...);
+    each run of anything else (spaces, slashes, dots, punctuation, emoji, control characters) becomes one
+    "-". NFC first, so the same text typed on macOS and on Linux gives the same name. Cut to `max_bytes`
+    of UTF-8 on a character boundary. "" when nothing is left.
+    """
+    text = unicodedata.normalize("NFC", text or "")
+    kept = "".join(c if unicodedata.category(c)[0] in "LNM" else "-" for c in text)
+    kept = re.sub(r"-+", "-", kept).strip("-")
+    return kept.encode("utf-8")[:max_bytes].decode("utf-8", errors="ignore").strip("-")
+
+
+def export_stem(caption: str, seed: int) -> str:
+    """`<caption>_seed<seed>`, the name of a run's ZIP, PPTX and PSD; `layers_seed<seed>` without text.
+
+    The suffix also keeps a name from being one Windows reserves (CON, NUL, ...).
+    """
+    return f"{safe_file_text(caption) or 'layers'}_seed{seed}"
 
 
 def layer_file_name(index: int) -> str:
@@ -677,6 +770,7 @@ def layer_file_name(index: int) -> str:
 
 
 def export_layer_pngs(layers: list[Image.Image], folder: Path) -> list[Path]:
+    """Full-canvas layer_1.png ... layer_N.png (bottom first) in `folder`."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     paths = []
@@ -687,12 +781,18 @@ def export_layer_pngs(layers: list[Image.Image], folder: Path) -> list[Path]:
     return paths
 
 
-def export_zip(layers: list[Image.Image], path: Path, extra_files: dict[str, bytes] | None = None) -> Path:
-    """layer_1.png ... layer_N.png (bottom first), composite.png, and any extra files (params.json)."""
+def export_zip(layers: list[Image.Image], path: Path, extra_files: dict[str, bytes] | None = None,
+               original_size_layers: list[Image.Image] | None = None) -> Path:
+    """layer_1.png ... layer_N.png (bottom first), composite.png and any extra files (params.json);
+    with `original_size_layers`, the same layer and composite files under `original_size/` too."""
+    check_layers(layers)
+    sets = {"": layers, "original_size/": original_size_layers or []}
     with zipfile.ZipFile(path, "w", compression=zipfile.ZIP_DEFLATED) as archive:
-        for index, layer in enumerate(layers):
-            archive.writestr(layer_file_name(index), _png_bytes(layer))
-        archive.writestr("composite.png", _png_bytes(composite_layers(layers)))
+        for prefix, set_layers in sets.items():
+            for index, layer in enumerate(set_layers):
+                archive.writestr(prefix + layer_file_name(index), _png_bytes(layer))
+            if set_layers:
+                archive.writestr(prefix + "composite.png", _png_bytes(composite_layers(set_layers)))
         for name, data in (extra_files or {}).items():
             archive.writestr(name, data)
     return Path(path)
@@ -704,34 +804,55 @@ def _png_bytes(image: Image.Image) -> bytes:
     return buffer.getvalue()
 
 
-def export_pptx(layers: list[Image.Image], path: Path) -> Path:
-    """One slide sized to the image, one full-slide picture per layer, bottom first (z-order)."""
+def export_pptx(layers: list[Image.Image], path: Path, names: list[str] | None = None) -> Path:
+    """One slide of the image's aspect ratio; each layer a named picture cropped to its alpha bounding box
+    and placed at its offset, so objects can be selected and moved; bottom first in z-order.
+
+    A fully transparent layer gets no picture (there is nothing to select); the others keep their numbers.
+    """
     from pptx import Presentation
     from pptx.util import Emu
 
+    check_layers(layers, names)
+    names = names or layer_names(layers)
     width, height = layers[0].size
-    emu_per_px = 9525  # 96 dpi: 914400 EMU per inch / 96
+    emu_per_px = SLIDE_LONG_SIDE_EMU // max(width, height)  # whole EMUs per pixel: places and aspect ratio exact
     presentation = Presentation()
     presentation.slide_width, presentation.slide_height = Emu(width * emu_per_px), Emu(height * emu_per_px)
     slide = presentation.slides.add_slide(presentation.slide_layouts[6])  # layout 6: blank
-    for index, layer in enumerate(layers):
-        picture = slide.shapes.add_picture(io.BytesIO(_png_bytes(layer)), 0, 0,
-                                           presentation.slide_width, presentation.slide_height)
-        picture.name = f"Layer {index + 1}"
+    for layer, name in zip(layers, names):
+        cropped = crop_to_alpha(layer)
+        if cropped is None:
+            continue
+        image, (left, top) = cropped
+        picture = slide.shapes.add_picture(io.BytesIO(_png_bytes(image)), Emu(left * emu_per_px), Emu(top * emu_per_px),
+                                           Emu(image.width * emu_per_px), Emu(image.height * emu_per_px))
+        picture.name = name
     presentation.save(path)
     return Path(path)
 
 
 def export_psd(layers: list[Image.Image], path: Path, names: list[str] | None = None) -> Path:
-    """An RGBA PSD with one named pixel layer per output layer, bottom first (names: "Layer 1"... by default)."""
+    """An 8-bit RGB PSD with transparency: one named pixel layer per layer (bottom first), cropped to its
+    alpha bounding box and placed at its offset, plus the merged composite that layer-less viewers show.
+
+    A fully transparent layer stays as an empty (0x0) named layer, the way Photoshop stores one.
+    """
     from psd_tools import PSDImage
     from psd_tools.api.layers import PixelLayer
 
-    names = names or [f"Layer {index + 1}" for index in range(len(layers))]
+    check_layers(layers, names)
+    names = names or layer_names(layers)
     psd = PSDImage.new(mode="RGBA", size=layers[0].size, color=(0, 0, 0, 0))
-    for layer, name in zip(layers, names, strict=True):
-        psd.append(PixelLayer.frompil(layer.convert("RGBA"), psd, name=name, top=0, left=0))
-    psd.save(path)
+    # A negative layer count tells readers the composite's 4th channel is its alpha (PSD spec). psd-tools
+    # 1.26 keeps that sign for files it read but has no public switch for a new document; without it
+    # ImageMagick shows the composite's transparent parts as opaque black.
+    psd._merged_alpha = True
+    for layer, name in zip(layers, names):
+        image, (left, top) = crop_to_alpha(layer) or (Image.new("RGBA", (0, 0)), (0, 0))
+        psd_layer = PixelLayer.frompil(image, psd, top=top, left=left)  # frompil appends the layer to psd
+        psd_layer.name = name  # the setter writes the Unicode name too; frompil's name= takes MacRoman only
+    psd.save(path)  # psd-tools composites the layers into the file's merged image here
     return Path(path)
 
 
@@ -742,22 +863,41 @@ def new_run_folder(outputs: Path, seed: int) -> Path:
     return folder
 
 
-def save_run(result: DecomposeResult, outputs: Path, run_info: dict[str, Any] | None = None) -> dict[str, Path]:
-    """Write one run's folder: layer PNGs, composite, params.json, ZIP, PPTX and PSD. Returns the paths."""
+def save_run(result: DecomposeResult, outputs: Path, run_info: dict[str, Any] | None = None,
+             original_size: tuple[int, int] | None = None) -> dict[str, Any]:
+    """Write one run's folder and return its paths.
+
+    At the model's resolution: layer_1.png ... layer_N.png, composite.png, params.json and
+    <stem>.zip / .pptx / .psd, where <stem> is `export_stem(caption, seed)`. With `original_size`
+    (width, height; the input's is `result.params["input_size"]`), the layers are also resized to it and
+    written to original_size/ (layer PNGs, composite.png, <stem>_<W>x<H>.pptx / .psd; paths["original"]);
+    the ZIP then holds both sets.
+    """
     folder = new_run_folder(outputs, result.seed)
+    original_layers = resize_layers(result.layers, original_size) if original_size else None
     params = dict(result.params, seed=result.seed, caption=result.caption, auto_caption=result.auto_caption,
                   duration_s=round(result.duration_s, 3), created=datetime.datetime.now().isoformat(timespec="seconds"),
+                  export_original_size=list(original_layers[0].size) if original_layers else None,
                   **(run_info or {}))
     params_bytes = json.dumps(params, indent=2, ensure_ascii=False).encode("utf-8")
-    paths: dict[str, Path] = {"folder": folder}
+    stem = export_stem(result.caption, result.seed)
+    paths: dict[str, Any] = {"folder": folder}
     paths["layers"] = export_layer_pngs(result.layers, folder)
     paths["composite"] = folder / "composite.png"
     composite_layers(result.layers).save(paths["composite"])
     paths["params"] = folder / "params.json"
     paths["params"].write_bytes(params_bytes)
-    paths["zip"] = export_zip(result.layers, folder / "layers.zip", {"params.json": params_bytes})
-    paths["pptx"] = export_pptx(result.layers, folder / "layers.pptx")
-    paths["psd"] = export_psd(result.layers, folder / "layers.psd")
+    paths["zip"] = export_zip(result.layers, folder / f"{stem}.zip", {"params.json": params_bytes}, original_layers)
+    paths["pptx"] = export_pptx(result.layers, folder / f"{stem}.pptx")
+    paths["psd"] = export_psd(result.layers, folder / f"{stem}.psd")
+    if original_layers:
+        sub = folder / "original_size"
+        size = "{}x{}".format(*original_layers[0].size)
+        paths["original"] = {"folder": sub, "layers": export_layer_pngs(original_layers, sub),
+                             "composite": sub / "composite.png",
+                             "pptx": export_pptx(original_layers, sub / f"{stem}_{size}.pptx"),
+                             "psd": export_psd(original_layers, sub / f"{stem}_{size}.psd")}
+        composite_layers(original_layers).save(paths["original"]["composite"])
     return paths
 
 
@@ -767,6 +907,108 @@ def run_info_for(pipe, environment: dict[str, Any]) -> dict[str, Any]:
     info["versions"] = {k: environment.get(k) for k in ("python", "torch", "cuda", "diffusers", "transformers", "gradio")}
     info["gpu_name"] = environment.get("gpu_name")
     return info
+
+
+# ----------------------------------------------------------------------------------------------------
+# 6b. Layer stack: recursive decomposition ("decompose this layer" again), plain data, no Gradio
+# ----------------------------------------------------------------------------------------------------
+# A sub-run returns its layers at the resolution bucket of the layer it was given, which can differ from the
+# stack's canvas (another bucket chosen, or 32 px rounding of the aspect ratio). They are resized back with
+# Lanczos on premultiplied alpha (so a transparent pixel's colour, black here, cannot darken an edge).
+CANVAS_RESAMPLE = Image.Resampling.LANCZOS
+# A layer usually holds fewer things than the whole image, so a sub-run asks for fewer layers by default.
+SUB_RUN_LAYERS = 2
+SUB_RUNS_DIR = "sub_runs"  # inside the first decomposition's run folder, one folder per sub-run
+
+
+@dataclasses.dataclass
+class LayerStack:
+    """What the UI shows and the exports write: RGBA layers bottom first on one canvas, with one step of undo."""
+
+    layers: list[Image.Image]  # RGBA, bottom first, all of one size (the canvas)
+    run_folder: Path  # the first decomposition's run folder; sub-runs are saved under it
+    files: dict[str, Any] = dataclasses.field(default_factory=dict)  # save_run's paths for exactly these layers
+    previous: "LayerStack | None" = None  # the stack before the last sub-run (one step of undo)
+    original_size: tuple[int, int] | None = None  # also export at the input's size (exports' original-size option)
+
+
+def fit_to_canvas(layers: list[Image.Image], size: tuple[int, int]) -> list[Image.Image]:
+    """Resize RGBA layers to the canvas `size` (width, height); layers already that size are returned as they are.
+
+    Premultiplied ("RGBa"; Pillow does this for RGBA too, spelled out because the clean edge is the point):
+    resampling colour and alpha apart would mix the colour of transparent pixels (black) into the edges.
+    """
+    size = (int(size[0]), int(size[1]))
+    return [layer if layer.size == size else layer.convert("RGBa").resize(size, CANVAS_RESAMPLE).convert("RGBA")
+            for layer in (layer.convert("RGBA") for layer in layers)]
+
+
+def check_layer_index(index: int, count: int) -> None:
+    """Reject an index outside a stack of `count` layers, saying which indices (and gallery numbers) exist."""
+    if not isinstance(index, (int, np.integer)):
+        raise ValueError(f"layer index {index!r} is not an integer: use 0 to {count - 1}")
+    if not 0 <= index < count:
+        raise ValueError(f"layer index {index} (layer {index + 1} in the gallery) is not in the stack: use 0 to "
+                         f"{count - 1} (gallery layers 1 to {count}, 1 = bottom)")
+
+
+def replace_layer(layers: list[Image.Image], index: int, sub_layers: list[Image.Image]) -> list[Image.Image]:
+    """A new list in which `layers[index]` is replaced, in place, by `sub_layers` (bottom first) fit to the canvas."""
+    check_layer_index(index, len(layers))
+    if not sub_layers:
+        raise ValueError(f"no sub-layers to put in place of layer {index + 1}: a decomposition gives at least "
+                         f"{LAYERS_RANGE[0]}")
+    return list(layers[:index]) + fit_to_canvas(sub_layers, layers[0].size) + list(layers[index + 1:])
+
+
+def undo(stack: LayerStack) -> LayerStack:
+    """The stack before the last sub-run. One step only: the restored stack has no undo of its own."""
+    if stack.previous is None:
+        raise ValueError("nothing to undo: undo goes back one sub-run, and there is none since the last "
+                         "decomposition or undo")
+    return stack.previous
+
+
+def save_sub_run(stack: LayerStack, new_layers: list[Image.Image], index: int, result: DecomposeResult,
+                 run_info: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Write one sub-run under `stack.run_folder/sub_runs/` and return its paths.
+
+    The folder is a normal run folder for the *new stack* (layer PNGs, composite, ZIP, PPTX, PSD: what the UI
+    offers), whose params.json holds the sub-run's parameters and a `sub_run` entry with the index it replaced.
+    Next to them: `input_layer.png` (the layer that was decomposed, alpha as it was) and `sub_layers/` (the
+    sub-run's own output at the model's resolution).
+    """
+    sub_run = dict(replaced_index=index, replaced_file=layer_file_name(index), sub_layers=len(result.layers),
+                   stack_layers_before=len(stack.layers), stack_layers_after=len(new_layers),
+                   applied_to=str(stack.files.get("folder", stack.run_folder)))
+    step = dataclasses.replace(result, layers=new_layers)
+    paths = save_run(step, Path(stack.run_folder) / SUB_RUNS_DIR, dict(run_info or {}, sub_run=sub_run),
+                     original_size=stack.original_size)
+    paths["input_layer"] = paths["folder"] / "input_layer.png"
+    stack.layers[index].save(paths["input_layer"])
+    paths["sub_layers"] = export_layer_pngs(result.layers, paths["folder"] / "sub_layers")
+    return paths
+
+
+def decompose_layer(pipe, stack: LayerStack, index: int, run_info: dict[str, Any] | None = None,
+                    **infer_kwargs) -> tuple[LayerStack, DecomposeResult]:
+    """Decompose `stack.layers[index]` again and put its sub-layers in its place. `infer_kwargs` go to `infer`.
+
+    Returns the new stack (whose `previous` is `stack`, for one step of undo) and the sub-run's own result.
+    """
+    # 1. Check the index before spending a run on it.
+    check_layer_index(index, len(stack.layers))
+    # 2. Decompose the layer as it is, RGBA: its transparent surroundings stay transparent for the model
+    #    (flattening to RGB would turn them black and the model would see a black background).
+    result = infer(pipe, stack.layers[index], **infer_kwargs)
+    # 3. Its sub-layers, fit to the canvas, take its place.
+    new_layers = replace_layer(stack.layers, index, result.layers)
+    # 4. Save the sub-run and the new stack's exports.
+    files = save_sub_run(stack, new_layers, index, result, run_info)
+    # 5. The old stack, without its own undo, is the one step back.
+    previous = dataclasses.replace(stack, previous=None)
+    return (LayerStack(layers=new_layers, run_folder=stack.run_folder, files=files, previous=previous,
+                       original_size=stack.original_size), result)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -780,8 +1022,16 @@ def example_images() -> list[str]:
     return sorted(str(p) for p in ASSETS_DIR.glob("*.png"))
 
 
+def gallery_items(layer_files: list[Path]) -> list[tuple[str, str]]:
+    """The gallery's (file, caption) pairs, bottom first; the numbers are the ones "Selected layer" takes."""
+    return [(str(p), f"Layer {i + 1}" + (" (bottom)" if i == 0 else "")) for i, p in enumerate(layer_files)]
+
+
 def build_ui(pipe, settings: Settings, environment: dict[str, Any] | None = None):
-    """The Gradio Blocks app. Handlers only map widget values to `infer`/`save_run` arguments."""
+    """The Gradio Blocks app. Handlers only map widget values to `infer`/`save_run`/`decompose_layer` arguments.
+
+    The layer stack (`LayerStack`) lives in a `gr.State`, one per browser session (or gradio_client `Client`).
+    """
     # Gradio reads GRADIO_TEMP_DIR when it is imported: keep its upload cache inside the outputs folder.
     os.environ.setdefault("GRADIO_TEMP_DIR", str(Path(settings.outputs) / ".gradio-cache"))
     import gradio as gr
@@ -789,11 +1039,11 @@ def build_ui(pipe, settings: Settings, environment: dict[str, Any] | None = None
     environment = environment or print_environment_info(print_it=False)
     run_info = run_info_for(pipe, environment)
 
-    def decompose(image, prompt="", negative_prompt=DEFAULTS["negative_prompt"], seed=DEFAULTS["seed"],
+    def decompose(image, prompt=None, negative_prompt=DEFAULTS["negative_prompt"], seed=DEFAULTS["seed"],
                   randomize_seed=DEFAULTS["randomize_seed"], true_cfg_scale=DEFAULTS["true_cfg_scale"],
                   num_inference_steps=DEFAULTS["num_inference_steps"], layers=DEFAULTS["layers"],
                   resolution=DEFAULTS["resolution"], cfg_normalize=DEFAULTS["cfg_normalize"],
-                  use_en_prompt=DEFAULTS["use_en_prompt"], progress=gr.Progress(track_tqdm=True)):
+                  use_en_prompt=DEFAULTS["use_en_prompt"], original_size=False, progress=gr.Progress(track_tqdm=True)):
         if image is None:
             raise gr.Error("No image: upload an image (PNG, JPEG, WebP) first.")
         try:
@@ -803,10 +1053,54 @@ def build_ui(pipe, settings: Settings, environment: dict[str, Any] | None = None
                            cfg_normalize=cfg_normalize, use_en_prompt=use_en_prompt)
         except ValueError as err:
             raise gr.Error(str(err)) from err
-        paths = save_run(result, settings.outputs, run_info)
+        paths = save_run(result, settings.outputs, run_info,
+                         original_size=result.params["input_size"] if original_size else None)
         logger.info("Run saved in %s (%.1f s)", paths["folder"], result.duration_s)
-        gallery = [(str(p), f"Layer {i + 1}" + (" (bottom)" if i == 0 else "")) for i, p in enumerate(paths["layers"])]
-        return gallery, str(paths["pptx"]), str(paths["zip"]), str(paths["psd"]), result.caption, result.seed
+        stack = LayerStack(layers=result.layers, run_folder=paths["folder"], files=paths,
+                           original_size=tuple(result.params["input_size"]) if original_size else None)
+        return (*stack_view(stack), result.caption, result.seed, stack)
+
+    def stack_view(stack: LayerStack):
+        """The gallery and the three downloads for a stack: the files its sub-run (or first run) wrote."""
+        files = stack.files
+        offered = files.get("original", files)  # PPTX and PSD at the size asked for; the ZIP holds both sizes
+        return gallery_items(files["layers"]), str(offered["pptx"]), str(files["zip"]), str(offered["psd"])
+
+    def decompose_this_layer(layer_number, layers=SUB_RUN_LAYERS, prompt=None, negative_prompt=DEFAULTS["negative_prompt"],
+                             seed=DEFAULTS["seed"], randomize_seed=DEFAULTS["randomize_seed"],
+                             true_cfg_scale=DEFAULTS["true_cfg_scale"],
+                             num_inference_steps=DEFAULTS["num_inference_steps"], resolution=DEFAULTS["resolution"],
+                             cfg_normalize=DEFAULTS["cfg_normalize"], use_en_prompt=DEFAULTS["use_en_prompt"],
+                             stack=None, progress=gr.Progress(track_tqdm=True)):
+        # (`prompt=None`, like `decompose`'s: an empty Textbox has no value, and a None default is what makes
+        # the parameter optional for gradio_client.)
+        if stack is None:
+            raise gr.Error("No layers yet: decompose an image first, then select one of its layers in the gallery.")
+        if layer_number is None:
+            raise gr.Error("No layer selected: click a layer in the gallery (or type its number, 1 = bottom).")
+        try:
+            new_stack, result = decompose_layer(
+                pipe, stack, int(layer_number) - 1, run_info, prompt=prompt, negative_prompt=negative_prompt,
+                seed=seed, randomize_seed=randomize_seed, true_cfg_scale=true_cfg_scale,
+                num_inference_steps=num_inference_steps, layers=layers, resolution=resolution,
+                cfg_normalize=cfg_normalize, use_en_prompt=use_en_prompt)
+        except ValueError as err:
+            raise gr.Error(str(err)) from err
+        logger.info("Layer %d replaced by %d sub-layers; saved in %s", layer_number, len(result.layers),
+                    new_stack.files["folder"])
+        return (*stack_view(new_stack), result.caption, result.seed, new_stack)
+
+    def undo_last(stack=None):
+        if stack is None:
+            raise gr.Error("Nothing to undo: decompose an image first.")
+        try:
+            restored = undo(stack)
+        except ValueError as err:
+            raise gr.Error(str(err)) from err
+        return (*stack_view(restored), restored)
+
+    def select_layer(evt: gr.SelectData):
+        return evt.index + 1  # the gallery counts from 0, its captions (and "Selected layer") from 1
 
     with gr.Blocks(title="Qwen-Image-Layered studio") as demo:
         gr.Markdown("# Qwen-Image-Layered studio\nSplit an image into editable RGBA layers.")
@@ -827,9 +1121,20 @@ def build_ui(pipe, settings: Settings, environment: dict[str, Any] | None = None
                     resolution = gr.Radio(list(RESOLUTIONS), value=DEFAULTS["resolution"], label="Resolution bucket")
                     cfg_normalize = gr.Checkbox(label="CFG normalize", value=DEFAULTS["cfg_normalize"])
                     use_en_prompt = gr.Checkbox(label="English auto-caption (off: Chinese)", value=DEFAULTS["use_en_prompt"])
+                original_size = gr.Checkbox(label="Export at the input's original size (PPTX, PSD; the ZIP holds both sizes)",
+                                            value=False)
                 run = gr.Button("Decompose", variant="primary")
             with gr.Column():
-                gallery = gr.Gallery(label="Layers (bottom first)", columns=4, object_fit="contain", format="png")
+                gallery = gr.Gallery(label="Layers (bottom first; click one to select it)", columns=4,
+                                     object_fit="contain", format="png")
+                with gr.Group():
+                    with gr.Row():
+                        layer_number = gr.Number(label="Selected layer (1 = bottom)", precision=0, minimum=1)
+                        sub_layers = gr.Slider(*LAYERS_RANGE, value=SUB_RUN_LAYERS, step=1, label="Its layers")
+                    sub_prompt = gr.Textbox(label="Prompt for this layer (empty: the model captions the layer)")
+                    with gr.Row():
+                        run_layer = gr.Button("Decompose this layer")
+                        undo_button = gr.Button("Undo last layer decomposition")
                 caption = gr.Textbox(label="Caption used", interactive=False)
                 used_seed = gr.Number(label="Seed used", interactive=False, precision=0)
                 with gr.Row():
@@ -839,14 +1144,28 @@ def build_ui(pipe, settings: Settings, environment: dict[str, Any] | None = None
         examples = example_images()
         if examples:
             gr.Examples(examples=[[p] for p in examples], inputs=[image])
+        stack = gr.State(None)  # the LayerStack the gallery shows and the downloads hold
+        view = [gallery, pptx_file, zip_file, psd_file]
         run.click(
             decompose,
             inputs=[image, prompt, negative_prompt, seed, randomize_seed, true_cfg_scale, num_inference_steps,
-                    layers, resolution, cfg_normalize, use_en_prompt],
-            outputs=[gallery, pptx_file, zip_file, psd_file, caption, used_seed],
+                    layers, resolution, cfg_normalize, use_en_prompt, original_size],
+            outputs=[*view, caption, used_seed, stack],
             api_name="decompose",
             concurrency_limit=1,  # one GPU job at a time; others wait in Gradio's queue
+            concurrency_id="gpu",  # ... shared with "Decompose this layer"
+        ).success(lambda: None, outputs=layer_number, api_visibility="private")  # a new stack: nothing selected
+        gallery.select(select_layer, outputs=layer_number, api_visibility="private")
+        run_layer.click(
+            decompose_this_layer,
+            inputs=[layer_number, sub_layers, sub_prompt, negative_prompt, seed, randomize_seed, true_cfg_scale,
+                    num_inference_steps, resolution, cfg_normalize, use_en_prompt, stack],
+            outputs=[*view, caption, used_seed, stack],
+            api_name="decompose_layer",
+            concurrency_limit=1,
+            concurrency_id="gpu",
         )
+        undo_button.click(undo_last, inputs=[stack], outputs=[*view, stack], api_name="undo")
     demo.queue(default_concurrency_limit=1)
     return demo
 
@@ -854,9 +1173,79 @@ def build_ui(pipe, settings: Settings, environment: dict[str, Any] | None = None
 # ----------------------------------------------------------------------------------------------------
 # 8. main
 # ----------------------------------------------------------------------------------------------------
+def find_images(paths: list[Path | str]) -> list[Path]:
+    """The images `decompose` runs on, in the order given: a folder gives its image files (IMAGE_SUFFIXES,
+    sorted, not recursive); anything else is taken as it is, so a missing or bad file fails visibly."""
+    images: list[Path] = []
+    for path in map(Path, paths):
+        if path.is_dir():
+            images += sorted(p for p in path.iterdir()
+                             if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith("."))
+        else:
+            images.append(path)
+    return images
+
+
+@dataclasses.dataclass
+class BatchItem:
+    image: Path
+    folder: Path | None = None  # its run folder, when it worked
+    error: str | None = None  # why it failed
+
+
+def decompose_batch(pipe, images: list[Path], outputs: Path, run_info: dict[str, Any] | None = None,
+                    original_size: bool = False, **infer_kwargs) -> list[BatchItem]:
+    """Decompose each image into its own run folder under `outputs`; `infer_kwargs` go to `infer`.
+
+    One progress bar counts the images, the pipeline's own bar the current image's steps. A file that
+    cannot be read as an image (or whose run folder cannot be written) is reported and skipped.
+    """
+    from tqdm.auto import tqdm
+
+    # 1. The pipeline's step bar sits under the images bar and clears itself after each image.
+    pipe.set_progress_bar_config(desc="steps", position=1, leave=False)
+    items: list[BatchItem] = []
+    for image in tqdm(images, desc="images", unit="image", position=0):
+        # 2. Decompose and save. Bad input: missing (ValueError), not an image or truncated (OSError),
+        #    a decompression bomb (Pillow's own error). Anything else is a bug or the machine: it stops the batch.
+        try:
+            result = infer(pipe, image, **infer_kwargs)
+            paths = save_run(result, outputs, dict(run_info or {}, input_file=str(image)),
+                             original_size=result.params["input_size"] if original_size else None)
+        except (ValueError, OSError, Image.DecompressionBombError) as err:
+            items.append(BatchItem(image, error=f"{type(err).__name__}: {err}"))
+            tqdm.write(f"skipped {image}: {err}", file=sys.stderr)
+            continue
+        items.append(BatchItem(image, folder=paths["folder"]))
+        tqdm.write(f"{image} -> {paths['folder']} (caption: {result.caption})", file=sys.stderr)
+    return items
+
+
+def batch_summary(items: list[BatchItem]) -> str:
+    """What `decompose` prints at the end: the count, then each image that worked, then each that failed."""
+    done = [item for item in items if item.error is None]
+    failed = [item for item in items if item.error is not None]
+    lines = [f"{len(done)} of {len(items)} images decomposed, {len(failed)} failed"]
+    lines += [f"  ok      {item.image} -> {item.folder}" for item in done]
+    lines += [f"  FAILED  {item.image}: {item.error}" for item in failed]
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     command, settings, ns = parse_args(argv)
+    if command == "decompose":
+        # Mistakes that would fail every image are caught before the model loads.
+        images = find_images(ns.images)
+        if not images:
+            print(f"error: no images in {' '.join(ns.images)}: pass image files, or folders holding "
+                  f"{', '.join(IMAGE_SUFFIXES)} files", file=sys.stderr)
+            return 2
+        try:
+            check_params(ns.layers, ns.steps, ns.true_cfg_scale, ns.resolution)
+        except ValueError as err:
+            print(f"error: {err}", file=sys.stderr)
+            return 2
     environment = print_environment_info()
     try:
         pipe = load_pipeline(settings)
@@ -867,17 +1256,13 @@ def main(argv: list[str] | None = None) -> int:
         print("DEMO MODEL in use: tiny random weights; everything runs, but the layers are noise.")
 
     if command == "decompose":
-        try:
-            result = infer(pipe, ns.image, prompt=ns.prompt, negative_prompt=ns.negative_prompt,
-                           true_cfg_scale=ns.true_cfg_scale, num_inference_steps=ns.steps, layers=ns.layers,
-                           resolution=ns.resolution, use_en_prompt=ns.use_en_prompt, seed=ns.seed)
-        except (ValueError, OSError) as err:
-            print(f"error: {err}", file=sys.stderr)
-            return 2
-        paths = save_run(result, settings.outputs, run_info_for(pipe, environment))
-        print(f"caption: {result.caption}")
-        print(paths["folder"])
-        return 0
+        items = decompose_batch(pipe, images, settings.outputs, run_info_for(pipe, environment), prompt=ns.prompt,
+                                negative_prompt=ns.negative_prompt, true_cfg_scale=ns.true_cfg_scale,
+                                num_inference_steps=ns.steps, layers=ns.layers, resolution=ns.resolution,
+                                use_en_prompt=ns.use_en_prompt, seed=ns.seed,
+                                original_size=ns.original_size)
+        print(batch_summary(items))
+        return 1 if any(item.error for item in items) else 0
 
     demo = build_ui(pipe, settings, environment)
     print(f"Serving on http://{settings.host}:{settings.port}")

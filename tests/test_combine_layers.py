@@ -1,6 +1,5 @@
 """src/tool/combine_layers.py: layers from PNGs, the studio's ZIP and PSDs, stacked bottom -> top, never rescaled."""
 
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -9,6 +8,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 import app
+from conftest import free_port
 from tool import combine_layers as cl
 
 TOOL = Path(cl.__file__)
@@ -187,11 +187,6 @@ def test_command_line_writes_the_composite_and_refuses_a_bad_file(tmp_path, caps
     assert "error: bad.png: not a readable PNG, ZIP or PSD" in capsys.readouterr().err
     assert not (tmp_path / "no.png").exists()
 
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def test_ui_upload_with_a_bad_file_keeps_what_was_stacked(tmp_path):

@@ -2,14 +2,13 @@
 
 import dataclasses
 import json
-import socket
 
 import numpy as np
 import pytest
 from PIL import Image, ImageDraw
 
 import app
-from conftest import demo_settings
+from conftest import demo_settings, free_port
 from tool import edit_rgba_image as edit
 
 
@@ -101,11 +100,6 @@ def test_missing_edit_weights_fail_offline_with_the_apps_message(tmp_path, monke
     assert "No Qwen-Image-Edit-2509 weights found" in err
     assert str(tmp_path / "Qwen-Image-Edit-2509") in err and "--demo" in err and "--model" in err
 
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def test_edit_api_keeps_the_layer_size_and_gives_alpha_back(edit_pipe, models_dir, tmp_path):
