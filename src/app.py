@@ -4,7 +4,7 @@ The whole runtime lives in this file, top to bottom:
     1. flags            the knobs, each with its reason; command line and environment override them in `parse_args`
     2. environment      `print_environment_info`, `clear_memory`
     3. demo model       a tiny random pipeline of the real classes, for machines without the 57 GB of weights
-    4. loading          `get_model_path`, `load_pipeline`, `apply_memory_optimizations`
+    4. loading          `ModelSpec`, `get_model_path`, `load_pipeline`, `apply_memory_optimizations`
     5. infer            `infer` (one decomposition)
     6. exports          pure functions `layers -> file`: PNG, ZIP, PPTX, PSD; `save_run` (a run folder)
     6b. layer stack     `LayerStack`, `replace_layer`, `decompose_layer`, `undo`: decompose a layer again, in place
@@ -195,7 +195,12 @@ def parse_args(argv: list[str] | None = None) -> tuple[str, Settings, argparse.N
         parser.add_argument("--port", type=int, default=_env("PORT", PORT))
     _add_common_args(parser)
     ns = parser.parse_args(argv)
-    settings = Settings(
+    return command, settings_from_args(ns), ns
+
+
+def settings_from_args(ns: argparse.Namespace) -> Settings:
+    """Settings from a parser that has `_add_common_args` (the app's, or a tool's with its own --host/--port)."""
+    return Settings(
         host=getattr(ns, "host", HOST),
         port=getattr(ns, "port", PORT),
         offload=ns.offload,
@@ -208,7 +213,6 @@ def parse_args(argv: list[str] | None = None) -> tuple[str, Settings, argparse.N
         quantization=ns.quantization,
         sage_attention=ns.sage_attention,
     )
-    return command, settings, ns
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -273,36 +277,34 @@ QWEN_SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_
                        "<|image_pad|>", "<|video_pad|>"]
 
 
-def build_demo_pipeline(path: Path) -> Path:
-    """Build (once) a tiny random QwenImageLayeredPipeline of the real classes and save it to `path`.
+# The layered pipeline's caption and prompt templates: the demo tokenizer learns its merges from them.
+LAYERED_DEMO_CORPUS = ("Describe the image by detailing the color, shape, size, texture, quantity, text, spatial "
+                       "relationships of the objects and background. You are a helpful assistant. Image Annotator.")
 
-    It loads through the same `from_pretrained` path as the real weights, so everything but the output
-    quality is exercised: its layers are noise. Cached: an existing `model_index.json` means done.
+
+def build_demo_components(corpus: str) -> dict[str, Any]:
+    """The parts every tiny Qwen-Image pipeline shares: tokenizer, Qwen2.5-VL text encoder, processor, scheduler.
+
+    Used by `build_demo_pipeline` here and by the edit tool's demo builder (src/tool/edit_rgba_image.py).
+    Seeds torch, so every machine builds the same demo weights; build the pipeline's own models right after.
     """
-    path = Path(path)
-    if (path / "model_index.json").is_file():
-        return path
-    from diffusers import (AutoencoderKLQwenImage, FlowMatchEulerDiscreteScheduler, QwenImageLayeredPipeline,
-                           QwenImageTransformer2DModel)
+    from diffusers import FlowMatchEulerDiscreteScheduler
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import (Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2TokenizerFast,
                               Qwen2VLImageProcessor, Qwen2VLProcessor, Qwen2VLVideoProcessor)
 
-    logger.info("Building the tiny demo pipeline in %s", path)
     # 1. A byte-level BPE tokenizer (Qwen2's kind) trained on the pipeline's own templates.
     bpe = Tokenizer(models.BPE(unk_token=None))
     bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     bpe.decoder = decoders.ByteLevel()
-    corpus = ["Describe the image by detailing the color, shape, size, texture, quantity, text, spatial "
-              "relationships of the objects and background. You are a helpful assistant. Image Annotator."] * 4
-    bpe.train_from_iterator(corpus, trainers.BpeTrainer(
+    bpe.train_from_iterator([corpus] * 4, trainers.BpeTrainer(
         vocab_size=400, special_tokens=QWEN_SPECIAL_TOKENS, show_progress=False,
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
     tokenizer = Qwen2TokenizerFast(tokenizer_object=bpe, eos_token="<|im_end|>", pad_token="<|endoftext|>",
                                    unk_token=None, bos_token=None)
     ids = {t: tokenizer.convert_tokens_to_ids(t) for t in QWEN_SPECIAL_TOKENS}
 
-    # 2. Models. Seeded, so every machine builds the same demo weights.
+    # 2. The text encoder. Seeded, so every machine builds the same demo weights.
     torch.manual_seed(0)
     text_config = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
                        num_key_value_heads=1, vocab_size=len(tokenizer), max_position_embeddings=2048,
@@ -322,9 +324,39 @@ def build_demo_pipeline(path: Path) -> Path:
     video_processor = Qwen2VLVideoProcessor(min_pixels=56 * 56, max_pixels=112 * 112)
     processor = Qwen2VLProcessor(image_processor=image_processor, tokenizer=tokenizer,
                                  video_processor=video_processor)
-    # The real DiT's switches (layer-3D RoPE, the RGB/RGBA t-cond), at 4 blocks of width 32 (enough blocks for
-    # FirstBlockCache to have a tail to skip).
-    # in_channels = 4 * z_dim: latents are packed in 2x2 patches.
+    # 3. The published scheduler config of Qwen-Image (Qwen-Image-Edit-2509 ships the same one).
+    scheduler = FlowMatchEulerDiscreteScheduler(
+        base_image_seq_len=256, base_shift=0.5, max_image_seq_len=8192, max_shift=0.9, num_train_timesteps=1000,
+        shift=1.0, shift_terminal=0.02, time_shift_type="exponential", use_dynamic_shifting=True)
+    return dict(tokenizer=tokenizer, text_encoder=text_encoder, processor=processor, scheduler=scheduler)
+
+
+def save_demo_pipeline(pipe, path: Path, note: str) -> Path:
+    """Save next to the target, then rename: a half-written folder is never taken for a model."""
+    path = Path(path)
+    partial = path.with_name(path.name + ".partial")
+    pipe.save_pretrained(partial)
+    (partial / "DEMO_MODEL.txt").write_text(note + "\n")
+    partial.rename(path)
+    return path
+
+
+def build_demo_pipeline(path: Path) -> Path:
+    """Build (once) a tiny random QwenImageLayeredPipeline of the real classes and save it to `path`.
+
+    It loads through the same `from_pretrained` path as the real weights, so everything but the output
+    quality is exercised: its layers are noise. Cached: an existing `model_index.json` means done.
+    """
+    path = Path(path)
+    if (path / "model_index.json").is_file():
+        return path
+    from diffusers import AutoencoderKLQwenImage, QwenImageLayeredPipeline, QwenImageTransformer2DModel
+
+    logger.info("Building the tiny demo pipeline in %s", path)
+    # 1. Tokenizer, text encoder, processor and scheduler (seeds torch: the weights below follow from it).
+    components = build_demo_components(LAYERED_DEMO_CORPUS)
+    # 2. The real DiT's switches (layer-3D RoPE, the RGB/RGBA t-cond), at 4 blocks of width 32 (enough blocks
+    #    for FirstBlockCache to have a tail to skip). in_channels = 4 * z_dim: latents are packed in 2x2 patches.
     transformer = QwenImageTransformer2DModel(
         patch_size=2, in_channels=32, out_channels=8, num_layers=4, attention_head_dim=16, num_attention_heads=2,
         joint_attention_dim=32, axes_dims_rope=(4, 6, 6), use_additional_t_cond=True, use_layer3d_rope=True)
@@ -332,20 +364,11 @@ def build_demo_pipeline(path: Path) -> Path:
     vae = AutoencoderKLQwenImage(base_dim=4, z_dim=8, dim_mult=[1, 2, 4, 4], num_res_blocks=1,
                                  temperal_downsample=[False, True, True], input_channels=4,
                                  latents_mean=[0.0] * 8, latents_std=[1.0] * 8)
-    # The published scheduler config of Qwen-Image.
-    scheduler = FlowMatchEulerDiscreteScheduler(
-        base_image_seq_len=256, base_shift=0.5, max_image_seq_len=8192, max_shift=0.9, num_train_timesteps=1000,
-        shift=1.0, shift_terminal=0.02, time_shift_type="exponential", use_dynamic_shifting=True)
 
-    # 3. Save next to the target, then rename: a half-written folder is never taken for a model.
-    pipe = QwenImageLayeredPipeline(scheduler=scheduler, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
-                                    processor=processor, transformer=transformer)
-    partial = path.with_name(path.name + ".partial")
-    pipe.save_pretrained(partial)
-    (partial / "DEMO_MODEL.txt").write_text("Tiny random Qwen-Image-Layered pipeline built by src/app.py --demo. "
-                                            "Its layers are noise.\n")
-    partial.rename(path)
-    return path
+    # 3. Save (atomically).
+    pipe = QwenImageLayeredPipeline(vae=vae, transformer=transformer, **components)
+    return save_demo_pipeline(pipe, path, "Tiny random Qwen-Image-Layered pipeline built by src/app.py --demo. "
+                                          "Its layers are noise.")
 
 
 def is_demo_model(path: Path | str) -> bool:
@@ -355,6 +378,24 @@ def is_demo_model(path: Path | str) -> bool:
 # ----------------------------------------------------------------------------------------------------
 # 4. Loading
 # ----------------------------------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class ModelSpec:
+    """What `load_pipeline` loads and where from. The app loads LAYERED_MODEL; each tool passes its own."""
+
+    model_id: str  # the hub repo of the real weights
+    local_dir_name: str  # its folder under models/, looked at before the hub
+    pipeline_class: str | None  # the diffusers pipeline class; None for a plain model folder (e.g. a matting model)
+    build_demo: Callable[[Path], Path] | None  # builds the tiny random pipeline offline (--demo); None: no demo
+    demo_dir_name: str | None  # the demo pipeline's folder under models/
+    download_size: str  # for messages: what a download costs
+    marker_file: str = "model_index.json"  # a folder holding this file is taken as complete
+
+
+LAYERED_MODEL = ModelSpec(model_id=MODEL_ID, local_dir_name=LOCAL_MODEL_DIR.name,
+                          pipeline_class="QwenImageLayeredPipeline", build_demo=build_demo_pipeline,
+                          demo_dir_name=DEMO_MODEL_DIR.name, download_size="~57 GB")
+
+
 class ModelNotAvailableError(RuntimeError):
     """No local weights and the hub could not provide them. The message says what to do."""
 
@@ -369,37 +410,47 @@ def setup_cuda_optimizations() -> list[str]:
     return ["tf32", "cudnn_benchmark"]
 
 
-def offline_message(models_dir: Path) -> str:
-    return (
-        f"No Qwen-Image-Layered weights found and the Hugging Face hub could not be reached.\n"
-        f"  Put the weights (the folder with model_index.json, ~57 GB) in: {Path(models_dir) / LOCAL_MODEL_DIR.name}\n"
-        f"  or pass --model /path/to/Qwen-Image-Layered,\n"
-        f"  or run with network access once so they download there,\n"
-        f"  or try the app offline with --demo (a tiny random model: it runs everything, but its layers are noise)."
-    )
+def offline_message(models_dir: Path, spec: ModelSpec = LAYERED_MODEL) -> str:
+    name = spec.model_id.split("/")[-1]
+    lines = [f"No {name} weights found and the Hugging Face hub could not be reached.",
+             f"  Put the weights (the folder with {spec.marker_file}, {spec.download_size}) in: "
+             f"{Path(models_dir) / spec.local_dir_name}"]
+    if spec.pipeline_class:
+        lines.append(f"  or pass --model /path/to/{name},")
+    lines.append("  or run with network access once so they download there" + ("," if spec.build_demo else "."))
+    if spec.build_demo:
+        lines.append("  or try it offline with --demo (a tiny random model: it runs everything, but its output is noise).")
+    return "\n".join(lines)
 
 
-def get_model_path(settings: Settings) -> Path:
-    """Where the pipeline comes from: --demo, --model, the local models/ folder, else the hub."""
-    if settings.demo:
-        return build_demo_pipeline(Path(settings.models_dir) / DEMO_MODEL_DIR.name)
-    if settings.model:
-        path = Path(settings.model)
-        if not (path / "model_index.json").is_file():
-            raise ModelNotAvailableError(f"--model {path} holds no model_index.json: pass the folder of a "
-                                         f"diffusers pipeline (the one that contains model_index.json).")
-        return path
-    local = Path(settings.models_dir) / LOCAL_MODEL_DIR.name
-    if (local / "model_index.json").is_file():
+def find_weights(models_dir: Path, spec: ModelSpec = LAYERED_MODEL) -> Path:
+    """The local folder `models_dir/<spec.local_dir_name>` when complete, else a hub download into it."""
+    local = Path(models_dir) / spec.local_dir_name
+    if (local / spec.marker_file).is_file():
         return local
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
 
-    logger.info("No weights in %s: downloading %s from the hub (~57 GB)", local, MODEL_ID)
+    logger.info("No weights in %s: downloading %s from the hub (%s)", local, spec.model_id, spec.download_size)
     try:
-        return Path(snapshot_download(MODEL_ID, local_dir=local))
+        return Path(snapshot_download(spec.model_id, local_dir=local))
     except (LocalEntryNotFoundError, HfHubHTTPError, OSError) as err:
-        raise ModelNotAvailableError(offline_message(settings.models_dir) + f"\n  (hub error: {type(err).__name__})") from err
+        raise ModelNotAvailableError(offline_message(models_dir, spec) + f"\n  (hub error: {type(err).__name__})") from err
+
+
+def get_model_path(settings: Settings, spec: ModelSpec = LAYERED_MODEL) -> Path:
+    """Where the pipeline comes from: --demo, --model, the local models/ folder, else the hub."""
+    if settings.demo:
+        if spec.build_demo is None:
+            raise ModelNotAvailableError(f"{spec.model_id} has no demo model: run without --demo.")
+        return spec.build_demo(Path(settings.models_dir) / spec.demo_dir_name)
+    if settings.model:
+        path = Path(settings.model)
+        if not (path / spec.marker_file).is_file():
+            raise ModelNotAvailableError(f"--model {path} holds no {spec.marker_file}: pass the folder of a "
+                                         f"diffusers pipeline (the one that contains {spec.marker_file}).")
+        return path
+    return find_weights(settings.models_dir, spec)
 
 
 def resolve_offload_mode(mode: str, cuda_available: bool, vram_gb: float | None) -> str:
@@ -451,7 +502,11 @@ def apply_memory_optimizations(pipe, settings: Settings, offload_mode: str) -> l
     if ENABLE_VAE_SLICING:
         pipe.vae.enable_slicing()
         applied.append("vae_slicing")
-    if ENABLE_VAE_TILING:
+    if ENABLE_VAE_TILING and not on_cuda:
+        # Tiling only saves GPU memory; on the CPU it costs time (measured on the demo models, 2 cores:
+        # a 2-step 640 layered run 57 s tiled vs 31 s untiled; one 1248x832 edit encode+decode 66 s vs 20 s).
+        logger.info("vae_tiling not applied: it only saves GPU memory, and on the CPU it makes the VAE 2-3x slower.")
+    elif ENABLE_VAE_TILING:
         pipe.vae.enable_tiling()
         applied.append("vae_tiling")
 
@@ -475,12 +530,12 @@ def apply_memory_optimizations(pipe, settings: Settings, offload_mode: str) -> l
     return applied
 
 
-def load_pipeline(settings: Settings):
-    """Load the QwenImageLayeredPipeline (bf16 on CUDA, float32 on CPU) and apply the memory features."""
-    from diffusers import QwenImageLayeredPipeline
+def load_pipeline(settings: Settings, spec: ModelSpec = LAYERED_MODEL):
+    """Load `spec`'s pipeline (bf16 on CUDA, float32 on CPU) and apply the memory features."""
+    import diffusers
 
     # 1. Find the weights (raises ModelNotAvailableError with what to do).
-    model_path = get_model_path(settings)
+    model_path = get_model_path(settings, spec)
     # 2. Pick the dtype: bf16 is the model's dtype; PyTorch's CPU bf16 convolutions are ~20x slower than
     #    float32 (measured: a 2-step demo run took 214 s in bf16, 11 s in float32), so the CPU uses float32.
     cuda = torch.cuda.is_available()
@@ -490,7 +545,7 @@ def load_pipeline(settings: Settings):
     setup_cuda_optimizations()
     # 3. Load through from_pretrained, the same path for the real and the demo weights.
     start = time.perf_counter()
-    pipe = QwenImageLayeredPipeline.from_pretrained(model_path, dtype=dtype)
+    pipe = getattr(diffusers, spec.pipeline_class).from_pretrained(model_path, dtype=dtype)
     applied = apply_memory_optimizations(pipe, settings, offload_mode)
     # Attach what the run folders record.
     pipe._studio_info = dict(model_path=str(model_path), offload_mode=offload_mode, dtype=str(dtype).replace("torch.", ""),
