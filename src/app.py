@@ -900,9 +900,13 @@ def gradio_cache_schedule(settings: Settings) -> tuple[int, int]:
 
 
 def launch_options(settings: Settings) -> dict[str, Any]:
-    """`demo.launch` keyword arguments: where to listen, Gradio's own login and upload limit."""
+    """`demo.launch` keyword arguments: where to listen, Gradio's own login and upload limit.
+
+    Gradio serves result files only from the working directory, the system temp dir or `allowed_paths`:
+    an --outputs folder elsewhere (or a start from another directory) needs it named there.
+    """
     return dict(server_name=settings.host, server_port=settings.port, auth=settings.auth,
-                max_file_size=settings.max_upload_size, show_error=True)
+                max_file_size=settings.max_upload_size, allowed_paths=[str(settings.outputs)], show_error=True)
 
 
 def network_warning(settings: Settings) -> str | None:

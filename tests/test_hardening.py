@@ -274,3 +274,147 @@ def test_upload_over_the_size_limit_is_refused_by_gradio(server, tmp_path):
     response = httpx.post(f"{url}gradio_api/upload", files={"files": ("big.png", path.read_bytes(), "image/png")})
     assert response.status_code == 413
     assert "maximum allowed size" in response.text
+
+
+# --- faults --------------------------------------------------------------------------------------------
+def test_out_of_memory_says_what_to_change_frees_the_run_and_the_next_request_works(server, demo_pipe, tmp_path):
+    from gradio_client.exceptions import AppError
+
+    url, _ = server
+    client = client_for(url, tmp_path)
+    image = plain_png(tmp_path / "in.png")
+    latents = []
+
+    def out_of_memory(module, args, kwargs):  # the fault, raised from inside the pipeline's denoising loop
+        latents.append(weakref.ref(kwargs["hidden_states"]))
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB (simulated)")
+
+    hook = demo_pipe.transformer.register_forward_pre_hook(out_of_memory, with_kwargs=True)
+    try:
+        with pytest.raises(AppError) as refused:
+            decompose(client, image, layers=3)
+    finally:
+        hook.remove()
+    message = str(refused.value)
+    assert message.startswith("Out of GPU memory during the decomposition; the memory was freed. Try: ")
+    assert "fewer layers (this run asked for 3)" in message
+    assert "--offload sequential (now: off" in message
+    # The run's tensors are gone: nothing (such as a kept traceback) holds the latents the transformer got.
+    assert len(latents) == 1 and latents[0]() is None
+    gallery, *_ = decompose(client, image)
+    assert len(gallery) == 2
+
+
+def test_two_clients_at_once_both_finish_one_at_a_time_with_their_own_results(server, tmp_path, monkeypatch):
+    url, outputs = server
+    running, most_running, lock = [0], [0], threading.Lock()
+    real_infer = app.infer
+
+    def counting_infer(*args, **kwargs):  # the real infer, counted while it runs
+        with lock:
+            running[0] += 1
+            most_running[0] = max(most_running[0], running[0])
+        try:
+            return real_infer(*args, **kwargs)
+        finally:
+            with lock:
+                running[0] -= 1
+
+    monkeypatch.setattr(app, "infer", counting_infer)  # the handler looks `infer` up at call time
+    from gradio_client import handle_file
+
+    square = plain_png(tmp_path / "square.png", size=(64, 64), colour=(200, 0, 0, 255))
+    wide = plain_png(tmp_path / "wide.png", size=(128, 64), colour=(0, 0, 200, 255))
+    jobs = [client_for(url, tmp_path).submit(handle_file(str(path)), **dict(GOOD, prompt=prompt, seed=seed),
+                                             api_name="/decompose")
+            for path, prompt, seed in ((square, "the square one", 11), (wide, "the wide one", 22))]
+    (square_gallery, *_, square_caption, square_seed), (wide_gallery, *_, wide_caption, wide_seed) = \
+        [job.result(timeout=900) for job in jobs]
+
+    assert most_running[0] == 1
+    assert (square_caption, square_seed, wide_caption, wide_seed) == ("the square one", 11, "the wide one", 22)
+    square_size = Image.open(square_gallery[0]["image"]).size
+    wide_size = Image.open(wide_gallery[0]["image"]).size
+    assert square_size[0] == square_size[1] and wide_size[0] == 2 * wide_size[1]
+    assert run_params(outputs, 11)["input_size"] == [64, 64] and run_params(outputs, 22)["input_size"] == [128, 64]
+
+
+def test_a_client_that_disconnects_mid_run_does_not_leave_the_app_stuck(server, demo_pipe, tmp_path):
+    url, _ = server
+    image = plain_png(tmp_path / "in.png")
+    started = threading.Event()
+    hook = demo_pipe.transformer.register_forward_pre_hook(lambda *_: started.set())
+    # A client in its own process, killed once its run is in the denoising loop: its connection just drops.
+    code = ("import sys; from gradio_client import Client, handle_file\n"
+            "Client(sys.argv[1], verbose=False).predict(handle_file(sys.argv[2]), prompt='gone', layers=2, "
+            "num_inference_steps=2, true_cfg_scale=1.0, seed=31, api_name='/decompose')\n")
+    leaver = subprocess.Popen([sys.executable, "-c", code, url, str(image)])
+    try:
+        assert started.wait(timeout=600), "the leaving client's run never reached the transformer"
+    finally:
+        hook.remove()
+        leaver.kill()
+        leaver.wait()
+    start = time.monotonic()
+    gallery, *_, caption, seed = decompose(client_for(url, tmp_path), image, seed=32)
+    assert (len(gallery), caption, seed) == (2, GOOD["prompt"], 32)
+    assert time.monotonic() - start < 600
+
+
+# --- access and disk -----------------------------------------------------------------------------------
+def test_with_auth_an_unauthenticated_api_call_is_refused(demo_pipe, models_dir, tmp_path):
+    from gradio_client import Client
+
+    settings = demo_settings(models_dir, outputs=tmp_path / "outputs", host="127.0.0.1", port=free_port(),
+                             auth=("alice", "s3cret"))
+    demo = app.build_ui(demo_pipe, settings)
+    demo.launch(**app.launch_options(settings), prevent_thread_lock=True, quiet=True)
+    url = f"http://127.0.0.1:{settings.port}/"
+    try:
+        image = png_bytes(Image.new("RGB", (64, 64)))
+        assert httpx.post(f"{url}gradio_api/upload", files={"files": ("in.png", image, "image/png")}).status_code == 401
+        call = httpx.post(f"{url}gradio_api/call/decompose", json={"data": [None]})
+        assert call.status_code == 401
+        with pytest.raises(Exception):
+            Client(url, verbose=False)
+        # With the login, the same endpoint is there.
+        assert "/decompose" in Client(url, auth=("alice", "s3cret"), verbose=False).view_api(print_info=False,
+                                                                                            return_format="dict")["named_endpoints"]
+    finally:
+        demo.close()
+
+
+def test_auth_comes_from_the_flag_or_the_environment(monkeypatch):
+    assert app.parse_args(["--auth", "alice:pa:ss"])[1].auth == ("alice", "pa:ss")
+    monkeypatch.setenv("QIL_AUTH", "bob:hunter2")
+    assert app.parse_args([])[1].auth == ("bob", "hunter2")
+    with pytest.raises(SystemExit):
+        app.parse_args(["--auth", "nopassword"])
+
+
+def test_network_warning_only_when_listening_on_all_interfaces_without_login():
+    assert "without a login" in app.network_warning(app.Settings(host="0.0.0.0"))
+    assert app.network_warning(app.Settings(host="0.0.0.0", auth=("a", "b"))) is None
+    assert app.network_warning(app.Settings(host="127.0.0.1")) is None
+
+
+def test_prune_outputs_deletes_oldest_runs_beyond_the_size_and_age_limits(tmp_path):
+    now = time.time()
+
+    def run(name: str, megabytes: int, age_hours: float) -> Path:
+        folder = tmp_path / name
+        folder.mkdir()
+        (folder / "params.json").write_text("{}")
+        (folder / "layer_1.png").write_bytes(b"\0" * megabytes * 1_000_000)
+        os.utime(folder, (now - age_hours * 3600,) * 2)
+        return folder
+
+    ancient, old, middle, new = run("a", 1, 200), run("b", 3, 3), run("c", 3, 2), run("d", 3, 0)
+    (tmp_path / ".gradio-cache").mkdir()
+    (tmp_path / "notes").mkdir()  # not a run folder: no params.json
+    deleted = app.prune_outputs(tmp_path, max_bytes=7e6, max_age_s=168 * 3600, keep=new)
+    assert deleted == [ancient, old]  # too old; then oldest first until 6 MB <= 7 MB
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".gradio-cache", "c", "d", "notes"]
+    # The run just saved stays even when it alone is over the limit; 0 turns a limit off.
+    assert app.prune_outputs(tmp_path, max_bytes=1, max_age_s=0, keep=new) == [middle]
+    assert app.prune_outputs(tmp_path, max_bytes=0, max_age_s=0) == []
