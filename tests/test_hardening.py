@@ -7,11 +7,8 @@ vanishes mid-run, the upload limit, the outputs limits and the login come after.
 """
 
 import io
-import itertools
 import json
 import os
-import resource
-import signal
 import struct
 import subprocess
 import sys
@@ -390,6 +387,16 @@ def test_auth_comes_from_the_flag_or_the_environment(monkeypatch):
     assert app.parse_args([])[1].auth == ("bob", "hunter2")
     with pytest.raises(SystemExit):
         app.parse_args(["--auth", "nopassword"])
+
+
+def test_start_up_on_all_interfaces_without_login_warns(tmp_path):
+    # No weights and no hub: main() stops (exit 2) before it binds a port, after the start-up warning.
+    env = {k: v for k, v in os.environ.items() if not k.startswith("QIL_")}
+    proc = subprocess.run([sys.executable, str(ROOT / "src" / "app.py"), "--host", "0.0.0.0", "--port", "7869",
+                           "--models-dir", str(tmp_path / "models")], capture_output=True, text=True, timeout=300,
+                          env=dict(env, HF_ENDPOINT="http://127.0.0.1:9", HF_HUB_ETAG_TIMEOUT="2"))
+    assert proc.returncode == 2
+    assert "WARNING The app listens on 0.0.0.0:7869 without a login: anyone who can reach this machine" in proc.stderr
 
 
 def test_network_warning_only_when_listening_on_all_interfaces_without_login():
