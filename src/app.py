@@ -33,6 +33,7 @@ import logging
 import platform
 import random
 import re
+import shutil
 import sys
 import time
 import unicodedata
@@ -42,7 +43,7 @@ from typing import Any, Callable
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageOps
 
 logger = logging.getLogger("qwen_layered_studio")
 
@@ -78,6 +79,19 @@ ENABLE_SAGE_ATTENTION = False
 ENABLE_VAE_SLICING = True
 ENABLE_VAE_TILING = True
 
+# Serving. Gradio's upload route refuses bigger files before anything reads them (launch(max_file_size=...)).
+MAX_UPLOAD_SIZE = "50mb"
+# Optional login through Gradio's auth, "user:password" (--auth, or QIL_AUTH to keep it out of `ps`). None: no login.
+AUTH = None
+# Disk. After each UI run the oldest run folders are deleted until the outputs folder holds at most
+# OUTPUTS_MAX_GB and nothing older than OUTPUTS_MAX_AGE_HOURS (0 turns a limit off; the newest run always stays).
+# The headless `decompose` command never deletes anything.
+OUTPUTS_MAX_GB = 10.0
+OUTPUTS_MAX_AGE_HOURS = 24.0 * 7
+# Gradio's cache (uploads, and the copies of results it serves to the page) is deleted by Gradio's own
+# delete_cache after this long, or after OUTPUTS_MAX_AGE_HOURS when that is shorter.
+GRADIO_CACHE_MAX_AGE_S = 3600
+
 # Parameter ranges of the decomposition (the pipeline asserts the resolution; the rest are the UI's limits).
 LAYERS_RANGE = (2, 10)
 # At 1 step the scheduler's shift_terminal stretch divides by zero and every layer comes out NaN
@@ -86,6 +100,13 @@ STEPS_RANGE = (2, 50)
 TRUE_CFG_RANGE = (1.0, 10.0)
 RESOLUTIONS = (640, 1024)
 MAX_SEED = 2**31 - 1
+# Input images. Pillow reads the header before any pixel, so the size is checked first: 64 MP still takes a
+# full-size phone photo; a 20000x20000 image (400 MP, 1.6 GB as RGBA) is refused before it is decoded.
+MAX_INPUT_PIXELS = 64_000_000
+# The model works on 16 px patches of an image resized to ~640 or ~1024 px a side: a side under 16 px, or a
+# strip longer than 16:1 (its short side falls under 160 px at 640; past 1600:1 the pipeline's size is 0), is refused.
+MIN_INPUT_SIDE = 16
+MAX_ASPECT_RATIO = 16
 # The defaults of the model card's example call.
 DEFAULTS = dict(
     prompt="",
@@ -128,6 +149,10 @@ class Settings:
     first_block_cache_threshold: float = FIRST_BLOCK_CACHE_THRESHOLD
     quantization: str | None = QUANTIZATION_MODE
     sage_attention: bool = ENABLE_SAGE_ATTENTION
+    auth: tuple[str, str] | None = None  # (user, password) for Gradio's login; None: no login
+    max_upload_size: str | int = MAX_UPLOAD_SIZE  # Gradio's max_file_size: "50mb", or bytes
+    outputs_max_gb: float = OUTPUTS_MAX_GB  # 0: no size limit
+    outputs_max_age_hours: float = OUTPUTS_MAX_AGE_HOURS  # 0: no age limit
 
 
 def _env(name: str, default: Any) -> Any:
@@ -193,8 +218,27 @@ def parse_args(argv: list[str] | None = None) -> tuple[str, Settings, argparse.N
         parser = argparse.ArgumentParser(prog="app.py", description="Qwen-Image-Layered studio (Gradio UI).")
         parser.add_argument("--host", default=_env("HOST", HOST))
         parser.add_argument("--port", type=int, default=_env("PORT", PORT))
+        parser.add_argument("--auth", default=_env("AUTH", AUTH), metavar="USER:PASSWORD",
+                            help="ask for this login (Gradio's auth); QIL_AUTH keeps it off the command line")
+        parser.add_argument("--max-upload-size", default=_env("MAX_UPLOAD_SIZE", MAX_UPLOAD_SIZE),
+                            help="larger uploads are refused, e.g. 50mb, 2gb (default: %(default)s)")
+        parser.add_argument("--outputs-max-gb", type=float, default=_env("OUTPUTS_MAX_GB", OUTPUTS_MAX_GB),
+                            help="delete the oldest run folders beyond this size; 0: no limit (default: %(default)s)")
+        parser.add_argument("--outputs-max-age-hours", type=float,
+                            default=_env("OUTPUTS_MAX_AGE_HOURS", OUTPUTS_MAX_AGE_HOURS),
+                            help="delete run folders older than this; 0: no limit (default: %(default)s)")
     _add_common_args(parser)
     ns = parser.parse_args(argv)
+    auth = getattr(ns, "auth", None)
+    if auth is not None:
+        user, _, password = auth.partition(":")
+        if not user or not password:
+            parser.error("--auth / QIL_AUTH must be USER:PASSWORD, both non-empty (e.g. --auth alice:s3cret)")
+        auth = (user, password)
+    for flag in ("outputs_max_gb", "outputs_max_age_hours"):
+        if getattr(ns, flag, 0) < 0:
+            parser.error(f"--{flag.replace('_', '-')} {getattr(ns, flag)} is negative: use 0 for no limit, or a positive number")
+    ns.auth = auth
     return command, settings_from_args(ns), ns
 
 
@@ -212,6 +256,10 @@ def settings_from_args(ns: argparse.Namespace) -> Settings:
         first_block_cache_threshold=ns.first_block_cache_threshold,
         quantization=ns.quantization,
         sage_attention=ns.sage_attention,
+        auth=getattr(ns, "auth", None),  # parse_args has turned USER:PASSWORD into (user, password)
+        max_upload_size=getattr(ns, "max_upload_size", MAX_UPLOAD_SIZE),
+        outputs_max_gb=getattr(ns, "outputs_max_gb", OUTPUTS_MAX_GB),
+        outputs_max_age_hours=getattr(ns, "outputs_max_age_hours", OUTPUTS_MAX_AGE_HOURS),
     )
 
 
@@ -569,19 +617,95 @@ class DecomposeResult:
     seed: int
     params: dict[str, Any]  # every input, for params.json
     duration_s: float
+    notes: list[str] = dataclasses.field(default_factory=list)  # what the input needed, for the user (animated GIF ...)
 
 
-def to_rgba(image: Any) -> Image.Image:
-    """Accept a path, PIL image, numpy array (HxW, HxWx3, HxWx4; uint8 or float 0..1) or Gradio's value."""
+class OutOfMemoryError(RuntimeError):
+    """The GPU ran out of memory during a run; the message says which setting to change."""
+
+
+def out_of_memory_message(pipe, layers: int, resolution: int) -> str:
+    offload = getattr(pipe, "_studio_info", {}).get("offload_mode", "?")
+    changes = []
+    if layers > LAYERS_RANGE[0]:
+        changes.append(f"fewer layers (this run asked for {layers})")
+    if resolution != RESOLUTIONS[0]:
+        changes.append(f"resolution {RESOLUTIONS[0]} (this run used {resolution})")
+    if offload != "sequential":
+        changes.append(f"restart the app with --offload sequential (now: {offload}; slower, fits ~1 GB of VRAM)")
+    changes.append("close other programs that use the GPU")
+    return "Out of GPU memory during the decomposition; the memory was freed. Try: " + "; or ".join(changes) + "."
+
+
+# Pillow modes whose `convert("RGBA")` would clip: `to_rgba` scales them to 8 bits first.
+HIGH_BIT_DEPTH_MODES = ("I;16", "I;16B", "I;16L", "I;16N")  # 16-bit grey PNG / TIFF
+
+
+def read_image_file(path: Path, notes: list[str] | None = None) -> Image.Image:
+    """Decode an image file defensively; every refusal is a ValueError that names the file and the fix.
+
+    Its size is checked from the header before any pixel is decoded, the EXIF orientation is applied, and an
+    animation gives its first frame (a line saying so is appended to `notes`).
+    """
+    name = path.name
+    if not path.is_file():
+        raise ValueError(f"image file {str(path)!r} does not exist")
+    if path.stat().st_size == 0:
+        raise ValueError(f"{name} is empty (0 bytes): the file holds no image. Choose the image file again.")
+    # 1. The header: format, size, frame count. No pixel is decoded yet.
+    try:
+        opened = Image.open(path)
+    except Image.DecompressionBombError:  # Pillow's own guard, from the header, past twice its MAX_IMAGE_PIXELS
+        raise ValueError(f"{name} is too large: over {2 * Image.MAX_IMAGE_PIXELS / 1e6:.0f} megapixels, and this app "
+                         f"takes at most {MAX_INPUT_PIXELS / 1e6:.0f}. Scale it down first (the model works at about "
+                         f"{RESOLUTIONS[-1]} px a side anyway).") from None
+    except Image.UnidentifiedImageError:
+        raise ValueError(f"{name} is not an image: its content is no image format this app reads. Upload a PNG, "
+                         f"JPEG or WebP file.") from None
+    except (OSError, SyntaxError) as err:  # a known format with a broken header
+        raise ValueError(f"{name} is damaged ({err}). Open it in an image editor and save it again, or export it "
+                         f"as PNG.") from None
+    with opened:
+        check_image_size(opened.width, opened.height, name)
+        frames = getattr(opened, "n_frames", 1)
+        # 2. The pixels (of the first frame).
+        try:
+            opened.seek(0)
+            opened.load()
+            image = ImageOps.exif_transpose(opened)  # a copy, turned upright as the EXIF orientation says
+        except (OSError, SyntaxError, ValueError, EOFError) as err:
+            raise ValueError(f"{name} is damaged: its pixels could not be decoded ({err}). Open it in an image "
+                             f"editor and save it again, or export it as PNG.") from None
+    if frames > 1 and notes is not None:
+        notes.append(f"{name} is animated ({frames} frames): the first frame was used.")
+    return image
+
+
+def check_image_size(width: int, height: int, name: str = "the image") -> None:
+    """Refuse images too large to decode safely, or too small or too thin for the model."""
+    if width * height > MAX_INPUT_PIXELS:
+        raise ValueError(f"{name} is {width}x{height} ({width * height / 1e6:.0f} megapixels): the limit is "
+                         f"{MAX_INPUT_PIXELS / 1e6:.0f} megapixels. Scale it down first (the model works at about "
+                         f"{RESOLUTIONS[-1]} px a side anyway).")
+    if min(width, height) < MIN_INPUT_SIDE:
+        raise ValueError(f"{name} is {width}x{height} px: too small to split into layers. Use an image at least "
+                         f"{MIN_INPUT_SIDE} px on each side.")
+    if max(width, height) > MAX_ASPECT_RATIO * min(width, height):
+        raise ValueError(f"{name} is {width}x{height} px, longer than {MAX_ASPECT_RATIO}:1: the model needs a "
+                         f"wider strip. Crop it to at most {MAX_ASPECT_RATIO}:1 first.")
+
+
+def to_rgba(image: Any, notes: list[str] | None = None) -> Image.Image:
+    """Accept a path, PIL image, numpy array (HxW, HxWx3, HxWx4; uint8 or float 0..1) or Gradio's file value.
+
+    Files go through `read_image_file` (size checked before decoding, EXIF orientation, first frame of an
+    animation, which appends a line to `notes`). CMYK, 16-bit grey and palette images with transparency
+    become RGBA with their colours and transparency kept.
+    """
     if isinstance(image, dict):  # Gradio ImageEditor / FileData-like values
         image = image.get("composite") or image.get("background") or image.get("path") or image.get("name")
     if isinstance(image, (str, Path)):
-        path = Path(image)
-        if not path.is_file():
-            raise ValueError(f"image file {str(path)!r} does not exist")
-        with Image.open(path) as opened:
-            opened.load()
-            image = opened.copy()
+        image = read_image_file(Path(image), notes)
     if isinstance(image, np.ndarray):
         array = image
         if array.dtype != np.uint8:
@@ -591,6 +715,12 @@ def to_rgba(image: Any) -> Image.Image:
         image = Image.fromarray(array.squeeze(2) if array.ndim == 3 and array.shape[2] == 1 else array)
     if not isinstance(image, Image.Image):
         raise ValueError(f"cannot read an image from a {type(image).__name__}; pass a path, PIL image or array")
+    check_image_size(image.width, image.height)
+    if image.mode in HIGH_BIT_DEPTH_MODES:
+        # Pillow's convert("RGBA") clips 16-bit values at 255 (most of the range turns white): scale to 8 bits.
+        image = Image.fromarray((np.asarray(image, dtype=np.float64) * (255 / 65535)).round().clip(0, 255).astype(np.uint8))
+    # Pillow's own conversion covers the rest: a palette's transparency (tRNS) becomes alpha, CMYK becomes RGB
+    # (Adobe's inverted CMYK JPEGs included); tests/test_hardening.py checks the pixels of each.
     return image.convert("RGBA")
 
 
@@ -623,14 +753,21 @@ def infer(
 ) -> DecomposeResult:
     """Decompose `image` into `layers` RGBA layers (bottom first). The pipeline's tqdm reports the steps."""
     # 1. Check inputs.
-    layers, num_inference_steps, resolution = int(layers), int(num_inference_steps), int(resolution)
+    try:
+        layers, num_inference_steps, resolution = int(layers), int(num_inference_steps), int(resolution)
+        true_cfg_scale, seed = float(true_cfg_scale), int(seed)
+    except (TypeError, ValueError):
+        raise ValueError(f"layers={layers!r}, num_inference_steps={num_inference_steps!r}, resolution={resolution!r}, "
+                         f"true_cfg_scale={true_cfg_scale!r} and seed={seed!r} must all be numbers") from None
     check_params(layers, num_inference_steps, true_cfg_scale, resolution)
-    rgba = to_rgba(image)
+    notes: list[str] = []
+    rgba = to_rgba(image, notes)
     if randomize_seed:
         seed = random.randint(0, MAX_SEED)
     seed = int(seed)
     prompt = (prompt or "").strip()
     start = time.perf_counter()
+    out_of_memory = False
     try:
         with torch.inference_mode(), torch.autocast("cuda", dtype=torch.bfloat16, enabled=torch.cuda.is_available()):
             # 2. Caption. An empty prompt makes the pipeline caption the image itself; we call its own
@@ -658,9 +795,16 @@ def infer(
                 generator=generator,
                 num_images_per_prompt=1,
             )
+    except torch.cuda.OutOfMemoryError:
+        # Not re-raised here: the exception's traceback holds the run's tensors, so it must be gone before
+        # `clear_memory` can give their memory back.
+        out_of_memory = True
     finally:
         # 4. Free what the run left on the device, also after an error.
         clear_memory()
+    if out_of_memory:
+        logger.warning("Out of GPU memory (layers=%d, resolution=%d); memory freed.", layers, resolution)
+        raise OutOfMemoryError(out_of_memory_message(pipe, layers, resolution))
     result_layers = [layer.convert("RGBA") for layer in output.images[0]]
     params = dict(
         prompt_given=prompt if not auto_caption else "",
@@ -675,9 +819,10 @@ def infer(
         randomize_seed=bool(randomize_seed),
         input_size=list(rgba.size),
         output_size=list(result_layers[0].size),
+        input_notes=notes,
     )
     return DecomposeResult(layers=result_layers, caption=prompt, auto_caption=auto_caption, seed=seed,
-                           params=params, duration_s=time.perf_counter() - start)
+                           params=params, duration_s=time.perf_counter() - start, notes=notes)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -909,6 +1054,28 @@ def run_info_for(pipe, environment: dict[str, Any]) -> dict[str, Any]:
     return info
 
 
+def prune_outputs(outputs: Path, max_bytes: float, max_age_s: float, keep: Path | None = None) -> list[Path]:
+    """Delete run folders, oldest first, until none is older than `max_age_s` and together they hold at most
+    `max_bytes` (0: no limit). `keep` (the run just saved) is never deleted. Returns what was deleted.
+
+    Only run folders (those holding a params.json) are touched: Gradio's cache (.gradio-cache, which Gradio's
+    delete_cache cleans) and anything else put in the outputs folder stay.
+    """
+    runs = [p for p in Path(outputs).iterdir() if p.is_dir() and not p.name.startswith(".") and (p / "params.json").is_file()]
+    runs.sort(key=lambda p: p.stat().st_mtime)
+    sizes = {run: sum(f.stat().st_size for f in run.rglob("*") if f.is_file()) for run in runs}
+    total, now, deleted = sum(sizes.values()), time.time(), []
+    for run in runs:
+        too_old = max_age_s > 0 and now - run.stat().st_mtime > max_age_s
+        too_big = max_bytes > 0 and total > max_bytes
+        if run == keep or not (too_old or too_big):
+            continue
+        shutil.rmtree(run)
+        total -= sizes[run]
+        deleted.append(run)
+    return deleted
+
+
 # ----------------------------------------------------------------------------------------------------
 # 6b. Layer stack: recursive decomposition ("decompose this layer" again), plain data, no Gradio
 # ----------------------------------------------------------------------------------------------------
@@ -1024,6 +1191,34 @@ def gallery_items(layer_files: list[Path]) -> list[tuple[str, str]]:
     return [(str(p), f"Layer {i + 1}" + (" (bottom)" if i == 0 else "")) for i, p in enumerate(layer_files)]
 
 
+def gradio_cache_schedule(settings: Settings) -> tuple[int, int]:
+    """Gradio's delete_cache (every, older than) in seconds: GRADIO_CACHE_MAX_AGE_S, or the outputs' age limit."""
+    age = GRADIO_CACHE_MAX_AGE_S
+    if settings.outputs_max_age_hours > 0:
+        age = min(age, settings.outputs_max_age_hours * 3600)
+    age = max(1, int(age))
+    return max(1, age // 4), age
+
+
+def launch_options(settings: Settings) -> dict[str, Any]:
+    """`demo.launch` keyword arguments: where to listen, Gradio's own login and upload limit.
+
+    Gradio serves result files only from the working directory, the system temp dir or `allowed_paths`:
+    an --outputs folder elsewhere (or a start from another directory) needs it named there.
+    """
+    return dict(server_name=settings.host, server_port=settings.port, auth=settings.auth,
+                max_file_size=settings.max_upload_size, allowed_paths=[str(settings.outputs)], show_error=True)
+
+
+def network_warning(settings: Settings) -> str | None:
+    """The start-up warning for an app that anyone on the network can use; None when it is local or has a login."""
+    if settings.host not in ("0.0.0.0", "::", "") or settings.auth is not None:
+        return None
+    return (f"The app listens on {settings.host or '0.0.0.0'}:{settings.port} without a login: anyone who can reach "
+            f"this machine can use it and its GPU. Pass --host 127.0.0.1 to keep it on this machine, or "
+            f"--auth USER:PASSWORD (or QIL_AUTH) to ask for a login.")
+
+
 def build_ui(pipe, settings: Settings, environment: dict[str, Any] | None = None):
     """The Gradio Blocks app. Handlers only map widget values to `infer`/`save_run`/`decompose_layer` arguments.
 
@@ -1048,11 +1243,17 @@ def build_ui(pipe, settings: Settings, environment: dict[str, Any] | None = None
                            randomize_seed=randomize_seed, true_cfg_scale=true_cfg_scale,
                            num_inference_steps=num_inference_steps, layers=layers, resolution=resolution,
                            cfg_normalize=cfg_normalize, use_en_prompt=use_en_prompt)
-        except ValueError as err:
+        except (ValueError, OutOfMemoryError) as err:
             raise gr.Error(str(err)) from err
+        for note in result.notes:
+            gr.Warning(note, duration=None)  # stays on the page until closed
         paths = save_run(result, settings.outputs, run_info,
                          original_size=result.params["input_size"] if original_size else None)
         logger.info("Run saved in %s (%.1f s)", paths["folder"], result.duration_s)
+        deleted = prune_outputs(settings.outputs, settings.outputs_max_gb * 1e9, settings.outputs_max_age_hours * 3600,
+                                keep=paths["folder"])
+        if deleted:
+            logger.info("Deleted %d old run folder(s) (--outputs-max-gb / --outputs-max-age-hours)", len(deleted))
         stack = LayerStack(layers=result.layers, run_folder=paths["folder"], files=paths,
                            original_size=tuple(result.params["input_size"]) if original_size else None)
         return (*stack_view(stack), result.caption, result.seed, stack)
@@ -1081,7 +1282,7 @@ def build_ui(pipe, settings: Settings, environment: dict[str, Any] | None = None
                 seed=seed, randomize_seed=randomize_seed, true_cfg_scale=true_cfg_scale,
                 num_inference_steps=num_inference_steps, layers=layers, resolution=resolution,
                 cfg_normalize=cfg_normalize, use_en_prompt=use_en_prompt)
-        except ValueError as err:
+        except (ValueError, OutOfMemoryError) as err:
             raise gr.Error(str(err)) from err
         logger.info("Layer %d replaced by %d sub-layers; saved in %s", layer_number, len(result.layers),
                     new_stack.files["folder"])
@@ -1099,13 +1300,14 @@ def build_ui(pipe, settings: Settings, environment: dict[str, Any] | None = None
     def select_layer(evt: gr.SelectData):
         return evt.index + 1  # the gallery counts from 0, its captions (and "Selected layer") from 1
 
-    with gr.Blocks(title="Qwen-Image-Layered studio") as demo:
+    # delete_cache: Gradio deletes its own uploads and result copies on that schedule, and all of them at exit.
+    with gr.Blocks(title="Qwen-Image-Layered studio", delete_cache=gradio_cache_schedule(settings)) as demo:
         gr.Markdown("# Qwen-Image-Layered studio\nSplit an image into editable RGBA layers.")
         if run_info.get("demo"):
             gr.Markdown(DEMO_BANNER)
         with gr.Row():
             with gr.Column():
-                image = gr.Image(label="Input image", type="pil", image_mode="RGBA")
+                image = gr.Image(label="Input image", type="filepath", image_mode=None)
                 prompt = gr.Textbox(label="Prompt (empty: the model writes a caption)", lines=2)
                 with gr.Accordion("Advanced settings", open=False):
                     negative_prompt = gr.Textbox(label="Negative prompt", value=DEFAULTS["negative_prompt"])
@@ -1151,6 +1353,11 @@ def build_ui(pipe, settings: Settings, environment: dict[str, Any] | None = None
             api_name="decompose",
             concurrency_limit=1,  # one GPU job at a time; others wait in Gradio's queue
             concurrency_id="gpu",  # ... shared with "Decompose this layer"
+            # The handler takes the raw values: Gradio's Image preprocess opens the upload with Pillow before the
+            # handler runs, so a broken or huge file would fail there with a developer's message. Unprocessed,
+            # the image arrives as Gradio's file value (its path still checked to lie in Gradio's upload cache),
+            # and `to_rgba` decodes it with the checks and messages above; `check_params` checks the numbers.
+            preprocess=False,
         ).success(lambda: None, outputs=layer_number, api_visibility="private")  # a new stack: nothing selected
         gallery.select(select_layer, outputs=layer_number, api_visibility="private")
         run_layer.click(
@@ -1209,7 +1416,7 @@ def decompose_batch(pipe, images: list[Path], outputs: Path, run_info: dict[str,
             result = infer(pipe, image, **infer_kwargs)
             paths = save_run(result, outputs, dict(run_info or {}, input_file=str(image)),
                              original_size=result.params["input_size"] if original_size else None)
-        except (ValueError, OSError, Image.DecompressionBombError) as err:
+        except (ValueError, OSError, Image.DecompressionBombError, OutOfMemoryError) as err:
             items.append(BatchItem(image, error=f"{type(err).__name__}: {err}"))
             tqdm.write(f"skipped {image}: {err}", file=sys.stderr)
             continue
@@ -1231,6 +1438,8 @@ def batch_summary(items: list[BatchItem]) -> str:
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     command, settings, ns = parse_args(argv)
+    if command == "ui" and network_warning(settings):
+        logger.warning(network_warning(settings))
     if command == "decompose":
         # Mistakes that would fail every image are caught before the model loads.
         images = find_images(ns.images)
@@ -1263,7 +1472,7 @@ def main(argv: list[str] | None = None) -> int:
 
     demo = build_ui(pipe, settings, environment)
     print(f"Serving on http://{settings.host}:{settings.port}")
-    demo.launch(server_name=settings.host, server_port=settings.port, show_error=True)
+    demo.launch(**launch_options(settings))
     return 0
 
 
