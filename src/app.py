@@ -24,12 +24,16 @@ os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 
 import argparse
+import contextlib
 import dataclasses
 import datetime
+import functools
 import gc
 import io
+import itertools
 import json
 import logging
+import math
 import platform
 import random
 import re
@@ -37,6 +41,7 @@ import shutil
 import sys
 import time
 import unicodedata
+import weakref
 import zipfile
 from pathlib import Path
 from typing import Any, Callable
@@ -62,9 +67,14 @@ PORT = 7869
 
 # "auto" picks per machine in `resolve_offload_mode`. "off": everything on the GPU (needs ~60 GB);
 # "model": whole components move to the GPU in turn (the 41 GB transformer must fit alone);
-# "sequential": accelerate streams every layer from CPU (fits ~1 GB of VRAM, but ~12x slower per step).
+# "sequential": accelerate streams every layer from CPU (fits ~1 GB of VRAM, but ~12x slower per step);
+# "budget": the low-VRAM engine (section 4b): each stage gets the GPU in turn, as many transformer blocks
+# stay resident as VRAM_BUDGET_GB holds and the rest stream in ahead of use (a 24 GB card runs the
+# full model near resident speed; bench/RESULTS.md has the measurements).
 CPU_OFFLOAD_MODE = "auto"
-OFFLOAD_MODES = ("auto", "off", "model", "sequential")
+OFFLOAD_MODES = ("auto", "off", "model", "sequential", "budget")
+# GB of VRAM the "budget" mode may plan for; None: the card's free memory when the model loads.
+VRAM_BUDGET_GB = None
 # Skip the remaining transformer blocks on a step whose first block changed less than the threshold
 # (diffusers' FirstBlockCache). Trades a little fidelity for speed; 0.1 follows the seed.
 ENABLE_FIRST_BLOCK_CACHE = True
@@ -133,6 +143,27 @@ ORIGINAL_SIZE_RESAMPLE = Image.Resampling.LANCZOS
 # limit of ext4, NTFS and APFS (a Hangul or Han character takes 3 bytes).
 FILE_NAME_TEXT_MAX_BYTES = 60
 
+# Low-VRAM engine ("budget" mode) planning figures. Sizes in GiB (2**30 bytes), like torch's memory stats.
+# Left free inside the budget: the allocator's cache above its allocated peak (up to 1.2 GB measured), the CUDA
+# context (~0.5 GB on a 4090, outside PyTorch's allocator) and some slack. 24 GB plans for a 21 GB peak.
+BUDGET_SAFETY_MARGIN_GB = 3.0
+# Transformer activations while denoising, per token (image + text), and a fixed part (latents, CFG's two
+# predictions). Measured on the full-size model (bench/bench_24gb.py, H100): 1.11 GB at 10,117 tokens,
+# 2.76 GB at 25,093, 5.45 GB at 49,669: 115 KB per token, nothing fixed worth naming.
+BUDGET_ACTIVATION_KB_PER_TOKEN = 116.0
+BUDGET_ACTIVATION_FIXED_GB = 0.25
+# Each job is planned for its own image tokens plus this many prompt tokens (a 512-token caption and the
+# template); the largest job the UI allows (1024 bucket, 10 layers: layers + 2 frames of 64x64 tokens) must fit.
+BUDGET_PLAN_IMAGE_TOKENS = (LAYERS_RANGE[1] + 2) * (1024 // 16) ** 2
+BUDGET_PLAN_TEXT_TOKENS = 600
+# Streamed blocks on the GPU at once: the one computing and the next one arriving.
+BUDGET_STREAM_BUFFERS = 2
+# Text encoder activations beside its weights: the caption's prefill (image tokens + prompt), its KV cache
+# and the prompt encoding's full-vocabulary logits and hidden states.
+BUDGET_TEXT_ENCODER_ACTIVATION_GB = 1.5
+# Host RAM left to the OS, Python and Gradio beside the page-locked weight copies.
+BUDGET_HOST_RAM_RESERVE_GB = 4.0
+
 
 @dataclasses.dataclass
 class Settings:
@@ -153,6 +184,7 @@ class Settings:
     max_upload_size: str | int = MAX_UPLOAD_SIZE  # Gradio's max_file_size: "50mb", or bytes
     outputs_max_gb: float = OUTPUTS_MAX_GB  # 0: no size limit
     outputs_max_age_hours: float = OUTPUTS_MAX_AGE_HOURS  # 0: no age limit
+    vram_budget_gb: float | None = VRAM_BUDGET_GB  # "budget" mode only
 
 
 def _env(name: str, default: Any) -> Any:
@@ -186,6 +218,9 @@ def _add_common_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quantization", default=_env("QUANTIZATION", QUANTIZATION_MODE),
                         choices=[m for m in QUANTIZATION_MODES if m], help="fp8_storage is lossy")
     parser.add_argument("--sage-attention", action="store_true", default=_env("SAGE_ATTENTION", ENABLE_SAGE_ATTENTION))
+    parser.add_argument("--vram-budget", dest="vram_budget_gb", type=float, metavar="GB",
+                        default=_env("VRAM_BUDGET", VRAM_BUDGET_GB),
+                        help="VRAM the budget offload mode may use (default: the GPU's free memory)")
 
 
 def parse_args(argv: list[str] | None = None) -> tuple[str, Settings, argparse.Namespace]:
@@ -260,6 +295,7 @@ def settings_from_args(ns: argparse.Namespace) -> Settings:
         max_upload_size=getattr(ns, "max_upload_size", MAX_UPLOAD_SIZE),
         outputs_max_gb=getattr(ns, "outputs_max_gb", OUTPUTS_MAX_GB),
         outputs_max_age_hours=getattr(ns, "outputs_max_age_hours", OUTPUTS_MAX_AGE_HOURS),
+        vram_budget_gb=ns.vram_budget_gb,
     )
 
 
@@ -506,6 +542,9 @@ def resolve_offload_mode(mode: str, cuda_available: bool, vram_gb: float | None)
     if mode not in OFFLOAD_MODES:
         raise ValueError(f"offload mode {mode!r} is not one of {OFFLOAD_MODES}")
     if not cuda_available:
+        if mode == "budget":  # the same hooks with every weight on the CPU: nothing moves (CI tests it this way)
+            logger.info("Offload mode 'budget' without a CUDA GPU: everything stays on the CPU.")
+            return "budget"
         if mode not in ("auto", "off"):
             logger.warning("Offload mode %r needs a CUDA GPU; none found, running everything on the CPU.", mode)
         return "off"
@@ -513,9 +552,16 @@ def resolve_offload_mode(mode: str, cuda_available: bool, vram_gb: float | None)
         return mode
     if vram_gb >= 64:  # transformer 41 GB + text encoder 17 GB + VAE + activations
         return "off"
-    if vram_gb >= 48:  # the 41 GB transformer fits alone, with room for activations
-        return "model"
-    return "sequential"
+    return "budget"  # smaller cards: the low-VRAM engine (section 4b); it fits ~20 GB and up
+
+
+def default_vram_budget_gb(settings: Settings) -> float:
+    """--vram-budget, else the GPU's free memory now (the whole budget when there is no GPU: nothing moves)."""
+    if settings.vram_budget_gb is not None:
+        return float(settings.vram_budget_gb)
+    if not torch.cuda.is_available():
+        return float("inf")
+    return torch.cuda.mem_get_info()[0] / 2**30
 
 
 def apply_memory_optimizations(pipe, settings: Settings, offload_mode: str) -> list[str]:
@@ -543,6 +589,8 @@ def apply_memory_optimizations(pipe, settings: Settings, offload_mode: str) -> l
     elif offload_mode == "sequential":
         pipe.enable_sequential_cpu_offload()  # accelerate hooks stream each layer's weights
         applied.append("sequential_cpu_offload")
+    elif offload_mode == "budget":
+        applied += enable_budget_offload(pipe, default_vram_budget_gb(settings))  # section 4b
     else:
         raise ValueError(f"offload mode {offload_mode!r} is not one of {OFFLOAD_MODES[1:]}")
 
@@ -590,6 +638,8 @@ def load_pipeline(settings: Settings, spec: ModelSpec = LAYERED_MODEL):
     dtype = torch.bfloat16 if cuda else torch.float32
     vram_gb = torch.cuda.get_device_properties(0).total_memory / 2**30 if cuda else None
     offload_mode = resolve_offload_mode(settings.offload, cuda, vram_gb)
+    if offload_mode == "budget":  # say it before loading: the page-locked copies need the RAM
+        check_host_ram(pipeline_weight_gb(model_path))
     setup_cuda_optimizations()
     # 3. Load through from_pretrained, the same path for the real and the demo weights.
     start = time.perf_counter()
@@ -604,6 +654,420 @@ def load_pipeline(settings: Settings, spec: ModelSpec = LAYERED_MODEL):
     if pipe._studio_info["demo"]:
         logger.warning("DEMO MODEL in use: tiny random weights, the layers are noise.")
     return pipe
+
+
+# ----------------------------------------------------------------------------------------------------
+# 4b. Low-VRAM engine: offload mode "budget"
+# ----------------------------------------------------------------------------------------------------
+# A decomposition runs in stages, and each stage has the GPU to itself:
+#   "text_encoder"  caption + prompt encoding with all 8.3B weights resident (16.6 GB: they fit a 24 GB card);
+#   "transformer"   as many of the 60 blocks resident as the budget holds after activations; each other block
+#                   is copied in on a side CUDA stream while the blocks before it compute (diffusers' group
+#                   offloading ModuleGroup + GroupOffloadingHook, one block per group, chained in block order);
+#   "vae"           encode and decode (the VAE's 0.25 GB stay on the GPU throughout).
+# Off the GPU, each model's weights live in one page-locked host buffer: entering a stage is one copy at PCIe
+# speed, leaving it is free (the GPU copy is dropped; the host copy never changes).
+# FirstBlockCache's hooks wrap ours: a step it skips never calls the later blocks, so none of their weights
+# move (bench/bench_24gb.py counts block calls and bytes moved).
+_PAGE_BYTES = 4096  # cudaHostRegister locks whole pages
+_TENSOR_ALIGN_BYTES = 512  # each tensor starts aligned inside the host buffer: full-speed copies, any dtype
+_START_STREAMING_HOOK = "budget_start_streaming"
+
+
+@dataclasses.dataclass(frozen=True)
+class BudgetPlan:
+    """How the "budget" mode shares the GPU; `plan_budget` computes it. Sizes in GiB."""
+
+    vram_budget_gb: float
+    resident_blocks: tuple[int, ...]  # transformer blocks that stay on the GPU while denoising
+    streamed_blocks: tuple[int, ...]  # transformer blocks copied in just ahead of use
+    image_tokens: int  # the job the plan leaves activation room for
+    denoise_peak_gb: float  # predicted allocator peak while denoising that job
+    text_encoder_peak_gb: float  # predicted allocator peak while captioning / encoding the prompt
+    host_ram_gb: float  # page-locked host copies of the transformer and the text encoder
+
+    def describe(self) -> str:
+        blocks = len(self.resident_blocks) + len(self.streamed_blocks)
+        return (f"budget {self.vram_budget_gb:g} GB: {len(self.resident_blocks)}/{blocks} transformer blocks resident, "
+                f"{len(self.streamed_blocks)} streamed; predicted peak {self.denoise_peak_gb:.1f} GB denoising "
+                f"{self.image_tokens} image tokens, {self.text_encoder_peak_gb:.1f} GB encoding text; "
+                f"{self.host_ram_gb:.1f} GB of page-locked host RAM")
+
+
+def activation_gb(tokens: int) -> float:
+    """Planned transformer activation memory (GiB) for a forward over `tokens` image + text tokens."""
+    return BUDGET_ACTIVATION_FIXED_GB + tokens * BUDGET_ACTIVATION_KB_PER_TOKEN * 1024 / 2**30
+
+
+def streamed_block_indices(num_blocks: int, num_resident: int) -> tuple[int, ...]:
+    """Which blocks stream: spread evenly, so each copy overlaps the compute of the resident blocks before it.
+
+    Block 0 always stays (FirstBlockCache decides from its output); block 1 too when it can: its start
+    begins the first copy, and it runs only on steps FirstBlockCache computes.
+    """
+    num_streamed = num_blocks - num_resident
+    if num_streamed <= 0:
+        return ()
+    candidates = range(2 if num_resident >= 2 else 1, num_blocks)
+    return tuple(candidates[int((i + 0.5) * len(candidates) / num_streamed)] for i in range(num_streamed))
+
+
+def plan_budget(
+    vram_budget_gb: float,
+    *,
+    block_gb: float,
+    num_blocks: int,
+    other_transformer_gb: float,
+    text_encoder_gb: float,
+    vae_gb: float,
+    image_tokens: int = BUDGET_PLAN_IMAGE_TOKENS,
+    resident_blocks: int | None = None,
+) -> BudgetPlan:
+    """How many transformer blocks stay on the GPU within `vram_budget_gb`. Pure arithmetic on sizes (GiB).
+
+    Raises ValueError naming the minimum budget when the text encoder cannot be resident, or when not even
+    one transformer block fits beside the streamed ones. `resident_blocks` overrides the count (tests, tuning).
+    """
+    # 1. What the denoising stage holds besides its resident blocks: the transformer's other layers, the VAE,
+    #    activations for the planned job, and the margin. Streaming adds two blocks in flight.
+    fixed = other_transformer_gb + vae_gb + activation_gb(image_tokens + BUDGET_PLAN_TEXT_TOKENS) + BUDGET_SAFETY_MARGIN_GB
+    streaming = BUDGET_STREAM_BUFFERS * block_gb
+    text_encoder_peak = text_encoder_gb + vae_gb + BUDGET_TEXT_ENCODER_ACTIVATION_GB
+
+    # 2. The minimum: the whole text encoder resident; block 0 resident and the others streamed.
+    minimum = max(fixed + block_gb + (streaming if num_blocks > 1 else 0.0),
+                  text_encoder_peak + BUDGET_SAFETY_MARGIN_GB)
+    if vram_budget_gb < minimum:
+        raise ValueError(
+            f"--vram-budget {vram_budget_gb:g} GB is too small for the budget offload mode: it needs at least "
+            f"{minimum:.1f} GB (the {text_encoder_gb:.1f} GB text encoder resident while it runs; one transformer "
+            f"block resident and {BUDGET_STREAM_BUFFERS} streaming, activations for {image_tokens} image tokens, and "
+            f"a {BUDGET_SAFETY_MARGIN_GB:g} GB margin). Pass --vram-budget {math.ceil(minimum)} or more, or use "
+            f"--offload sequential (fits ~1 GB, about 12x slower per step).")
+
+    # 3. As many resident blocks as fit. With all of them resident nothing streams and no buffers are needed.
+    if fixed + num_blocks * block_gb <= vram_budget_gb:
+        count = num_blocks
+    else:
+        count = min(num_blocks - 1, int((vram_budget_gb - fixed - streaming) // block_gb))
+    if resident_blocks is not None:
+        if not 1 <= resident_blocks <= num_blocks:
+            raise ValueError(f"resident_blocks={resident_blocks} is out of range: use 1 to {num_blocks}")
+        count = resident_blocks
+    streamed = streamed_block_indices(num_blocks, count)
+    return BudgetPlan(
+        vram_budget_gb=vram_budget_gb,
+        resident_blocks=tuple(i for i in range(num_blocks) if i not in streamed),
+        streamed_blocks=streamed,
+        image_tokens=image_tokens,
+        denoise_peak_gb=fixed - BUDGET_SAFETY_MARGIN_GB + count * block_gb + (streaming if streamed else 0.0),
+        text_encoder_peak_gb=text_encoder_peak,
+        host_ram_gb=other_transformer_gb + num_blocks * block_gb + text_encoder_gb,
+    )
+
+
+def pipeline_weight_gb(model_path: Path | str) -> float:
+    """GiB of transformer + text encoder weights in a diffusers folder, read from the file sizes (before loading)."""
+    files = [f for sub in ("transformer", "text_encoder") for f in (Path(model_path) / sub).glob("*.safetensors")]
+    return sum(f.stat().st_size for f in files) / 2**30
+
+
+def check_host_ram(needed_gb: float, available_gb: float | None = None) -> None:
+    """Raise before loading when host RAM cannot hold the page-locked weight copies of the budget mode."""
+    if available_gb is None:
+        import psutil
+
+        available_gb = psutil.virtual_memory().available / 2**30
+    if needed_gb + BUDGET_HOST_RAM_RESERVE_GB > available_gb:
+        raise ValueError(
+            f"The budget offload mode keeps page-locked copies of the weights in host RAM: it needs {needed_gb:.1f} GB "
+            f"plus {BUDGET_HOST_RAM_RESERVE_GB:g} GB for the system, and {available_gb:.1f} GB is available. Close other "
+            f"programs or add RAM; --quantization fp8_storage halves the transformer's share (lossy).")
+
+
+def _module_gb(*modules: torch.nn.Module) -> float:
+    return sum(t.numel() * t.element_size() for m in modules for t in itertools.chain(m.parameters(), m.buffers())) / 2**30
+
+
+def _page_lock(flat: torch.Tensor) -> bool:
+    """Page-lock a host buffer in place (cudaHostRegister); False, with a warning, when the driver refuses."""
+    size = -(-flat.numel() // _PAGE_BYTES) * _PAGE_BYTES
+    error = int(torch.cuda.cudart().cudaHostRegister(flat.data_ptr(), size, 0))
+    if error != 0:
+        logger.warning("Could not page-lock %.1f GB of host weight copies (cudaError %d): stage changes copy at pageable "
+                       "speed and diffusers pins its own copies of the streamed blocks (~1.6x their size in RAM).",
+                       size / 2**30, error)
+    return error == 0
+
+
+def _host_copies(module: torch.nn.Module, on_cuda: bool) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Move every parameter and buffer of `module` into one page-locked host buffer; return (tensor, host) pairs.
+
+    Not `tensor.pin_memory()` per tensor, as diffusers' group offloading does: PyTorch's pinned allocator rounds
+    each request up to a power of two, ~1.6x the RAM for this model's 19-113 MB weights (a 75 MB MLP weight
+    takes 128 MB). One buffer locked in place costs exactly the weights' size, and diffusers' ModuleGroup takes
+    an already pinned tensor as its host copy. Done once per module: a second call finds the buffer in place.
+    Without CUDA each tensor is its own host copy (nothing moves; a copy's new alignment alone can change
+    CPU matmul rounding, and "budget" must equal "off" there).
+    """
+    tensors = list({id(t): t for t in itertools.chain(module.parameters(), module.buffers())}.values())
+    if not on_cuda:
+        return [(t, t.data) for t in tensors]
+    existing = getattr(module, "_budget_host_copies", None)
+    if existing is not None and len(existing["pairs"]) == len(tensors) and all(
+            t is old and t.data_ptr() == host.data_ptr() for (old, host), t in zip(existing["pairs"], tensors)):
+        return existing["pairs"]
+
+    # 1. One buffer, each tensor at an aligned offset, the start page-aligned for cudaHostRegister.
+    offsets, total = [], 0
+    for tensor in tensors:
+        offsets.append(total)
+        total += -(-tensor.numel() * tensor.element_size() // _TENSOR_ALIGN_BYTES) * _TENSOR_ALIGN_BYTES
+    raw = torch.empty(total + 2 * _PAGE_BYTES, dtype=torch.uint8)
+    start = -raw.data_ptr() % _PAGE_BYTES
+    flat = raw[start : start + total]
+    # 2. Lock before copying when the weights come from the GPU (the copies then run at full PCIe speed), after
+    #    copying when they come from host RAM (the old tensors are freed one by one: the weights never exist twice).
+    from_gpu = any(t.is_cuda for t in tensors)
+    locked = from_gpu and _page_lock(flat)
+    pairs = []
+    for tensor, offset in zip(tensors, offsets):
+        host = flat[offset : offset + tensor.numel() * tensor.element_size()].view(tensor.dtype).view(tensor.shape)
+        host.copy_(tensor.data)
+        tensor.data = host
+        pairs.append((tensor, host))
+    if not from_gpu:
+        locked = _page_lock(flat)
+    if locked:  # unlock before the memory goes back to the system
+        weakref.finalize(flat, torch.cuda.cudart().cudaHostUnregister, flat.data_ptr())
+    module._budget_host_copies = dict(pairs=pairs, flat=flat, locked=locked)
+    return pairs
+
+
+class _BudgetStages:
+    """Which stage's weights are on the GPU, and which transformer blocks stream for the job at hand.
+
+    `enter(stage)` switches stages; the transformer's stage is planned per job (its image tokens), so a 640 px
+    job keeps more blocks resident than the largest one. `release()` sends everything back and empties the GPU.
+    """
+
+    def __init__(self, device: torch.device, plan_for: Callable[[int], BudgetPlan], weights: dict[str, list],
+                 block_weights: list[list], hooks: dict, start_hook, stream: "torch.cuda.Stream | None"):
+        self.device = device
+        self.plan_for = plan_for  # image tokens -> BudgetPlan
+        self.weights = weights  # "transformer" (all but its blocks), "text_encoder": [(tensor, host copy)]
+        self.block_weights = block_weights  # per transformer block: [(tensor, host copy)]
+        self.hooks = hooks  # block index (1 on) -> its group-offloading hook
+        self.start_hook = start_hook
+        self.stream = stream
+        self.plan: BudgetPlan | None = None  # the current job's split
+        self.current: str | None = None
+        self.stage_bytes = 0  # copied to the GPU by stage changes so far (for logs and the benchmark)
+        self.undo: list[Callable[[], None]] = []  # what `disable_budget_offload` runs
+
+    @property
+    def streamed_groups(self) -> list:
+        return [hook.group for hook in self.hooks.values()]
+
+    def enter(self, stage: str, image_tokens: int | None = None) -> None:
+        same_job = self.plan is not None and image_tokens in (None, self.plan.image_tokens)
+        if stage == self.current and (stage != "transformer" or same_job):
+            return
+        self.release()
+        weights = list(self.weights.get(stage, ()))
+        if stage == "transformer":
+            self._split(image_tokens if image_tokens is not None else BUDGET_PLAN_IMAGE_TOKENS)
+            weights += [pair for i in self.plan.resident_blocks for pair in self.block_weights[i]]
+        for tensor, host in weights:
+            tensor.data = host.to(self.device, non_blocking=True)
+            self.stage_bytes += host.numel() * host.element_size()
+        self.current = stage
+
+    def _split(self, image_tokens: int) -> None:
+        """Plan this job: resident blocks skip their hooks; the streamed ones are chained in block order."""
+        if self.plan is None or self.plan.image_tokens != image_tokens:
+            self.plan = self.plan_for(image_tokens)
+            logger.info("Low-VRAM engine, this job: %s", self.plan.describe())
+        streamed = [self.hooks[i] for i in self.plan.streamed_blocks]
+        for hook in self.hooks.values():
+            hook.resident = hook not in streamed
+            hook.next_group = None
+            # Started by the streamed block before it. The first one: by block 1 (the start hook), or, when
+            # block 1 streams too, by diffusers' own fallback (a synchronous copy on first use).
+            hook.group.onload_self = False
+        for hook, next_hook in zip(streamed, streamed[1:]):
+            hook.next_group = next_hook.group
+        self.start_hook.group = streamed[0].group if streamed else None
+
+    def release(self) -> None:
+        """Every weight back to its host copy (also after an error mid-run) and the allocator's cache emptied."""
+        if self.stream is not None:
+            self.stream.synchronize()  # a block copy may still be in flight
+        for weights in [*self.weights.values(), *self.block_weights]:
+            for tensor, host in weights:
+                tensor.data = host
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+        self.current = None
+
+
+def enable_budget_offload(pipe, vram_budget_gb: float, resident_blocks: int | None = None) -> list[str]:
+    """Offload mode "budget" (see the comment above): plan, then apply. Returns what was applied, by name.
+
+    Without CUDA the same hooks run with every weight on the CPU: nothing moves and the outputs equal "off"
+    (tests/test_budget_offload.py checks this on the demo pipeline). Weight storage (fp8) goes first, and
+    FirstBlockCache, if enabled before, is put back outside our hooks. `resident_blocks` fixes the number of
+    resident transformer blocks for every job (tests, tuning); by default each job gets as many as fit.
+    """
+    from diffusers.hooks import HookRegistry, ModelHook
+    from diffusers.hooks.group_offloading import (_GROUP_OFFLOADING, GroupOffloadingConfig, GroupOffloadingHook,
+                                                  GroupOffloadingType, ModuleGroup)
+
+    transformer, text_encoder, vae = pipe.transformer, pipe.text_encoder, pipe.vae
+    blocks = transformer.transformer_blocks
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    on_cuda = device.type == "cuda"
+    host = torch.device("cpu")
+
+    # 1. Plan from the loaded weights (fp8 storage, applied before, halves the blocks). The largest job the UI
+    #    allows must fit: that raises here, before anything moves, when the budget is too small.
+    sizes = dict(block_gb=max(_module_gb(block) for block in blocks), num_blocks=len(blocks),
+                 other_transformer_gb=_module_gb(transformer) - _module_gb(*blocks),
+                 text_encoder_gb=_module_gb(text_encoder), vae_gb=_module_gb(vae))
+
+    def plan_for(image_tokens: int) -> BudgetPlan:
+        return plan_budget(vram_budget_gb, image_tokens=image_tokens, resident_blocks=resident_blocks, **sizes)
+
+    largest = plan_for(BUDGET_PLAN_IMAGE_TOKENS)
+    default = plan_for((DEFAULTS["layers"] + 2) * (DEFAULTS["resolution"] // 16) ** 2)
+    logger.info("Low-VRAM engine: %s; at the default job (%d px, %d layers): %d blocks resident", largest.describe(),
+                DEFAULTS["resolution"], DEFAULTS["layers"], len(default.resident_blocks))
+
+    # 2. FirstBlockCache must wrap our hooks, so that a skipped step never reaches a streamed block: take it off
+    #    now, put it back last.
+    cache_config = transformer._cache_config
+    if cache_config is not None:
+        transformer.disable_cache()
+
+    # 3. Each model's weights move into its host buffer; the VAE stays on the GPU.
+    transformer_weights = _host_copies(transformer, on_cuda)
+    text_encoder_weights = _host_copies(text_encoder, on_cuda)
+    vae.to(device)
+
+    # 4. Blocks 1.. get one diffusers ModuleGroup each; per job, the streamed ones are chained in block order, so
+    #    each streamed block's start copies the next one in on the side stream, and the resident ones skip their
+    #    hook. apply_group_offloading would stream every block or none, hence the groups by hand.
+    #    record_stream=False: a streamed block's GPU copy is freed as soon as it has run (the host waits for it
+    #    there; it waits for the next copy anyway), so at most two are on the GPU.
+    class PageLockedModuleGroup(ModuleGroup):
+        """A ModuleGroup whose host copies are the page-locked buffer as it is. torch's `is_pinned()` does not see
+        memory locked with cudaHostRegister (torch 2.11: False, while copies from it ran at 54 GB/s), so plain
+        ModuleGroup pins a second, power-of-two-rounded copy of every weight (measured: +40 GB of RAM, +40 s)."""
+
+        def _init_cpu_param_dict(self):
+            return {t: t.data for m in self.modules for t in itertools.chain(m.parameters(), m.buffers())}
+
+        @contextlib.contextmanager
+        def _pinned_memory_tensors(self):
+            yield self.cpu_param_dict
+
+    class BudgetBlockHook(GroupOffloadingHook):
+        """diffusers' group-offloading hook that stands aside while its block is resident for the current job."""
+
+        resident = False
+
+        def pre_forward(self, module, *args, **kwargs):
+            return (args, kwargs) if self.resident else super().pre_forward(module, *args, **kwargs)
+
+        def post_forward(self, module, output):
+            return output if self.resident else super().post_forward(module, output)
+
+    class StartStreamingHook(ModelHook):
+        """On block 1, which runs only on steps FirstBlockCache computes: start copying the first streamed block."""
+
+        group = None
+
+        def pre_forward(self, module, *args, **kwargs):
+            if self.group is not None:
+                self.group.onload_()
+            return args, kwargs
+
+    stream = torch.cuda.Stream() if on_cuda else None
+    config = GroupOffloadingConfig(onload_device=device, offload_device=host, offload_type=GroupOffloadingType.BLOCK_LEVEL,
+                                   non_blocking=on_cuda, record_stream=False, low_cpu_mem_usage=False,
+                                   num_blocks_per_group=1, stream=stream)
+    hooks = {}
+    for index, block in enumerate(blocks):
+        registry = HookRegistry.check_if_exists_or_initialize(block)
+        if index == 0:  # always resident: FirstBlockCache decides from its output
+            continue
+        group = PageLockedModuleGroup(modules=[block], offload_device=host, onload_device=device, offload_leader=block,
+                                      onload_leader=block, non_blocking=on_cuda, stream=stream, record_stream=False,
+                                      onload_self=False, group_id=f"transformer_blocks.{index}")
+        hooks[index] = BudgetBlockHook(group, config=config)
+        registry.register_hook(hooks[index], _GROUP_OFFLOADING)
+    start_hook = StartStreamingHook()
+    if len(blocks) > 1:
+        HookRegistry.check_if_exists_or_initialize(blocks[1]).register_hook(start_hook, _START_STREAMING_HOOK)
+
+    # 5. Stages: each model, when called, first brings its stage's weights to the GPU and sends the others back.
+    block_ids = [{id(t) for t in itertools.chain(b.parameters(), b.buffers())} for b in blocks]
+    in_blocks = set().union(*block_ids)
+    stages = _BudgetStages(
+        device, plan_for,
+        {"transformer": [pair for pair in transformer_weights if id(pair[0]) not in in_blocks],
+         "text_encoder": text_encoder_weights},
+        [[pair for pair in transformer_weights if id(pair[0]) in ids] for ids in block_ids],
+        hooks, start_hook, stream)
+
+    def enter_transformer(module, args, kwargs):
+        hidden_states = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
+        stages.enter("transformer", image_tokens=hidden_states.shape[1])
+
+    stages.undo.append(transformer.register_forward_pre_hook(enter_transformer, with_kwargs=True).remove)
+    for module, stage in ((text_encoder, "text_encoder"), (vae.encoder, "vae"), (vae.decoder, "vae")):
+        handle = module.register_forward_pre_hook(lambda module, args, stage=stage: stages.enter(stage))
+        stages.undo.append(handle.remove)
+    # transformers' generate() reads the model's device before its first forward: the weights must be on the GPU
+    # when generate starts.
+    generate = text_encoder.generate
+
+    @functools.wraps(generate)
+    def generate_on_gpu(*args, **kwargs):
+        stages.enter("text_encoder")
+        return generate(*args, **kwargs)
+
+    text_encoder.generate = generate_on_gpu
+    stages.undo.append(lambda: delattr(text_encoder, "generate"))
+    for block in blocks:
+        registry = HookRegistry.check_if_exists_or_initialize(block)
+        stages.undo.append(functools.partial(registry.remove_hook, _GROUP_OFFLOADING, recurse=False))
+        stages.undo.append(functools.partial(registry.remove_hook, _START_STREAMING_HOOK, recurse=False))
+    pipe._budget_stages = stages
+
+    # 6. FirstBlockCache back on, outside.
+    if cache_config is not None:
+        transformer.enable_cache(cache_config)
+    applied = [f"budget_offload({largest.describe()}; {len(default.resident_blocks)} blocks resident at the default job)"]
+    if on_cuda and not all(m._budget_host_copies["locked"] for m in (transformer, text_encoder)):
+        applied.append("host_copies_not_page_locked")
+    return applied
+
+
+def release_budget_vram(pipe) -> None:
+    """Budget mode: send every weight back to its host copy and empty the allocator (after a run or an OOM)."""
+    stages = getattr(pipe, "_budget_stages", None)
+    if stages is not None:
+        stages.release()
+
+
+def disable_budget_offload(pipe) -> None:
+    """Undo `enable_budget_offload`: hooks off, weights left in their host copies (on the CPU)."""
+    stages = pipe._budget_stages
+    stages.release()
+    for undo in stages.undo:
+        undo()
+    del pipe._budget_stages
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -631,8 +1095,10 @@ def out_of_memory_message(pipe, layers: int, resolution: int) -> str:
         changes.append(f"fewer layers (this run asked for {layers})")
     if resolution != RESOLUTIONS[0]:
         changes.append(f"resolution {RESOLUTIONS[0]} (this run used {resolution})")
-    if offload != "sequential":
-        changes.append(f"restart the app with --offload sequential (now: {offload}; slower, fits ~1 GB of VRAM)")
+    if offload == "budget":
+        changes.append("restart the app with a smaller --vram-budget (GB; fewer transformer blocks stay resident)")
+    elif offload != "sequential":
+        changes.append(f"restart the app with --offload budget (now: {offload}; streams what does not fit)")
     changes.append("close other programs that use the GPU")
     return "Out of GPU memory during the decomposition; the memory was freed. Try: " + "; or ".join(changes) + "."
 
@@ -795,12 +1261,13 @@ def infer(
                 generator=generator,
                 num_images_per_prompt=1,
             )
-    except torch.cuda.OutOfMemoryError:
+    except torch.OutOfMemoryError:
         # Not re-raised here: the exception's traceback holds the run's tensors, so it must be gone before
         # `clear_memory` can give their memory back.
         out_of_memory = True
     finally:
-        # 4. Free what the run left on the device, also after an error.
+        # 4. Free what the run left on the device, also after an error (budget mode: every weight to its host copy).
+        release_budget_vram(pipe)
         clear_memory()
     if out_of_memory:
         logger.warning("Out of GPU memory (layers=%d, resolution=%d); memory freed.", layers, resolution)
