@@ -4,10 +4,10 @@ The whole runtime lives in this file, top to bottom:
     1. flags            the knobs, each with its reason; command line and environment override them in `parse_args`
     2. environment      `print_environment_info`, `clear_memory`
     3. demo model       a tiny random pipeline of the real classes, for machines without the 57 GB of weights
-    4. loading          `get_model_path`, `load_pipeline`, `apply_memory_optimizations`
+    4. loading          `ModelSpec`, `get_model_path`, `load_pipeline`, `apply_memory_optimizations`
     4b. low-VRAM engine offload mode "budget": `plan_budget`, `enable_budget_offload` (bench/RESULTS.md)
-    5. infer            `infer` (one decomposition) and `save_run` (its run folder)
-    6. exports          pure functions `layers -> file`: PNG, ZIP, PPTX, PSD
+    5. infer            `infer` (one decomposition)
+    6. exports          pure functions `layers -> file`: PNG, ZIP, PPTX, PSD; `save_run` (a run folder)
     6b. layer stack     `LayerStack`, `replace_layer`, `decompose_layer`, `undo`: decompose a layer again, in place
     7. UI               `build_ui` (Gradio Blocks, port 7869)
     8. main             `python src/app.py` (UI) and `python src/app.py decompose IMG_OR_DIR...` (headless batch)
@@ -38,6 +38,7 @@ import math
 import platform
 import random
 import re
+import shutil
 import sys
 import time
 import unicodedata
@@ -48,7 +49,7 @@ from typing import Any, Callable
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageOps
 
 logger = logging.getLogger("qwen_layered_studio")
 
@@ -89,6 +90,19 @@ ENABLE_SAGE_ATTENTION = False
 ENABLE_VAE_SLICING = True
 ENABLE_VAE_TILING = True
 
+# Serving. Gradio's upload route refuses bigger files before anything reads them (launch(max_file_size=...)).
+MAX_UPLOAD_SIZE = "50mb"
+# Optional login through Gradio's auth, "user:password" (--auth, or QIL_AUTH to keep it out of `ps`). None: no login.
+AUTH = None
+# Disk. After each UI run the oldest run folders are deleted until the outputs folder holds at most
+# OUTPUTS_MAX_GB and nothing older than OUTPUTS_MAX_AGE_HOURS (0 turns a limit off; the newest run always stays).
+# The headless `decompose` command never deletes anything.
+OUTPUTS_MAX_GB = 10.0
+OUTPUTS_MAX_AGE_HOURS = 24.0 * 7
+# Gradio's cache (uploads, and the copies of results it serves to the page) is deleted by Gradio's own
+# delete_cache after this long, or after OUTPUTS_MAX_AGE_HOURS when that is shorter.
+GRADIO_CACHE_MAX_AGE_S = 3600
+
 # Parameter ranges of the decomposition (the pipeline asserts the resolution; the rest are the UI's limits).
 LAYERS_RANGE = (2, 10)
 # At 1 step the scheduler's shift_terminal stretch divides by zero and every layer comes out NaN
@@ -97,6 +111,13 @@ STEPS_RANGE = (2, 50)
 TRUE_CFG_RANGE = (1.0, 10.0)
 RESOLUTIONS = (640, 1024)
 MAX_SEED = 2**31 - 1
+# Input images. Pillow reads the header before any pixel, so the size is checked first: 64 MP still takes a
+# full-size phone photo; a 20000x20000 image (400 MP, 1.6 GB as RGBA) is refused before it is decoded.
+MAX_INPUT_PIXELS = 64_000_000
+# The model works on 16 px patches of an image resized to ~640 or ~1024 px a side: a side under 16 px, or a
+# strip longer than 16:1 (its short side falls under 160 px at 640; past 1600:1 the pipeline's size is 0), is refused.
+MIN_INPUT_SIDE = 16
+MAX_ASPECT_RATIO = 16
 # The defaults of the model card's example call.
 DEFAULTS = dict(
     prompt="",
@@ -160,6 +181,10 @@ class Settings:
     first_block_cache_threshold: float = FIRST_BLOCK_CACHE_THRESHOLD
     quantization: str | None = QUANTIZATION_MODE
     sage_attention: bool = ENABLE_SAGE_ATTENTION
+    auth: tuple[str, str] | None = None  # (user, password) for Gradio's login; None: no login
+    max_upload_size: str | int = MAX_UPLOAD_SIZE  # Gradio's max_file_size: "50mb", or bytes
+    outputs_max_gb: float = OUTPUTS_MAX_GB  # 0: no size limit
+    outputs_max_age_hours: float = OUTPUTS_MAX_AGE_HOURS  # 0: no age limit
     vram_budget_gb: float | None = VRAM_BUDGET_GB  # "budget" mode only
 
 
@@ -229,9 +254,33 @@ def parse_args(argv: list[str] | None = None) -> tuple[str, Settings, argparse.N
         parser = argparse.ArgumentParser(prog="app.py", description="Qwen-Image-Layered studio (Gradio UI).")
         parser.add_argument("--host", default=_env("HOST", HOST))
         parser.add_argument("--port", type=int, default=_env("PORT", PORT))
+        parser.add_argument("--auth", default=_env("AUTH", AUTH), metavar="USER:PASSWORD",
+                            help="ask for this login (Gradio's auth); QIL_AUTH keeps it off the command line")
+        parser.add_argument("--max-upload-size", default=_env("MAX_UPLOAD_SIZE", MAX_UPLOAD_SIZE),
+                            help="larger uploads are refused, e.g. 50mb, 2gb (default: %(default)s)")
+        parser.add_argument("--outputs-max-gb", type=float, default=_env("OUTPUTS_MAX_GB", OUTPUTS_MAX_GB),
+                            help="delete the oldest run folders beyond this size; 0: no limit (default: %(default)s)")
+        parser.add_argument("--outputs-max-age-hours", type=float,
+                            default=_env("OUTPUTS_MAX_AGE_HOURS", OUTPUTS_MAX_AGE_HOURS),
+                            help="delete run folders older than this; 0: no limit (default: %(default)s)")
     _add_common_args(parser)
     ns = parser.parse_args(argv)
-    settings = Settings(
+    auth = getattr(ns, "auth", None)
+    if auth is not None:
+        user, _, password = auth.partition(":")
+        if not user or not password:
+            parser.error("--auth / QIL_AUTH must be USER:PASSWORD, both non-empty (e.g. --auth alice:s3cret)")
+        auth = (user, password)
+    for flag in ("outputs_max_gb", "outputs_max_age_hours"):
+        if getattr(ns, flag, 0) < 0:
+            parser.error(f"--{flag.replace('_', '-')} {getattr(ns, flag)} is negative: use 0 for no limit, or a positive number")
+    ns.auth = auth
+    return command, settings_from_args(ns), ns
+
+
+def settings_from_args(ns: argparse.Namespace) -> Settings:
+    """Settings from a parser that has `_add_common_args` (the app's, or a tool's with its own --host/--port)."""
+    return Settings(
         host=getattr(ns, "host", HOST),
         port=getattr(ns, "port", PORT),
         offload=ns.offload,
@@ -243,9 +292,12 @@ def parse_args(argv: list[str] | None = None) -> tuple[str, Settings, argparse.N
         first_block_cache_threshold=ns.first_block_cache_threshold,
         quantization=ns.quantization,
         sage_attention=ns.sage_attention,
+        auth=getattr(ns, "auth", None),  # parse_args has turned USER:PASSWORD into (user, password)
+        max_upload_size=getattr(ns, "max_upload_size", MAX_UPLOAD_SIZE),
+        outputs_max_gb=getattr(ns, "outputs_max_gb", OUTPUTS_MAX_GB),
+        outputs_max_age_hours=getattr(ns, "outputs_max_age_hours", OUTPUTS_MAX_AGE_HOURS),
         vram_budget_gb=ns.vram_budget_gb,
     )
-    return command, settings, ns
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -310,36 +362,34 @@ QWEN_SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_
                        "<|image_pad|>", "<|video_pad|>"]
 
 
-def build_demo_pipeline(path: Path) -> Path:
-    """Build (once) a tiny random QwenImageLayeredPipeline of the real classes and save it to `path`.
+# The layered pipeline's caption and prompt templates: the demo tokenizer learns its merges from them.
+LAYERED_DEMO_CORPUS = ("Describe the image by detailing the color, shape, size, texture, quantity, text, spatial "
+                       "relationships of the objects and background. You are a helpful assistant. Image Annotator.")
 
-    It loads through the same `from_pretrained` path as the real weights, so everything but the output
-    quality is exercised: its layers are noise. Cached: an existing `model_index.json` means done.
+
+def build_demo_components(corpus: str) -> dict[str, Any]:
+    """The parts every tiny Qwen-Image pipeline shares: tokenizer, Qwen2.5-VL text encoder, processor, scheduler.
+
+    Used by `build_demo_pipeline` here and by the edit tool's demo builder (src/tool/edit_rgba_image.py).
+    Seeds torch, so every machine builds the same demo weights; build the pipeline's own models right after.
     """
-    path = Path(path)
-    if (path / "model_index.json").is_file():
-        return path
-    from diffusers import (AutoencoderKLQwenImage, FlowMatchEulerDiscreteScheduler, QwenImageLayeredPipeline,
-                           QwenImageTransformer2DModel)
+    from diffusers import FlowMatchEulerDiscreteScheduler
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import (Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2TokenizerFast,
                               Qwen2VLImageProcessor, Qwen2VLProcessor, Qwen2VLVideoProcessor)
 
-    logger.info("Building the tiny demo pipeline in %s", path)
     # 1. A byte-level BPE tokenizer (Qwen2's kind) trained on the pipeline's own templates.
     bpe = Tokenizer(models.BPE(unk_token=None))
     bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     bpe.decoder = decoders.ByteLevel()
-    corpus = ["Describe the image by detailing the color, shape, size, texture, quantity, text, spatial "
-              "relationships of the objects and background. You are a helpful assistant. Image Annotator."] * 4
-    bpe.train_from_iterator(corpus, trainers.BpeTrainer(
+    bpe.train_from_iterator([corpus] * 4, trainers.BpeTrainer(
         vocab_size=400, special_tokens=QWEN_SPECIAL_TOKENS, show_progress=False,
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
     tokenizer = Qwen2TokenizerFast(tokenizer_object=bpe, eos_token="<|im_end|>", pad_token="<|endoftext|>",
                                    unk_token=None, bos_token=None)
     ids = {t: tokenizer.convert_tokens_to_ids(t) for t in QWEN_SPECIAL_TOKENS}
 
-    # 2. Models. Seeded, so every machine builds the same demo weights.
+    # 2. The text encoder. Seeded, so every machine builds the same demo weights.
     torch.manual_seed(0)
     text_config = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
                        num_key_value_heads=1, vocab_size=len(tokenizer), max_position_embeddings=2048,
@@ -359,9 +409,39 @@ def build_demo_pipeline(path: Path) -> Path:
     video_processor = Qwen2VLVideoProcessor(min_pixels=56 * 56, max_pixels=112 * 112)
     processor = Qwen2VLProcessor(image_processor=image_processor, tokenizer=tokenizer,
                                  video_processor=video_processor)
-    # The real DiT's switches (layer-3D RoPE, the RGB/RGBA t-cond), at 4 blocks of width 32 (enough blocks for
-    # FirstBlockCache to have a tail to skip).
-    # in_channels = 4 * z_dim: latents are packed in 2x2 patches.
+    # 3. The published scheduler config of Qwen-Image (Qwen-Image-Edit-2509 ships the same one).
+    scheduler = FlowMatchEulerDiscreteScheduler(
+        base_image_seq_len=256, base_shift=0.5, max_image_seq_len=8192, max_shift=0.9, num_train_timesteps=1000,
+        shift=1.0, shift_terminal=0.02, time_shift_type="exponential", use_dynamic_shifting=True)
+    return dict(tokenizer=tokenizer, text_encoder=text_encoder, processor=processor, scheduler=scheduler)
+
+
+def save_demo_pipeline(pipe, path: Path, note: str) -> Path:
+    """Save next to the target, then rename: a half-written folder is never taken for a model."""
+    path = Path(path)
+    partial = path.with_name(path.name + ".partial")
+    pipe.save_pretrained(partial)
+    (partial / "DEMO_MODEL.txt").write_text(note + "\n")
+    partial.rename(path)
+    return path
+
+
+def build_demo_pipeline(path: Path) -> Path:
+    """Build (once) a tiny random QwenImageLayeredPipeline of the real classes and save it to `path`.
+
+    It loads through the same `from_pretrained` path as the real weights, so everything but the output
+    quality is exercised: its layers are noise. Cached: an existing `model_index.json` means done.
+    """
+    path = Path(path)
+    if (path / "model_index.json").is_file():
+        return path
+    from diffusers import AutoencoderKLQwenImage, QwenImageLayeredPipeline, QwenImageTransformer2DModel
+
+    logger.info("Building the tiny demo pipeline in %s", path)
+    # 1. Tokenizer, text encoder, processor and scheduler (seeds torch: the weights below follow from it).
+    components = build_demo_components(LAYERED_DEMO_CORPUS)
+    # 2. The real DiT's switches (layer-3D RoPE, the RGB/RGBA t-cond), at 4 blocks of width 32 (enough blocks
+    #    for FirstBlockCache to have a tail to skip). in_channels = 4 * z_dim: latents are packed in 2x2 patches.
     transformer = QwenImageTransformer2DModel(
         patch_size=2, in_channels=32, out_channels=8, num_layers=4, attention_head_dim=16, num_attention_heads=2,
         joint_attention_dim=32, axes_dims_rope=(4, 6, 6), use_additional_t_cond=True, use_layer3d_rope=True)
@@ -369,20 +449,11 @@ def build_demo_pipeline(path: Path) -> Path:
     vae = AutoencoderKLQwenImage(base_dim=4, z_dim=8, dim_mult=[1, 2, 4, 4], num_res_blocks=1,
                                  temperal_downsample=[False, True, True], input_channels=4,
                                  latents_mean=[0.0] * 8, latents_std=[1.0] * 8)
-    # The published scheduler config of Qwen-Image.
-    scheduler = FlowMatchEulerDiscreteScheduler(
-        base_image_seq_len=256, base_shift=0.5, max_image_seq_len=8192, max_shift=0.9, num_train_timesteps=1000,
-        shift=1.0, shift_terminal=0.02, time_shift_type="exponential", use_dynamic_shifting=True)
 
-    # 3. Save next to the target, then rename: a half-written folder is never taken for a model.
-    pipe = QwenImageLayeredPipeline(scheduler=scheduler, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
-                                    processor=processor, transformer=transformer)
-    partial = path.with_name(path.name + ".partial")
-    pipe.save_pretrained(partial)
-    (partial / "DEMO_MODEL.txt").write_text("Tiny random Qwen-Image-Layered pipeline built by src/app.py --demo. "
-                                            "Its layers are noise.\n")
-    partial.rename(path)
-    return path
+    # 3. Save (atomically).
+    pipe = QwenImageLayeredPipeline(vae=vae, transformer=transformer, **components)
+    return save_demo_pipeline(pipe, path, "Tiny random Qwen-Image-Layered pipeline built by src/app.py --demo. "
+                                          "Its layers are noise.")
 
 
 def is_demo_model(path: Path | str) -> bool:
@@ -392,6 +463,24 @@ def is_demo_model(path: Path | str) -> bool:
 # ----------------------------------------------------------------------------------------------------
 # 4. Loading
 # ----------------------------------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class ModelSpec:
+    """What `load_pipeline` loads and where from. The app loads LAYERED_MODEL; each tool passes its own."""
+
+    model_id: str  # the hub repo of the real weights
+    local_dir_name: str  # its folder under models/, looked at before the hub
+    pipeline_class: str | None  # the diffusers pipeline class; None for a plain model folder (e.g. a matting model)
+    build_demo: Callable[[Path], Path] | None  # builds the tiny random pipeline offline (--demo); None: no demo
+    demo_dir_name: str | None  # the demo pipeline's folder under models/
+    download_size: str  # for messages: what a download costs
+    marker_file: str = "model_index.json"  # a folder holding this file is taken as complete
+
+
+LAYERED_MODEL = ModelSpec(model_id=MODEL_ID, local_dir_name=LOCAL_MODEL_DIR.name,
+                          pipeline_class="QwenImageLayeredPipeline", build_demo=build_demo_pipeline,
+                          demo_dir_name=DEMO_MODEL_DIR.name, download_size="~57 GB")
+
+
 class ModelNotAvailableError(RuntimeError):
     """No local weights and the hub could not provide them. The message says what to do."""
 
@@ -406,37 +495,47 @@ def setup_cuda_optimizations() -> list[str]:
     return ["tf32", "cudnn_benchmark"]
 
 
-def offline_message(models_dir: Path) -> str:
-    return (
-        f"No Qwen-Image-Layered weights found and the Hugging Face hub could not be reached.\n"
-        f"  Put the weights (the folder with model_index.json, ~57 GB) in: {Path(models_dir) / LOCAL_MODEL_DIR.name}\n"
-        f"  or pass --model /path/to/Qwen-Image-Layered,\n"
-        f"  or run with network access once so they download there,\n"
-        f"  or try the app offline with --demo (a tiny random model: it runs everything, but its layers are noise)."
-    )
+def offline_message(models_dir: Path, spec: ModelSpec = LAYERED_MODEL) -> str:
+    name = spec.model_id.split("/")[-1]
+    lines = [f"No {name} weights found and the Hugging Face hub could not be reached.",
+             f"  Put the weights (the folder with {spec.marker_file}, {spec.download_size}) in: "
+             f"{Path(models_dir) / spec.local_dir_name}"]
+    if spec.pipeline_class:
+        lines.append(f"  or pass --model /path/to/{name},")
+    lines.append("  or run with network access once so they download there" + ("," if spec.build_demo else "."))
+    if spec.build_demo:
+        lines.append("  or try it offline with --demo (a tiny random model: it runs everything, but its output is noise).")
+    return "\n".join(lines)
 
 
-def get_model_path(settings: Settings) -> Path:
-    """Where the pipeline comes from: --demo, --model, the local models/ folder, else the hub."""
-    if settings.demo:
-        return build_demo_pipeline(Path(settings.models_dir) / DEMO_MODEL_DIR.name)
-    if settings.model:
-        path = Path(settings.model)
-        if not (path / "model_index.json").is_file():
-            raise ModelNotAvailableError(f"--model {path} holds no model_index.json: pass the folder of a "
-                                         f"diffusers pipeline (the one that contains model_index.json).")
-        return path
-    local = Path(settings.models_dir) / LOCAL_MODEL_DIR.name
-    if (local / "model_index.json").is_file():
+def find_weights(models_dir: Path, spec: ModelSpec = LAYERED_MODEL) -> Path:
+    """The local folder `models_dir/<spec.local_dir_name>` when complete, else a hub download into it."""
+    local = Path(models_dir) / spec.local_dir_name
+    if (local / spec.marker_file).is_file():
         return local
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
 
-    logger.info("No weights in %s: downloading %s from the hub (~57 GB)", local, MODEL_ID)
+    logger.info("No weights in %s: downloading %s from the hub (%s)", local, spec.model_id, spec.download_size)
     try:
-        return Path(snapshot_download(MODEL_ID, local_dir=local))
+        return Path(snapshot_download(spec.model_id, local_dir=local))
     except (LocalEntryNotFoundError, HfHubHTTPError, OSError) as err:
-        raise ModelNotAvailableError(offline_message(settings.models_dir) + f"\n  (hub error: {type(err).__name__})") from err
+        raise ModelNotAvailableError(offline_message(models_dir, spec) + f"\n  (hub error: {type(err).__name__})") from err
+
+
+def get_model_path(settings: Settings, spec: ModelSpec = LAYERED_MODEL) -> Path:
+    """Where the pipeline comes from: --demo, --model, the local models/ folder, else the hub."""
+    if settings.demo:
+        if spec.build_demo is None:
+            raise ModelNotAvailableError(f"{spec.model_id} has no demo model: run without --demo.")
+        return spec.build_demo(Path(settings.models_dir) / spec.demo_dir_name)
+    if settings.model:
+        path = Path(settings.model)
+        if not (path / spec.marker_file).is_file():
+            raise ModelNotAvailableError(f"--model {path} holds no {spec.marker_file}: pass the folder of a "
+                                         f"diffusers pipeline (the one that contains {spec.marker_file}).")
+        return path
+    return find_weights(settings.models_dir, spec)
 
 
 def resolve_offload_mode(mode: str, cuda_available: bool, vram_gb: float | None) -> str:
@@ -500,7 +599,11 @@ def apply_memory_optimizations(pipe, settings: Settings, offload_mode: str) -> l
     if ENABLE_VAE_SLICING:
         pipe.vae.enable_slicing()
         applied.append("vae_slicing")
-    if ENABLE_VAE_TILING:
+    if ENABLE_VAE_TILING and not on_cuda:
+        # Tiling only saves GPU memory; on the CPU it costs time (measured on the demo models, 2 cores:
+        # a 2-step 640 layered run 57 s tiled vs 31 s untiled; one 1248x832 edit encode+decode 66 s vs 20 s).
+        logger.info("vae_tiling not applied: it only saves GPU memory, and on the CPU it makes the VAE 2-3x slower.")
+    elif ENABLE_VAE_TILING:
         pipe.vae.enable_tiling()
         applied.append("vae_tiling")
 
@@ -524,12 +627,12 @@ def apply_memory_optimizations(pipe, settings: Settings, offload_mode: str) -> l
     return applied
 
 
-def load_pipeline(settings: Settings):
-    """Load the QwenImageLayeredPipeline (bf16 on CUDA, float32 on CPU) and apply the memory features."""
-    from diffusers import QwenImageLayeredPipeline
+def load_pipeline(settings: Settings, spec: ModelSpec = LAYERED_MODEL):
+    """Load `spec`'s pipeline (bf16 on CUDA, float32 on CPU) and apply the memory features."""
+    import diffusers
 
     # 1. Find the weights (raises ModelNotAvailableError with what to do).
-    model_path = get_model_path(settings)
+    model_path = get_model_path(settings, spec)
     # 2. Pick the dtype: bf16 is the model's dtype; PyTorch's CPU bf16 convolutions are ~20x slower than
     #    float32 (measured: a 2-step demo run took 214 s in bf16, 11 s in float32), so the CPU uses float32.
     cuda = torch.cuda.is_available()
@@ -541,7 +644,7 @@ def load_pipeline(settings: Settings):
     setup_cuda_optimizations()
     # 3. Load through from_pretrained, the same path for the real and the demo weights.
     start = time.perf_counter()
-    pipe = QwenImageLayeredPipeline.from_pretrained(model_path, dtype=dtype)
+    pipe = getattr(diffusers, spec.pipeline_class).from_pretrained(model_path, dtype=dtype)
     applied = apply_memory_optimizations(pipe, settings, offload_mode)
     # Attach what the run folders record.
     pipe._studio_info = dict(model_path=str(model_path), offload_mode=offload_mode, dtype=str(dtype).replace("torch.", ""),
@@ -981,19 +1084,97 @@ class DecomposeResult:
     seed: int
     params: dict[str, Any]  # every input, for params.json
     duration_s: float
+    notes: list[str] = dataclasses.field(default_factory=list)  # what the input needed, for the user (animated GIF ...)
 
 
-def to_rgba(image: Any) -> Image.Image:
-    """Accept a path, PIL image, numpy array (HxW, HxWx3, HxWx4; uint8 or float 0..1) or Gradio's value."""
+class OutOfMemoryError(RuntimeError):
+    """The GPU ran out of memory during a run; the message says which setting to change."""
+
+
+def out_of_memory_message(pipe, layers: int, resolution: int) -> str:
+    offload = getattr(pipe, "_studio_info", {}).get("offload_mode", "?")
+    changes = []
+    if layers > LAYERS_RANGE[0]:
+        changes.append(f"fewer layers (this run asked for {layers})")
+    if resolution != RESOLUTIONS[0]:
+        changes.append(f"resolution {RESOLUTIONS[0]} (this run used {resolution})")
+    if offload == "budget":
+        changes.append("restart the app with a smaller --vram-budget (GB; fewer transformer blocks stay resident)")
+    elif offload != "sequential":
+        changes.append(f"restart the app with --offload budget (now: {offload}; streams what does not fit)")
+    changes.append("close other programs that use the GPU")
+    return "Out of GPU memory during the decomposition; the memory was freed. Try: " + "; or ".join(changes) + "."
+
+
+# Pillow modes whose `convert("RGBA")` would clip: `to_rgba` scales them to 8 bits first.
+HIGH_BIT_DEPTH_MODES = ("I;16", "I;16B", "I;16L", "I;16N")  # 16-bit grey PNG / TIFF
+
+
+def read_image_file(path: Path, notes: list[str] | None = None) -> Image.Image:
+    """Decode an image file defensively; every refusal is a ValueError that names the file and the fix.
+
+    Its size is checked from the header before any pixel is decoded, the EXIF orientation is applied, and an
+    animation gives its first frame (a line saying so is appended to `notes`).
+    """
+    name = path.name
+    if not path.is_file():
+        raise ValueError(f"image file {str(path)!r} does not exist")
+    if path.stat().st_size == 0:
+        raise ValueError(f"{name} is empty (0 bytes): the file holds no image. Choose the image file again.")
+    # 1. The header: format, size, frame count. No pixel is decoded yet.
+    try:
+        opened = Image.open(path)
+    except Image.DecompressionBombError:  # Pillow's own guard, from the header, past twice its MAX_IMAGE_PIXELS
+        raise ValueError(f"{name} is too large: over {2 * Image.MAX_IMAGE_PIXELS / 1e6:.0f} megapixels, and this app "
+                         f"takes at most {MAX_INPUT_PIXELS / 1e6:.0f}. Scale it down first (the model works at about "
+                         f"{RESOLUTIONS[-1]} px a side anyway).") from None
+    except Image.UnidentifiedImageError:
+        raise ValueError(f"{name} is not an image: its content is no image format this app reads. Upload a PNG, "
+                         f"JPEG or WebP file.") from None
+    except (OSError, SyntaxError) as err:  # a known format with a broken header
+        raise ValueError(f"{name} is damaged ({err}). Open it in an image editor and save it again, or export it "
+                         f"as PNG.") from None
+    with opened:
+        check_image_size(opened.width, opened.height, name)
+        frames = getattr(opened, "n_frames", 1)
+        # 2. The pixels (of the first frame).
+        try:
+            opened.seek(0)
+            opened.load()
+            image = ImageOps.exif_transpose(opened)  # a copy, turned upright as the EXIF orientation says
+        except (OSError, SyntaxError, ValueError, EOFError) as err:
+            raise ValueError(f"{name} is damaged: its pixels could not be decoded ({err}). Open it in an image "
+                             f"editor and save it again, or export it as PNG.") from None
+    if frames > 1 and notes is not None:
+        notes.append(f"{name} is animated ({frames} frames): the first frame was used.")
+    return image
+
+
+def check_image_size(width: int, height: int, name: str = "the image") -> None:
+    """Refuse images too large to decode safely, or too small or too thin for the model."""
+    if width * height > MAX_INPUT_PIXELS:
+        raise ValueError(f"{name} is {width}x{height} ({width * height / 1e6:.0f} megapixels): the limit is "
+                         f"{MAX_INPUT_PIXELS / 1e6:.0f} megapixels. Scale it down first (the model works at about "
+                         f"{RESOLUTIONS[-1]} px a side anyway).")
+    if min(width, height) < MIN_INPUT_SIDE:
+        raise ValueError(f"{name} is {width}x{height} px: too small to split into layers. Use an image at least "
+                         f"{MIN_INPUT_SIDE} px on each side.")
+    if max(width, height) > MAX_ASPECT_RATIO * min(width, height):
+        raise ValueError(f"{name} is {width}x{height} px, longer than {MAX_ASPECT_RATIO}:1: the model needs a "
+                         f"wider strip. Crop it to at most {MAX_ASPECT_RATIO}:1 first.")
+
+
+def to_rgba(image: Any, notes: list[str] | None = None) -> Image.Image:
+    """Accept a path, PIL image, numpy array (HxW, HxWx3, HxWx4; uint8 or float 0..1) or Gradio's file value.
+
+    Files go through `read_image_file` (size checked before decoding, EXIF orientation, first frame of an
+    animation, which appends a line to `notes`). CMYK, 16-bit grey and palette images with transparency
+    become RGBA with their colours and transparency kept.
+    """
     if isinstance(image, dict):  # Gradio ImageEditor / FileData-like values
         image = image.get("composite") or image.get("background") or image.get("path") or image.get("name")
     if isinstance(image, (str, Path)):
-        path = Path(image)
-        if not path.is_file():
-            raise ValueError(f"image file {str(path)!r} does not exist")
-        with Image.open(path) as opened:
-            opened.load()
-            image = opened.copy()
+        image = read_image_file(Path(image), notes)
     if isinstance(image, np.ndarray):
         array = image
         if array.dtype != np.uint8:
@@ -1003,6 +1184,12 @@ def to_rgba(image: Any) -> Image.Image:
         image = Image.fromarray(array.squeeze(2) if array.ndim == 3 and array.shape[2] == 1 else array)
     if not isinstance(image, Image.Image):
         raise ValueError(f"cannot read an image from a {type(image).__name__}; pass a path, PIL image or array")
+    check_image_size(image.width, image.height)
+    if image.mode in HIGH_BIT_DEPTH_MODES:
+        # Pillow's convert("RGBA") clips 16-bit values at 255 (most of the range turns white): scale to 8 bits.
+        image = Image.fromarray((np.asarray(image, dtype=np.float64) * (255 / 65535)).round().clip(0, 255).astype(np.uint8))
+    # Pillow's own conversion covers the rest: a palette's transparency (tRNS) becomes alpha, CMYK becomes RGB
+    # (Adobe's inverted CMYK JPEGs included); tests/test_hardening.py checks the pixels of each.
     return image.convert("RGBA")
 
 
@@ -1035,14 +1222,21 @@ def infer(
 ) -> DecomposeResult:
     """Decompose `image` into `layers` RGBA layers (bottom first). The pipeline's tqdm reports the steps."""
     # 1. Check inputs.
-    layers, num_inference_steps, resolution = int(layers), int(num_inference_steps), int(resolution)
+    try:
+        layers, num_inference_steps, resolution = int(layers), int(num_inference_steps), int(resolution)
+        true_cfg_scale, seed = float(true_cfg_scale), int(seed)
+    except (TypeError, ValueError):
+        raise ValueError(f"layers={layers!r}, num_inference_steps={num_inference_steps!r}, resolution={resolution!r}, "
+                         f"true_cfg_scale={true_cfg_scale!r} and seed={seed!r} must all be numbers") from None
     check_params(layers, num_inference_steps, true_cfg_scale, resolution)
-    rgba = to_rgba(image)
+    notes: list[str] = []
+    rgba = to_rgba(image, notes)
     if randomize_seed:
         seed = random.randint(0, MAX_SEED)
     seed = int(seed)
     prompt = (prompt or "").strip()
     start = time.perf_counter()
+    out_of_memory = False
     try:
         with torch.inference_mode(), torch.autocast("cuda", dtype=torch.bfloat16, enabled=torch.cuda.is_available()):
             # 2. Caption. An empty prompt makes the pipeline caption the image itself; we call its own
@@ -1070,11 +1264,10 @@ def infer(
                 generator=generator,
                 num_images_per_prompt=1,
             )
-    except torch.OutOfMemoryError as err:
-        raise ValueError(
-            f"The GPU ran out of memory ({err.__class__.__name__}); the memory is freed and the next run can start. "
-            f"Try the 640 resolution bucket or fewer layers, or a smaller --vram-budget (offload mode "
-            f"{getattr(pipe, '_studio_info', {}).get('offload_mode', '?')!r}).") from err
+    except torch.OutOfMemoryError:
+        # Not re-raised here: the exception's traceback holds the run's tensors, so it must be gone before
+        # `clear_memory` can give their memory back.
+        out_of_memory = True
     finally:
         # 4. Free what the run left on the device, also after an error (budget mode: every weight to its host copy).
         #    FirstBlockCache's state is reset too: the pipeline resets it only when a run completes, and a run
@@ -1082,6 +1275,9 @@ def infer(
         release_budget_vram(pipe)
         pipe.transformer._reset_stateful_cache()
         clear_memory()
+    if out_of_memory:
+        logger.warning("Out of GPU memory (layers=%d, resolution=%d); memory freed.", layers, resolution)
+        raise OutOfMemoryError(out_of_memory_message(pipe, layers, resolution))
     result_layers = [layer.convert("RGBA") for layer in output.images[0]]
     params = dict(
         prompt_given=prompt if not auto_caption else "",
@@ -1096,9 +1292,10 @@ def infer(
         randomize_seed=bool(randomize_seed),
         input_size=list(rgba.size),
         output_size=list(result_layers[0].size),
+        input_notes=notes,
     )
     return DecomposeResult(layers=result_layers, caption=prompt, auto_caption=auto_caption, seed=seed,
-                           params=params, duration_s=time.perf_counter() - start)
+                           params=params, duration_s=time.perf_counter() - start, notes=notes)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -1330,13 +1527,31 @@ def run_info_for(pipe, environment: dict[str, Any]) -> dict[str, Any]:
     return info
 
 
+def prune_outputs(outputs: Path, max_bytes: float, max_age_s: float, keep: Path | None = None) -> list[Path]:
+    """Delete run folders, oldest first, until none is older than `max_age_s` and together they hold at most
+    `max_bytes` (0: no limit). `keep` (the run just saved) is never deleted. Returns what was deleted.
+
+    Only run folders (those holding a params.json) are touched: Gradio's cache (.gradio-cache, which Gradio's
+    delete_cache cleans) and anything else put in the outputs folder stay.
+    """
+    runs = [p for p in Path(outputs).iterdir() if p.is_dir() and not p.name.startswith(".") and (p / "params.json").is_file()]
+    runs.sort(key=lambda p: p.stat().st_mtime)
+    sizes = {run: sum(f.stat().st_size for f in run.rglob("*") if f.is_file()) for run in runs}
+    total, now, deleted = sum(sizes.values()), time.time(), []
+    for run in runs:
+        too_old = max_age_s > 0 and now - run.stat().st_mtime > max_age_s
+        too_big = max_bytes > 0 and total > max_bytes
+        if run == keep or not (too_old or too_big):
+            continue
+        shutil.rmtree(run)
+        total -= sizes[run]
+        deleted.append(run)
+    return deleted
+
+
 # ----------------------------------------------------------------------------------------------------
 # 6b. Layer stack: recursive decomposition ("decompose this layer" again), plain data, no Gradio
 # ----------------------------------------------------------------------------------------------------
-# A sub-run returns its layers at the resolution bucket of the layer it was given, which can differ from the
-# stack's canvas (another bucket chosen, or 32 px rounding of the aspect ratio). They are resized back with
-# Lanczos on premultiplied alpha (so a transparent pixel's colour, black here, cannot darken an edge).
-CANVAS_RESAMPLE = Image.Resampling.LANCZOS
 # A layer usually holds fewer things than the whole image, so a sub-run asks for fewer layers by default.
 SUB_RUN_LAYERS = 2
 SUB_RUNS_DIR = "sub_runs"  # inside the first decomposition's run folder, one folder per sub-run
@@ -1354,13 +1569,14 @@ class LayerStack:
 
 
 def fit_to_canvas(layers: list[Image.Image], size: tuple[int, int]) -> list[Image.Image]:
-    """Resize RGBA layers to the canvas `size` (width, height); layers already that size are returned as they are.
+    """Fit sub-layers to the canvas `size` (width, height); layers already that size are returned as they are.
 
-    Premultiplied ("RGBa"; Pillow does this for RGBA too, spelled out because the clean edge is the point):
-    resampling colour and alpha apart would mix the colour of transparent pixels (black) into the edges.
+    A sub-run returns its layers at the resolution bucket of the layer it was given, which can differ from the
+    stack's canvas (another bucket, or the 32 px rounding of the aspect ratio): those go through the exports'
+    `resize_layers` (premultiplied Lanczos, no dark edges).
     """
     size = (int(size[0]), int(size[1]))
-    return [layer if layer.size == size else layer.convert("RGBa").resize(size, CANVAS_RESAMPLE).convert("RGBA")
+    return [layer if layer.size == size else resize_layers([layer], size)[0]
             for layer in (layer.convert("RGBA") for layer in layers)]
 
 
@@ -1448,6 +1664,34 @@ def gallery_items(layer_files: list[Path]) -> list[tuple[str, str]]:
     return [(str(p), f"Layer {i + 1}" + (" (bottom)" if i == 0 else "")) for i, p in enumerate(layer_files)]
 
 
+def gradio_cache_schedule(settings: Settings) -> tuple[int, int]:
+    """Gradio's delete_cache (every, older than) in seconds: GRADIO_CACHE_MAX_AGE_S, or the outputs' age limit."""
+    age = GRADIO_CACHE_MAX_AGE_S
+    if settings.outputs_max_age_hours > 0:
+        age = min(age, settings.outputs_max_age_hours * 3600)
+    age = max(1, int(age))
+    return max(1, age // 4), age
+
+
+def launch_options(settings: Settings) -> dict[str, Any]:
+    """`demo.launch` keyword arguments: where to listen, Gradio's own login and upload limit.
+
+    Gradio serves result files only from the working directory, the system temp dir or `allowed_paths`:
+    an --outputs folder elsewhere (or a start from another directory) needs it named there.
+    """
+    return dict(server_name=settings.host, server_port=settings.port, auth=settings.auth,
+                max_file_size=settings.max_upload_size, allowed_paths=[str(settings.outputs)], show_error=True)
+
+
+def network_warning(settings: Settings) -> str | None:
+    """The start-up warning for an app that anyone on the network can use; None when it is local or has a login."""
+    if settings.host not in ("0.0.0.0", "::", "") or settings.auth is not None:
+        return None
+    return (f"The app listens on {settings.host or '0.0.0.0'}:{settings.port} without a login: anyone who can reach "
+            f"this machine can use it and its GPU. Pass --host 127.0.0.1 to keep it on this machine, or "
+            f"--auth USER:PASSWORD (or QIL_AUTH) to ask for a login.")
+
+
 def build_ui(pipe, settings: Settings, environment: dict[str, Any] | None = None):
     """The Gradio Blocks app. Handlers only map widget values to `infer`/`save_run`/`decompose_layer` arguments.
 
@@ -1472,11 +1716,17 @@ def build_ui(pipe, settings: Settings, environment: dict[str, Any] | None = None
                            randomize_seed=randomize_seed, true_cfg_scale=true_cfg_scale,
                            num_inference_steps=num_inference_steps, layers=layers, resolution=resolution,
                            cfg_normalize=cfg_normalize, use_en_prompt=use_en_prompt)
-        except ValueError as err:
+        except (ValueError, OutOfMemoryError) as err:
             raise gr.Error(str(err)) from err
+        for note in result.notes:
+            gr.Warning(note, duration=None)  # stays on the page until closed
         paths = save_run(result, settings.outputs, run_info,
                          original_size=result.params["input_size"] if original_size else None)
         logger.info("Run saved in %s (%.1f s)", paths["folder"], result.duration_s)
+        deleted = prune_outputs(settings.outputs, settings.outputs_max_gb * 1e9, settings.outputs_max_age_hours * 3600,
+                                keep=paths["folder"])
+        if deleted:
+            logger.info("Deleted %d old run folder(s) (--outputs-max-gb / --outputs-max-age-hours)", len(deleted))
         stack = LayerStack(layers=result.layers, run_folder=paths["folder"], files=paths,
                            original_size=tuple(result.params["input_size"]) if original_size else None)
         return (*stack_view(stack), result.caption, result.seed, stack)
@@ -1505,7 +1755,7 @@ def build_ui(pipe, settings: Settings, environment: dict[str, Any] | None = None
                 seed=seed, randomize_seed=randomize_seed, true_cfg_scale=true_cfg_scale,
                 num_inference_steps=num_inference_steps, layers=layers, resolution=resolution,
                 cfg_normalize=cfg_normalize, use_en_prompt=use_en_prompt)
-        except ValueError as err:
+        except (ValueError, OutOfMemoryError) as err:
             raise gr.Error(str(err)) from err
         logger.info("Layer %d replaced by %d sub-layers; saved in %s", layer_number, len(result.layers),
                     new_stack.files["folder"])
@@ -1523,13 +1773,14 @@ def build_ui(pipe, settings: Settings, environment: dict[str, Any] | None = None
     def select_layer(evt: gr.SelectData):
         return evt.index + 1  # the gallery counts from 0, its captions (and "Selected layer") from 1
 
-    with gr.Blocks(title="Qwen-Image-Layered studio") as demo:
+    # delete_cache: Gradio deletes its own uploads and result copies on that schedule, and all of them at exit.
+    with gr.Blocks(title="Qwen-Image-Layered studio", delete_cache=gradio_cache_schedule(settings)) as demo:
         gr.Markdown("# Qwen-Image-Layered studio\nSplit an image into editable RGBA layers.")
         if run_info.get("demo"):
             gr.Markdown(DEMO_BANNER)
         with gr.Row():
             with gr.Column():
-                image = gr.Image(label="Input image", type="pil", image_mode="RGBA")
+                image = gr.Image(label="Input image", type="filepath", image_mode=None)
                 prompt = gr.Textbox(label="Prompt (empty: the model writes a caption)", lines=2)
                 with gr.Accordion("Advanced settings", open=False):
                     negative_prompt = gr.Textbox(label="Negative prompt", value=DEFAULTS["negative_prompt"])
@@ -1575,6 +1826,11 @@ def build_ui(pipe, settings: Settings, environment: dict[str, Any] | None = None
             api_name="decompose",
             concurrency_limit=1,  # one GPU job at a time; others wait in Gradio's queue
             concurrency_id="gpu",  # ... shared with "Decompose this layer"
+            # The handler takes the raw values: Gradio's Image preprocess opens the upload with Pillow before the
+            # handler runs, so a broken or huge file would fail there with a developer's message. Unprocessed,
+            # the image arrives as Gradio's file value (its path still checked to lie in Gradio's upload cache),
+            # and `to_rgba` decodes it with the checks and messages above; `check_params` checks the numbers.
+            preprocess=False,
         ).success(lambda: None, outputs=layer_number, api_visibility="private")  # a new stack: nothing selected
         gallery.select(select_layer, outputs=layer_number, api_visibility="private")
         run_layer.click(
@@ -1633,7 +1889,7 @@ def decompose_batch(pipe, images: list[Path], outputs: Path, run_info: dict[str,
             result = infer(pipe, image, **infer_kwargs)
             paths = save_run(result, outputs, dict(run_info or {}, input_file=str(image)),
                              original_size=result.params["input_size"] if original_size else None)
-        except (ValueError, OSError, Image.DecompressionBombError) as err:
+        except (ValueError, OSError, Image.DecompressionBombError, OutOfMemoryError) as err:
             items.append(BatchItem(image, error=f"{type(err).__name__}: {err}"))
             tqdm.write(f"skipped {image}: {err}", file=sys.stderr)
             continue
@@ -1655,6 +1911,8 @@ def batch_summary(items: list[BatchItem]) -> str:
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     command, settings, ns = parse_args(argv)
+    if command == "ui" and network_warning(settings):
+        logger.warning(network_warning(settings))
     if command == "decompose":
         # Mistakes that would fail every image are caught before the model loads.
         images = find_images(ns.images)
@@ -1687,7 +1945,7 @@ def main(argv: list[str] | None = None) -> int:
 
     demo = build_ui(pipe, settings, environment)
     print(f"Serving on http://{settings.host}:{settings.port}")
-    demo.launch(server_name=settings.host, server_port=settings.port, show_error=True)
+    demo.launch(**launch_options(settings))
     return 0
 
 

@@ -127,7 +127,7 @@ def test_after_an_out_of_memory_error_the_next_run_works(monkeypatch, rgba_image
         raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
 
     monkeypatch.setattr(block, "forward", out_of_memory)
-    with pytest.raises(ValueError, match="ran out of memory.*Try the 640 resolution bucket or fewer layers"):
+    with pytest.raises(app.OutOfMemoryError, match="Out of GPU memory during the decomposition; the memory was freed"):
         app.infer(streaming_pipe, rgba_image, **kwargs)
     monkeypatch.setattr(block, "forward", forward)
     assert streaming_pipe._budget_stages.current is None  # everything went back to its host copy

@@ -64,7 +64,7 @@ def test_sub_layers_of_another_size_are_resized_to_the_canvas_without_dark_edges
     edge = (rgba[..., 3] > 32) & (rgba[..., 3] < 224)  # (below 32, 8-bit rounding alone moves the colour)
     assert edge.sum() > 50
     assert rgba[edge][:, 0].min() >= 215  # red (230) stays red
-    apart = pixels(Image.merge("RGBA", [c.resize(CANVAS, app.CANVAS_RESAMPLE) for c in big.split()])).astype(int)
+    apart = pixels(Image.merge("RGBA", [c.resize(CANVAS, app.ORIGINAL_SIZE_RESAMPLE) for c in big.split()])).astype(int)
     assert apart[edge][:, 0].min() < 100  # the dark halo it avoids
 
 

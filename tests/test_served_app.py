@@ -1,0 +1,196 @@
+"""The app as a user starts it (`python src/app.py --demo` in its own process), driven by a real browser and
+by 20 API runs that must leave nothing piling up on disk.
+
+The browser is Debian's Chromium (/usr/bin/chromium) under Playwright for Python; `.ci/run` installs both.
+Screenshots go to test-artifacts/ (ignored by git) for a person to look at.
+"""
+
+import io
+import os
+import subprocess
+import sys
+import tempfile
+import time
+import zipfile
+from pathlib import Path
+
+import httpx
+import pytest
+from PIL import Image
+
+from conftest import ROOT
+from test_ui_and_cli import free_port
+
+ARTIFACTS = ROOT / "test-artifacts"
+EXAMPLE = ROOT / "assets" / "test_images" / "sticker_square_rgba.png"
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+                 "--no-first-run"]
+# The disk limits the server runs with: ~3 two-layer demo runs (~10 MB each) fit; Gradio's cache and run
+# folders older than 36 s go (Gradio checks its cache every 9 s).
+OUTPUTS_MAX_GB = 0.035
+OUTPUTS_MAX_AGE_HOURS = 0.01
+RUN_TIMEOUT_MS = 600_000
+
+
+@pytest.fixture(scope="module")
+def served(models_dir, tmp_path_factory):
+    """`src/app.py --demo` on a free port, with a system temp dir of its own (TMPDIR) so its files can be counted."""
+    base = tmp_path_factory.mktemp("served")
+    outputs, system_tmp, log = base / "outputs", base / "tmp", base / "app.log"
+    system_tmp.mkdir()
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("QIL_", "GRADIO_"))}
+    env.update(TMPDIR=str(system_tmp), PYTHONUNBUFFERED="1")
+    port = free_port()
+    with open(log, "w") as log_file:
+        proc = subprocess.Popen(
+            [sys.executable, str(ROOT / "src" / "app.py"), "--demo", "--host", "127.0.0.1", "--port", str(port),
+             "--models-dir", str(models_dir), "--outputs", str(outputs), "--no-first-block-cache",
+             "--outputs-max-gb", str(OUTPUTS_MAX_GB), "--outputs-max-age-hours", str(OUTPUTS_MAX_AGE_HOURS)],
+            cwd=base, env=env, stdout=log_file, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}/"
+    deadline = time.monotonic() + 600
+    while True:
+        assert proc.poll() is None, f"the app exited:\n{log.read_text()[-3000:]}"
+        assert time.monotonic() < deadline, f"the app did not answer in time:\n{log.read_text()[-3000:]}"
+        try:
+            if httpx.get(url, timeout=5).status_code == 200:
+                break
+        except httpx.TransportError:
+            time.sleep(1)
+    yield dict(url=url, outputs=outputs, system_tmp=system_tmp, log=log)
+    proc.terminate()
+    proc.wait(timeout=60)
+
+
+@pytest.fixture()
+def page():
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as playwright, tempfile.TemporaryDirectory() as profile:
+        context = playwright.chromium.launch_persistent_context(
+            profile, executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS, accept_downloads=True,
+            viewport={"width": 1280, "height": 1000})
+        yield context.new_page()
+        context.close()
+
+
+def fill_settings(page, prompt: str, **numbers: str) -> None:
+    """Type the prompt, open the advanced settings and type into the sliders' number boxes."""
+    page.get_by_label("Prompt (empty: the model writes a caption)").fill(prompt)
+    page.get_by_text("Advanced settings").click()
+    for label, value in numbers.items():
+        box = page.get_by_label(f"number input for {label}")
+        box.fill(value)
+        box.press("Enter")
+
+
+def screenshot(page, name: str, full_page: bool = True) -> Path:
+    ARTIFACTS.mkdir(exist_ok=True)
+    path = ARTIFACTS / name
+    page.screenshot(path=path, full_page=full_page)
+    return path
+
+
+def test_browser_decomposes_an_example_into_3_layers_and_downloads_psd_pptx_zip(served, page, tmp_path):
+    from playwright.sync_api import expect
+    from pptx import Presentation
+    from psd_tools import PSDImage
+
+    page.goto(served["url"])
+    page.locator("input[type=file]").first.set_input_files(str(EXAMPLE))
+    fill_settings(page, "a sticker", Layers="3", Steps="2", **{"True CFG scale": "1"})
+    page.get_by_role("button", name="Decompose").click()
+    expect(page.locator(".progress-text").first).to_be_visible(timeout=60_000)  # the run shows its progress ...
+    expect(page.locator(".thumbnail-item")).to_have_count(3, timeout=RUN_TIMEOUT_MS)  # ... the gallery its layers
+    expect(page.locator(".progress-text")).to_have_count(0)  # and the progress is gone
+    expect(page.get_by_label("Caption used")).to_have_value("a sticker")
+    shot = screenshot(page, "browser_decompose.png")
+    assert Image.open(shot).width == 1280
+
+    links = page.get_by_test_id("download-link")
+    expect(links).to_have_count(3)
+    downloaded = {}
+    for index in range(3):
+        with page.expect_download() as download_info:
+            links.nth(index).click()
+        download = download_info.value
+        path = tmp_path / download.suggested_filename
+        download.save_as(path)
+        downloaded[path.suffix] = path
+    assert sorted(downloaded) == [".pptx", ".psd", ".zip"]
+
+    psd = PSDImage.open(downloaded[".psd"])
+    assert len(list(psd)) == 3
+    slides = Presentation(str(downloaded[".pptx"])).slides
+    assert len(slides) == 1 and len([s for s in slides[0].shapes if s.shape_type == 13]) == 3  # 13: picture
+    with zipfile.ZipFile(downloaded[".zip"]) as archive:
+        assert archive.testzip() is None
+        assert {"layer_1.png", "layer_2.png", "layer_3.png"} <= set(archive.namelist())
+        layer = Image.open(io.BytesIO(archive.read("layer_3.png")))
+        assert layer.mode == "RGBA" and layer.size == psd.size
+
+
+def test_browser_shows_the_message_for_a_file_that_is_no_image(served, page, tmp_path):
+    from playwright.sync_api import expect
+
+    notes = tmp_path / "notes.png"
+    notes.write_text("Meeting notes, not a picture.\n")
+    page.goto(served["url"])
+    page.locator("input[type=file]").first.set_input_files(str(notes))
+    page.get_by_role("button", name="Decompose").click()
+    message = page.get_by_test_id("toast-text")
+    expect(message).to_have_text("notes.png is not an image: its content is no image format this app reads. "
+                                 "Upload a PNG, JPEG or WebP file.", timeout=60_000)
+    page.wait_for_timeout(500)  # the toast fades in; a full-page shot would lay the fixed toast out of view
+    screenshot(page, "browser_error.png", full_page=False)
+    expect(page.locator(".thumbnail-item")).to_have_count(0)
+
+
+def test_browser_says_an_animated_gif_gave_its_first_frame(served, page, tmp_path):
+    from playwright.sync_api import expect
+
+    gif = tmp_path / "blink.gif"
+    frames = [Image.new("RGB", (96, 64), colour) for colour in ((255, 0, 0), (0, 0, 255))]
+    frames[0].save(gif, save_all=True, append_images=frames[1:], duration=200, loop=0)
+    page.goto(served["url"])
+    page.locator("input[type=file]").first.set_input_files(str(gif))
+    fill_settings(page, "a red card", Layers="2", Steps="2", **{"True CFG scale": "1"})
+    page.get_by_role("button", name="Decompose").click()
+    expect(page.get_by_test_id("toast-text")).to_have_text(
+        "blink.gif is animated (2 frames): the first frame was used.", timeout=RUN_TIMEOUT_MS)
+    expect(page.locator(".thumbnail-item")).to_have_count(2, timeout=60_000)
+
+
+def files_under(folder: Path) -> list[Path]:
+    return [p for p in folder.rglob("*") if p.is_file()]
+
+
+def test_twenty_runs_leave_outputs_within_limits_gradio_cache_cleaned_and_temp_dir_untouched(served, tmp_path):
+    from gradio_client import Client, handle_file
+
+    client = Client(served["url"], verbose=False, download_files=str(tmp_path / "downloads"))
+    image = tmp_path / "in.png"
+    Image.new("RGBA", (96, 64), (30, 90, 200, 255)).save(image)
+    temp_before = files_under(served["system_tmp"])
+    for seed in range(20):
+        gallery, *_ = client.predict(handle_file(str(image)), prompt="a blue card", layers=2, num_inference_steps=2,
+                                     true_cfg_scale=1.0, seed=seed, api_name="/decompose")
+        assert len(gallery) == 2
+    now = time.time()
+
+    # The server's system temp dir holds what it held before the 20 runs.
+    assert files_under(served["system_tmp"]) == temp_before
+    # Run folders: the newest is there; together within the size limit (or it alone), none older than the limit.
+    runs = [p for p in served["outputs"].iterdir() if (p / "params.json").is_file()]
+    sizes = [sum(f.stat().st_size for f in files_under(run)) for run in runs]
+    assert 1 <= len(runs) < 20
+    assert sum(sizes) <= OUTPUTS_MAX_GB * 1e9 or len(runs) == 1
+    assert max(now - run.stat().st_mtime for run in runs) < OUTPUTS_MAX_AGE_HOURS * 3600 + 30
+    # Gradio's cache (uploads and the result copies it serves): files older than its age limit (36 s,
+    # checked every 9 s) are gone, so 20 runs' worth (6 files a run) did not pile up. Only the example
+    # images, which Gradio keeps for the page, are older.
+    cached = files_under(served["outputs"] / ".gradio-cache")
+    assert len(cached) < 20 * 6
+    old = {p.name for p in cached if now - p.stat().st_ctime > OUTPUTS_MAX_AGE_HOURS * 3600 + 9 + 30}
+    assert old <= {p.name for p in EXAMPLE.parent.glob("*.png")}
