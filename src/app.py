@@ -73,6 +73,9 @@ PORT = 7869
 # stay resident as VRAM_BUDGET_GB holds and the rest stream in ahead of use (a 24 GB card runs the
 # full model near resident speed; bench/RESULTS.md has the measurements).
 CPU_OFFLOAD_MODE = "auto"
+# Below this much VRAM "auto" takes "sequential": the budget mode keeps the 15.4 GB text encoder resident while
+# it runs (plus VAE, activations and margin), which `plan_budget` refuses below ~20 GB.
+BUDGET_AUTO_MIN_VRAM_GB = 20.0
 OFFLOAD_MODES = ("auto", "off", "model", "sequential", "budget")
 # GB of VRAM the "budget" mode may plan for; None: the card's free memory when the model loads.
 VRAM_BUDGET_GB = None
@@ -553,7 +556,9 @@ def resolve_offload_mode(mode: str, cuda_available: bool, vram_gb: float | None)
         return mode
     if vram_gb >= 64:  # transformer 41 GB + text encoder 17 GB + VAE + activations
         return "off"
-    return "budget"  # smaller cards: the low-VRAM engine (section 4b); it fits ~20 GB and up
+    if vram_gb >= BUDGET_AUTO_MIN_VRAM_GB:
+        return "budget"  # the low-VRAM engine (section 4b)
+    return "sequential"  # the text encoder alone does not fit resident: stream every layer
 
 
 def default_vram_budget_gb(settings: Settings) -> float:

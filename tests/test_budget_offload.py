@@ -55,8 +55,9 @@ def test_too_little_host_ram_is_reported_with_the_figure_needed():
 
 
 @pytest.mark.parametrize("cuda, vram_gb, expected", [(True, 24.0, "budget"), (True, 48.0, "budget"),
-                                                     (True, 80.0, "off"), (False, None, "budget")])
-def test_budget_is_chosen_below_64_gb_and_kept_without_a_gpu(cuda, vram_gb, expected):
+                                                     (True, 80.0, "off"), (True, 16.0, "sequential"),
+                                                     (False, None, "budget")])
+def test_budget_is_chosen_from_20_to_64_gb_and_kept_without_a_gpu(cuda, vram_gb, expected):
     mode = "auto" if cuda else "budget"
     assert app.resolve_offload_mode(mode, cuda, vram_gb) == expected
 
