@@ -14,8 +14,10 @@ from tool import edit_rgba_image as edit
 
 @pytest.fixture(scope="module")
 def edit_pipe(models_dir):
-    """The demo edit pipeline, through the app's real load path (FirstBlockCache off: it changes outputs)."""
-    return app.load_pipeline(demo_settings(models_dir), edit.EDIT_MODEL)
+    """The demo edit pipeline, through the app's real load path (FirstBlockCache off: it changes outputs), in the
+    low-VRAM engine's "budget" mode: on a CPU its hooks run with every weight in place, so the edit pipeline is
+    shown to work under them (the engine was written against the layered pipeline)."""
+    return app.load_pipeline(demo_settings(models_dir, offload="budget"), edit.EDIT_MODEL)
 
 
 def synthetic_layer(size=(150, 100)):
@@ -33,20 +35,22 @@ def test_demo_edit_pipeline_loads_through_the_apps_load_path(edit_pipe, models_d
 
     assert type(edit_pipe).__name__ == "QwenImageEditPlusPipeline"
     assert info["demo"] and info["model_path"] == str(models_dir / "demo-tiny-random-edit")
-    assert info["dtype"] == "float32" and info["offload_mode"] == "off"  # the CPU loads in float32
+    assert info["dtype"] == "float32"  # the CPU loads in float32
+    assert info["offload_mode"] == "budget" and any(o.startswith("budget_offload(") for o in info["optimizations"])
     assert edit_pipe.vae.config.input_channels == 3  # the edit model sees RGB: the layer on green
     assert not edit_pipe.transformer.config.use_layer3d_rope  # Edit-2509's DiT, not the layered one
 
 
 def test_the_tool_takes_the_apps_loading_flags(tmp_path):
-    flags = ["--offload", "sequential", "--models-dir", str(tmp_path), "--quantization", "fp8_storage",
-             "--no-first-block-cache", "--demo"]
+    flags = ["--offload", "budget", "--vram-budget", "20", "--models-dir", str(tmp_path), "--quantization",
+             "fp8_storage", "--no-first-block-cache", "--demo"]
 
     _, app_settings, _ = app.parse_args(flags)
     tool_settings = app.settings_from_args(edit.parse_args(flags))
 
     assert tool_settings == dataclasses.replace(app_settings, port=7871)
-    assert tool_settings.offload == "sequential" and tool_settings.quantization == "fp8_storage"
+    assert tool_settings.offload == "budget" and tool_settings.vram_budget_gb == 20.0
+    assert tool_settings.quantization == "fp8_storage" and tool_settings.demo
 
 
 def test_chroma_key_round_trip_is_exact_on_a_synthetic_layer():

@@ -75,7 +75,10 @@ def _open_rgba(source) -> Image.Image:
 
 
 def read_image_file(path: Path) -> list[Layer]:
-    """One loose image (PNG, WebP, ...): one layer at the top-left corner."""
+    """One loose image (PNG, WebP, ...): one layer at the top-left corner.
+
+    Not `app.read_image_file`: its size limits are the model's input limits, and a layer may be any size.
+    """
     return [Layer(image=_open_rgba(path), name=path.stem, source=path.name)]
 
 
@@ -365,7 +368,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{path} ({len(stack)} layers, canvas {canvas_size(stack)[0]}x{canvas_size(stack)[1]})")
         return 0
     print(f"Serving on http://{args.host}:{args.port}")
-    build_ui().queue().launch(server_name=args.host, server_port=args.port, show_error=True)
+    build_ui().queue().launch(**app.launch_options(app.Settings(host=args.host, port=args.port)))  # the app's upload limit
     return 0
 
 

@@ -193,6 +193,18 @@ def choose_matte(matte: str, rmbg) -> str:
     return "rmbg" if matte in ("auto", "rmbg") and rmbg is not None else "chroma_key"
 
 
+def out_of_memory_message(pipe) -> str:
+    """What to change after a CUDA out-of-memory error (the edit has no layer count or bucket to lower)."""
+    offload = getattr(pipe, "_studio_info", {}).get("offload_mode", "?")
+    if offload == "budget":
+        change = "restart the tool with a smaller --vram-budget (GB; fewer transformer blocks stay resident)"
+    elif offload != "sequential":
+        change = f"restart the tool with --offload budget (now: {offload}; streams what does not fit)"
+    else:
+        change = "a smaller layer"
+    return f"Out of GPU memory during the edit; the memory was freed. Try: {change}; or close other programs that use the GPU."
+
+
 @dataclasses.dataclass
 class EditResult:
     image: Image.Image  # RGBA at the input layer's size
@@ -234,13 +246,19 @@ def edit_layer(
     # 2. Put the layer on the flat green.
     flat = flatten_on_background(rgba)
     # 3. Edit at the pipeline's own size (~1024x1024 area, the model's), with CPU noise as in the app.
+    out_of_memory = False
     try:
         with torch.inference_mode(), torch.autocast("cuda", dtype=torch.bfloat16, enabled=torch.cuda.is_available()):
             edited = pipe(image=flat, prompt=prompt, negative_prompt=negative_prompt, true_cfg_scale=true_cfg_scale,
                           num_inference_steps=num_inference_steps, num_images_per_prompt=1,
                           generator=torch.Generator(device="cpu").manual_seed(seed)).images[0]
+    except torch.OutOfMemoryError:
+        out_of_memory = True  # raised below: the traceback holds the run's tensors until this block is left
     finally:
+        app.release_budget_vram(pipe)  # budget mode: every weight back to its host copy, as after a decomposition
         app.clear_memory()
+    if out_of_memory:
+        raise app.OutOfMemoryError(out_of_memory_message(pipe))
     # 4. Back to the layer's size, then the alpha: matted at the size it is delivered at.
     resized = edited.convert("RGB").resize(rgba.size, Image.LANCZOS)
     alpha = rmbg_matte(rmbg, resized) if matte_used == "rmbg" else chroma_key_matte(resized)
@@ -287,13 +305,14 @@ def build_ui(pipe, settings: app.Settings, rmbg=None, matte: str = DEFAULTS["mat
             result = edit_layer(pipe, image, prompt, negative_prompt=negative_prompt, true_cfg_scale=true_cfg_scale,
                                 num_inference_steps=num_inference_steps, seed=seed, randomize_seed=randomize_seed,
                                 matte=matte, rmbg=rmbg)
-        except ValueError as err:
+        except (ValueError, app.OutOfMemoryError) as err:
             raise gr.Error(str(err)) from err
         folder = save_edit(result, image, settings.outputs, run_info)
         logger.info("Edit saved in %s (%.1f s, matte %s)", folder, result.duration_s, result.matte)
         return result.image, result.seed, f"Alpha recovered by **{result.matte}**. Saved in `{folder}`."
 
-    with gr.Blocks(title="Edit an RGBA layer") as demo:
+    # delete_cache: Gradio deletes its uploads and result copies on the app's schedule, and all of them at exit.
+    with gr.Blocks(title="Edit an RGBA layer", delete_cache=app.gradio_cache_schedule(settings)) as demo:
         gr.Markdown("# Edit an RGBA layer\nQwen-Image-Edit-2509 edits the layer on a flat green; the transparency "
                     "is recovered afterwards. The result keeps the layer's size.")
         if run_info.get("demo"):
@@ -361,8 +380,10 @@ def main(argv: list[str] | None = None) -> int:
                 return 2
             logger.warning("Alpha recovery falls back to the chroma key:\n%s", err)
     demo = build_ui(pipe, settings, rmbg, ns.matte, environment)
+    if app.network_warning(settings):
+        logger.warning(app.network_warning(settings))
     print(f"Serving on http://{settings.host}:{settings.port}")
-    demo.launch(server_name=settings.host, server_port=settings.port, show_error=True)
+    demo.launch(**app.launch_options(settings))
     return 0
 
 
