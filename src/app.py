@@ -4,11 +4,12 @@ The whole runtime lives in this file, top to bottom:
     1. flags            the knobs, each with its reason; command line and environment override them in `parse_args`
     2. environment      `print_environment_info`, `clear_memory`
     3. demo model       a tiny random pipeline of the real classes, for machines without the 57 GB of weights
-    4. loading          `get_model_path`, `load_pipeline`, `apply_memory_optimizations`
-    5. infer            `infer` (one decomposition) and `save_run` (its run folder)
-    6. exports          pure functions `layers -> file`: PNG, ZIP, PPTX, PSD
+    4. loading          `ModelSpec`, `get_model_path`, `load_pipeline`, `apply_memory_optimizations`
+    5. infer            `infer` (one decomposition)
+    6. exports          pure functions `layers -> file`: PNG, ZIP, PPTX, PSD; `save_run` (a run folder)
+    6b. layer stack     `LayerStack`, `replace_layer`, `decompose_layer`, `undo`: decompose a layer again, in place
     7. UI               `build_ui` (Gradio Blocks, port 7869)
-    8. main             `python src/app.py` (UI) and `python src/app.py decompose IMAGE` (headless)
+    8. main             `python src/app.py` (UI) and `python src/app.py decompose IMG_OR_DIR...` (headless batch)
 
 Importing this module loads no model and needs no GPU.
 """
@@ -23,17 +24,24 @@ os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 
 import argparse
+import contextlib
 import dataclasses
 import datetime
+import functools
 import gc
 import io
+import itertools
 import json
 import logging
+import math
 import platform
 import random
+import re
 import shutil
 import sys
 import time
+import unicodedata
+import weakref
 import zipfile
 from pathlib import Path
 from typing import Any, Callable
@@ -59,9 +67,14 @@ PORT = 7869
 
 # "auto" picks per machine in `resolve_offload_mode`. "off": everything on the GPU (needs ~60 GB);
 # "model": whole components move to the GPU in turn (the 41 GB transformer must fit alone);
-# "sequential": accelerate streams every layer from CPU (fits ~1 GB of VRAM, but ~12x slower per step).
+# "sequential": accelerate streams every layer from CPU (fits ~1 GB of VRAM, but ~12x slower per step);
+# "budget": the low-VRAM engine (section 4b): each stage gets the GPU in turn, as many transformer blocks
+# stay resident as VRAM_BUDGET_GB holds and the rest stream in ahead of use (a 24 GB card runs the
+# full model near resident speed; bench/RESULTS.md has the measurements).
 CPU_OFFLOAD_MODE = "auto"
-OFFLOAD_MODES = ("auto", "off", "model", "sequential")
+OFFLOAD_MODES = ("auto", "off", "model", "sequential", "budget")
+# GB of VRAM the "budget" mode may plan for; None: the card's free memory when the model loads.
+VRAM_BUDGET_GB = None
 # Skip the remaining transformer blocks on a step whose first block changed less than the threshold
 # (diffusers' FirstBlockCache). Trades a little fidelity for speed; 0.1 follows the seed.
 ENABLE_FIRST_BLOCK_CACHE = True
@@ -117,6 +130,39 @@ DEFAULTS = dict(
     seed=777,
     randomize_seed=False,
 )
+# The files `decompose DIR` takes from a folder (not recursive); a file named on the command line is tried
+# whatever its name, so a bad one is reported instead of silently left out.
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
+# Exports (section 6). PowerPoint's default widescreen slide is 13.333 in wide; the slide's longer side
+# gets (about) that length and the shorter one follows the image's aspect ratio (PowerPoint accepts 1 to 56 in).
+SLIDE_LONG_SIDE_EMU = 12192000  # 914400 EMU per inch
+# Layers resized to the input's original size use Lanczos, the sharpest of Pillow's filters, for the
+# 1.5-4x upscales from the model's 640/1024 buckets; it runs on premultiplied alpha (no dark halo).
+ORIGINAL_SIZE_RESAMPLE = Image.Resampling.LANCZOS
+# Prompt text in file names is cut to this many UTF-8 bytes: readable, and far under the 255-byte name
+# limit of ext4, NTFS and APFS (a Hangul or Han character takes 3 bytes).
+FILE_NAME_TEXT_MAX_BYTES = 60
+
+# Low-VRAM engine ("budget" mode) planning figures. Sizes in GiB (2**30 bytes), like torch's memory stats.
+# Left free inside the budget: the allocator's cache above its allocated peak (up to 1.2 GB measured), the CUDA
+# context (~0.5 GB on a 4090, outside PyTorch's allocator) and some slack. 24 GB plans for a 21 GB peak.
+BUDGET_SAFETY_MARGIN_GB = 3.0
+# Transformer activations while denoising, per token (image + text), and a fixed part (latents, CFG's two
+# predictions). Measured on the full-size model (bench/bench_24gb.py, H100): 1.11 GB at 10,117 tokens,
+# 2.76 GB at 25,093, 5.45 GB at 49,669: 115 KB per token, nothing fixed worth naming.
+BUDGET_ACTIVATION_KB_PER_TOKEN = 116.0
+BUDGET_ACTIVATION_FIXED_GB = 0.25
+# Each job is planned for its own image tokens plus this many prompt tokens (a 512-token caption and the
+# template); the largest job the UI allows (1024 bucket, 10 layers: layers + 2 frames of 64x64 tokens) must fit.
+BUDGET_PLAN_IMAGE_TOKENS = (LAYERS_RANGE[1] + 2) * (1024 // 16) ** 2
+BUDGET_PLAN_TEXT_TOKENS = 600
+# Streamed blocks on the GPU at once: the one computing and the next one arriving.
+BUDGET_STREAM_BUFFERS = 2
+# Text encoder activations beside its weights: the caption's prefill (image tokens + prompt), its KV cache
+# and the prompt encoding's full-vocabulary logits and hidden states.
+BUDGET_TEXT_ENCODER_ACTIVATION_GB = 1.5
+# Host RAM left to the OS, Python and Gradio beside the page-locked weight copies.
+BUDGET_HOST_RAM_RESERVE_GB = 4.0
 
 
 @dataclasses.dataclass
@@ -138,6 +184,7 @@ class Settings:
     max_upload_size: str | int = MAX_UPLOAD_SIZE  # Gradio's max_file_size: "50mb", or bytes
     outputs_max_gb: float = OUTPUTS_MAX_GB  # 0: no size limit
     outputs_max_age_hours: float = OUTPUTS_MAX_AGE_HOURS  # 0: no age limit
+    vram_budget_gb: float | None = VRAM_BUDGET_GB  # "budget" mode only
 
 
 def _env(name: str, default: Any) -> Any:
@@ -171,6 +218,9 @@ def _add_common_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quantization", default=_env("QUANTIZATION", QUANTIZATION_MODE),
                         choices=[m for m in QUANTIZATION_MODES if m], help="fp8_storage is lossy")
     parser.add_argument("--sage-attention", action="store_true", default=_env("SAGE_ATTENTION", ENABLE_SAGE_ATTENTION))
+    parser.add_argument("--vram-budget", dest="vram_budget_gb", type=float, metavar="GB",
+                        default=_env("VRAM_BUDGET", VRAM_BUDGET_GB),
+                        help="VRAM the budget offload mode may use (default: the GPU's free memory)")
 
 
 def parse_args(argv: list[str] | None = None) -> tuple[str, Settings, argparse.Namespace]:
@@ -181,8 +231,11 @@ def parse_args(argv: list[str] | None = None) -> tuple[str, Settings, argparse.N
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] == "decompose":
         command, argv = "decompose", argv[1:]
-        parser = argparse.ArgumentParser(prog="app.py decompose", description="Decompose one image, headless.")
-        parser.add_argument("image", help="input image file")
+        parser = argparse.ArgumentParser(prog="app.py decompose", description=(
+            "Decompose images headless: the model loads once, every image gets its own run folder, a file "
+            "that fails is reported and skipped; the exit code is 1 when any failed."))
+        parser.add_argument("images", nargs="+", metavar="IMG_OR_DIR",
+                            help="image files, or folders whose " + "/".join(IMAGE_SUFFIXES) + " files are taken")
         parser.add_argument("--layers", type=int, default=DEFAULTS["layers"])
         parser.add_argument("--seed", type=int, default=DEFAULTS["seed"])
         parser.add_argument("--steps", type=int, default=DEFAULTS["num_inference_steps"])
@@ -193,6 +246,8 @@ def parse_args(argv: list[str] | None = None) -> tuple[str, Settings, argparse.N
         parser.add_argument("--zh-caption", dest="use_en_prompt", action="store_false",
                             help="auto-caption in Chinese instead of English")
         parser.add_argument("--out", type=Path, default=None, help="outputs folder (default: --outputs)")
+        parser.add_argument("--original-size", action="store_true",
+                            help="also export the layers resized to the input's size (run folder's original_size/)")
     else:
         command = "ui"
         parser = argparse.ArgumentParser(prog="app.py", description="Qwen-Image-Layered studio (Gradio UI).")
@@ -218,7 +273,13 @@ def parse_args(argv: list[str] | None = None) -> tuple[str, Settings, argparse.N
     for flag in ("outputs_max_gb", "outputs_max_age_hours"):
         if getattr(ns, flag, 0) < 0:
             parser.error(f"--{flag.replace('_', '-')} {getattr(ns, flag)} is negative: use 0 for no limit, or a positive number")
-    settings = Settings(
+    ns.auth = auth
+    return command, settings_from_args(ns), ns
+
+
+def settings_from_args(ns: argparse.Namespace) -> Settings:
+    """Settings from a parser that has `_add_common_args` (the app's, or a tool's with its own --host/--port)."""
+    return Settings(
         host=getattr(ns, "host", HOST),
         port=getattr(ns, "port", PORT),
         offload=ns.offload,
@@ -230,12 +291,12 @@ def parse_args(argv: list[str] | None = None) -> tuple[str, Settings, argparse.N
         first_block_cache_threshold=ns.first_block_cache_threshold,
         quantization=ns.quantization,
         sage_attention=ns.sage_attention,
-        auth=auth,
+        auth=getattr(ns, "auth", None),  # parse_args has turned USER:PASSWORD into (user, password)
         max_upload_size=getattr(ns, "max_upload_size", MAX_UPLOAD_SIZE),
         outputs_max_gb=getattr(ns, "outputs_max_gb", OUTPUTS_MAX_GB),
         outputs_max_age_hours=getattr(ns, "outputs_max_age_hours", OUTPUTS_MAX_AGE_HOURS),
+        vram_budget_gb=ns.vram_budget_gb,
     )
-    return command, settings, ns
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -300,36 +361,34 @@ QWEN_SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_
                        "<|image_pad|>", "<|video_pad|>"]
 
 
-def build_demo_pipeline(path: Path) -> Path:
-    """Build (once) a tiny random QwenImageLayeredPipeline of the real classes and save it to `path`.
+# The layered pipeline's caption and prompt templates: the demo tokenizer learns its merges from them.
+LAYERED_DEMO_CORPUS = ("Describe the image by detailing the color, shape, size, texture, quantity, text, spatial "
+                       "relationships of the objects and background. You are a helpful assistant. Image Annotator.")
 
-    It loads through the same `from_pretrained` path as the real weights, so everything but the output
-    quality is exercised: its layers are noise. Cached: an existing `model_index.json` means done.
+
+def build_demo_components(corpus: str) -> dict[str, Any]:
+    """The parts every tiny Qwen-Image pipeline shares: tokenizer, Qwen2.5-VL text encoder, processor, scheduler.
+
+    Used by `build_demo_pipeline` here and by the edit tool's demo builder (src/tool/edit_rgba_image.py).
+    Seeds torch, so every machine builds the same demo weights; build the pipeline's own models right after.
     """
-    path = Path(path)
-    if (path / "model_index.json").is_file():
-        return path
-    from diffusers import (AutoencoderKLQwenImage, FlowMatchEulerDiscreteScheduler, QwenImageLayeredPipeline,
-                           QwenImageTransformer2DModel)
+    from diffusers import FlowMatchEulerDiscreteScheduler
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import (Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2TokenizerFast,
                               Qwen2VLImageProcessor, Qwen2VLProcessor, Qwen2VLVideoProcessor)
 
-    logger.info("Building the tiny demo pipeline in %s", path)
     # 1. A byte-level BPE tokenizer (Qwen2's kind) trained on the pipeline's own templates.
     bpe = Tokenizer(models.BPE(unk_token=None))
     bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     bpe.decoder = decoders.ByteLevel()
-    corpus = ["Describe the image by detailing the color, shape, size, texture, quantity, text, spatial "
-              "relationships of the objects and background. You are a helpful assistant. Image Annotator."] * 4
-    bpe.train_from_iterator(corpus, trainers.BpeTrainer(
+    bpe.train_from_iterator([corpus] * 4, trainers.BpeTrainer(
         vocab_size=400, special_tokens=QWEN_SPECIAL_TOKENS, show_progress=False,
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
     tokenizer = Qwen2TokenizerFast(tokenizer_object=bpe, eos_token="<|im_end|>", pad_token="<|endoftext|>",
                                    unk_token=None, bos_token=None)
     ids = {t: tokenizer.convert_tokens_to_ids(t) for t in QWEN_SPECIAL_TOKENS}
 
-    # 2. Models. Seeded, so every machine builds the same demo weights.
+    # 2. The text encoder. Seeded, so every machine builds the same demo weights.
     torch.manual_seed(0)
     text_config = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
                        num_key_value_heads=1, vocab_size=len(tokenizer), max_position_embeddings=2048,
@@ -349,9 +408,39 @@ def build_demo_pipeline(path: Path) -> Path:
     video_processor = Qwen2VLVideoProcessor(min_pixels=56 * 56, max_pixels=112 * 112)
     processor = Qwen2VLProcessor(image_processor=image_processor, tokenizer=tokenizer,
                                  video_processor=video_processor)
-    # The real DiT's switches (layer-3D RoPE, the RGB/RGBA t-cond), at 4 blocks of width 32 (enough blocks for
-    # FirstBlockCache to have a tail to skip).
-    # in_channels = 4 * z_dim: latents are packed in 2x2 patches.
+    # 3. The published scheduler config of Qwen-Image (Qwen-Image-Edit-2509 ships the same one).
+    scheduler = FlowMatchEulerDiscreteScheduler(
+        base_image_seq_len=256, base_shift=0.5, max_image_seq_len=8192, max_shift=0.9, num_train_timesteps=1000,
+        shift=1.0, shift_terminal=0.02, time_shift_type="exponential", use_dynamic_shifting=True)
+    return dict(tokenizer=tokenizer, text_encoder=text_encoder, processor=processor, scheduler=scheduler)
+
+
+def save_demo_pipeline(pipe, path: Path, note: str) -> Path:
+    """Save next to the target, then rename: a half-written folder is never taken for a model."""
+    path = Path(path)
+    partial = path.with_name(path.name + ".partial")
+    pipe.save_pretrained(partial)
+    (partial / "DEMO_MODEL.txt").write_text(note + "\n")
+    partial.rename(path)
+    return path
+
+
+def build_demo_pipeline(path: Path) -> Path:
+    """Build (once) a tiny random QwenImageLayeredPipeline of the real classes and save it to `path`.
+
+    It loads through the same `from_pretrained` path as the real weights, so everything but the output
+    quality is exercised: its layers are noise. Cached: an existing `model_index.json` means done.
+    """
+    path = Path(path)
+    if (path / "model_index.json").is_file():
+        return path
+    from diffusers import AutoencoderKLQwenImage, QwenImageLayeredPipeline, QwenImageTransformer2DModel
+
+    logger.info("Building the tiny demo pipeline in %s", path)
+    # 1. Tokenizer, text encoder, processor and scheduler (seeds torch: the weights below follow from it).
+    components = build_demo_components(LAYERED_DEMO_CORPUS)
+    # 2. The real DiT's switches (layer-3D RoPE, the RGB/RGBA t-cond), at 4 blocks of width 32 (enough blocks
+    #    for FirstBlockCache to have a tail to skip). in_channels = 4 * z_dim: latents are packed in 2x2 patches.
     transformer = QwenImageTransformer2DModel(
         patch_size=2, in_channels=32, out_channels=8, num_layers=4, attention_head_dim=16, num_attention_heads=2,
         joint_attention_dim=32, axes_dims_rope=(4, 6, 6), use_additional_t_cond=True, use_layer3d_rope=True)
@@ -359,20 +448,11 @@ def build_demo_pipeline(path: Path) -> Path:
     vae = AutoencoderKLQwenImage(base_dim=4, z_dim=8, dim_mult=[1, 2, 4, 4], num_res_blocks=1,
                                  temperal_downsample=[False, True, True], input_channels=4,
                                  latents_mean=[0.0] * 8, latents_std=[1.0] * 8)
-    # The published scheduler config of Qwen-Image.
-    scheduler = FlowMatchEulerDiscreteScheduler(
-        base_image_seq_len=256, base_shift=0.5, max_image_seq_len=8192, max_shift=0.9, num_train_timesteps=1000,
-        shift=1.0, shift_terminal=0.02, time_shift_type="exponential", use_dynamic_shifting=True)
 
-    # 3. Save next to the target, then rename: a half-written folder is never taken for a model.
-    pipe = QwenImageLayeredPipeline(scheduler=scheduler, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
-                                    processor=processor, transformer=transformer)
-    partial = path.with_name(path.name + ".partial")
-    pipe.save_pretrained(partial)
-    (partial / "DEMO_MODEL.txt").write_text("Tiny random Qwen-Image-Layered pipeline built by src/app.py --demo. "
-                                            "Its layers are noise.\n")
-    partial.rename(path)
-    return path
+    # 3. Save (atomically).
+    pipe = QwenImageLayeredPipeline(vae=vae, transformer=transformer, **components)
+    return save_demo_pipeline(pipe, path, "Tiny random Qwen-Image-Layered pipeline built by src/app.py --demo. "
+                                          "Its layers are noise.")
 
 
 def is_demo_model(path: Path | str) -> bool:
@@ -382,6 +462,24 @@ def is_demo_model(path: Path | str) -> bool:
 # ----------------------------------------------------------------------------------------------------
 # 4. Loading
 # ----------------------------------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class ModelSpec:
+    """What `load_pipeline` loads and where from. The app loads LAYERED_MODEL; each tool passes its own."""
+
+    model_id: str  # the hub repo of the real weights
+    local_dir_name: str  # its folder under models/, looked at before the hub
+    pipeline_class: str | None  # the diffusers pipeline class; None for a plain model folder (e.g. a matting model)
+    build_demo: Callable[[Path], Path] | None  # builds the tiny random pipeline offline (--demo); None: no demo
+    demo_dir_name: str | None  # the demo pipeline's folder under models/
+    download_size: str  # for messages: what a download costs
+    marker_file: str = "model_index.json"  # a folder holding this file is taken as complete
+
+
+LAYERED_MODEL = ModelSpec(model_id=MODEL_ID, local_dir_name=LOCAL_MODEL_DIR.name,
+                          pipeline_class="QwenImageLayeredPipeline", build_demo=build_demo_pipeline,
+                          demo_dir_name=DEMO_MODEL_DIR.name, download_size="~57 GB")
+
+
 class ModelNotAvailableError(RuntimeError):
     """No local weights and the hub could not provide them. The message says what to do."""
 
@@ -396,37 +494,47 @@ def setup_cuda_optimizations() -> list[str]:
     return ["tf32", "cudnn_benchmark"]
 
 
-def offline_message(models_dir: Path) -> str:
-    return (
-        f"No Qwen-Image-Layered weights found and the Hugging Face hub could not be reached.\n"
-        f"  Put the weights (the folder with model_index.json, ~57 GB) in: {Path(models_dir) / LOCAL_MODEL_DIR.name}\n"
-        f"  or pass --model /path/to/Qwen-Image-Layered,\n"
-        f"  or run with network access once so they download there,\n"
-        f"  or try the app offline with --demo (a tiny random model: it runs everything, but its layers are noise)."
-    )
+def offline_message(models_dir: Path, spec: ModelSpec = LAYERED_MODEL) -> str:
+    name = spec.model_id.split("/")[-1]
+    lines = [f"No {name} weights found and the Hugging Face hub could not be reached.",
+             f"  Put the weights (the folder with {spec.marker_file}, {spec.download_size}) in: "
+             f"{Path(models_dir) / spec.local_dir_name}"]
+    if spec.pipeline_class:
+        lines.append(f"  or pass --model /path/to/{name},")
+    lines.append("  or run with network access once so they download there" + ("," if spec.build_demo else "."))
+    if spec.build_demo:
+        lines.append("  or try it offline with --demo (a tiny random model: it runs everything, but its output is noise).")
+    return "\n".join(lines)
 
 
-def get_model_path(settings: Settings) -> Path:
-    """Where the pipeline comes from: --demo, --model, the local models/ folder, else the hub."""
-    if settings.demo:
-        return build_demo_pipeline(Path(settings.models_dir) / DEMO_MODEL_DIR.name)
-    if settings.model:
-        path = Path(settings.model)
-        if not (path / "model_index.json").is_file():
-            raise ModelNotAvailableError(f"--model {path} holds no model_index.json: pass the folder of a "
-                                         f"diffusers pipeline (the one that contains model_index.json).")
-        return path
-    local = Path(settings.models_dir) / LOCAL_MODEL_DIR.name
-    if (local / "model_index.json").is_file():
+def find_weights(models_dir: Path, spec: ModelSpec = LAYERED_MODEL) -> Path:
+    """The local folder `models_dir/<spec.local_dir_name>` when complete, else a hub download into it."""
+    local = Path(models_dir) / spec.local_dir_name
+    if (local / spec.marker_file).is_file():
         return local
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
 
-    logger.info("No weights in %s: downloading %s from the hub (~57 GB)", local, MODEL_ID)
+    logger.info("No weights in %s: downloading %s from the hub (%s)", local, spec.model_id, spec.download_size)
     try:
-        return Path(snapshot_download(MODEL_ID, local_dir=local))
+        return Path(snapshot_download(spec.model_id, local_dir=local))
     except (LocalEntryNotFoundError, HfHubHTTPError, OSError) as err:
-        raise ModelNotAvailableError(offline_message(settings.models_dir) + f"\n  (hub error: {type(err).__name__})") from err
+        raise ModelNotAvailableError(offline_message(models_dir, spec) + f"\n  (hub error: {type(err).__name__})") from err
+
+
+def get_model_path(settings: Settings, spec: ModelSpec = LAYERED_MODEL) -> Path:
+    """Where the pipeline comes from: --demo, --model, the local models/ folder, else the hub."""
+    if settings.demo:
+        if spec.build_demo is None:
+            raise ModelNotAvailableError(f"{spec.model_id} has no demo model: run without --demo.")
+        return spec.build_demo(Path(settings.models_dir) / spec.demo_dir_name)
+    if settings.model:
+        path = Path(settings.model)
+        if not (path / spec.marker_file).is_file():
+            raise ModelNotAvailableError(f"--model {path} holds no {spec.marker_file}: pass the folder of a "
+                                         f"diffusers pipeline (the one that contains {spec.marker_file}).")
+        return path
+    return find_weights(settings.models_dir, spec)
 
 
 def resolve_offload_mode(mode: str, cuda_available: bool, vram_gb: float | None) -> str:
@@ -434,6 +542,9 @@ def resolve_offload_mode(mode: str, cuda_available: bool, vram_gb: float | None)
     if mode not in OFFLOAD_MODES:
         raise ValueError(f"offload mode {mode!r} is not one of {OFFLOAD_MODES}")
     if not cuda_available:
+        if mode == "budget":  # the same hooks with every weight on the CPU: nothing moves (CI tests it this way)
+            logger.info("Offload mode 'budget' without a CUDA GPU: everything stays on the CPU.")
+            return "budget"
         if mode not in ("auto", "off"):
             logger.warning("Offload mode %r needs a CUDA GPU; none found, running everything on the CPU.", mode)
         return "off"
@@ -441,9 +552,16 @@ def resolve_offload_mode(mode: str, cuda_available: bool, vram_gb: float | None)
         return mode
     if vram_gb >= 64:  # transformer 41 GB + text encoder 17 GB + VAE + activations
         return "off"
-    if vram_gb >= 48:  # the 41 GB transformer fits alone, with room for activations
-        return "model"
-    return "sequential"
+    return "budget"  # smaller cards: the low-VRAM engine (section 4b); it fits ~20 GB and up
+
+
+def default_vram_budget_gb(settings: Settings) -> float:
+    """--vram-budget, else the GPU's free memory now (the whole budget when there is no GPU: nothing moves)."""
+    if settings.vram_budget_gb is not None:
+        return float(settings.vram_budget_gb)
+    if not torch.cuda.is_available():
+        return float("inf")
+    return torch.cuda.mem_get_info()[0] / 2**30
 
 
 def apply_memory_optimizations(pipe, settings: Settings, offload_mode: str) -> list[str]:
@@ -471,6 +589,8 @@ def apply_memory_optimizations(pipe, settings: Settings, offload_mode: str) -> l
     elif offload_mode == "sequential":
         pipe.enable_sequential_cpu_offload()  # accelerate hooks stream each layer's weights
         applied.append("sequential_cpu_offload")
+    elif offload_mode == "budget":
+        applied += enable_budget_offload(pipe, default_vram_budget_gb(settings))  # section 4b
     else:
         raise ValueError(f"offload mode {offload_mode!r} is not one of {OFFLOAD_MODES[1:]}")
 
@@ -478,7 +598,11 @@ def apply_memory_optimizations(pipe, settings: Settings, offload_mode: str) -> l
     if ENABLE_VAE_SLICING:
         pipe.vae.enable_slicing()
         applied.append("vae_slicing")
-    if ENABLE_VAE_TILING:
+    if ENABLE_VAE_TILING and not on_cuda:
+        # Tiling only saves GPU memory; on the CPU it costs time (measured on the demo models, 2 cores:
+        # a 2-step 640 layered run 57 s tiled vs 31 s untiled; one 1248x832 edit encode+decode 66 s vs 20 s).
+        logger.info("vae_tiling not applied: it only saves GPU memory, and on the CPU it makes the VAE 2-3x slower.")
+    elif ENABLE_VAE_TILING:
         pipe.vae.enable_tiling()
         applied.append("vae_tiling")
 
@@ -502,22 +626,24 @@ def apply_memory_optimizations(pipe, settings: Settings, offload_mode: str) -> l
     return applied
 
 
-def load_pipeline(settings: Settings):
-    """Load the QwenImageLayeredPipeline (bf16 on CUDA, float32 on CPU) and apply the memory features."""
-    from diffusers import QwenImageLayeredPipeline
+def load_pipeline(settings: Settings, spec: ModelSpec = LAYERED_MODEL):
+    """Load `spec`'s pipeline (bf16 on CUDA, float32 on CPU) and apply the memory features."""
+    import diffusers
 
     # 1. Find the weights (raises ModelNotAvailableError with what to do).
-    model_path = get_model_path(settings)
+    model_path = get_model_path(settings, spec)
     # 2. Pick the dtype: bf16 is the model's dtype; PyTorch's CPU bf16 convolutions are ~20x slower than
     #    float32 (measured: a 2-step demo run took 214 s in bf16, 11 s in float32), so the CPU uses float32.
     cuda = torch.cuda.is_available()
     dtype = torch.bfloat16 if cuda else torch.float32
     vram_gb = torch.cuda.get_device_properties(0).total_memory / 2**30 if cuda else None
     offload_mode = resolve_offload_mode(settings.offload, cuda, vram_gb)
+    if offload_mode == "budget":  # say it before loading: the page-locked copies need the RAM
+        check_host_ram(pipeline_weight_gb(model_path))
     setup_cuda_optimizations()
     # 3. Load through from_pretrained, the same path for the real and the demo weights.
     start = time.perf_counter()
-    pipe = QwenImageLayeredPipeline.from_pretrained(model_path, dtype=dtype)
+    pipe = getattr(diffusers, spec.pipeline_class).from_pretrained(model_path, dtype=dtype)
     applied = apply_memory_optimizations(pipe, settings, offload_mode)
     # Attach what the run folders record.
     pipe._studio_info = dict(model_path=str(model_path), offload_mode=offload_mode, dtype=str(dtype).replace("torch.", ""),
@@ -528,6 +654,420 @@ def load_pipeline(settings: Settings):
     if pipe._studio_info["demo"]:
         logger.warning("DEMO MODEL in use: tiny random weights, the layers are noise.")
     return pipe
+
+
+# ----------------------------------------------------------------------------------------------------
+# 4b. Low-VRAM engine: offload mode "budget"
+# ----------------------------------------------------------------------------------------------------
+# A decomposition runs in stages, and each stage has the GPU to itself:
+#   "text_encoder"  caption + prompt encoding with all 8.3B weights resident (16.6 GB: they fit a 24 GB card);
+#   "transformer"   as many of the 60 blocks resident as the budget holds after activations; each other block
+#                   is copied in on a side CUDA stream while the blocks before it compute (diffusers' group
+#                   offloading ModuleGroup + GroupOffloadingHook, one block per group, chained in block order);
+#   "vae"           encode and decode (the VAE's 0.25 GB stay on the GPU throughout).
+# Off the GPU, each model's weights live in one page-locked host buffer: entering a stage is one copy at PCIe
+# speed, leaving it is free (the GPU copy is dropped; the host copy never changes).
+# FirstBlockCache's hooks wrap ours: a step it skips never calls the later blocks, so none of their weights
+# move (bench/bench_24gb.py counts block calls and bytes moved).
+_PAGE_BYTES = 4096  # cudaHostRegister locks whole pages
+_TENSOR_ALIGN_BYTES = 512  # each tensor starts aligned inside the host buffer: full-speed copies, any dtype
+_START_STREAMING_HOOK = "budget_start_streaming"
+
+
+@dataclasses.dataclass(frozen=True)
+class BudgetPlan:
+    """How the "budget" mode shares the GPU; `plan_budget` computes it. Sizes in GiB."""
+
+    vram_budget_gb: float
+    resident_blocks: tuple[int, ...]  # transformer blocks that stay on the GPU while denoising
+    streamed_blocks: tuple[int, ...]  # transformer blocks copied in just ahead of use
+    image_tokens: int  # the job the plan leaves activation room for
+    denoise_peak_gb: float  # predicted allocator peak while denoising that job
+    text_encoder_peak_gb: float  # predicted allocator peak while captioning / encoding the prompt
+    host_ram_gb: float  # page-locked host copies of the transformer and the text encoder
+
+    def describe(self) -> str:
+        blocks = len(self.resident_blocks) + len(self.streamed_blocks)
+        return (f"budget {self.vram_budget_gb:g} GB: {len(self.resident_blocks)}/{blocks} transformer blocks resident, "
+                f"{len(self.streamed_blocks)} streamed; predicted peak {self.denoise_peak_gb:.1f} GB denoising "
+                f"{self.image_tokens} image tokens, {self.text_encoder_peak_gb:.1f} GB encoding text; "
+                f"{self.host_ram_gb:.1f} GB of page-locked host RAM")
+
+
+def activation_gb(tokens: int) -> float:
+    """Planned transformer activation memory (GiB) for a forward over `tokens` image + text tokens."""
+    return BUDGET_ACTIVATION_FIXED_GB + tokens * BUDGET_ACTIVATION_KB_PER_TOKEN * 1024 / 2**30
+
+
+def streamed_block_indices(num_blocks: int, num_resident: int) -> tuple[int, ...]:
+    """Which blocks stream: spread evenly, so each copy overlaps the compute of the resident blocks before it.
+
+    Block 0 always stays (FirstBlockCache decides from its output); block 1 too when it can: its start
+    begins the first copy, and it runs only on steps FirstBlockCache computes.
+    """
+    num_streamed = num_blocks - num_resident
+    if num_streamed <= 0:
+        return ()
+    candidates = range(2 if num_resident >= 2 else 1, num_blocks)
+    return tuple(candidates[int((i + 0.5) * len(candidates) / num_streamed)] for i in range(num_streamed))
+
+
+def plan_budget(
+    vram_budget_gb: float,
+    *,
+    block_gb: float,
+    num_blocks: int,
+    other_transformer_gb: float,
+    text_encoder_gb: float,
+    vae_gb: float,
+    image_tokens: int = BUDGET_PLAN_IMAGE_TOKENS,
+    resident_blocks: int | None = None,
+) -> BudgetPlan:
+    """How many transformer blocks stay on the GPU within `vram_budget_gb`. Pure arithmetic on sizes (GiB).
+
+    Raises ValueError naming the minimum budget when the text encoder cannot be resident, or when not even
+    one transformer block fits beside the streamed ones. `resident_blocks` overrides the count (tests, tuning).
+    """
+    # 1. What the denoising stage holds besides its resident blocks: the transformer's other layers, the VAE,
+    #    activations for the planned job, and the margin. Streaming adds two blocks in flight.
+    fixed = other_transformer_gb + vae_gb + activation_gb(image_tokens + BUDGET_PLAN_TEXT_TOKENS) + BUDGET_SAFETY_MARGIN_GB
+    streaming = BUDGET_STREAM_BUFFERS * block_gb
+    text_encoder_peak = text_encoder_gb + vae_gb + BUDGET_TEXT_ENCODER_ACTIVATION_GB
+
+    # 2. The minimum: the whole text encoder resident; block 0 resident and the others streamed.
+    minimum = max(fixed + block_gb + (streaming if num_blocks > 1 else 0.0),
+                  text_encoder_peak + BUDGET_SAFETY_MARGIN_GB)
+    if vram_budget_gb < minimum:
+        raise ValueError(
+            f"--vram-budget {vram_budget_gb:g} GB is too small for the budget offload mode: it needs at least "
+            f"{minimum:.1f} GB (the {text_encoder_gb:.1f} GB text encoder resident while it runs; one transformer "
+            f"block resident and {BUDGET_STREAM_BUFFERS} streaming, activations for {image_tokens} image tokens, and "
+            f"a {BUDGET_SAFETY_MARGIN_GB:g} GB margin). Pass --vram-budget {math.ceil(minimum)} or more, or use "
+            f"--offload sequential (fits ~1 GB, about 12x slower per step).")
+
+    # 3. As many resident blocks as fit. With all of them resident nothing streams and no buffers are needed.
+    if fixed + num_blocks * block_gb <= vram_budget_gb:
+        count = num_blocks
+    else:
+        count = min(num_blocks - 1, int((vram_budget_gb - fixed - streaming) // block_gb))
+    if resident_blocks is not None:
+        if not 1 <= resident_blocks <= num_blocks:
+            raise ValueError(f"resident_blocks={resident_blocks} is out of range: use 1 to {num_blocks}")
+        count = resident_blocks
+    streamed = streamed_block_indices(num_blocks, count)
+    return BudgetPlan(
+        vram_budget_gb=vram_budget_gb,
+        resident_blocks=tuple(i for i in range(num_blocks) if i not in streamed),
+        streamed_blocks=streamed,
+        image_tokens=image_tokens,
+        denoise_peak_gb=fixed - BUDGET_SAFETY_MARGIN_GB + count * block_gb + (streaming if streamed else 0.0),
+        text_encoder_peak_gb=text_encoder_peak,
+        host_ram_gb=other_transformer_gb + num_blocks * block_gb + text_encoder_gb,
+    )
+
+
+def pipeline_weight_gb(model_path: Path | str) -> float:
+    """GiB of transformer + text encoder weights in a diffusers folder, read from the file sizes (before loading)."""
+    files = [f for sub in ("transformer", "text_encoder") for f in (Path(model_path) / sub).glob("*.safetensors")]
+    return sum(f.stat().st_size for f in files) / 2**30
+
+
+def check_host_ram(needed_gb: float, available_gb: float | None = None) -> None:
+    """Raise before loading when host RAM cannot hold the page-locked weight copies of the budget mode."""
+    if available_gb is None:
+        import psutil
+
+        available_gb = psutil.virtual_memory().available / 2**30
+    if needed_gb + BUDGET_HOST_RAM_RESERVE_GB > available_gb:
+        raise ValueError(
+            f"The budget offload mode keeps page-locked copies of the weights in host RAM: it needs {needed_gb:.1f} GB "
+            f"plus {BUDGET_HOST_RAM_RESERVE_GB:g} GB for the system, and {available_gb:.1f} GB is available. Close other "
+            f"programs or add RAM; --quantization fp8_storage halves the transformer's share (lossy).")
+
+
+def _module_gb(*modules: torch.nn.Module) -> float:
+    return sum(t.numel() * t.element_size() for m in modules for t in itertools.chain(m.parameters(), m.buffers())) / 2**30
+
+
+def _page_lock(flat: torch.Tensor) -> bool:
+    """Page-lock a host buffer in place (cudaHostRegister); False, with a warning, when the driver refuses."""
+    size = -(-flat.numel() // _PAGE_BYTES) * _PAGE_BYTES
+    error = int(torch.cuda.cudart().cudaHostRegister(flat.data_ptr(), size, 0))
+    if error != 0:
+        logger.warning("Could not page-lock %.1f GB of host weight copies (cudaError %d): stage changes copy at pageable "
+                       "speed and diffusers pins its own copies of the streamed blocks (~1.6x their size in RAM).",
+                       size / 2**30, error)
+    return error == 0
+
+
+def _host_copies(module: torch.nn.Module, on_cuda: bool) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Move every parameter and buffer of `module` into one page-locked host buffer; return (tensor, host) pairs.
+
+    Not `tensor.pin_memory()` per tensor, as diffusers' group offloading does: PyTorch's pinned allocator rounds
+    each request up to a power of two, ~1.6x the RAM for this model's 19-113 MB weights (a 75 MB MLP weight
+    takes 128 MB). One buffer locked in place costs exactly the weights' size, and diffusers' ModuleGroup takes
+    an already pinned tensor as its host copy. Done once per module: a second call finds the buffer in place.
+    Without CUDA each tensor is its own host copy (nothing moves; a copy's new alignment alone can change
+    CPU matmul rounding, and "budget" must equal "off" there).
+    """
+    tensors = list({id(t): t for t in itertools.chain(module.parameters(), module.buffers())}.values())
+    if not on_cuda:
+        return [(t, t.data) for t in tensors]
+    existing = getattr(module, "_budget_host_copies", None)
+    if existing is not None and len(existing["pairs"]) == len(tensors) and all(
+            t is old and t.data_ptr() == host.data_ptr() for (old, host), t in zip(existing["pairs"], tensors)):
+        return existing["pairs"]
+
+    # 1. One buffer, each tensor at an aligned offset, the start page-aligned for cudaHostRegister.
+    offsets, total = [], 0
+    for tensor in tensors:
+        offsets.append(total)
+        total += -(-tensor.numel() * tensor.element_size() // _TENSOR_ALIGN_BYTES) * _TENSOR_ALIGN_BYTES
+    raw = torch.empty(total + 2 * _PAGE_BYTES, dtype=torch.uint8)
+    start = -raw.data_ptr() % _PAGE_BYTES
+    flat = raw[start : start + total]
+    # 2. Lock before copying when the weights come from the GPU (the copies then run at full PCIe speed), after
+    #    copying when they come from host RAM (the old tensors are freed one by one: the weights never exist twice).
+    from_gpu = any(t.is_cuda for t in tensors)
+    locked = from_gpu and _page_lock(flat)
+    pairs = []
+    for tensor, offset in zip(tensors, offsets):
+        host = flat[offset : offset + tensor.numel() * tensor.element_size()].view(tensor.dtype).view(tensor.shape)
+        host.copy_(tensor.data)
+        tensor.data = host
+        pairs.append((tensor, host))
+    if not from_gpu:
+        locked = _page_lock(flat)
+    if locked:  # unlock before the memory goes back to the system
+        weakref.finalize(flat, torch.cuda.cudart().cudaHostUnregister, flat.data_ptr())
+    module._budget_host_copies = dict(pairs=pairs, flat=flat, locked=locked)
+    return pairs
+
+
+class _BudgetStages:
+    """Which stage's weights are on the GPU, and which transformer blocks stream for the job at hand.
+
+    `enter(stage)` switches stages; the transformer's stage is planned per job (its image tokens), so a 640 px
+    job keeps more blocks resident than the largest one. `release()` sends everything back and empties the GPU.
+    """
+
+    def __init__(self, device: torch.device, plan_for: Callable[[int], BudgetPlan], weights: dict[str, list],
+                 block_weights: list[list], hooks: dict, start_hook, stream: "torch.cuda.Stream | None"):
+        self.device = device
+        self.plan_for = plan_for  # image tokens -> BudgetPlan
+        self.weights = weights  # "transformer" (all but its blocks), "text_encoder": [(tensor, host copy)]
+        self.block_weights = block_weights  # per transformer block: [(tensor, host copy)]
+        self.hooks = hooks  # block index (1 on) -> its group-offloading hook
+        self.start_hook = start_hook
+        self.stream = stream
+        self.plan: BudgetPlan | None = None  # the current job's split
+        self.current: str | None = None
+        self.stage_bytes = 0  # copied to the GPU by stage changes so far (for logs and the benchmark)
+        self.undo: list[Callable[[], None]] = []  # what `disable_budget_offload` runs
+
+    @property
+    def streamed_groups(self) -> list:
+        return [hook.group for hook in self.hooks.values()]
+
+    def enter(self, stage: str, image_tokens: int | None = None) -> None:
+        same_job = self.plan is not None and image_tokens in (None, self.plan.image_tokens)
+        if stage == self.current and (stage != "transformer" or same_job):
+            return
+        self.release()
+        weights = list(self.weights.get(stage, ()))
+        if stage == "transformer":
+            self._split(image_tokens if image_tokens is not None else BUDGET_PLAN_IMAGE_TOKENS)
+            weights += [pair for i in self.plan.resident_blocks for pair in self.block_weights[i]]
+        for tensor, host in weights:
+            tensor.data = host.to(self.device, non_blocking=True)
+            self.stage_bytes += host.numel() * host.element_size()
+        self.current = stage
+
+    def _split(self, image_tokens: int) -> None:
+        """Plan this job: resident blocks skip their hooks; the streamed ones are chained in block order."""
+        if self.plan is None or self.plan.image_tokens != image_tokens:
+            self.plan = self.plan_for(image_tokens)
+            logger.info("Low-VRAM engine, this job: %s", self.plan.describe())
+        streamed = [self.hooks[i] for i in self.plan.streamed_blocks]
+        for hook in self.hooks.values():
+            hook.resident = hook not in streamed
+            hook.next_group = None
+            # Started by the streamed block before it. The first one: by block 1 (the start hook), or, when
+            # block 1 streams too, by diffusers' own fallback (a synchronous copy on first use).
+            hook.group.onload_self = False
+        for hook, next_hook in zip(streamed, streamed[1:]):
+            hook.next_group = next_hook.group
+        self.start_hook.group = streamed[0].group if streamed else None
+
+    def release(self) -> None:
+        """Every weight back to its host copy (also after an error mid-run) and the allocator's cache emptied."""
+        if self.stream is not None:
+            self.stream.synchronize()  # a block copy may still be in flight
+        for weights in [*self.weights.values(), *self.block_weights]:
+            for tensor, host in weights:
+                tensor.data = host
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+        self.current = None
+
+
+def enable_budget_offload(pipe, vram_budget_gb: float, resident_blocks: int | None = None) -> list[str]:
+    """Offload mode "budget" (see the comment above): plan, then apply. Returns what was applied, by name.
+
+    Without CUDA the same hooks run with every weight on the CPU: nothing moves and the outputs equal "off"
+    (tests/test_budget_offload.py checks this on the demo pipeline). Weight storage (fp8) goes first, and
+    FirstBlockCache, if enabled before, is put back outside our hooks. `resident_blocks` fixes the number of
+    resident transformer blocks for every job (tests, tuning); by default each job gets as many as fit.
+    """
+    from diffusers.hooks import HookRegistry, ModelHook
+    from diffusers.hooks.group_offloading import (_GROUP_OFFLOADING, GroupOffloadingConfig, GroupOffloadingHook,
+                                                  GroupOffloadingType, ModuleGroup)
+
+    transformer, text_encoder, vae = pipe.transformer, pipe.text_encoder, pipe.vae
+    blocks = transformer.transformer_blocks
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    on_cuda = device.type == "cuda"
+    host = torch.device("cpu")
+
+    # 1. Plan from the loaded weights (fp8 storage, applied before, halves the blocks). The largest job the UI
+    #    allows must fit: that raises here, before anything moves, when the budget is too small.
+    sizes = dict(block_gb=max(_module_gb(block) for block in blocks), num_blocks=len(blocks),
+                 other_transformer_gb=_module_gb(transformer) - _module_gb(*blocks),
+                 text_encoder_gb=_module_gb(text_encoder), vae_gb=_module_gb(vae))
+
+    def plan_for(image_tokens: int) -> BudgetPlan:
+        return plan_budget(vram_budget_gb, image_tokens=image_tokens, resident_blocks=resident_blocks, **sizes)
+
+    largest = plan_for(BUDGET_PLAN_IMAGE_TOKENS)
+    default = plan_for((DEFAULTS["layers"] + 2) * (DEFAULTS["resolution"] // 16) ** 2)
+    logger.info("Low-VRAM engine: %s; at the default job (%d px, %d layers): %d blocks resident", largest.describe(),
+                DEFAULTS["resolution"], DEFAULTS["layers"], len(default.resident_blocks))
+
+    # 2. FirstBlockCache must wrap our hooks, so that a skipped step never reaches a streamed block: take it off
+    #    now, put it back last.
+    cache_config = transformer._cache_config
+    if cache_config is not None:
+        transformer.disable_cache()
+
+    # 3. Each model's weights move into its host buffer; the VAE stays on the GPU.
+    transformer_weights = _host_copies(transformer, on_cuda)
+    text_encoder_weights = _host_copies(text_encoder, on_cuda)
+    vae.to(device)
+
+    # 4. Blocks 1.. get one diffusers ModuleGroup each; per job, the streamed ones are chained in block order, so
+    #    each streamed block's start copies the next one in on the side stream, and the resident ones skip their
+    #    hook. apply_group_offloading would stream every block or none, hence the groups by hand.
+    #    record_stream=False: a streamed block's GPU copy is freed as soon as it has run (the host waits for it
+    #    there; it waits for the next copy anyway), so at most two are on the GPU.
+    class PageLockedModuleGroup(ModuleGroup):
+        """A ModuleGroup whose host copies are the page-locked buffer as it is. torch's `is_pinned()` does not see
+        memory locked with cudaHostRegister (torch 2.11: False, while copies from it ran at 54 GB/s), so plain
+        ModuleGroup pins a second, power-of-two-rounded copy of every weight (measured: +40 GB of RAM, +40 s)."""
+
+        def _init_cpu_param_dict(self):
+            return {t: t.data for m in self.modules for t in itertools.chain(m.parameters(), m.buffers())}
+
+        @contextlib.contextmanager
+        def _pinned_memory_tensors(self):
+            yield self.cpu_param_dict
+
+    class BudgetBlockHook(GroupOffloadingHook):
+        """diffusers' group-offloading hook that stands aside while its block is resident for the current job."""
+
+        resident = False
+
+        def pre_forward(self, module, *args, **kwargs):
+            return (args, kwargs) if self.resident else super().pre_forward(module, *args, **kwargs)
+
+        def post_forward(self, module, output):
+            return output if self.resident else super().post_forward(module, output)
+
+    class StartStreamingHook(ModelHook):
+        """On block 1, which runs only on steps FirstBlockCache computes: start copying the first streamed block."""
+
+        group = None
+
+        def pre_forward(self, module, *args, **kwargs):
+            if self.group is not None:
+                self.group.onload_()
+            return args, kwargs
+
+    stream = torch.cuda.Stream() if on_cuda else None
+    config = GroupOffloadingConfig(onload_device=device, offload_device=host, offload_type=GroupOffloadingType.BLOCK_LEVEL,
+                                   non_blocking=on_cuda, record_stream=False, low_cpu_mem_usage=False,
+                                   num_blocks_per_group=1, stream=stream)
+    hooks = {}
+    for index, block in enumerate(blocks):
+        registry = HookRegistry.check_if_exists_or_initialize(block)
+        if index == 0:  # always resident: FirstBlockCache decides from its output
+            continue
+        group = PageLockedModuleGroup(modules=[block], offload_device=host, onload_device=device, offload_leader=block,
+                                      onload_leader=block, non_blocking=on_cuda, stream=stream, record_stream=False,
+                                      onload_self=False, group_id=f"transformer_blocks.{index}")
+        hooks[index] = BudgetBlockHook(group, config=config)
+        registry.register_hook(hooks[index], _GROUP_OFFLOADING)
+    start_hook = StartStreamingHook()
+    if len(blocks) > 1:
+        HookRegistry.check_if_exists_or_initialize(blocks[1]).register_hook(start_hook, _START_STREAMING_HOOK)
+
+    # 5. Stages: each model, when called, first brings its stage's weights to the GPU and sends the others back.
+    block_ids = [{id(t) for t in itertools.chain(b.parameters(), b.buffers())} for b in blocks]
+    in_blocks = set().union(*block_ids)
+    stages = _BudgetStages(
+        device, plan_for,
+        {"transformer": [pair for pair in transformer_weights if id(pair[0]) not in in_blocks],
+         "text_encoder": text_encoder_weights},
+        [[pair for pair in transformer_weights if id(pair[0]) in ids] for ids in block_ids],
+        hooks, start_hook, stream)
+
+    def enter_transformer(module, args, kwargs):
+        hidden_states = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
+        stages.enter("transformer", image_tokens=hidden_states.shape[1])
+
+    stages.undo.append(transformer.register_forward_pre_hook(enter_transformer, with_kwargs=True).remove)
+    for module, stage in ((text_encoder, "text_encoder"), (vae.encoder, "vae"), (vae.decoder, "vae")):
+        handle = module.register_forward_pre_hook(lambda module, args, stage=stage: stages.enter(stage))
+        stages.undo.append(handle.remove)
+    # transformers' generate() reads the model's device before its first forward: the weights must be on the GPU
+    # when generate starts.
+    generate = text_encoder.generate
+
+    @functools.wraps(generate)
+    def generate_on_gpu(*args, **kwargs):
+        stages.enter("text_encoder")
+        return generate(*args, **kwargs)
+
+    text_encoder.generate = generate_on_gpu
+    stages.undo.append(lambda: delattr(text_encoder, "generate"))
+    for block in blocks:
+        registry = HookRegistry.check_if_exists_or_initialize(block)
+        stages.undo.append(functools.partial(registry.remove_hook, _GROUP_OFFLOADING, recurse=False))
+        stages.undo.append(functools.partial(registry.remove_hook, _START_STREAMING_HOOK, recurse=False))
+    pipe._budget_stages = stages
+
+    # 6. FirstBlockCache back on, outside.
+    if cache_config is not None:
+        transformer.enable_cache(cache_config)
+    applied = [f"budget_offload({largest.describe()}; {len(default.resident_blocks)} blocks resident at the default job)"]
+    if on_cuda and not all(m._budget_host_copies["locked"] for m in (transformer, text_encoder)):
+        applied.append("host_copies_not_page_locked")
+    return applied
+
+
+def release_budget_vram(pipe) -> None:
+    """Budget mode: send every weight back to its host copy and empty the allocator (after a run or an OOM)."""
+    stages = getattr(pipe, "_budget_stages", None)
+    if stages is not None:
+        stages.release()
+
+
+def disable_budget_offload(pipe) -> None:
+    """Undo `enable_budget_offload`: hooks off, weights left in their host copies (on the CPU)."""
+    stages = pipe._budget_stages
+    stages.release()
+    for undo in stages.undo:
+        undo()
+    del pipe._budget_stages
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -555,8 +1095,10 @@ def out_of_memory_message(pipe, layers: int, resolution: int) -> str:
         changes.append(f"fewer layers (this run asked for {layers})")
     if resolution != RESOLUTIONS[0]:
         changes.append(f"resolution {RESOLUTIONS[0]} (this run used {resolution})")
-    if offload != "sequential":
-        changes.append(f"restart the app with --offload sequential (now: {offload}; slower, fits ~1 GB of VRAM)")
+    if offload == "budget":
+        changes.append("restart the app with a smaller --vram-budget (GB; fewer transformer blocks stay resident)")
+    elif offload != "sequential":
+        changes.append(f"restart the app with --offload budget (now: {offload}; streams what does not fit)")
     changes.append("close other programs that use the GPU")
     return "Out of GPU memory during the decomposition; the memory was freed. Try: " + "; or ".join(changes) + "."
 
@@ -719,12 +1261,13 @@ def infer(
                 generator=generator,
                 num_images_per_prompt=1,
             )
-    except torch.cuda.OutOfMemoryError:
+    except torch.OutOfMemoryError:
         # Not re-raised here: the exception's traceback holds the run's tensors, so it must be gone before
         # `clear_memory` can give their memory back.
         out_of_memory = True
     finally:
-        # 4. Free what the run left on the device, also after an error.
+        # 4. Free what the run left on the device, also after an error (budget mode: every weight to its host copy).
+        release_budget_vram(pipe)
         clear_memory()
     if out_of_memory:
         logger.warning("Out of GPU memory (layers=%d, resolution=%d); memory freed.", layers, resolution)
@@ -752,12 +1295,85 @@ def infer(
 # ----------------------------------------------------------------------------------------------------
 # 6. Exports: pure functions, layers -> file (bottom first), no Gradio in them
 # ----------------------------------------------------------------------------------------------------
+def check_layers(layers: list[Image.Image], names: list[str] | None = None) -> None:
+    """Exporters take one canvas: at least one layer, all of the first layer's size, one name per layer."""
+    if not layers:
+        raise ValueError("layers is empty: pass at least one RGBA layer (bottom first)")
+    for index, layer in enumerate(layers):
+        if layer.size != layers[0].size:
+            raise ValueError(f"layer {index + 1} is {layer.width}x{layer.height} but layer 1 is "
+                             f"{layers[0].width}x{layers[0].height}: all layers must share one canvas size")
+    if names is not None and len(names) != len(layers):
+        raise ValueError(f"{len(names)} names for {len(layers)} layers: pass one name per layer, or none")
+
+
 def composite_layers(layers: list[Image.Image]) -> Image.Image:
     """Stack RGBA layers bottom first with Porter-Duff "over"."""
+    check_layers(layers)
     canvas = Image.new("RGBA", layers[0].size, (0, 0, 0, 0))
     for layer in layers:
         canvas = Image.alpha_composite(canvas, layer.convert("RGBA"))
     return canvas
+
+
+def crop_to_alpha(layer: Image.Image) -> tuple[Image.Image, tuple[int, int]] | None:
+    """The layer cut to the bounding box of its non-zero alpha, and the box's (left, top); None when empty.
+
+    Lossless: every pixel outside the box is fully transparent, so placing the crop at (left, top) gives
+    the layer back.
+    """
+    layer = layer.convert("RGBA")
+    box = layer.getbbox(alpha_only=True)
+    if box is None:
+        return None
+    return layer.crop(box), (box[0], box[1])
+
+
+def layer_names(layers: list[Image.Image]) -> list[str]:
+    """`Layer 1 (bottom)`, `Layer 2`, ..., `Layer N (top)`; `empty` is added for a fully transparent layer."""
+    names = []
+    for index, layer in enumerate(layers):
+        notes = ["bottom"] if index == 0 else ["top"] if index == len(layers) - 1 else []
+        if layer.convert("RGBA").getbbox(alpha_only=True) is None:
+            notes.append("empty")
+        names.append(f"Layer {index + 1}" + (f" ({', '.join(notes)})" if notes else ""))
+    return names
+
+
+def resize_layers(layers: list[Image.Image], size: tuple[int, int]) -> list[Image.Image]:
+    """Resize RGBA layers to `size` (width, height) in premultiplied alpha, so edges get no dark halo.
+
+    Resampling straight RGBA mixes the colour of the transparent pixels around a shape (black, here) into
+    its edge. Premultiplied, a transparent pixel weighs nothing. Pillow's `resize` premultiplies RGBA by
+    itself (Image.resize: "RGBA" -> "RGBa"); it is spelled out here because the no-halo edge is the point.
+    """
+    width, height = (int(v) for v in size)
+    if width < 1 or height < 1:
+        raise ValueError(f"size={tuple(size)!r} is not an image size: pass (width, height), both at least 1 px")
+    return [layer.convert("RGBA").convert("RGBa").resize((width, height), ORIGINAL_SIZE_RESAMPLE).convert("RGBA")
+            for layer in layers]
+
+
+def safe_file_text(text: str, max_bytes: int = FILE_NAME_TEXT_MAX_BYTES) -> str:
+    """Any prompt text as part of a file name that is valid on Linux, macOS and Windows.
+
+    Letters, digits and combining marks of every script are kept (Hangul, Han, Latin, Devanagari ...);
+    each run of anything else (spaces, slashes, dots, punctuation, emoji, control characters) becomes one
+    "-". NFC first, so the same text typed on macOS and on Linux gives the same name. Cut to `max_bytes`
+    of UTF-8 on a character boundary. "" when nothing is left.
+    """
+    text = unicodedata.normalize("NFC", text or "")
+    kept = "".join(c if unicodedata.category(c)[0] in "LNM" else "-" for c in text)
+    kept = re.sub(r"-+", "-", kept).strip("-")
+    return kept.encode("utf-8")[:max_bytes].decode("utf-8", errors="ignore").strip("-")
+
+
+def export_stem(caption: str, seed: int) -> str:
+    """`<caption>_seed<seed>`, the name of a run's ZIP, PPTX and PSD; `layers_seed<seed>` without text.
+
+    The suffix also keeps a name from being one Windows reserves (CON, NUL, ...).
+    """
+    return f"{safe_file_text(caption) or 'layers'}_seed{seed}"
 
 
 def layer_file_name(index: int) -> str:
@@ -766,6 +1382,7 @@ def layer_file_name(index: int) -> str:
 
 
 def export_layer_pngs(layers: list[Image.Image], folder: Path) -> list[Path]:
+    """Full-canvas layer_1.png ... layer_N.png (bottom first) in `folder`."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     paths = []
@@ -776,12 +1393,18 @@ def export_layer_pngs(layers: list[Image.Image], folder: Path) -> list[Path]:
     return paths
 
 
-def export_zip(layers: list[Image.Image], path: Path, extra_files: dict[str, bytes] | None = None) -> Path:
-    """layer_1.png ... layer_N.png (bottom first), composite.png, and any extra files (params.json)."""
+def export_zip(layers: list[Image.Image], path: Path, extra_files: dict[str, bytes] | None = None,
+               original_size_layers: list[Image.Image] | None = None) -> Path:
+    """layer_1.png ... layer_N.png (bottom first), composite.png and any extra files (params.json);
+    with `original_size_layers`, the same layer and composite files under `original_size/` too."""
+    check_layers(layers)
+    sets = {"": layers, "original_size/": original_size_layers or []}
     with zipfile.ZipFile(path, "w", compression=zipfile.ZIP_DEFLATED) as archive:
-        for index, layer in enumerate(layers):
-            archive.writestr(layer_file_name(index), _png_bytes(layer))
-        archive.writestr("composite.png", _png_bytes(composite_layers(layers)))
+        for prefix, set_layers in sets.items():
+            for index, layer in enumerate(set_layers):
+                archive.writestr(prefix + layer_file_name(index), _png_bytes(layer))
+            if set_layers:
+                archive.writestr(prefix + "composite.png", _png_bytes(composite_layers(set_layers)))
         for name, data in (extra_files or {}).items():
             archive.writestr(name, data)
     return Path(path)
@@ -793,33 +1416,55 @@ def _png_bytes(image: Image.Image) -> bytes:
     return buffer.getvalue()
 
 
-def export_pptx(layers: list[Image.Image], path: Path) -> Path:
-    """One slide sized to the image, one full-slide picture per layer, bottom first (z-order)."""
+def export_pptx(layers: list[Image.Image], path: Path, names: list[str] | None = None) -> Path:
+    """One slide of the image's aspect ratio; each layer a named picture cropped to its alpha bounding box
+    and placed at its offset, so objects can be selected and moved; bottom first in z-order.
+
+    A fully transparent layer gets no picture (there is nothing to select); the others keep their numbers.
+    """
     from pptx import Presentation
     from pptx.util import Emu
 
+    check_layers(layers, names)
+    names = names or layer_names(layers)
     width, height = layers[0].size
-    emu_per_px = 9525  # 96 dpi: 914400 EMU per inch / 96
+    emu_per_px = SLIDE_LONG_SIDE_EMU // max(width, height)  # whole EMUs per pixel: places and aspect ratio exact
     presentation = Presentation()
     presentation.slide_width, presentation.slide_height = Emu(width * emu_per_px), Emu(height * emu_per_px)
     slide = presentation.slides.add_slide(presentation.slide_layouts[6])  # layout 6: blank
-    for index, layer in enumerate(layers):
-        picture = slide.shapes.add_picture(io.BytesIO(_png_bytes(layer)), 0, 0,
-                                           presentation.slide_width, presentation.slide_height)
-        picture.name = f"Layer {index + 1}"
+    for layer, name in zip(layers, names):
+        cropped = crop_to_alpha(layer)
+        if cropped is None:
+            continue
+        image, (left, top) = cropped
+        picture = slide.shapes.add_picture(io.BytesIO(_png_bytes(image)), Emu(left * emu_per_px), Emu(top * emu_per_px),
+                                           Emu(image.width * emu_per_px), Emu(image.height * emu_per_px))
+        picture.name = name
     presentation.save(path)
     return Path(path)
 
 
-def export_psd(layers: list[Image.Image], path: Path) -> Path:
-    """An RGBA PSD with one named pixel layer per output layer, bottom first."""
+def export_psd(layers: list[Image.Image], path: Path, names: list[str] | None = None) -> Path:
+    """An 8-bit RGB PSD with transparency: one named pixel layer per layer (bottom first), cropped to its
+    alpha bounding box and placed at its offset, plus the merged composite that layer-less viewers show.
+
+    A fully transparent layer stays as an empty (0x0) named layer, the way Photoshop stores one.
+    """
     from psd_tools import PSDImage
     from psd_tools.api.layers import PixelLayer
 
+    check_layers(layers, names)
+    names = names or layer_names(layers)
     psd = PSDImage.new(mode="RGBA", size=layers[0].size, color=(0, 0, 0, 0))
-    for index, layer in enumerate(layers):
-        psd.append(PixelLayer.frompil(layer.convert("RGBA"), psd, name=f"Layer {index + 1}", top=0, left=0))
-    psd.save(path)
+    # A negative layer count tells readers the composite's 4th channel is its alpha (PSD spec). psd-tools
+    # 1.26 keeps that sign for files it read but has no public switch for a new document; without it
+    # ImageMagick shows the composite's transparent parts as opaque black.
+    psd._merged_alpha = True
+    for layer, name in zip(layers, names):
+        image, (left, top) = crop_to_alpha(layer) or (Image.new("RGBA", (0, 0)), (0, 0))
+        psd_layer = PixelLayer.frompil(image, psd, top=top, left=left)  # frompil appends the layer to psd
+        psd_layer.name = name  # the setter writes the Unicode name too; frompil's name= takes MacRoman only
+    psd.save(path)  # psd-tools composites the layers into the file's merged image here
     return Path(path)
 
 
@@ -830,22 +1475,41 @@ def new_run_folder(outputs: Path, seed: int) -> Path:
     return folder
 
 
-def save_run(result: DecomposeResult, outputs: Path, run_info: dict[str, Any] | None = None) -> dict[str, Path]:
-    """Write one run's folder: layer PNGs, composite, params.json, ZIP, PPTX and PSD. Returns the paths."""
+def save_run(result: DecomposeResult, outputs: Path, run_info: dict[str, Any] | None = None,
+             original_size: tuple[int, int] | None = None) -> dict[str, Any]:
+    """Write one run's folder and return its paths.
+
+    At the model's resolution: layer_1.png ... layer_N.png, composite.png, params.json and
+    <stem>.zip / .pptx / .psd, where <stem> is `export_stem(caption, seed)`. With `original_size`
+    (width, height; the input's is `result.params["input_size"]`), the layers are also resized to it and
+    written to original_size/ (layer PNGs, composite.png, <stem>_<W>x<H>.pptx / .psd; paths["original"]);
+    the ZIP then holds both sets.
+    """
     folder = new_run_folder(outputs, result.seed)
+    original_layers = resize_layers(result.layers, original_size) if original_size else None
     params = dict(result.params, seed=result.seed, caption=result.caption, auto_caption=result.auto_caption,
                   duration_s=round(result.duration_s, 3), created=datetime.datetime.now().isoformat(timespec="seconds"),
+                  export_original_size=list(original_layers[0].size) if original_layers else None,
                   **(run_info or {}))
     params_bytes = json.dumps(params, indent=2, ensure_ascii=False).encode("utf-8")
-    paths: dict[str, Path] = {"folder": folder}
+    stem = export_stem(result.caption, result.seed)
+    paths: dict[str, Any] = {"folder": folder}
     paths["layers"] = export_layer_pngs(result.layers, folder)
     paths["composite"] = folder / "composite.png"
     composite_layers(result.layers).save(paths["composite"])
     paths["params"] = folder / "params.json"
     paths["params"].write_bytes(params_bytes)
-    paths["zip"] = export_zip(result.layers, folder / "layers.zip", {"params.json": params_bytes})
-    paths["pptx"] = export_pptx(result.layers, folder / "layers.pptx")
-    paths["psd"] = export_psd(result.layers, folder / "layers.psd")
+    paths["zip"] = export_zip(result.layers, folder / f"{stem}.zip", {"params.json": params_bytes}, original_layers)
+    paths["pptx"] = export_pptx(result.layers, folder / f"{stem}.pptx")
+    paths["psd"] = export_psd(result.layers, folder / f"{stem}.psd")
+    if original_layers:
+        sub = folder / "original_size"
+        size = "{}x{}".format(*original_layers[0].size)
+        paths["original"] = {"folder": sub, "layers": export_layer_pngs(original_layers, sub),
+                             "composite": sub / "composite.png",
+                             "pptx": export_pptx(original_layers, sub / f"{stem}_{size}.pptx"),
+                             "psd": export_psd(original_layers, sub / f"{stem}_{size}.psd")}
+        composite_layers(original_layers).save(paths["original"]["composite"])
     return paths
 
 
@@ -880,6 +1544,105 @@ def prune_outputs(outputs: Path, max_bytes: float, max_age_s: float, keep: Path 
 
 
 # ----------------------------------------------------------------------------------------------------
+# 6b. Layer stack: recursive decomposition ("decompose this layer" again), plain data, no Gradio
+# ----------------------------------------------------------------------------------------------------
+# A layer usually holds fewer things than the whole image, so a sub-run asks for fewer layers by default.
+SUB_RUN_LAYERS = 2
+SUB_RUNS_DIR = "sub_runs"  # inside the first decomposition's run folder, one folder per sub-run
+
+
+@dataclasses.dataclass
+class LayerStack:
+    """What the UI shows and the exports write: RGBA layers bottom first on one canvas, with one step of undo."""
+
+    layers: list[Image.Image]  # RGBA, bottom first, all of one size (the canvas)
+    run_folder: Path  # the first decomposition's run folder; sub-runs are saved under it
+    files: dict[str, Any] = dataclasses.field(default_factory=dict)  # save_run's paths for exactly these layers
+    previous: "LayerStack | None" = None  # the stack before the last sub-run (one step of undo)
+    original_size: tuple[int, int] | None = None  # also export at the input's size (exports' original-size option)
+
+
+def fit_to_canvas(layers: list[Image.Image], size: tuple[int, int]) -> list[Image.Image]:
+    """Fit sub-layers to the canvas `size` (width, height); layers already that size are returned as they are.
+
+    A sub-run returns its layers at the resolution bucket of the layer it was given, which can differ from the
+    stack's canvas (another bucket, or the 32 px rounding of the aspect ratio): those go through the exports'
+    `resize_layers` (premultiplied Lanczos, no dark edges).
+    """
+    size = (int(size[0]), int(size[1]))
+    return [layer if layer.size == size else resize_layers([layer], size)[0]
+            for layer in (layer.convert("RGBA") for layer in layers)]
+
+
+def check_layer_index(index: int, count: int) -> None:
+    """Reject an index outside a stack of `count` layers, saying which indices (and gallery numbers) exist."""
+    if not isinstance(index, (int, np.integer)):
+        raise ValueError(f"layer index {index!r} is not an integer: use 0 to {count - 1}")
+    if not 0 <= index < count:
+        raise ValueError(f"layer index {index} (layer {index + 1} in the gallery) is not in the stack: use 0 to "
+                         f"{count - 1} (gallery layers 1 to {count}, 1 = bottom)")
+
+
+def replace_layer(layers: list[Image.Image], index: int, sub_layers: list[Image.Image]) -> list[Image.Image]:
+    """A new list in which `layers[index]` is replaced, in place, by `sub_layers` (bottom first) fit to the canvas."""
+    check_layer_index(index, len(layers))
+    if not sub_layers:
+        raise ValueError(f"no sub-layers to put in place of layer {index + 1}: a decomposition gives at least "
+                         f"{LAYERS_RANGE[0]}")
+    return list(layers[:index]) + fit_to_canvas(sub_layers, layers[0].size) + list(layers[index + 1:])
+
+
+def undo(stack: LayerStack) -> LayerStack:
+    """The stack before the last sub-run. One step only: the restored stack has no undo of its own."""
+    if stack.previous is None:
+        raise ValueError("nothing to undo: undo goes back one sub-run, and there is none since the last "
+                         "decomposition or undo")
+    return stack.previous
+
+
+def save_sub_run(stack: LayerStack, new_layers: list[Image.Image], index: int, result: DecomposeResult,
+                 run_info: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Write one sub-run under `stack.run_folder/sub_runs/` and return its paths.
+
+    The folder is a normal run folder for the *new stack* (layer PNGs, composite, ZIP, PPTX, PSD: what the UI
+    offers), whose params.json holds the sub-run's parameters and a `sub_run` entry with the index it replaced.
+    Next to them: `input_layer.png` (the layer that was decomposed, alpha as it was) and `sub_layers/` (the
+    sub-run's own output at the model's resolution).
+    """
+    sub_run = dict(replaced_index=index, replaced_file=layer_file_name(index), sub_layers=len(result.layers),
+                   stack_layers_before=len(stack.layers), stack_layers_after=len(new_layers),
+                   applied_to=str(stack.files.get("folder", stack.run_folder)))
+    step = dataclasses.replace(result, layers=new_layers)
+    paths = save_run(step, Path(stack.run_folder) / SUB_RUNS_DIR, dict(run_info or {}, sub_run=sub_run),
+                     original_size=stack.original_size)
+    paths["input_layer"] = paths["folder"] / "input_layer.png"
+    stack.layers[index].save(paths["input_layer"])
+    paths["sub_layers"] = export_layer_pngs(result.layers, paths["folder"] / "sub_layers")
+    return paths
+
+
+def decompose_layer(pipe, stack: LayerStack, index: int, run_info: dict[str, Any] | None = None,
+                    **infer_kwargs) -> tuple[LayerStack, DecomposeResult]:
+    """Decompose `stack.layers[index]` again and put its sub-layers in its place. `infer_kwargs` go to `infer`.
+
+    Returns the new stack (whose `previous` is `stack`, for one step of undo) and the sub-run's own result.
+    """
+    # 1. Check the index before spending a run on it.
+    check_layer_index(index, len(stack.layers))
+    # 2. Decompose the layer as it is, RGBA: its transparent surroundings stay transparent for the model
+    #    (flattening to RGB would turn them black and the model would see a black background).
+    result = infer(pipe, stack.layers[index], **infer_kwargs)
+    # 3. Its sub-layers, fit to the canvas, take its place.
+    new_layers = replace_layer(stack.layers, index, result.layers)
+    # 4. Save the sub-run and the new stack's exports.
+    files = save_sub_run(stack, new_layers, index, result, run_info)
+    # 5. The old stack, without its own undo, is the one step back.
+    previous = dataclasses.replace(stack, previous=None)
+    return (LayerStack(layers=new_layers, run_folder=stack.run_folder, files=files, previous=previous,
+                       original_size=stack.original_size), result)
+
+
+# ----------------------------------------------------------------------------------------------------
 # 7. UI
 # ----------------------------------------------------------------------------------------------------
 DEMO_BANNER = ("**Demo model in use** — tiny random weights built offline. Everything runs, but the layers are "
@@ -888,6 +1651,11 @@ DEMO_BANNER = ("**Demo model in use** — tiny random weights built offline. Eve
 
 def example_images() -> list[str]:
     return sorted(str(p) for p in ASSETS_DIR.glob("*.png"))
+
+
+def gallery_items(layer_files: list[Path]) -> list[tuple[str, str]]:
+    """The gallery's (file, caption) pairs, bottom first; the numbers are the ones "Selected layer" takes."""
+    return [(str(p), f"Layer {i + 1}" + (" (bottom)" if i == 0 else "")) for i, p in enumerate(layer_files)]
 
 
 def gradio_cache_schedule(settings: Settings) -> tuple[int, int]:
@@ -919,7 +1687,10 @@ def network_warning(settings: Settings) -> str | None:
 
 
 def build_ui(pipe, settings: Settings, environment: dict[str, Any] | None = None):
-    """The Gradio Blocks app. Handlers only map widget values to `infer`/`save_run` arguments."""
+    """The Gradio Blocks app. Handlers only map widget values to `infer`/`save_run`/`decompose_layer` arguments.
+
+    The layer stack (`LayerStack`) lives in a `gr.State`, one per browser session (or gradio_client `Client`).
+    """
     # Gradio reads GRADIO_TEMP_DIR when it is imported: keep its upload cache inside the outputs folder.
     os.environ.setdefault("GRADIO_TEMP_DIR", str(Path(settings.outputs) / ".gradio-cache"))
     import gradio as gr
@@ -927,11 +1698,11 @@ def build_ui(pipe, settings: Settings, environment: dict[str, Any] | None = None
     environment = environment or print_environment_info(print_it=False)
     run_info = run_info_for(pipe, environment)
 
-    def decompose(image, prompt="", negative_prompt=DEFAULTS["negative_prompt"], seed=DEFAULTS["seed"],
+    def decompose(image, prompt=None, negative_prompt=DEFAULTS["negative_prompt"], seed=DEFAULTS["seed"],
                   randomize_seed=DEFAULTS["randomize_seed"], true_cfg_scale=DEFAULTS["true_cfg_scale"],
                   num_inference_steps=DEFAULTS["num_inference_steps"], layers=DEFAULTS["layers"],
                   resolution=DEFAULTS["resolution"], cfg_normalize=DEFAULTS["cfg_normalize"],
-                  use_en_prompt=DEFAULTS["use_en_prompt"], progress=gr.Progress(track_tqdm=True)):
+                  use_en_prompt=DEFAULTS["use_en_prompt"], original_size=False, progress=gr.Progress(track_tqdm=True)):
         if image is None:
             raise gr.Error("No image: upload an image (PNG, JPEG, WebP) first.")
         try:
@@ -943,14 +1714,58 @@ def build_ui(pipe, settings: Settings, environment: dict[str, Any] | None = None
             raise gr.Error(str(err)) from err
         for note in result.notes:
             gr.Warning(note, duration=None)  # stays on the page until closed
-        paths = save_run(result, settings.outputs, run_info)
+        paths = save_run(result, settings.outputs, run_info,
+                         original_size=result.params["input_size"] if original_size else None)
         logger.info("Run saved in %s (%.1f s)", paths["folder"], result.duration_s)
         deleted = prune_outputs(settings.outputs, settings.outputs_max_gb * 1e9, settings.outputs_max_age_hours * 3600,
                                 keep=paths["folder"])
         if deleted:
             logger.info("Deleted %d old run folder(s) (--outputs-max-gb / --outputs-max-age-hours)", len(deleted))
-        gallery = [(str(p), f"Layer {i + 1}" + (" (bottom)" if i == 0 else "")) for i, p in enumerate(paths["layers"])]
-        return gallery, str(paths["pptx"]), str(paths["zip"]), str(paths["psd"]), result.caption, result.seed
+        stack = LayerStack(layers=result.layers, run_folder=paths["folder"], files=paths,
+                           original_size=tuple(result.params["input_size"]) if original_size else None)
+        return (*stack_view(stack), result.caption, result.seed, stack)
+
+    def stack_view(stack: LayerStack):
+        """The gallery and the three downloads for a stack: the files its sub-run (or first run) wrote."""
+        files = stack.files
+        offered = files.get("original", files)  # PPTX and PSD at the size asked for; the ZIP holds both sizes
+        return gallery_items(files["layers"]), str(offered["pptx"]), str(files["zip"]), str(offered["psd"])
+
+    def decompose_this_layer(layer_number, layers=SUB_RUN_LAYERS, prompt=None, negative_prompt=DEFAULTS["negative_prompt"],
+                             seed=DEFAULTS["seed"], randomize_seed=DEFAULTS["randomize_seed"],
+                             true_cfg_scale=DEFAULTS["true_cfg_scale"],
+                             num_inference_steps=DEFAULTS["num_inference_steps"], resolution=DEFAULTS["resolution"],
+                             cfg_normalize=DEFAULTS["cfg_normalize"], use_en_prompt=DEFAULTS["use_en_prompt"],
+                             stack=None, progress=gr.Progress(track_tqdm=True)):
+        # (`prompt=None`, like `decompose`'s: an empty Textbox has no value, and a None default is what makes
+        # the parameter optional for gradio_client.)
+        if stack is None:
+            raise gr.Error("No layers yet: decompose an image first, then select one of its layers in the gallery.")
+        if layer_number is None:
+            raise gr.Error("No layer selected: click a layer in the gallery (or type its number, 1 = bottom).")
+        try:
+            new_stack, result = decompose_layer(
+                pipe, stack, int(layer_number) - 1, run_info, prompt=prompt, negative_prompt=negative_prompt,
+                seed=seed, randomize_seed=randomize_seed, true_cfg_scale=true_cfg_scale,
+                num_inference_steps=num_inference_steps, layers=layers, resolution=resolution,
+                cfg_normalize=cfg_normalize, use_en_prompt=use_en_prompt)
+        except (ValueError, OutOfMemoryError) as err:
+            raise gr.Error(str(err)) from err
+        logger.info("Layer %d replaced by %d sub-layers; saved in %s", layer_number, len(result.layers),
+                    new_stack.files["folder"])
+        return (*stack_view(new_stack), result.caption, result.seed, new_stack)
+
+    def undo_last(stack=None):
+        if stack is None:
+            raise gr.Error("Nothing to undo: decompose an image first.")
+        try:
+            restored = undo(stack)
+        except ValueError as err:
+            raise gr.Error(str(err)) from err
+        return (*stack_view(restored), restored)
+
+    def select_layer(evt: gr.SelectData):
+        return evt.index + 1  # the gallery counts from 0, its captions (and "Selected layer") from 1
 
     # delete_cache: Gradio deletes its own uploads and result copies on that schedule, and all of them at exit.
     with gr.Blocks(title="Qwen-Image-Layered studio", delete_cache=gradio_cache_schedule(settings)) as demo:
@@ -972,9 +1787,20 @@ def build_ui(pipe, settings: Settings, environment: dict[str, Any] | None = None
                     resolution = gr.Radio(list(RESOLUTIONS), value=DEFAULTS["resolution"], label="Resolution bucket")
                     cfg_normalize = gr.Checkbox(label="CFG normalize", value=DEFAULTS["cfg_normalize"])
                     use_en_prompt = gr.Checkbox(label="English auto-caption (off: Chinese)", value=DEFAULTS["use_en_prompt"])
+                original_size = gr.Checkbox(label="Export at the input's original size (PPTX, PSD; the ZIP holds both sizes)",
+                                            value=False)
                 run = gr.Button("Decompose", variant="primary")
             with gr.Column():
-                gallery = gr.Gallery(label="Layers (bottom first)", columns=4, object_fit="contain", format="png")
+                gallery = gr.Gallery(label="Layers (bottom first; click one to select it)", columns=4,
+                                     object_fit="contain", format="png")
+                with gr.Group():
+                    with gr.Row():
+                        layer_number = gr.Number(label="Selected layer (1 = bottom)", precision=0, minimum=1)
+                        sub_layers = gr.Slider(*LAYERS_RANGE, value=SUB_RUN_LAYERS, step=1, label="Its layers")
+                    sub_prompt = gr.Textbox(label="Prompt for this layer (empty: the model captions the layer)")
+                    with gr.Row():
+                        run_layer = gr.Button("Decompose this layer")
+                        undo_button = gr.Button("Undo last layer decomposition")
                 caption = gr.Textbox(label="Caption used", interactive=False)
                 used_seed = gr.Number(label="Seed used", interactive=False, precision=0)
                 with gr.Row():
@@ -984,19 +1810,33 @@ def build_ui(pipe, settings: Settings, environment: dict[str, Any] | None = None
         examples = example_images()
         if examples:
             gr.Examples(examples=[[p] for p in examples], inputs=[image])
+        stack = gr.State(None)  # the LayerStack the gallery shows and the downloads hold
+        view = [gallery, pptx_file, zip_file, psd_file]
         run.click(
             decompose,
             inputs=[image, prompt, negative_prompt, seed, randomize_seed, true_cfg_scale, num_inference_steps,
-                    layers, resolution, cfg_normalize, use_en_prompt],
-            outputs=[gallery, pptx_file, zip_file, psd_file, caption, used_seed],
+                    layers, resolution, cfg_normalize, use_en_prompt, original_size],
+            outputs=[*view, caption, used_seed, stack],
             api_name="decompose",
             concurrency_limit=1,  # one GPU job at a time; others wait in Gradio's queue
+            concurrency_id="gpu",  # ... shared with "Decompose this layer"
             # The handler takes the raw values: Gradio's Image preprocess opens the upload with Pillow before the
             # handler runs, so a broken or huge file would fail there with a developer's message. Unprocessed,
             # the image arrives as Gradio's file value (its path still checked to lie in Gradio's upload cache),
             # and `to_rgba` decodes it with the checks and messages above; `check_params` checks the numbers.
             preprocess=False,
+        ).success(lambda: None, outputs=layer_number, api_visibility="private")  # a new stack: nothing selected
+        gallery.select(select_layer, outputs=layer_number, api_visibility="private")
+        run_layer.click(
+            decompose_this_layer,
+            inputs=[layer_number, sub_layers, sub_prompt, negative_prompt, seed, randomize_seed, true_cfg_scale,
+                    num_inference_steps, resolution, cfg_normalize, use_en_prompt, stack],
+            outputs=[*view, caption, used_seed, stack],
+            api_name="decompose_layer",
+            concurrency_limit=1,
+            concurrency_id="gpu",
         )
+        undo_button.click(undo_last, inputs=[stack], outputs=[*view, stack], api_name="undo")
     demo.queue(default_concurrency_limit=1)
     return demo
 
@@ -1004,11 +1844,81 @@ def build_ui(pipe, settings: Settings, environment: dict[str, Any] | None = None
 # ----------------------------------------------------------------------------------------------------
 # 8. main
 # ----------------------------------------------------------------------------------------------------
+def find_images(paths: list[Path | str]) -> list[Path]:
+    """The images `decompose` runs on, in the order given: a folder gives its image files (IMAGE_SUFFIXES,
+    sorted, not recursive); anything else is taken as it is, so a missing or bad file fails visibly."""
+    images: list[Path] = []
+    for path in map(Path, paths):
+        if path.is_dir():
+            images += sorted(p for p in path.iterdir()
+                             if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith("."))
+        else:
+            images.append(path)
+    return images
+
+
+@dataclasses.dataclass
+class BatchItem:
+    image: Path
+    folder: Path | None = None  # its run folder, when it worked
+    error: str | None = None  # why it failed
+
+
+def decompose_batch(pipe, images: list[Path], outputs: Path, run_info: dict[str, Any] | None = None,
+                    original_size: bool = False, **infer_kwargs) -> list[BatchItem]:
+    """Decompose each image into its own run folder under `outputs`; `infer_kwargs` go to `infer`.
+
+    One progress bar counts the images, the pipeline's own bar the current image's steps. A file that
+    cannot be read as an image (or whose run folder cannot be written) is reported and skipped.
+    """
+    from tqdm.auto import tqdm
+
+    # 1. The pipeline's step bar sits under the images bar and clears itself after each image.
+    pipe.set_progress_bar_config(desc="steps", position=1, leave=False)
+    items: list[BatchItem] = []
+    for image in tqdm(images, desc="images", unit="image", position=0):
+        # 2. Decompose and save. Bad input: missing (ValueError), not an image or truncated (OSError),
+        #    a decompression bomb (Pillow's own error). Anything else is a bug or the machine: it stops the batch.
+        try:
+            result = infer(pipe, image, **infer_kwargs)
+            paths = save_run(result, outputs, dict(run_info or {}, input_file=str(image)),
+                             original_size=result.params["input_size"] if original_size else None)
+        except (ValueError, OSError, Image.DecompressionBombError, OutOfMemoryError) as err:
+            items.append(BatchItem(image, error=f"{type(err).__name__}: {err}"))
+            tqdm.write(f"skipped {image}: {err}", file=sys.stderr)
+            continue
+        items.append(BatchItem(image, folder=paths["folder"]))
+        tqdm.write(f"{image} -> {paths['folder']} (caption: {result.caption})", file=sys.stderr)
+    return items
+
+
+def batch_summary(items: list[BatchItem]) -> str:
+    """What `decompose` prints at the end: the count, then each image that worked, then each that failed."""
+    done = [item for item in items if item.error is None]
+    failed = [item for item in items if item.error is not None]
+    lines = [f"{len(done)} of {len(items)} images decomposed, {len(failed)} failed"]
+    lines += [f"  ok      {item.image} -> {item.folder}" for item in done]
+    lines += [f"  FAILED  {item.image}: {item.error}" for item in failed]
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     command, settings, ns = parse_args(argv)
     if command == "ui" and network_warning(settings):
         logger.warning(network_warning(settings))
+    if command == "decompose":
+        # Mistakes that would fail every image are caught before the model loads.
+        images = find_images(ns.images)
+        if not images:
+            print(f"error: no images in {' '.join(ns.images)}: pass image files, or folders holding "
+                  f"{', '.join(IMAGE_SUFFIXES)} files", file=sys.stderr)
+            return 2
+        try:
+            check_params(ns.layers, ns.steps, ns.true_cfg_scale, ns.resolution)
+        except ValueError as err:
+            print(f"error: {err}", file=sys.stderr)
+            return 2
     environment = print_environment_info()
     try:
         pipe = load_pipeline(settings)
@@ -1019,17 +1929,13 @@ def main(argv: list[str] | None = None) -> int:
         print("DEMO MODEL in use: tiny random weights; everything runs, but the layers are noise.")
 
     if command == "decompose":
-        try:
-            result = infer(pipe, ns.image, prompt=ns.prompt, negative_prompt=ns.negative_prompt,
-                           true_cfg_scale=ns.true_cfg_scale, num_inference_steps=ns.steps, layers=ns.layers,
-                           resolution=ns.resolution, use_en_prompt=ns.use_en_prompt, seed=ns.seed)
-        except (ValueError, OSError, OutOfMemoryError) as err:
-            print(f"error: {err}", file=sys.stderr)
-            return 2
-        paths = save_run(result, settings.outputs, run_info_for(pipe, environment))
-        print(f"caption: {result.caption}")
-        print(paths["folder"])
-        return 0
+        items = decompose_batch(pipe, images, settings.outputs, run_info_for(pipe, environment), prompt=ns.prompt,
+                                negative_prompt=ns.negative_prompt, true_cfg_scale=ns.true_cfg_scale,
+                                num_inference_steps=ns.steps, layers=ns.layers, resolution=ns.resolution,
+                                use_en_prompt=ns.use_en_prompt, seed=ns.seed,
+                                original_size=ns.original_size)
+        print(batch_summary(items))
+        return 1 if any(item.error for item in items) else 0
 
     demo = build_ui(pipe, settings, environment)
     print(f"Serving on http://{settings.host}:{settings.port}")

@@ -1,5 +1,8 @@
 """Shared fixtures: the tiny random demo pipeline, built offline and loaded through the app's real load path."""
 
+import os
+import socket
+import subprocess
 import sys
 from pathlib import Path
 
@@ -15,6 +18,20 @@ import app  # noqa: E402
 def models_dir(tmp_path_factory) -> Path:
     """A models/ folder of the session's own, so tests never touch the user's weight cache."""
     return tmp_path_factory.mktemp("models")
+
+
+def free_port() -> int:
+    """A port nothing listens on, for a test server on 127.0.0.1."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def run_app(*args, env_extra=None, timeout=300) -> subprocess.CompletedProcess:
+    """`python src/app.py ARGS...` in a subprocess, the way a user runs it."""
+    env = dict(os.environ, **(env_extra or {}))
+    return subprocess.run([sys.executable, str(ROOT / "src" / "app.py"), *args], capture_output=True, text=True,
+                          env=env, timeout=timeout)
 
 
 def demo_settings(models_dir: Path, **overrides) -> "app.Settings":

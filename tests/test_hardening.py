@@ -295,7 +295,7 @@ def test_out_of_memory_says_what_to_change_frees_the_run_and_the_next_request_wo
     message = str(refused.value)
     assert message.startswith("Out of GPU memory during the decomposition; the memory was freed. Try: ")
     assert "fewer layers (this run asked for 3)" in message
-    assert "--offload sequential (now: off" in message
+    assert "--offload budget (now: off" in message
     # The run's tensors are gone: nothing (such as a kept traceback) holds the latents the transformer got.
     assert len(latents) == 1 and latents[0]() is None
     gallery, *_ = decompose(client, image)

@@ -1,23 +1,13 @@
 """The Gradio app answers /decompose over HTTP; the command line runs headless and fails offline clearly."""
 
 import json
-import os
-import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 from PIL import Image
 
 import app
-from conftest import ROOT, demo_settings
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+from conftest import demo_settings, free_port, run_app
 
 
 @pytest.fixture(scope="module")
@@ -59,12 +49,6 @@ def test_api_reports_bad_parameters_as_a_message(server, tmp_path):
         client.predict(handle_file(str(tmp_path / "in.png")), prompt="x", layers=12, api_name="/decompose")
 
 
-def run_app(*args, env_extra=None, timeout=300):
-    env = dict(os.environ, **(env_extra or {}))
-    return subprocess.run([sys.executable, str(ROOT / "src" / "app.py"), *args], capture_output=True, text=True,
-                          env=env, timeout=timeout)
-
-
 def test_no_weights_and_no_hub_exits_nonzero_with_what_to_do(tmp_path):
     # An empty models dir and a hub endpoint nothing listens on: the download fails at once.
     proc = run_app("--models-dir", str(tmp_path / "models"),
@@ -81,7 +65,9 @@ def test_headless_decompose_prints_the_run_folder(models_dir, tmp_path):
     proc = run_app("decompose", str(image), "--demo", "--models-dir", str(models_dir), "--layers", "2",
                    "--steps", "2", "--seed", "4", "--prompt", "an orange card", "--out", str(tmp_path / "out"))
     assert proc.returncode == 0, proc.stderr[-2000:]
-    folder = Path(proc.stdout.strip().splitlines()[-1])
+    # The summary's last line: "  ok      IMAGE -> RUN_FOLDER".
+    assert proc.stdout.strip().splitlines()[-2] == "1 of 1 images decomposed, 0 failed"
+    folder = Path(proc.stdout.strip().splitlines()[-1].split(" -> ")[1])
     assert folder.parent == tmp_path / "out"
     assert sorted(p.name for p in folder.glob("layer_*.png")) == ["layer_1.png", "layer_2.png"]
     assert json.loads((folder / "params.json").read_text())["seed"] == 4

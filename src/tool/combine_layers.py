@@ -1,0 +1,373 @@
+"""Combine RGBA layers into one picture: loose PNGs, the studio's ZIP, or a PSD, stacked bottom -> top.
+
+    python src/tool/combine_layers.py                          the Gradio tool (port 7870)
+    python src/tool/combine_layers.py LAYER.png... -o OUT.png  headless; -o OUT.psd writes the stack as a PSD
+
+Sections, as in src/app.py:
+    1. flags     canvas rule, port
+    2. reading   `read_layers` (PNG / ZIP / PSD -> `Layer`s), `add_files` (keeps the stack when a file is bad)
+    3. stacking  `canvas_size`, `composite_stack`, `export_stack_psd`, `move_layer`, `set_visible`, `remove_layer`
+    4. UI        `build_ui` (reorder, hide, remove; the composite updates on every change)
+    5. main
+
+Layers are never rescaled: a PSD layer sits at its offset on the PSD's canvas; a loose PNG sits at the
+top-left corner of a canvas the size of the bottom layer (the upstream tool resized every layer to the
+smallest height, which distorts them). Compositing is Porter-Duff "over" on straight alpha
+(`app.composite_layers`), and the PSD writer is `app.export_psd`: one home for each.
+"""
+
+import argparse
+import dataclasses
+import logging
+import os
+import re
+import sys
+import tempfile
+import uuid
+import zipfile
+from pathlib import Path
+
+from PIL import Image
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # src/, for `import app`
+import app  # noqa: E402  (loads no model: only the compositing and PSD export are used here)
+
+logger = logging.getLogger("qwen_layered_studio.combine_layers")
+
+# ----------------------------------------------------------------------------------------------------
+# 1. Flags
+# ----------------------------------------------------------------------------------------------------
+HOST = app.HOST  # reachable from the LAN like the app; --host 127.0.0.1 keeps it local
+PORT = 7870  # the app is 7869, the edit tool 7871
+# The first bytes that tell the three kinds of input apart, whatever the file is called
+# (Gradio keeps the uploaded name, but a user may rename a ZIP to .png).
+PSD_MAGIC = b"8BPS"
+ZIP_MAGIC = b"PK\x03\x04"
+# The studio's ZIP: layer_1.png (bottom) ... layer_N.png, plus composite.png and params.json (app.export_zip).
+ZIP_LAYER_NAME = re.compile(r"layer_(\d+)\.png$", re.IGNORECASE)
+CANVAS_NOTE = ("The canvas is the size of the bottom layer (a PSD's own canvas when that layer came from a PSD). "
+               "Loose PNGs sit at its top-left corner and are never rescaled; PSD layers keep their offsets.")
+
+
+@dataclasses.dataclass(eq=False)  # eq=False: compared and hashed by identity, so Gradio's State sees every edit
+class Layer:
+    image: Image.Image  # RGBA at its own size
+    name: str
+    source: str  # the file it came from, for the UI and for messages
+    left: int = 0  # offset on the canvas: a PSD layer's own, 0 for loose PNGs
+    top: int = 0
+    canvas: tuple[int, int] | None = None  # the PSD's canvas size; None: the layer's own size
+    visible: bool = True
+    note: str = ""  # what was not carried over (a PSD blend mode, mask or effect)
+
+
+class LayerFileError(ValueError):
+    """A file that holds no readable layer. The message starts with the file's name."""
+
+
+# ----------------------------------------------------------------------------------------------------
+# 2. Reading
+# ----------------------------------------------------------------------------------------------------
+def _open_rgba(source) -> Image.Image:
+    with Image.open(source) as opened:
+        opened.load()
+        return opened.convert("RGBA")
+
+
+def read_image_file(path: Path) -> list[Layer]:
+    """One loose image (PNG, WebP, ...): one layer at the top-left corner."""
+    return [Layer(image=_open_rgba(path), name=path.stem, source=path.name)]
+
+
+def read_zip(path: Path) -> list[Layer]:
+    """The studio's ZIP (layer_1.png ... layer_N.png, bottom first); any other ZIP: its PNGs by name.
+
+    Only the top-most folder that holds PNGs counts (the studio may add the same layers resized under
+    `original_size/`), and composite.png is left out: it is the stack itself, not a layer.
+    """
+    with zipfile.ZipFile(path) as archive:
+        names = [n for n in archive.namelist() if n.lower().endswith(".png") and not n.startswith("__MACOSX/")]
+        if names:
+            top = min((n.count("/"), str(Path(n).parent)) for n in names)[1]
+            names = [n for n in names if str(Path(n).parent) == top]
+        numbered = sorted((int(m.group(1)), n) for n in names if (m := ZIP_LAYER_NAME.search(Path(n).name)))
+        if numbered:
+            ordered = [n for _, n in numbered]
+        else:  # natural order, so layer10 comes after layer9
+            key = lambda n: [int(t) if t.isdigit() else t.lower() for t in re.split(r"(\d+)", n)]  # noqa: E731
+            ordered = sorted((n for n in names if Path(n).name.lower() != "composite.png"), key=key)
+        if not ordered:
+            raise LayerFileError(f"{path.name}: the ZIP holds no PNG layer (expected layer_1.png, layer_2.png, ...)")
+        layers = []
+        for member in ordered:
+            with archive.open(member) as data:
+                try:
+                    image = _open_rgba(data)
+                except OSError as err:
+                    raise LayerFileError(f"{path.name}: {member} is not a readable PNG ({err})") from err
+            layers.append(Layer(image=image, name=Path(member).stem, source=f"{path.name}/{member}"))
+    return layers
+
+
+def read_psd(path: Path) -> list[Layer]:
+    """Every non-group layer of a PSD, bottom first, at its offset, with its visibility and opacity.
+
+    Uses the pixels Photoshop stores for each layer (`topil`); blend modes other than normal, masks and
+    effects are not applied, and the layer's note says so.
+    """
+    from psd_tools import PSDImage
+    from psd_tools.constants import BlendMode
+
+    psd = PSDImage.open(path)
+    layers = []
+    for psd_layer in psd.descendants():
+        if psd_layer.is_group():
+            continue
+        pixels = psd_layer.topil()
+        # An empty layer (no pixels) stays in the stack, named, as a 1x1 transparent layer.
+        image = pixels.convert("RGBA") if pixels is not None else Image.new("RGBA", (1, 1), (0, 0, 0, 0))
+        if psd_layer.opacity < 255:  # layer opacity folded into alpha, as "over" applies it
+            alpha = image.getchannel("A").point(lambda a, o=psd_layer.opacity: round(a * o / 255))
+            image.putalpha(alpha)
+        ignored = []
+        if psd_layer.blend_mode not in (BlendMode.NORMAL, BlendMode.PASS_THROUGH):
+            ignored.append(f"blend mode {psd_layer.blend_mode.name.lower()} shown as normal")
+        if psd_layer.has_mask():
+            ignored.append("mask not applied")
+        if psd_layer.has_effects():
+            ignored.append("effects not applied")
+        layers.append(Layer(image=image, name=psd_layer.name, source=path.name, left=psd_layer.left,
+                            top=psd_layer.top, canvas=psd.size, visible=psd_layer.is_visible(),
+                            note="; ".join(ignored)))
+    if not layers:
+        raise LayerFileError(f"{path.name}: the PSD has no layers (only a flat image): save it with layers")
+    return layers
+
+
+def read_layers(path: Path | str) -> list[Layer]:
+    """The layers of one file, bottom first. Raises LayerFileError naming the file when it holds none."""
+    path = Path(path)
+    try:
+        with open(path, "rb") as handle:
+            magic = handle.read(4)
+        if magic == PSD_MAGIC:
+            return read_psd(path)
+        if magic == ZIP_MAGIC:
+            return read_zip(path)
+        return read_image_file(path)
+    except LayerFileError:
+        raise
+    except (OSError, ValueError, zipfile.BadZipFile, Image.DecompressionBombError) as err:
+        raise LayerFileError(f"{path.name}: not a readable PNG, ZIP or PSD ({err})") from err
+
+
+def add_files(stack: list[Layer], paths: list[Path | str]) -> tuple[list[Layer], list[str]]:
+    """The stack with every readable file's layers on top, and one message per bad file.
+
+    The given stack is never changed: a bad file costs only itself.
+    """
+    stack, errors = list(stack), []
+    for path in paths:
+        try:
+            stack.extend(read_layers(path))
+        except LayerFileError as err:
+            errors.append(str(err))
+    return stack, errors
+
+
+# ----------------------------------------------------------------------------------------------------
+# 3. Stacking: pure functions on a list of layers, bottom first
+# ----------------------------------------------------------------------------------------------------
+def canvas_size(stack: list[Layer]) -> tuple[int, int]:
+    """The bottom layer's PSD canvas, or the bottom layer's own size."""
+    if not stack:
+        raise ValueError("the stack is empty: add at least one layer")
+    bottom = stack[0]
+    return bottom.canvas or bottom.image.size
+
+
+def place_on_canvas(layer: Layer, size: tuple[int, int]) -> Image.Image:
+    """The layer at its offset on a transparent canvas; what lies outside the canvas is cut off."""
+    canvas = Image.new("RGBA", size, (0, 0, 0, 0))
+    canvas.paste(layer.image, (layer.left, layer.top))  # a plain copy: the canvas under it is empty
+    return canvas
+
+
+def composite_stack(stack: list[Layer]) -> Image.Image:
+    """The visible layers composited bottom -> top ("over") on the stack's canvas."""
+    size = canvas_size(stack)
+    visible = [place_on_canvas(layer, size) for layer in stack if layer.visible]
+    if not visible:
+        return Image.new("RGBA", size, (0, 0, 0, 0))
+    return app.composite_layers(visible)
+
+
+def export_stack_psd(stack: list[Layer], path: Path) -> Path:
+    """The visible layers as a PSD on the stack's canvas, named as in the stack, bottom first."""
+    visible = [layer for layer in stack if layer.visible]
+    if not visible:
+        raise ValueError("no visible layer to export: show at least one layer")
+    size = canvas_size(stack)
+    return app.export_psd([place_on_canvas(layer, size) for layer in visible], path,
+                          names=[layer.name for layer in visible])
+
+
+def save_stack(stack: list[Layer], path: Path) -> Path:
+    """`.psd`: the layers as a PSD; `.png`: the composite."""
+    path = Path(path)
+    if path.suffix.lower() == ".psd":
+        return export_stack_psd(stack, path)
+    composite_stack(stack).save(path)
+    return path
+
+
+def move_layer(stack: list[Layer], index: int, step: int) -> list[Layer]:
+    """A new stack with layer `index` moved `step` places up (+) or down (-), kept within the stack."""
+    target = min(max(index + step, 0), len(stack) - 1)
+    stack = list(stack)
+    stack.insert(target, stack.pop(index))
+    return stack
+
+
+def set_visible(stack: list[Layer], index: int, visible: bool) -> list[Layer]:
+    stack = list(stack)
+    stack[index] = dataclasses.replace(stack[index], visible=bool(visible))
+    return stack
+
+
+def remove_layer(stack: list[Layer], index: int) -> list[Layer]:
+    return stack[:index] + stack[index + 1:]
+
+
+def stack_notes(stack: list[Layer]) -> list[str]:
+    """What the user should know about the canvas: its size, and layers that do not fit it."""
+    if not stack:
+        return ["Add PNG layers, a ZIP from the studio or a PSD."]
+    width, height = canvas_size(stack)
+    notes = [f"Canvas {width}×{height}. {CANVAS_NOTE}"]
+    for layer in stack:
+        w, h = layer.image.size
+        if layer.left < 0 or layer.top < 0 or layer.left + w > width or layer.top + h > height:
+            notes.append(f"'{layer.name}' ({w}×{h} at {layer.left}, {layer.top}) reaches beyond the canvas: "
+                         f"that part is cut off. Put the largest layer at the bottom to see all of it.")
+        elif layer.canvas is None and (w, h) != (width, height):
+            notes.append(f"'{layer.name}' is {w}×{h}, smaller than the canvas: it sits at the top-left corner.")
+        if layer.note:
+            notes.append(f"'{layer.name}': {layer.note}.")
+    return notes
+
+
+# ----------------------------------------------------------------------------------------------------
+# 4. UI
+# ----------------------------------------------------------------------------------------------------
+def build_ui():
+    """The Gradio Blocks app. Handlers map widget values to the functions above and refresh the view."""
+    # Gradio reads GRADIO_TEMP_DIR when it is imported: its upload cache goes where the app's goes.
+    os.environ.setdefault("GRADIO_TEMP_DIR", str(app.OUTPUTS_DIR / ".gradio-cache"))
+    import gradio as gr
+
+    downloads = Path(tempfile.mkdtemp(prefix="combine_layers-"))  # Gradio copies files from here into its cache
+
+    def view(stack):
+        """Composite, notes and the two downloads of the current stack."""
+        notes = "\n".join(f"- {note}" for note in stack_notes(stack))
+        if not stack:
+            return None, notes, None, None
+        stem = downloads / uuid.uuid4().hex[:8]
+        png = str(save_stack(stack, stem.with_suffix(".png")))  # the preview shows this same file
+        psd = str(export_stack_psd(stack, stem.with_suffix(".psd"))) if any(l.visible for l in stack) else None
+        return png, notes, png, psd
+
+    def on_upload(stack, files):
+        stack, errors = add_files(stack or [], files or [])
+        for message in errors:
+            gr.Warning(message)
+        return stack, None, *view(stack)
+
+    def on_change(new_stack):
+        return new_stack, *view(new_stack)
+
+    with gr.Blocks(title="Combine layers") as demo:
+        gr.Markdown("# Combine layers\nStack RGBA layers bottom → top: PNGs, the studio's ZIP, or a PSD. " + CANVAS_NOTE)
+        stack = gr.State([])
+        with gr.Row():
+            with gr.Column():
+                files = gr.File(label="Add layers (PNG, ZIP or PSD; added on top, in the order given)",
+                                file_count="multiple", file_types=[".png", ".webp", ".zip", ".psd"])
+                clear = gr.Button("Remove all layers")
+                layer_list = gr.Column()
+            with gr.Column():
+                preview = gr.Image(label="Composite", type="filepath", image_mode="RGBA", interactive=False)
+                notes = gr.Markdown()
+                with gr.Row():
+                    png_button = gr.DownloadButton("Download PNG")
+                    psd_button = gr.DownloadButton("Download PSD (visible layers)")
+        view_outputs = [preview, notes, png_button, psd_button]
+
+        with layer_list:
+            @gr.render(inputs=stack)
+            def render_layers(layers):
+                gr.Markdown("**Layers** — the top of this list is the top of the stack.")
+                for index in reversed(range(len(layers))):
+                    layer = layers[index]
+                    w, h = layer.image.size
+                    where = " (bottom)" if index == 0 else " (top)" if index == len(layers) - 1 else ""
+                    with gr.Row(equal_height=True):
+                        gr.Image(layer.image, format="png", height=64, width=64, show_label=False, container=False,
+                                 interactive=False, buttons=[])
+                        gr.Markdown(f"**{index + 1}{where}** {layer.name}  \n{w}×{h} at ({layer.left}, "
+                                    f"{layer.top}) · {layer.source}")
+                        shown = gr.Checkbox(layer.visible, label="visible", min_width=80)
+                        up = gr.Button("↑", size="sm", min_width=40)
+                        down = gr.Button("↓", size="sm", min_width=40)
+                        remove = gr.Button("✕", size="sm", min_width=40)
+                    private = dict(outputs=[stack, *view_outputs], api_visibility="private")
+                    shown.input(lambda s, v, i=index: on_change(set_visible(s, i, v)), [stack, shown], **private)
+                    up.click(lambda s, i=index: on_change(move_layer(s, i, +1)), stack, **private)
+                    down.click(lambda s, i=index: on_change(move_layer(s, i, -1)), stack, **private)
+                    remove.click(lambda s, i=index: on_change(remove_layer(s, i)), stack, **private)
+
+        files.upload(on_upload, [stack, files], [stack, files, *view_outputs], api_name="add_files")
+        clear.click(lambda: on_change([]), None, [stack, *view_outputs], api_visibility="private")
+    return demo
+
+
+# ----------------------------------------------------------------------------------------------------
+# 5. main
+# ----------------------------------------------------------------------------------------------------
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="combine_layers.py", description=__doc__.split("\n")[0])
+    parser.add_argument("layers", nargs="*", type=Path,
+                        help="layer files bottom first (PNG, the studio's ZIP, PSD); none: start the Gradio tool")
+    parser.add_argument("-o", "--output", type=Path,
+                        help="OUT.png: the composite; OUT.psd: the stack as a PSD (needed with LAYER files)")
+    parser.add_argument("--host", default=HOST)
+    parser.add_argument("--port", type=int, default=PORT)
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    args = parse_args(argv)
+    if args.layers:
+        if args.output is None or args.output.suffix.lower() not in (".png", ".psd"):
+            print(f"error: -o {args.output or ''} must name a .png (the composite) or a .psd (the layers) file, "
+                  f"e.g. -o combined.png", file=sys.stderr)
+            return 2
+        stack, errors = add_files([], args.layers)
+        if errors:  # headless: write nothing rather than a stack with a layer missing
+            for message in errors:
+                print(f"error: {message}", file=sys.stderr)
+            return 2
+        for note in stack_notes(stack)[1:]:
+            print(f"note: {note}", file=sys.stderr)
+        path = save_stack(stack, args.output)
+        print(f"{path} ({len(stack)} layers, canvas {canvas_size(stack)[0]}x{canvas_size(stack)[1]})")
+        return 0
+    print(f"Serving on http://{args.host}:{args.port}")
+    build_ui().queue().launch(server_name=args.host, server_port=args.port, show_error=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,370 @@
+"""Edit one RGBA layer with a text instruction (Qwen-Image-Edit-2509), keeping its transparency.
+
+    python src/tool/edit_rgba_image.py [--demo] [--offload MODE] [--matte auto|rmbg|chroma_key] [--port 7871]
+
+The seed's method: the layer is put on a flat green, `QwenImageEditPlusPipeline` edits that picture, the
+result is resized back to the layer's size, and the alpha is recovered from it: by RMBG-2.0 when its
+weights are available, else (and by choice) by a chroma-key matte of the known green, which needs no model.
+
+Sections, as in src/app.py (whose environment probe, loading, offload modes and offline message this
+tool imports rather than copies):
+    1. flags       the edit model, the background colour, the matte's tolerances, port 7871
+    3. demo model  `build_demo_edit_pipeline`: a tiny random QwenImageEditPlusPipeline of the real classes
+    4. loading     EDIT_MODEL for `app.load_pipeline`; `load_rmbg`
+    5. infer       `flatten_on_background`, `chroma_key_matte`, `rmbg_matte`, `unmix_background`, `edit_layer`
+    7. UI          `build_ui` (api_name="edit")
+    8. main
+"""
+
+import argparse
+import dataclasses
+import json
+import logging
+import os
+import random
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # src/, for `import app`
+import app  # noqa: E402  (loads no model on import)
+
+logger = logging.getLogger("qwen_layered_studio.edit_rgba_image")
+
+# ----------------------------------------------------------------------------------------------------
+# 1. Flags
+# ----------------------------------------------------------------------------------------------------
+MODEL_ID = "Qwen/Qwen-Image-Edit-2509"  # the same 20B MMDiT + Qwen2.5-VL-7B as Qwen-Image-Layered (~58 GB in bf16)
+RMBG_MODEL_ID = "briaai/RMBG-2.0"  # BiRefNet background removal; gated on the hub, non-commercial licence
+RMBG_INPUT_SIZE = 1024  # RMBG-2.0 sees a 1024x1024 picture, normalized with ImageNet's mean and std
+RMBG_MEAN, RMBG_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+HOST = app.HOST
+PORT = 7871  # the app is 7869, combine_layers 7870
+# The seed's green: rare in layers, so the edit model keeps it as "background" and a key can find it again.
+BACKGROUND_COLOR = (30, 215, 96)
+# Chroma key: RGB distance to the background colour below the first value -> transparent, above the second
+# -> opaque, linear between. 24 absorbs the few levels the model and the resize drift from the flat green;
+# 72 keeps saturated colours opaque. Green parts of a layer closer than 72 to the key turn partly
+# transparent: RMBG-2.0 does not have that limit.
+CHROMA_KEY_TOLERANCE = (24.0, 72.0)
+MATTES = ("auto", "rmbg", "chroma_key")  # auto: RMBG-2.0 when loaded, else the chroma key
+# Qwen-Image-Edit-2509's model card: 40 steps, true CFG 4 with a one-space negative prompt.
+DEFAULTS = dict(prompt="", negative_prompt=" ", true_cfg_scale=4.0, num_inference_steps=40, seed=0,
+                randomize_seed=False, matte="auto")
+# The edit pipeline's system prompt: the demo tokenizer learns its merges from it.
+EDIT_DEMO_CORPUS = ("Describe the key features of the input image (color, shape, size, texture, objects, background), "
+                    "then explain how the user's text instruction should alter or modify the image. Generate a new "
+                    "image that meets the user's requirements while maintaining consistency with the original input.")
+
+
+# ----------------------------------------------------------------------------------------------------
+# 3. Demo model: the edit pipeline's real classes at toy size, random weights, built offline
+# ----------------------------------------------------------------------------------------------------
+def build_demo_edit_pipeline(path: Path) -> Path:
+    """Build (once) a tiny random QwenImageEditPlusPipeline and save it to `path`; its edits are noise.
+
+    Text encoder, processor, tokenizer and scheduler come from the app's `build_demo_components`.
+    """
+    path = Path(path)
+    if (path / "model_index.json").is_file():
+        return path
+    from diffusers import AutoencoderKLQwenImage, QwenImageEditPlusPipeline, QwenImageTransformer2DModel
+
+    logger.info("Building the tiny demo edit pipeline in %s", path)
+    # 1. The parts every Qwen-Image pipeline shares (seeds torch: the weights below follow from it).
+    components = app.build_demo_components(EDIT_DEMO_CORPUS)
+    # 2. Edit-2509's DiT switches are the defaults (no layer-3D RoPE, no RGBA t-cond), at 2 blocks of width 32.
+    #    in_channels = 4 * z_dim: latents are packed in 2x2 patches; the condition image's latents ride along.
+    transformer = QwenImageTransformer2DModel(
+        patch_size=2, in_channels=32, out_channels=8, num_layers=2, attention_head_dim=16, num_attention_heads=2,
+        joint_attention_dim=32, axes_dims_rope=(4, 6, 6))
+    # RGB in (input_channels=3, the default): the edit model sees the layer flattened on green.
+    # z_dim must differ from 3: `prepare_latents` tells images from latents by their channel count.
+    vae = AutoencoderKLQwenImage(base_dim=4, z_dim=8, dim_mult=[1, 2, 4, 4], num_res_blocks=1,
+                                 temperal_downsample=[False, True, True], latents_mean=[0.0] * 8,
+                                 latents_std=[1.0] * 8)
+    # 3. Save (atomically).
+    pipe = QwenImageEditPlusPipeline(vae=vae, transformer=transformer, **components)
+    return app.save_demo_pipeline(pipe, path, "Tiny random Qwen-Image-Edit-2509 pipeline built by "
+                                              "src/tool/edit_rgba_image.py --demo. Its edits are noise.")
+
+
+# ----------------------------------------------------------------------------------------------------
+# 4. Loading: the app's `load_pipeline` with this spec; RMBG-2.0 through the app's `find_weights`
+# ----------------------------------------------------------------------------------------------------
+EDIT_MODEL = app.ModelSpec(model_id=MODEL_ID, local_dir_name="Qwen-Image-Edit-2509",
+                           pipeline_class="QwenImageEditPlusPipeline", build_demo=build_demo_edit_pipeline,
+                           demo_dir_name="demo-tiny-random-edit", download_size="~58 GB")
+RMBG_MODEL = app.ModelSpec(model_id=RMBG_MODEL_ID, local_dir_name="RMBG-2.0", pipeline_class=None, build_demo=None,
+                           demo_dir_name=None, download_size="~0.9 GB", marker_file="config.json")
+RMBG_HINT = ("  RMBG-2.0 is gated: accept its licence (non-commercial) on its hub page and log in with `hf auth login`.\n"
+             "  Without it, choose the chroma-key matte (--matte chroma_key), which needs no model.")
+
+
+def load_rmbg(models_dir: Path, allow_download: bool = True):
+    """RMBG-2.0 from models/RMBG-2.0, else the hub (unless `allow_download` is off, as with --demo).
+
+    Raises app.ModelNotAvailableError saying what to do. Kept on the CPU between edits: it moves to the
+    GPU only for its forward pass, leaving the VRAM to the edit model.
+    """
+    local = Path(models_dir) / RMBG_MODEL.local_dir_name
+    if not allow_download and not (local / RMBG_MODEL.marker_file).is_file():
+        raise app.ModelNotAvailableError(f"No RMBG-2.0 weights in {local} (--demo does not download them).\n" + RMBG_HINT)
+    try:
+        path = app.find_weights(models_dir, RMBG_MODEL)
+    except app.ModelNotAvailableError as err:
+        raise app.ModelNotAvailableError(f"{err}\n{RMBG_HINT}") from err
+    from transformers import AutoModelForImageSegmentation
+
+    try:
+        # trust_remote_code: RMBG-2.0 ships its BiRefNet code with the weights (birefnet.py).
+        model = AutoModelForImageSegmentation.from_pretrained(path, trust_remote_code=True)
+    except ImportError as err:  # its code needs packages the app does not (kornia, timm)
+        raise app.ModelNotAvailableError(f"RMBG-2.0's code could not be imported ({err}): pip install kornia timm\n"
+                                         + RMBG_HINT) from err
+    logger.info("Loaded RMBG-2.0 from %s", path)
+    return model.eval().float()
+
+
+# ----------------------------------------------------------------------------------------------------
+# 5. Infer: pure image functions, then one edit
+# ----------------------------------------------------------------------------------------------------
+def flatten_on_background(layer: Image.Image, color: tuple[int, int, int] = BACKGROUND_COLOR) -> Image.Image:
+    """The layer composited ("over") on a flat colour: what the edit model sees."""
+    background = Image.new("RGBA", layer.size, (*color, 255))
+    return Image.alpha_composite(background, layer.convert("RGBA")).convert("RGB")
+
+
+def chroma_key_matte(image: Image.Image, color: tuple[int, int, int] = BACKGROUND_COLOR,
+                     tolerance: tuple[float, float] = CHROMA_KEY_TOLERANCE) -> Image.Image:
+    """Alpha ("L") from each pixel's RGB distance to the known background colour (see CHROMA_KEY_TOLERANCE).
+
+    A few lines of numpy: the maintained matting libraries (pymatting, rembg's alpha matting) need a trimap
+    or a model, and a known flat background needs neither.
+    """
+    low, high = tolerance
+    rgb = np.asarray(image.convert("RGB"), dtype=np.float32)
+    distance = np.linalg.norm(rgb - np.asarray(color, dtype=np.float32), axis=-1)
+    alpha = np.clip((distance - low) / (high - low), 0.0, 1.0)
+    return Image.fromarray(np.round(alpha * 255).astype(np.uint8), mode="L")
+
+
+def unmix_background(image: Image.Image, alpha: Image.Image,
+                     color: tuple[int, int, int] = BACKGROUND_COLOR) -> Image.Image:
+    """RGBA with the background taken out of semi-transparent pixels, so edges carry no green fringe.
+
+    A pixel over the background is C = a*F + (1 - a)*B; with B known, F = (C - (1 - a)*B) / a.
+    """
+    rgb = np.asarray(image.convert("RGB"), dtype=np.float32)
+    a = np.asarray(alpha, dtype=np.float32)[..., None] / 255.0
+    foreground = (rgb - (1.0 - a) * np.asarray(color, dtype=np.float32)) / np.maximum(a, 1e-6)
+    foreground = np.where(a > 0, np.clip(np.round(foreground), 0, 255), 0).astype(np.uint8)
+    return Image.fromarray(np.dstack([foreground, np.asarray(alpha, dtype=np.uint8)]), mode="RGBA")
+
+
+def rmbg_matte(model, image: Image.Image) -> Image.Image:
+    """Alpha ("L") at the image's size from RMBG-2.0 (its last output, through a sigmoid, as in its model card)."""
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    resized = np.asarray(image.convert("RGB").resize((RMBG_INPUT_SIZE, RMBG_INPUT_SIZE), Image.BILINEAR), np.float32)
+    normalized = (resized / 255.0 - np.asarray(RMBG_MEAN, np.float32)) / np.asarray(RMBG_STD, np.float32)
+    batch = torch.from_numpy(normalized.transpose(2, 0, 1)).unsqueeze(0).to(device)
+    try:
+        model.to(device)
+        with torch.inference_mode():
+            prediction = model(batch)[-1].sigmoid()[0, 0].float().cpu().numpy()
+    finally:
+        model.to("cpu")
+    mask = Image.fromarray(np.round(prediction * 255).astype(np.uint8), mode="L")
+    return mask.resize(image.size, Image.BILINEAR)
+
+
+def choose_matte(matte: str, rmbg) -> str:
+    """"rmbg" or "chroma_key" for the requested `matte`, given whether RMBG-2.0 is loaded."""
+    if matte not in MATTES:
+        raise ValueError(f"matte={matte!r} is not one of {MATTES}")
+    if matte == "rmbg" and rmbg is None:
+        raise ValueError("RMBG-2.0 is not loaded: put its weights in models/RMBG-2.0 and restart the tool, "
+                         "or choose the chroma-key matte.")
+    return "rmbg" if matte in ("auto", "rmbg") and rmbg is not None else "chroma_key"
+
+
+@dataclasses.dataclass
+class EditResult:
+    image: Image.Image  # RGBA at the input layer's size
+    edited: Image.Image  # the pipeline's RGB output, at its own size (~1024x1024 area)
+    matte: str  # "rmbg" or "chroma_key": what recovered the alpha
+    seed: int
+    params: dict[str, Any]  # every input, for params.json
+    duration_s: float
+
+
+def edit_layer(
+    pipe,
+    layer: Any,
+    prompt: str,
+    negative_prompt: str = DEFAULTS["negative_prompt"],
+    true_cfg_scale: float = DEFAULTS["true_cfg_scale"],
+    num_inference_steps: int = DEFAULTS["num_inference_steps"],
+    seed: int = DEFAULTS["seed"],
+    randomize_seed: bool = DEFAULTS["randomize_seed"],
+    matte: str = DEFAULTS["matte"],
+    rmbg=None,
+) -> EditResult:
+    """Edit one RGBA layer as `prompt` says; the result keeps the layer's size. The pipeline's tqdm reports steps."""
+    # 1. Check inputs.
+    rgba = app.to_rgba(layer)
+    prompt = (prompt or "").strip()
+    if not prompt:
+        raise ValueError("The prompt is empty: say what to change, e.g. 'make the cup red'.")
+    num_inference_steps = int(num_inference_steps)
+    if not app.STEPS_RANGE[0] <= num_inference_steps <= app.STEPS_RANGE[1]:
+        raise ValueError(f"num_inference_steps={num_inference_steps} is out of range: use {app.STEPS_RANGE[0]} "
+                         f"to {app.STEPS_RANGE[1]}")
+    if not app.TRUE_CFG_RANGE[0] <= float(true_cfg_scale) <= app.TRUE_CFG_RANGE[1]:
+        raise ValueError(f"true_cfg_scale={true_cfg_scale!r} is out of range: use {app.TRUE_CFG_RANGE[0]} to "
+                         f"{app.TRUE_CFG_RANGE[1]}")
+    matte_used = choose_matte(matte, rmbg)
+    seed = random.randint(0, app.MAX_SEED) if randomize_seed else int(seed)
+    start = time.perf_counter()
+    # 2. Put the layer on the flat green.
+    flat = flatten_on_background(rgba)
+    # 3. Edit at the pipeline's own size (~1024x1024 area, the model's), with CPU noise as in the app.
+    try:
+        with torch.inference_mode(), torch.autocast("cuda", dtype=torch.bfloat16, enabled=torch.cuda.is_available()):
+            edited = pipe(image=flat, prompt=prompt, negative_prompt=negative_prompt, true_cfg_scale=true_cfg_scale,
+                          num_inference_steps=num_inference_steps, num_images_per_prompt=1,
+                          generator=torch.Generator(device="cpu").manual_seed(seed)).images[0]
+    finally:
+        app.clear_memory()
+    # 4. Back to the layer's size, then the alpha: matted at the size it is delivered at.
+    resized = edited.convert("RGB").resize(rgba.size, Image.LANCZOS)
+    alpha = rmbg_matte(rmbg, resized) if matte_used == "rmbg" else chroma_key_matte(resized)
+    image = unmix_background(resized, alpha)
+    params = dict(prompt=prompt, negative_prompt=negative_prompt, true_cfg_scale=float(true_cfg_scale),
+                  num_inference_steps=num_inference_steps, seed=seed, randomize_seed=bool(randomize_seed),
+                  matte=matte, matte_used=matte_used, background_color=list(BACKGROUND_COLOR),
+                  input_size=list(rgba.size), model_size=list(edited.size))
+    return EditResult(image=image, edited=edited, matte=matte_used, seed=seed, params=params,
+                      duration_s=time.perf_counter() - start)
+
+
+def save_edit(result: EditResult, layer: Image.Image, outputs: Path, run_info: dict[str, Any] | None = None) -> Path:
+    """One run folder under outputs/edits: input.png, edited.png (RGBA), edited_on_green.png, params.json."""
+    folder = app.new_run_folder(Path(outputs) / "edits", result.seed)
+    app.to_rgba(layer).save(folder / "input.png")
+    result.image.save(folder / "edited.png")
+    result.edited.save(folder / "edited_on_green.png")
+    params = dict(result.params, duration_s=round(result.duration_s, 3), **(run_info or {}))
+    (folder / "params.json").write_text(json.dumps(params, indent=2, ensure_ascii=False), encoding="utf-8")
+    return folder
+
+
+# ----------------------------------------------------------------------------------------------------
+# 7. UI
+# ----------------------------------------------------------------------------------------------------
+MATTE_CHOICES = [("Auto: RMBG-2.0 when loaded, else chroma key", "auto"), ("RMBG-2.0", "rmbg"),
+                 ("Chroma key on the green (no model; green parts of the layer turn partly transparent)", "chroma_key")]
+
+
+def build_ui(pipe, settings: app.Settings, rmbg=None, matte: str = DEFAULTS["matte"], environment=None):
+    """The Gradio Blocks app. The handler only maps widget values to `edit_layer`/`save_edit` arguments."""
+    os.environ.setdefault("GRADIO_TEMP_DIR", str(Path(settings.outputs) / ".gradio-cache"))
+    import gradio as gr
+
+    run_info = app.run_info_for(pipe, environment or app.print_environment_info(print_it=False))
+
+    def edit(image, prompt, seed=DEFAULTS["seed"], randomize_seed=DEFAULTS["randomize_seed"],
+             true_cfg_scale=DEFAULTS["true_cfg_scale"], num_inference_steps=DEFAULTS["num_inference_steps"],
+             negative_prompt=DEFAULTS["negative_prompt"], matte=matte, progress=gr.Progress(track_tqdm=True)):
+        if image is None:
+            raise gr.Error("No layer: upload an RGBA image (a PNG with transparency) first.")
+        try:
+            result = edit_layer(pipe, image, prompt, negative_prompt=negative_prompt, true_cfg_scale=true_cfg_scale,
+                                num_inference_steps=num_inference_steps, seed=seed, randomize_seed=randomize_seed,
+                                matte=matte, rmbg=rmbg)
+        except ValueError as err:
+            raise gr.Error(str(err)) from err
+        folder = save_edit(result, image, settings.outputs, run_info)
+        logger.info("Edit saved in %s (%.1f s, matte %s)", folder, result.duration_s, result.matte)
+        return result.image, result.seed, f"Alpha recovered by **{result.matte}**. Saved in `{folder}`."
+
+    with gr.Blocks(title="Edit an RGBA layer") as demo:
+        gr.Markdown("# Edit an RGBA layer\nQwen-Image-Edit-2509 edits the layer on a flat green; the transparency "
+                    "is recovered afterwards. The result keeps the layer's size.")
+        if run_info.get("demo"):
+            gr.Markdown("**Demo model in use** — tiny random weights: everything runs, but the edits are noise.")
+        if rmbg is None:
+            gr.Markdown("RMBG-2.0 is not loaded (put it in `models/RMBG-2.0`): alpha comes from the chroma key.")
+        with gr.Row():
+            with gr.Column():
+                image = gr.Image(label="Layer (RGBA)", type="pil", image_mode="RGBA")
+                prompt = gr.Textbox(label="Edit instruction", placeholder="e.g. make the cup red", lines=2)
+                with gr.Accordion("Advanced settings", open=False):
+                    with gr.Row():
+                        seed = gr.Number(label="Seed", value=DEFAULTS["seed"], precision=0, minimum=0, maximum=app.MAX_SEED)
+                        randomize_seed = gr.Checkbox(label="Randomize seed", value=DEFAULTS["randomize_seed"])
+                    true_cfg_scale = gr.Slider(*app.TRUE_CFG_RANGE, value=DEFAULTS["true_cfg_scale"], step=0.1,
+                                               label="True CFG scale")
+                    num_inference_steps = gr.Slider(*app.STEPS_RANGE, value=DEFAULTS["num_inference_steps"], step=1,
+                                                    label="Steps")
+                    negative_prompt = gr.Textbox(label="Negative prompt", value=DEFAULTS["negative_prompt"])
+                    matte_choice = gr.Radio(MATTE_CHOICES, value=matte, label="Alpha recovery")
+                run = gr.Button("Edit", variant="primary")
+            with gr.Column():
+                result = gr.Image(label="Edited layer", type="pil", image_mode="RGBA", format="png", interactive=False)
+                used_seed = gr.Number(label="Seed used", precision=0, interactive=False)
+                info = gr.Markdown()
+        gr.on([run.click, prompt.submit], edit,
+              inputs=[image, prompt, seed, randomize_seed, true_cfg_scale, num_inference_steps, negative_prompt,
+                      matte_choice],
+              outputs=[result, used_seed, info], api_name="edit",
+              concurrency_limit=1)  # one GPU job at a time; others wait in Gradio's queue
+    demo.queue(default_concurrency_limit=1)
+    return demo
+
+
+# ----------------------------------------------------------------------------------------------------
+# 8. main
+# ----------------------------------------------------------------------------------------------------
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="edit_rgba_image.py", description=__doc__.split("\n")[0])
+    parser.add_argument("--host", default=HOST)
+    parser.add_argument("--port", type=int, default=PORT)
+    parser.add_argument("--matte", default=DEFAULTS["matte"], choices=MATTES,
+                        help="alpha recovery: auto (RMBG-2.0 when available, else chroma key), rmbg, chroma_key")
+    app._add_common_args(parser)  # --offload, --model, --demo, --models-dir, ... exactly as the app's
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    ns = parse_args(argv)
+    settings = app.settings_from_args(ns)
+    environment = app.print_environment_info()
+    try:
+        pipe = app.load_pipeline(settings, EDIT_MODEL)
+    except app.ModelNotAvailableError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    rmbg = None
+    if ns.matte != "chroma_key":
+        try:
+            rmbg = load_rmbg(settings.models_dir, allow_download=not settings.demo)
+        except app.ModelNotAvailableError as err:
+            if ns.matte == "rmbg":
+                print(f"error: {err}", file=sys.stderr)
+                return 2
+            logger.warning("Alpha recovery falls back to the chroma key:\n%s", err)
+    demo = build_ui(pipe, settings, rmbg, ns.matte, environment)
+    print(f"Serving on http://{settings.host}:{settings.port}")
+    demo.launch(server_name=settings.host, server_port=settings.port, show_error=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

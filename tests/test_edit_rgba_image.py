@@ -1,0 +1,133 @@
+"""src/tool/edit_rgba_image.py on a tiny random QwenImageEditPlusPipeline built offline and loaded by app.load_pipeline."""
+
+import dataclasses
+import json
+
+import numpy as np
+import pytest
+from PIL import Image, ImageDraw
+
+import app
+from conftest import demo_settings, free_port
+from tool import edit_rgba_image as edit
+
+
+@pytest.fixture(scope="module")
+def edit_pipe(models_dir):
+    """The demo edit pipeline, through the app's real load path (FirstBlockCache off: it changes outputs)."""
+    return app.load_pipeline(demo_settings(models_dir), edit.EDIT_MODEL)
+
+
+def synthetic_layer(size=(150, 100)):
+    """Opaque shapes in colours far from the green, on transparency (an odd size: the model works at 1248x832)."""
+    layer = Image.new("RGBA", size, (0, 0, 0, 0))
+    draw = ImageDraw.Draw(layer)
+    draw.rectangle([10, 10, 70, 90], fill=(30, 90, 200, 255))
+    draw.ellipse([60, 20, 140, 80], fill=(230, 40, 40, 255))
+    draw.polygon([(75, 5), (95, 5), (85, 25)], fill=(250, 250, 250, 255))
+    return layer
+
+
+def test_demo_edit_pipeline_loads_through_the_apps_load_path(edit_pipe, models_dir):
+    info = edit_pipe._studio_info
+
+    assert type(edit_pipe).__name__ == "QwenImageEditPlusPipeline"
+    assert info["demo"] and info["model_path"] == str(models_dir / "demo-tiny-random-edit")
+    assert info["dtype"] == "float32" and info["offload_mode"] == "off"  # the CPU loads in float32
+    assert edit_pipe.vae.config.input_channels == 3  # the edit model sees RGB: the layer on green
+    assert not edit_pipe.transformer.config.use_layer3d_rope  # Edit-2509's DiT, not the layered one
+
+
+def test_the_tool_takes_the_apps_loading_flags(tmp_path):
+    flags = ["--offload", "sequential", "--models-dir", str(tmp_path), "--quantization", "fp8_storage",
+             "--no-first-block-cache", "--demo"]
+
+    _, app_settings, _ = app.parse_args(flags)
+    tool_settings = app.settings_from_args(edit.parse_args(flags))
+
+    assert tool_settings == dataclasses.replace(app_settings, port=7871)
+    assert tool_settings.offload == "sequential" and tool_settings.quantization == "fp8_storage"
+
+
+def test_chroma_key_round_trip_is_exact_on_a_synthetic_layer():
+    layer = synthetic_layer()
+
+    on_green = edit.flatten_on_background(layer)
+    back = edit.unmix_background(on_green, edit.chroma_key_matte(on_green))
+
+    assert on_green.mode == "RGB" and on_green.getpixel((0, 0)) == edit.BACKGROUND_COLOR
+    assert np.array_equal(np.asarray(back.getchannel("A")), np.asarray(layer.getchannel("A")))
+    opaque = np.asarray(layer.getchannel("A")) == 255
+    assert np.array_equal(np.asarray(back)[opaque], np.asarray(layer)[opaque])
+
+
+def test_chroma_key_absorbs_drift_and_unmixing_takes_the_green_out_of_edges():
+    red = np.array([230, 40, 40], np.float32)
+    green = np.array(edit.BACKGROUND_COLOR, np.float32)
+    pixels = np.array([[green + [6, -8, 5],  # the model's green, a few levels off: still background
+                        0.5 * red + 0.5 * green]], np.float32)  # a half-covered edge pixel
+    image = Image.fromarray(np.round(pixels).astype(np.uint8), "RGB")
+    half = Image.fromarray(np.array([[0, 128]], np.uint8), "L")
+
+    alpha = np.asarray(edit.chroma_key_matte(image))
+    unmixed = np.asarray(edit.unmix_background(image, half))
+
+    assert alpha[0, 0] == 0
+    assert np.all(np.abs(unmixed[0, 1, :3].astype(float) - red) <= 2)  # red again, no green fringe
+
+
+def test_rmbg_missing_falls_back_to_the_chroma_key_or_says_what_to_do(tmp_path):
+    with pytest.raises(app.ModelNotAvailableError) as missing:
+        edit.load_rmbg(tmp_path, allow_download=False)
+
+    assert str(tmp_path / "RMBG-2.0") in str(missing.value) and "chroma_key" in str(missing.value)
+    assert edit.choose_matte("auto", None) == "chroma_key"
+    assert edit.choose_matte("chroma_key", object()) == "chroma_key"
+    assert edit.choose_matte("auto", object()) == "rmbg"
+    with pytest.raises(ValueError, match="models/RMBG-2.0"):
+        edit.choose_matte("rmbg", None)
+
+
+def test_missing_edit_weights_fail_offline_with_the_apps_message(tmp_path, monkeypatch, capsys):
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)  # never download in a test
+
+    code = edit.main(["--models-dir", str(tmp_path), "--matte", "chroma_key"])
+
+    err = capsys.readouterr().err
+    assert code == 2
+    assert "No Qwen-Image-Edit-2509 weights found" in err
+    assert str(tmp_path / "Qwen-Image-Edit-2509") in err and "--demo" in err and "--model" in err
+
+
+
+def test_edit_api_keeps_the_layer_size_and_gives_alpha_back(edit_pipe, models_dir, tmp_path):
+    from gradio_client import Client, handle_file
+
+    layer = synthetic_layer()
+    layer_path = tmp_path / "layer.png"
+    layer.save(layer_path)
+    settings = demo_settings(models_dir, outputs=tmp_path / "outputs")
+    demo = edit.build_ui(edit_pipe, settings, rmbg=None, matte="chroma_key")
+    port = free_port()
+    demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True)
+    try:
+        client = Client(f"http://127.0.0.1:{port}/", verbose=False)
+        result_path, seed, info = client.predict(handle_file(layer_path), "make the ellipse green", 7, False, 2.0,
+                                                 2, " ", "chroma_key", api_name="/edit")
+    finally:
+        demo.close()
+
+    result = Image.open(result_path)
+    run = next((tmp_path / "outputs" / "edits").iterdir())
+    params = json.loads((run / "params.json").read_text())
+    model_output = Image.open(run / "edited_on_green.png")
+    expected_alpha = edit.chroma_key_matte(model_output.resize(layer.size, Image.LANCZOS))
+    assert result.mode == "RGBA" and result.size == layer.size == (150, 100)
+    assert model_output.size == (1248, 832)  # the model worked at its own size; the result came back
+    # The alpha is the matte of the edit, not the input's copied over (the demo's edit is noise: opaque).
+    assert np.array_equal(np.asarray(result.getchannel("A")), np.asarray(expected_alpha))
+    assert not np.array_equal(np.asarray(result.getchannel("A")), np.asarray(layer.getchannel("A")))
+    assert seed == 7 and params["seed"] == 7 and params["matte_used"] == "chroma_key" and "chroma_key" in info
+    assert params["input_size"] == [150, 100] and params["demo"] is True
