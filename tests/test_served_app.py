@@ -166,6 +166,7 @@ def files_under(folder: Path) -> list[Path]:
     return [p for p in folder.rglob("*") if p.is_file()]
 
 
+@pytest.mark.timeout(1800)  # 20 demo runs: ~13 s each on an idle 2-core CPU, far more on a busy one
 def test_twenty_runs_leave_outputs_within_limits_gradio_cache_cleaned_and_temp_dir_untouched(served, tmp_path):
     from gradio_client import Client, handle_file
 
