@@ -47,8 +47,8 @@ def test_bad_files_are_reported_and_skipped_and_the_summary_lists_both(batch):
     # The images after the bad file still ran; each ok line names its run folder.
     assert [line.split()[1] for line in ok] == [str(inputs / "photos" / "a.png"), str(inputs / "photos" / "b.jpg")]
     assert all(Path(line.split(" -> ")[1]).parent == out for line in ok)
-    assert failed == [f"  FAILED  {inputs / 'broken.png'}: UnidentifiedImageError: cannot identify image file "
-                      f"'{inputs / 'broken.png'}'",
+    assert failed == [f"  FAILED  {inputs / 'broken.png'}: ValueError: broken.png is not an image: its content is "
+                      f"no image format this app reads. Upload a PNG, JPEG or WebP file.",
                       f"  FAILED  {inputs / 'missing.png'}: ValueError: image file '{inputs / 'missing.png'}' "
                       f"does not exist"]
 
