@@ -100,7 +100,7 @@ def test_browser_decomposes_an_example_into_3_layers_and_downloads_psd_pptx_zip(
     page.goto(served["url"])
     page.locator("input[type=file]").first.set_input_files(str(EXAMPLE))
     fill_settings(page, "a sticker", Layers="3", Steps="2", **{"True CFG scale": "1"})
-    page.get_by_role("button", name="Decompose").click()
+    page.get_by_role("button", name="Decompose", exact=True).click()
     expect(page.locator(".progress-text").first).to_be_visible(timeout=60_000)  # the run shows its progress ...
     expect(page.locator(".thumbnail-item")).to_have_count(3, timeout=RUN_TIMEOUT_MS)  # ... the gallery its layers
     expect(page.locator(".progress-text")).to_have_count(0)  # and the progress is gone
@@ -138,7 +138,7 @@ def test_browser_shows_the_message_for_a_file_that_is_no_image(served, page, tmp
     notes.write_text("Meeting notes, not a picture.\n")
     page.goto(served["url"])
     page.locator("input[type=file]").first.set_input_files(str(notes))
-    page.get_by_role("button", name="Decompose").click()
+    page.get_by_role("button", name="Decompose", exact=True).click()
     message = page.get_by_test_id("toast-text")
     expect(message).to_have_text("notes.png is not an image: its content is no image format this app reads. "
                                  "Upload a PNG, JPEG or WebP file.", timeout=60_000)
@@ -156,7 +156,7 @@ def test_browser_says_an_animated_gif_gave_its_first_frame(served, page, tmp_pat
     page.goto(served["url"])
     page.locator("input[type=file]").first.set_input_files(str(gif))
     fill_settings(page, "a red card", Layers="2", Steps="2", **{"True CFG scale": "1"})
-    page.get_by_role("button", name="Decompose").click()
+    page.get_by_role("button", name="Decompose", exact=True).click()
     expect(page.get_by_test_id("toast-text")).to_have_text(
         "blink.gif is animated (2 frames): the first frame was used.", timeout=RUN_TIMEOUT_MS)
     expect(page.locator(".thumbnail-item")).to_have_count(2, timeout=60_000)
