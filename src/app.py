@@ -30,6 +30,7 @@ import dataclasses
 import datetime
 import functools
 import gc
+import inspect
 import io
 import itertools
 import json
@@ -45,11 +46,17 @@ import unicodedata
 import weakref
 import zipfile
 from pathlib import Path
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
 from PIL import Image, ImageOps
+
+# The low-VRAM engine (section 4b) builds on diffusers' hooks; importing them loads no model.
+from diffusers.hooks import HookRegistry, ModelHook
+from diffusers.hooks.group_offloading import (_GROUP_OFFLOADING, GroupOffloadingConfig, GroupOffloadingHook,
+                                              GroupOffloadingType, ModuleGroup)
 
 logger = logging.getLogger("qwen_layered_studio")
 
@@ -121,19 +128,6 @@ MAX_INPUT_PIXELS = 64_000_000
 # strip longer than 16:1 (its short side falls under 160 px at 640; past 1600:1 the pipeline's size is 0), is refused.
 MIN_INPUT_SIDE = 16
 MAX_ASPECT_RATIO = 16
-# The defaults of the model card's example call.
-DEFAULTS = dict(
-    prompt="",
-    negative_prompt=" ",
-    true_cfg_scale=4.0,
-    num_inference_steps=50,
-    layers=4,
-    resolution=640,
-    cfg_normalize=True,
-    use_en_prompt=True,
-    seed=777,
-    randomize_seed=False,
-)
 # The files `decompose DIR` takes from a folder (not recursive); a file named on the command line is tried
 # whatever its name, so a bad one is reported instead of silently left out.
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
@@ -147,7 +141,56 @@ ORIGINAL_SIZE_RESAMPLE = Image.Resampling.LANCZOS
 # limit of ext4, NTFS and APFS (a Hangul or Han character takes 3 bytes).
 FILE_NAME_TEXT_MAX_BYTES = 60
 
-# Low-VRAM engine ("budget" mode) planning figures. Sizes in GiB (2**30 bytes), like torch's memory stats.
+# Text inputs are capped: the pipeline keeps the first 512 prompt tokens (its max_sequence_length), about 2,000
+# English characters, so nothing longer reaches the model; a 10 MB prompt once held the only job slot for 17
+# minutes and 10 GB of RAM while the tokenizer and text encoder chewed on it.
+PROMPT_MAX_CHARS = 2000
+
+
+@dataclasses.dataclass(frozen=True)
+class Param:
+    """One decomposition parameter: `infer`'s keyword (the pipeline's name), its check, widget and CLI flag."""
+
+    name: str  # infer's keyword argument; also the API parameter name
+    default: Any  # the model card's example call
+    type: type  # int, float, bool or str
+    label: str  # the widget's label
+    flag: str  # the `decompose` flag; for a bool, the flag that flips the default
+    help: str  # the flag's help
+    range: tuple | None = None  # (min, max) of a number; (0, max characters) of a text
+    choices: tuple | None = None  # the accepted values, when only a few are
+    step: float | None = None  # a slider's step; None: a number box
+    advanced: bool = True  # in the UI's "Advanced settings"
+
+
+# THE parameter table: `infer` checks its inputs with it (`check_params`), the UI builds its widgets, its
+# `inputs=` lists and its handlers' arguments from it, `decompose` its flags. Its order is the API's order.
+# Adding a parameter: one row here, and its use in `infer`.
+PARAMS = (
+    Param("prompt", "", str, "Prompt (empty: the model writes a caption)", "--prompt",
+          "empty: the model writes a caption", range=(0, PROMPT_MAX_CHARS), advanced=False),
+    Param("negative_prompt", " ", str, "Negative prompt", "--negative-prompt", "what the layers should not show",
+          range=(0, PROMPT_MAX_CHARS)),
+    Param("seed", 777, int, "Seed", "--seed", "noise seed", range=(0, MAX_SEED)),
+    Param("randomize_seed", False, bool, "Randomize seed", "--randomize-seed", "draw a new seed for every image"),
+    Param("true_cfg_scale", 4.0, float, "True CFG scale", "--true-cfg-scale", "prompt guidance", range=TRUE_CFG_RANGE,
+          step=0.1),
+    Param("num_inference_steps", 50, int, "Steps", "--steps", "denoising steps", range=STEPS_RANGE, step=1),
+    Param("layers", 4, int, "Layers", "--layers", "how many RGBA layers", range=LAYERS_RANGE, step=1),
+    Param("resolution", 640, int, "Resolution bucket", "--resolution", "the model's working size",
+          choices=RESOLUTIONS),
+    Param("cfg_normalize", True, bool, "CFG normalize", "--no-cfg-normalize", "turn off CFG normalization"),
+    Param("use_en_prompt", True, bool, "English auto-caption (off: Chinese)", "--zh-caption",
+          "auto-caption in Chinese instead of English"),
+)
+PARAM = {p.name: p for p in PARAMS}
+# The defaults by name (tests and the README's server override them here; widgets and handlers read them at build).
+DEFAULTS = {p.name: p.default for p in PARAMS}
+
+# Low-VRAM engine ("budget" mode) planning figures. Sizes in GiB (GIB bytes), like torch's memory stats.
+GIB = 2**30
+# "auto" keeps everything on a GPU of at least this much VRAM: transformer 41 GB + text encoder 17 GB + VAE + activations.
+FULL_RESIDENCY_VRAM_GB = 64
 # Left free inside the budget: the allocator's cache above its allocated peak (up to 1.2 GB measured), the CUDA
 # context (~0.5 GB on a 4090, outside PyTorch's allocator) and some slack. 24 GB plans for a 21 GB peak.
 BUDGET_SAFETY_MARGIN_GB = 3.0
@@ -158,7 +201,12 @@ BUDGET_ACTIVATION_KB_PER_TOKEN = 116.0
 BUDGET_ACTIVATION_FIXED_GB = 0.25
 # Each job is planned for its own image tokens plus this many prompt tokens (a 512-token caption and the
 # template); the largest job the UI allows (1024 bucket, 10 layers: layers + 2 frames of 64x64 tokens) must fit.
-BUDGET_PLAN_IMAGE_TOKENS = (LAYERS_RANGE[1] + 2) * (1024 // 16) ** 2
+def image_tokens(layers: int, resolution: int) -> int:
+    """Image tokens of one job: the layers plus two frames (input and composite), of 16 px patches at the bucket."""
+    return (layers + 2) * (resolution // 16) ** 2
+
+
+BUDGET_PLAN_IMAGE_TOKENS = image_tokens(LAYERS_RANGE[1], RESOLUTIONS[-1])
 BUDGET_PLAN_TEXT_TOKENS = 600
 # Streamed blocks on the GPU at once: the one computing and the next one arriving.
 BUDGET_STREAM_BUFFERS = 2
@@ -227,6 +275,33 @@ def _add_common_args(parser: argparse.ArgumentParser) -> None:
                         help="VRAM the budget offload mode may use (default: the GPU's free memory)")
 
 
+def _add_param_args(parser: argparse.ArgumentParser) -> None:
+    """One flag per row of PARAMS (`dest` is the row's name); a bool's flag flips its default."""
+    for p in PARAMS:
+        if p.type is bool:
+            parser.add_argument(p.flag, dest=p.name, action="store_false" if p.default else "store_true",
+                                default=p.default, help=p.help)
+            continue
+        limits = f" ({p.range[0]:g} to {p.range[1]:g})" if p.range and p.type is not str else ""
+        parser.add_argument(p.flag, dest=p.name, type=_param_arg(p), default=p.default, choices=p.choices,
+                            help=f"{p.help}{limits} (default: %(default)r)")
+
+
+def _param_arg(p: "Param") -> Callable[[str], Any]:
+    """argparse `type=` for a row: parsed and checked by `check_param`, so the CLI says what the API says."""
+    def parse(text: str) -> Any:
+        try:
+            value = {int: int, float: float, str: str}[p.type](text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not {'a number' if p.type is float else 'a whole number'}") from None
+        try:
+            return check_param(p.name, value)
+        except ValueError as err:
+            raise argparse.ArgumentTypeError(str(err)) from None
+    parse.__name__ = p.type.__name__
+    return parse
+
+
 def parse_args(argv: list[str] | None = None) -> tuple[str, Settings, argparse.Namespace]:
     """The one place where command line (`argv`) and environment (`QIL_*`) override the flags above.
 
@@ -240,15 +315,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[str, Settings, argparse.N
             "that fails is reported and skipped; the exit code is 1 when any failed."))
         parser.add_argument("images", nargs="+", metavar="IMG_OR_DIR",
                             help="image files, or folders whose " + "/".join(IMAGE_SUFFIXES) + " files are taken")
-        parser.add_argument("--layers", type=int, default=DEFAULTS["layers"])
-        parser.add_argument("--seed", type=int, default=DEFAULTS["seed"])
-        parser.add_argument("--steps", type=int, default=DEFAULTS["num_inference_steps"])
-        parser.add_argument("--resolution", type=int, default=DEFAULTS["resolution"], choices=RESOLUTIONS)
-        parser.add_argument("--prompt", default=DEFAULTS["prompt"], help="empty: the model writes a caption")
-        parser.add_argument("--negative-prompt", default=DEFAULTS["negative_prompt"])
-        parser.add_argument("--true-cfg-scale", type=float, default=DEFAULTS["true_cfg_scale"])
-        parser.add_argument("--zh-caption", dest="use_en_prompt", action="store_false",
-                            help="auto-caption in Chinese instead of English")
+        _add_param_args(parser)
         parser.add_argument("--out", type=Path, default=None, help="outputs folder (default: --outputs)")
         parser.add_argument("--original-size", action="store_true",
                             help="also export the layers resized to the input's size (run folder's original_size/)")
@@ -338,7 +405,7 @@ def print_environment_info(print_it: bool = True) -> dict[str, Any]:
     if torch.cuda.is_available():
         props = torch.cuda.get_device_properties(0)
         info["gpu_name"] = props.name
-        info["gpu_vram_gb"] = round(props.total_memory / 2**30, 1)
+        info["gpu_vram_gb"] = round(props.total_memory / GIB, 1)
     if print_it:
         width = max(len(k) for k in info)
         print("Environment:")
@@ -554,7 +621,7 @@ def resolve_offload_mode(mode: str, cuda_available: bool, vram_gb: float | None)
         return "off"
     if mode != "auto":
         return mode
-    if vram_gb >= 64:  # transformer 41 GB + text encoder 17 GB + VAE + activations
+    if vram_gb >= FULL_RESIDENCY_VRAM_GB:
         return "off"
     if vram_gb >= BUDGET_AUTO_MIN_VRAM_GB:
         return "budget"  # the low-VRAM engine (section 4b)
@@ -567,7 +634,7 @@ def default_vram_budget_gb(settings: Settings) -> float:
         return float(settings.vram_budget_gb)
     if not torch.cuda.is_available():
         return float("inf")
-    return torch.cuda.mem_get_info()[0] / 2**30
+    return torch.cuda.mem_get_info()[0] / GIB
 
 
 def apply_memory_optimizations(pipe, settings: Settings, offload_mode: str) -> list[str]:
@@ -642,7 +709,7 @@ def load_pipeline(settings: Settings, spec: ModelSpec = LAYERED_MODEL):
     #    float32 (measured: a 2-step demo run took 214 s in bf16, 11 s in float32), so the CPU uses float32.
     cuda = torch.cuda.is_available()
     dtype = torch.bfloat16 if cuda else torch.float32
-    vram_gb = torch.cuda.get_device_properties(0).total_memory / 2**30 if cuda else None
+    vram_gb = torch.cuda.get_device_properties(0).total_memory / GIB if cuda else None
     offload_mode = resolve_offload_mode(settings.offload, cuda, vram_gb)
     if offload_mode == "budget":  # say it before loading: the page-locked copies need the RAM
         check_host_ram(pipeline_weight_gb(model_path))
@@ -704,7 +771,7 @@ class BudgetPlan:
 
 def activation_gb(tokens: int) -> float:
     """Planned transformer activation memory (GiB) for a forward over `tokens` image + text tokens."""
-    return BUDGET_ACTIVATION_FIXED_GB + tokens * BUDGET_ACTIVATION_KB_PER_TOKEN * 1024 / 2**30
+    return BUDGET_ACTIVATION_FIXED_GB + tokens * BUDGET_ACTIVATION_KB_PER_TOKEN * 1024 / GIB
 
 
 def streamed_block_indices(num_blocks: int, num_resident: int) -> tuple[int, ...]:
@@ -777,7 +844,7 @@ def plan_budget(
 def pipeline_weight_gb(model_path: Path | str) -> float:
     """GiB of transformer + text encoder weights in a diffusers folder, read from the file sizes (before loading)."""
     files = [f for sub in ("transformer", "text_encoder") for f in (Path(model_path) / sub).glob("*.safetensors")]
-    return sum(f.stat().st_size for f in files) / 2**30
+    return sum(f.stat().st_size for f in files) / GIB
 
 
 def check_host_ram(needed_gb: float, available_gb: float | None = None) -> None:
@@ -785,7 +852,7 @@ def check_host_ram(needed_gb: float, available_gb: float | None = None) -> None:
     if available_gb is None:
         import psutil
 
-        available_gb = psutil.virtual_memory().available / 2**30
+        available_gb = psutil.virtual_memory().available / GIB
     if needed_gb + BUDGET_HOST_RAM_RESERVE_GB > available_gb:
         raise ValueError(
             f"The budget offload mode keeps page-locked copies of the weights in host RAM: it needs {needed_gb:.1f} GB "
@@ -794,7 +861,7 @@ def check_host_ram(needed_gb: float, available_gb: float | None = None) -> None:
 
 
 def _module_gb(*modules: torch.nn.Module) -> float:
-    return sum(t.numel() * t.element_size() for m in modules for t in itertools.chain(m.parameters(), m.buffers())) / 2**30
+    return sum(t.numel() * t.element_size() for m in modules for t in itertools.chain(m.parameters(), m.buffers())) / GIB
 
 
 def _page_lock(flat: torch.Tensor) -> bool:
@@ -804,7 +871,7 @@ def _page_lock(flat: torch.Tensor) -> bool:
     if error != 0:
         logger.warning("Could not page-lock %.1f GB of host weight copies (cudaError %d): stage changes copy at pageable "
                        "speed and diffusers pins its own copies of the streamed blocks (~1.6x their size in RAM).",
-                       size / 2**30, error)
+                       size / GIB, error)
     return error == 0
 
 
@@ -919,114 +986,74 @@ class _BudgetStages:
         self.current = None
 
 
-def enable_budget_offload(pipe, vram_budget_gb: float, resident_blocks: int | None = None) -> list[str]:
-    """Offload mode "budget" (see the comment above): plan, then apply. Returns what was applied, by name.
+class PageLockedModuleGroup(ModuleGroup):
+    """A ModuleGroup whose host copies are the page-locked buffer as it is. torch's `is_pinned()` does not see
+    memory locked with cudaHostRegister (torch 2.11: False, while copies from it ran at 54 GB/s), so plain
+    ModuleGroup pins a second, power-of-two-rounded copy of every weight (measured: +40 GB of RAM, +40 s)."""
 
-    Without CUDA the same hooks run with every weight on the CPU: nothing moves and the outputs equal "off"
-    (tests/test_budget_offload.py checks this on the demo pipeline). Weight storage (fp8) goes first, and
-    FirstBlockCache, if enabled before, is put back outside our hooks. `resident_blocks` fixes the number of
-    resident transformer blocks for every job (tests, tuning); by default each job gets as many as fit.
+    def _init_cpu_param_dict(self):
+        return {t: t.data for m in self.modules for t in itertools.chain(m.parameters(), m.buffers())}
+
+    @contextlib.contextmanager
+    def _pinned_memory_tensors(self):
+        yield self.cpu_param_dict
+
+
+class BudgetBlockHook(GroupOffloadingHook):
+    """diffusers' group-offloading hook that stands aside while its block is resident for the current job."""
+
+    resident = False
+
+    def pre_forward(self, module, *args, **kwargs):
+        return (args, kwargs) if self.resident else super().pre_forward(module, *args, **kwargs)
+
+    def post_forward(self, module, output):
+        return output if self.resident else super().post_forward(module, output)
+
+
+class StartStreamingHook(ModelHook):
+    """On block 1, which runs only on steps FirstBlockCache computes: start copying the first streamed block."""
+
+    group = None
+
+    def pre_forward(self, module, *args, **kwargs):
+        if self.group is not None:
+            self.group.onload_()
+        return args, kwargs
+
+
+def install_block_hooks(blocks, device: torch.device, stream: "torch.cuda.Stream | None") -> tuple[dict, StartStreamingHook]:
+    """Blocks 1.. get one diffusers ModuleGroup + BudgetBlockHook each (block 0 always stays resident: FirstBlockCache
+    decides from its output), block 1 the StartStreamingHook. Returns ({block index: hook}, start hook); which
+    blocks stream is set per job by `_BudgetStages._split`.
+
+    apply_group_offloading would stream every block or none, hence the groups by hand. record_stream=False: a
+    streamed block's GPU copy is freed as soon as it has run (the host waits for it there; it waits for the next
+    copy anyway), so at most two are on the GPU.
     """
-    from diffusers.hooks import HookRegistry, ModelHook
-    from diffusers.hooks.group_offloading import (_GROUP_OFFLOADING, GroupOffloadingConfig, GroupOffloadingHook,
-                                                  GroupOffloadingType, ModuleGroup)
-
-    transformer, text_encoder, vae = pipe.transformer, pipe.text_encoder, pipe.vae
-    blocks = transformer.transformer_blocks
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    on_cuda = device.type == "cuda"
-    host = torch.device("cpu")
-
-    # 1. Plan from the loaded weights (fp8 storage, applied before, halves the blocks). The largest job the UI
-    #    allows must fit: that raises here, before anything moves, when the budget is too small.
-    sizes = dict(block_gb=max(_module_gb(block) for block in blocks), num_blocks=len(blocks),
-                 other_transformer_gb=_module_gb(transformer) - _module_gb(*blocks),
-                 text_encoder_gb=_module_gb(text_encoder), vae_gb=_module_gb(vae))
-
-    def plan_for(image_tokens: int) -> BudgetPlan:
-        return plan_budget(vram_budget_gb, image_tokens=image_tokens, resident_blocks=resident_blocks, **sizes)
-
-    largest = plan_for(BUDGET_PLAN_IMAGE_TOKENS)
-    default = plan_for((DEFAULTS["layers"] + 2) * (DEFAULTS["resolution"] // 16) ** 2)
-    logger.info("Low-VRAM engine: %s; at the default job (%d px, %d layers): %d blocks resident", largest.describe(),
-                DEFAULTS["resolution"], DEFAULTS["layers"], len(default.resident_blocks))
-
-    # 2. FirstBlockCache must wrap our hooks, so that a skipped step never reaches a streamed block: take it off
-    #    now, put it back last.
-    cache_config = transformer._cache_config
-    if cache_config is not None:
-        transformer.disable_cache()
-
-    # 3. Each model's weights move into its host buffer; the VAE stays on the GPU.
-    transformer_weights = _host_copies(transformer, on_cuda)
-    text_encoder_weights = _host_copies(text_encoder, on_cuda)
-    vae.to(device)
-
-    # 4. Blocks 1.. get one diffusers ModuleGroup each; per job, the streamed ones are chained in block order, so
-    #    each streamed block's start copies the next one in on the side stream, and the resident ones skip their
-    #    hook. apply_group_offloading would stream every block or none, hence the groups by hand.
-    #    record_stream=False: a streamed block's GPU copy is freed as soon as it has run (the host waits for it
-    #    there; it waits for the next copy anyway), so at most two are on the GPU.
-    class PageLockedModuleGroup(ModuleGroup):
-        """A ModuleGroup whose host copies are the page-locked buffer as it is. torch's `is_pinned()` does not see
-        memory locked with cudaHostRegister (torch 2.11: False, while copies from it ran at 54 GB/s), so plain
-        ModuleGroup pins a second, power-of-two-rounded copy of every weight (measured: +40 GB of RAM, +40 s)."""
-
-        def _init_cpu_param_dict(self):
-            return {t: t.data for m in self.modules for t in itertools.chain(m.parameters(), m.buffers())}
-
-        @contextlib.contextmanager
-        def _pinned_memory_tensors(self):
-            yield self.cpu_param_dict
-
-    class BudgetBlockHook(GroupOffloadingHook):
-        """diffusers' group-offloading hook that stands aside while its block is resident for the current job."""
-
-        resident = False
-
-        def pre_forward(self, module, *args, **kwargs):
-            return (args, kwargs) if self.resident else super().pre_forward(module, *args, **kwargs)
-
-        def post_forward(self, module, output):
-            return output if self.resident else super().post_forward(module, output)
-
-    class StartStreamingHook(ModelHook):
-        """On block 1, which runs only on steps FirstBlockCache computes: start copying the first streamed block."""
-
-        group = None
-
-        def pre_forward(self, module, *args, **kwargs):
-            if self.group is not None:
-                self.group.onload_()
-            return args, kwargs
-
-    stream = torch.cuda.Stream() if on_cuda else None
+    host, on_cuda = torch.device("cpu"), device.type == "cuda"
     config = GroupOffloadingConfig(onload_device=device, offload_device=host, offload_type=GroupOffloadingType.BLOCK_LEVEL,
                                    non_blocking=on_cuda, record_stream=False, low_cpu_mem_usage=False,
                                    num_blocks_per_group=1, stream=stream)
     hooks = {}
     for index, block in enumerate(blocks):
-        registry = HookRegistry.check_if_exists_or_initialize(block)
         if index == 0:  # always resident: FirstBlockCache decides from its output
             continue
         group = PageLockedModuleGroup(modules=[block], offload_device=host, onload_device=device, offload_leader=block,
                                       onload_leader=block, non_blocking=on_cuda, stream=stream, record_stream=False,
                                       onload_self=False, group_id=f"transformer_blocks.{index}")
         hooks[index] = BudgetBlockHook(group, config=config)
-        registry.register_hook(hooks[index], _GROUP_OFFLOADING)
+        HookRegistry.check_if_exists_or_initialize(block).register_hook(hooks[index], _GROUP_OFFLOADING)
     start_hook = StartStreamingHook()
     if len(blocks) > 1:
         HookRegistry.check_if_exists_or_initialize(blocks[1]).register_hook(start_hook, _START_STREAMING_HOOK)
+    return hooks, start_hook
 
-    # 5. Stages: each model, when called, first brings its stage's weights to the GPU and sends the others back.
-    block_ids = [{id(t) for t in itertools.chain(b.parameters(), b.buffers())} for b in blocks]
-    in_blocks = set().union(*block_ids)
-    stages = _BudgetStages(
-        device, plan_for,
-        {"transformer": [pair for pair in transformer_weights if id(pair[0]) not in in_blocks],
-         "text_encoder": text_encoder_weights},
-        [[pair for pair in transformer_weights if id(pair[0]) in ids] for ids in block_ids],
-        hooks, start_hook, stream)
+
+def install_stage_hooks(pipe, stages: _BudgetStages) -> None:
+    """Each model, when called, first brings its stage's weights to the GPU and sends the others back
+    (forward pre-hooks; the text encoder's `generate` too). Their removal goes to `stages.undo`."""
+    transformer, text_encoder, vae = pipe.transformer, pipe.text_encoder, pipe.vae
 
     def enter_transformer(module, args, kwargs):
         hidden_states = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
@@ -1047,6 +1074,62 @@ def enable_budget_offload(pipe, vram_budget_gb: float, resident_blocks: int | No
 
     text_encoder.generate = generate_on_gpu
     stages.undo.append(lambda: delattr(text_encoder, "generate"))
+
+
+def enable_budget_offload(pipe, vram_budget_gb: float, resident_blocks: int | None = None) -> list[str]:
+    """Offload mode "budget" (see the comment above): plan, then apply. Returns what was applied, by name.
+
+    Without CUDA the same hooks run with every weight on the CPU: nothing moves and the outputs equal "off"
+    (tests/test_budget_offload.py checks this on the demo pipeline). Weight storage (fp8) goes first, and
+    FirstBlockCache, if enabled before, is put back outside our hooks. `resident_blocks` fixes the number of
+    resident transformer blocks for every job (tests, tuning); by default each job gets as many as fit.
+    """
+    transformer, text_encoder, vae = pipe.transformer, pipe.text_encoder, pipe.vae
+    blocks = transformer.transformer_blocks
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    on_cuda = device.type == "cuda"
+
+    # 1. Plan from the loaded weights (fp8 storage, applied before, halves the blocks). The largest job the UI
+    #    allows must fit: that raises here, before anything moves, when the budget is too small.
+    sizes = dict(block_gb=max(_module_gb(block) for block in blocks), num_blocks=len(blocks),
+                 other_transformer_gb=_module_gb(transformer) - _module_gb(*blocks),
+                 text_encoder_gb=_module_gb(text_encoder), vae_gb=_module_gb(vae))
+
+    def plan_for(tokens: int) -> BudgetPlan:
+        return plan_budget(vram_budget_gb, image_tokens=tokens, resident_blocks=resident_blocks, **sizes)
+
+    largest = plan_for(BUDGET_PLAN_IMAGE_TOKENS)
+    default = plan_for(image_tokens(DEFAULTS["layers"], DEFAULTS["resolution"]))
+    logger.info("Low-VRAM engine: %s; at the default job (%d px, %d layers): %d blocks resident", largest.describe(),
+                DEFAULTS["resolution"], DEFAULTS["layers"], len(default.resident_blocks))
+
+    # 2. FirstBlockCache must wrap our hooks, so that a skipped step never reaches a streamed block: take it off
+    #    now, put it back last.
+    cache_config = transformer._cache_config
+    if cache_config is not None:
+        transformer.disable_cache()
+
+    # 3. Each model's weights move into its host buffer; the VAE stays on the GPU.
+    transformer_weights = _host_copies(transformer, on_cuda)
+    text_encoder_weights = _host_copies(text_encoder, on_cuda)
+    vae.to(device)
+
+    # 4. Block hooks: blocks 1.. get one diffusers ModuleGroup each; per job, the streamed ones are chained in block
+    #    order, so each streamed block's start copies the next one in on the side stream, and the resident ones
+    #    skip their hook.
+    stream = torch.cuda.Stream() if on_cuda else None
+    hooks, start_hook = install_block_hooks(blocks, device, stream)
+
+    # 5. Stages: each model, when called, first brings its stage's weights to the GPU and sends the others back.
+    block_ids = [{id(t) for t in itertools.chain(b.parameters(), b.buffers())} for b in blocks]
+    in_blocks = set().union(*block_ids)
+    stages = _BudgetStages(
+        device, plan_for,
+        {"transformer": [pair for pair in transformer_weights if id(pair[0]) not in in_blocks],
+         "text_encoder": text_encoder_weights},
+        [[pair for pair in transformer_weights if id(pair[0]) in ids] for ids in block_ids],
+        hooks, start_hook, stream)
+    install_stage_hooks(pipe, stages)
     for block in blocks:
         registry = HookRegistry.check_if_exists_or_initialize(block)
         stages.undo.append(functools.partial(registry.remove_hook, _GROUP_OFFLOADING, recurse=False))
@@ -1096,19 +1179,52 @@ class OutOfMemoryError(RuntimeError):
     """The GPU ran out of memory during a run; the message says which setting to change."""
 
 
-def out_of_memory_message(pipe, layers: int, resolution: int) -> str:
+def out_of_memory_message(pipe, job: str = "decomposition", changes: list[str] = (), program: str = "app") -> str:
+    """What to change after a CUDA out-of-memory error: the job's own `changes` first, then the offload mode's."""
     offload = getattr(pipe, "_studio_info", {}).get("offload_mode", "?")
+    changes = list(changes)
+    if offload == "budget":
+        changes.append(f"restart the {program} with a smaller --vram-budget (GB; fewer transformer blocks stay resident)")
+    elif offload != "sequential":
+        changes.append(f"restart the {program} with --offload budget (now: {offload}; streams what does not fit)")
+    changes.append("close other programs that use the GPU")
+    return f"Out of GPU memory during the {job}; the memory was freed. Try: " + "; or ".join(changes) + "."
+
+
+def decomposition_changes(layers: int, resolution: int) -> list[str]:
+    """A decomposition's own ways to need less memory, for `out_of_memory_message`."""
     changes = []
     if layers > LAYERS_RANGE[0]:
         changes.append(f"fewer layers (this run asked for {layers})")
     if resolution != RESOLUTIONS[0]:
         changes.append(f"resolution {RESOLUTIONS[0]} (this run used {resolution})")
-    if offload == "budget":
-        changes.append("restart the app with a smaller --vram-budget (GB; fewer transformer blocks stay resident)")
-    elif offload != "sequential":
-        changes.append(f"restart the app with --offload budget (now: {offload}; streams what does not fit)")
-    changes.append("close other programs that use the GPU")
-    return "Out of GPU memory during the decomposition; the memory was freed. Try: " + "; or ".join(changes) + "."
+    return changes
+
+
+def run_pipeline(pipe, job: Callable[[], Any], out_of_memory: str) -> Any:
+    """Run `job()` (calls of `pipe`) the one safe way; the app's `infer` and the edit tool's `edit_layer` use it.
+
+    Under `torch.inference_mode()` (+ bf16 autocast on CUDA). Afterwards, also after an error, the run's memory is
+    freed: budget mode sends every weight to its host copy, FirstBlockCache's state is reset (the pipeline resets
+    it only when a run completes; a stopped run would leave a cached first-block residual without the tail
+    residuals it needs), and `clear_memory`. CUDA out of memory becomes `OutOfMemoryError(out_of_memory)`,
+    raised only after the run's tensors are freed.
+    """
+    failed = False
+    try:
+        with torch.inference_mode(), torch.autocast("cuda", dtype=torch.bfloat16, enabled=torch.cuda.is_available()):
+            return job()
+    except torch.OutOfMemoryError:
+        # Not re-raised here: the exception's traceback holds the run's tensors, so it must be gone before
+        # `clear_memory` can give their memory back.
+        failed = True
+    finally:
+        release_budget_vram(pipe)
+        pipe.transformer._reset_stateful_cache()
+        clear_memory()
+    if failed:
+        logger.warning("Out of GPU memory; memory freed. %s", out_of_memory)
+        raise OutOfMemoryError(out_of_memory)
 
 
 # Pillow modes whose `convert("RGBA")` would clip: `to_rgba` scales them to 8 bits first.
@@ -1198,17 +1314,56 @@ def to_rgba(image: Any, notes: list[str] | None = None) -> Image.Image:
     return image.convert("RGBA")
 
 
-def check_params(layers: int, num_inference_steps: int, true_cfg_scale: float, resolution: int) -> None:
-    """Reject out-of-range values with the accepted range (the pipeline itself would assert or misbehave)."""
-    if not (isinstance(layers, (int, np.integer)) and LAYERS_RANGE[0] <= layers <= LAYERS_RANGE[1]):
-        raise ValueError(f"layers={layers!r} is out of range: use an integer from {LAYERS_RANGE[0]} to {LAYERS_RANGE[1]}")
-    if not (isinstance(num_inference_steps, (int, np.integer)) and STEPS_RANGE[0] <= num_inference_steps <= STEPS_RANGE[1]):
-        raise ValueError(f"num_inference_steps={num_inference_steps!r} is out of range: use {STEPS_RANGE[0]} to {STEPS_RANGE[1]} "
-                         f"(1 step makes the scheduler divide by zero)")
-    if not TRUE_CFG_RANGE[0] <= float(true_cfg_scale) <= TRUE_CFG_RANGE[1]:
-        raise ValueError(f"true_cfg_scale={true_cfg_scale!r} is out of range: use {TRUE_CFG_RANGE[0]} to {TRUE_CFG_RANGE[1]}")
-    if resolution not in RESOLUTIONS:
-        raise ValueError(f"resolution={resolution!r} is not supported: use one of {RESOLUTIONS}")
+def check_param(name: str, value: Any) -> Any:
+    """`value` for the PARAMS row `name`, in the row's type; a ValueError names the value and what is accepted.
+
+    Numbers may arrive as floats from the API (a whole float such as 7.0 is taken as 7); bools, NaN, infinities,
+    fractions, text and lists are refused. None gives the row's default (an empty Textbox sends None).
+    """
+    p = PARAM[name]
+    if value is None:
+        return DEFAULTS[name]
+    shown = repr(value) if not isinstance(value, str) or len(value) <= 40 else f"a text of {len(value):,} characters"
+    # 1. The type.
+    if p.type is str:
+        if not isinstance(value, str):
+            raise ValueError(f"{name} must be text, not a {type(value).__name__} ({shown}): send one string")
+        if len(value) > p.range[1]:
+            raise ValueError(f"{name} is {len(value):,} characters long: the limit is {p.range[1]:,} (the model reads "
+                             f"about that much; a longer text is cut off). Shorten it.")
+        return value
+    if p.type is bool:
+        if not isinstance(value, (bool, np.bool_)):
+            raise ValueError(f"{name}={shown} is not true or false: send a boolean")
+        return bool(value)
+    whole = "a whole number" if p.type is int else "a number"
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, float, np.integer, np.floating)):
+        raise ValueError(f"{name}={shown} is not {whole}: {_accepted(p)}")
+    if not math.isfinite(value) or (p.type is int and not float(value).is_integer()):
+        raise ValueError(f"{name}={shown} is not {whole}: {_accepted(p)}")
+    value = int(value) if p.type is int else float(value)
+    # 2. The range.
+    if p.choices is not None and value not in p.choices:
+        raise ValueError(f"{name}={value!r} is not supported: use one of {p.choices}")
+    if p.range is not None and not p.range[0] <= value <= p.range[1]:
+        hint = " (1 step makes the scheduler divide by zero)" if name == "num_inference_steps" else ""
+        raise ValueError(f"{name}={value!r} is out of range: {_accepted(p)}{hint}")
+    return value
+
+
+def _accepted(p: Param) -> str:
+    if p.choices is not None:
+        return f"use one of {p.choices}"
+    kind = "an integer" if p.type is int else "a number"
+    return f"use {kind} from {p.range[0]} to {p.range[1]}"
+
+
+def check_params(**values: Any) -> dict[str, Any]:
+    """`check_param` for each keyword given (PARAMS names); returns the checked values, in their types."""
+    unknown = sorted(set(values) - set(PARAM))
+    if unknown:
+        raise ValueError(f"unknown parameter(s) {', '.join(unknown)}: use {', '.join(PARAM)}")
+    return {name: check_param(name, value) for name, value in values.items()}
 
 
 def infer(
@@ -1226,63 +1381,53 @@ def infer(
     randomize_seed: bool = DEFAULTS["randomize_seed"],
 ) -> DecomposeResult:
     """Decompose `image` into `layers` RGBA layers (bottom first). The pipeline's tqdm reports the steps."""
-    # 1. Check inputs.
-    try:
-        layers, num_inference_steps, resolution = int(layers), int(num_inference_steps), int(resolution)
-        true_cfg_scale, seed = float(true_cfg_scale), int(seed)
-    except (TypeError, ValueError):
-        raise ValueError(f"layers={layers!r}, num_inference_steps={num_inference_steps!r}, resolution={resolution!r}, "
-                         f"true_cfg_scale={true_cfg_scale!r} and seed={seed!r} must all be numbers") from None
-    check_params(layers, num_inference_steps, true_cfg_scale, resolution)
+    # 1. Check inputs (PARAMS says what each accepts).
+    checked = check_params(prompt=prompt, negative_prompt=negative_prompt, true_cfg_scale=true_cfg_scale,
+                           num_inference_steps=num_inference_steps, layers=layers, resolution=resolution,
+                           cfg_normalize=cfg_normalize, use_en_prompt=use_en_prompt, seed=seed,
+                           randomize_seed=randomize_seed)
+    prompt, negative_prompt, true_cfg_scale = checked["prompt"], checked["negative_prompt"], checked["true_cfg_scale"]
+    num_inference_steps, layers, resolution = checked["num_inference_steps"], checked["layers"], checked["resolution"]
+    cfg_normalize, use_en_prompt, seed = checked["cfg_normalize"], checked["use_en_prompt"], checked["seed"]
+    randomize_seed = checked["randomize_seed"]
     notes: list[str] = []
     rgba = to_rgba(image, notes)
     if randomize_seed:
         seed = random.randint(0, MAX_SEED)
-    seed = int(seed)
-    prompt = (prompt or "").strip()
+    prompt = prompt.strip()
     start = time.perf_counter()
-    out_of_memory = False
-    try:
-        with torch.inference_mode(), torch.autocast("cuda", dtype=torch.bfloat16, enabled=torch.cuda.is_available()):
-            # 2. Caption. An empty prompt makes the pipeline caption the image itself; we call its own
-            #    `get_image_caption` on the same resized image first so the caption can be shown and saved.
-            auto_caption = not prompt
-            if auto_caption:
-                from diffusers.pipelines.qwenimage.pipeline_qwenimage_layered import calculate_dimensions
+    auto_caption = not prompt
 
-                width, height = calculate_dimensions(resolution * resolution, rgba.width / rgba.height)
-                prompt_image = pipe.image_processor.resize(rgba, height, width)
-                prompt = pipe.get_image_caption(prompt_image, use_en_prompt=use_en_prompt, device=pipe._execution_device)
-            # 3. Denoise and decode. A CPU generator: the same seed gives the same noise in every offload
-            #    mode and on every device (diffusers moves CPU noise to the execution device).
-            generator = torch.Generator(device="cpu").manual_seed(seed)
-            output = pipe(
-                image=rgba,
-                prompt=prompt,
-                negative_prompt=negative_prompt,
-                true_cfg_scale=true_cfg_scale,
-                num_inference_steps=num_inference_steps,
-                layers=layers,
-                resolution=resolution,
-                cfg_normalize=cfg_normalize,
-                use_en_prompt=use_en_prompt,
-                generator=generator,
-                num_images_per_prompt=1,
-            )
-    except torch.OutOfMemoryError:
-        # Not re-raised here: the exception's traceback holds the run's tensors, so it must be gone before
-        # `clear_memory` can give their memory back.
-        out_of_memory = True
-    finally:
-        # 4. Free what the run left on the device, also after an error (budget mode: every weight to its host copy).
-        #    FirstBlockCache's state is reset too: the pipeline resets it only when a run completes, and a run
-        #    stopped mid-step would leave a cached first-block residual without the tail residuals it needs.
-        release_budget_vram(pipe)
-        pipe.transformer._reset_stateful_cache()
-        clear_memory()
-    if out_of_memory:
-        logger.warning("Out of GPU memory (layers=%d, resolution=%d); memory freed.", layers, resolution)
-        raise OutOfMemoryError(out_of_memory_message(pipe, layers, resolution))
+    def job():
+        # 2. Caption. An empty prompt makes the pipeline caption the image itself; we call its own
+        #    `get_image_caption` on the same resized image first so the caption can be shown and saved.
+        caption = prompt
+        if auto_caption:
+            from diffusers.pipelines.qwenimage.pipeline_qwenimage_layered import calculate_dimensions
+
+            width, height = calculate_dimensions(resolution * resolution, rgba.width / rgba.height)
+            prompt_image = pipe.image_processor.resize(rgba, height, width)
+            caption = pipe.get_image_caption(prompt_image, use_en_prompt=use_en_prompt, device=pipe._execution_device)
+        # 3. Denoise and decode. A CPU generator: the same seed gives the same noise in every offload
+        #    mode and on every device (diffusers moves CPU noise to the execution device).
+        generator = torch.Generator(device="cpu").manual_seed(seed)
+        output = pipe(
+            image=rgba,
+            prompt=caption,
+            negative_prompt=negative_prompt,
+            true_cfg_scale=true_cfg_scale,
+            num_inference_steps=num_inference_steps,
+            layers=layers,
+            resolution=resolution,
+            cfg_normalize=cfg_normalize,
+            use_en_prompt=use_en_prompt,
+            generator=generator,
+            num_images_per_prompt=1,
+        )
+        return caption, output
+
+    # 4. One guarded run: memory freed after it, also after an error; out of memory says what to change.
+    prompt, output = run_pipeline(pipe, job, out_of_memory_message(pipe, changes=decomposition_changes(layers, resolution)))
     result_layers = [layer.convert("RGBA") for layer in output.images[0]]
     params = dict(
         prompt_given=prompt if not auto_caption else "",
@@ -1479,6 +1624,26 @@ def export_psd(layers: list[Image.Image], path: Path, names: list[str] | None = 
     return Path(path)
 
 
+@dataclasses.dataclass(frozen=True)
+class Export:
+    """One download: `save_run` writes it into every run folder, the page offers it in a box of its own."""
+
+    key: str  # save_run's paths key (the download box's label is its upper case)
+    suffix: str
+    # write(layers, path, params.json bytes, the original-size layers or None) -> path
+    write: Callable[[list[Image.Image], Path, bytes, list[Image.Image] | None], Path]
+    at_original_size: bool = True  # also written into original_size/ (the ZIP holds both sizes instead)
+
+
+# THE exports table, in the page's order. A new format: its `export_*` function above and one row here.
+EXPORTS = (
+    Export("pptx", ".pptx", lambda layers, path, params, original: export_pptx(layers, path)),
+    Export("zip", ".zip", lambda layers, path, params, original: export_zip(layers, path, {"params.json": params},
+                                                                            original), at_original_size=False),
+    Export("psd", ".psd", lambda layers, path, params, original: export_psd(layers, path)),
+)
+
+
 def new_run_folder(outputs: Path, seed: int) -> Path:
     stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S-%f")
     folder = Path(outputs) / f"{stamp}_seed{seed}"
@@ -1510,17 +1675,18 @@ def save_run(result: DecomposeResult, outputs: Path, run_info: dict[str, Any] | 
     composite_layers(result.layers).save(paths["composite"])
     paths["params"] = folder / "params.json"
     paths["params"].write_bytes(params_bytes)
-    paths["zip"] = export_zip(result.layers, folder / f"{stem}.zip", {"params.json": params_bytes}, original_layers)
-    paths["pptx"] = export_pptx(result.layers, folder / f"{stem}.pptx")
-    paths["psd"] = export_psd(result.layers, folder / f"{stem}.psd")
+    for export in EXPORTS:
+        paths[export.key] = export.write(result.layers, folder / f"{stem}{export.suffix}", params_bytes, original_layers)
     if original_layers:
         sub = folder / "original_size"
         size = "{}x{}".format(*original_layers[0].size)
         paths["original"] = {"folder": sub, "layers": export_layer_pngs(original_layers, sub),
-                             "composite": sub / "composite.png",
-                             "pptx": export_pptx(original_layers, sub / f"{stem}_{size}.pptx"),
-                             "psd": export_psd(original_layers, sub / f"{stem}_{size}.psd")}
+                             "composite": sub / "composite.png"}
         composite_layers(original_layers).save(paths["original"]["composite"])
+        for export in EXPORTS:
+            if export.at_original_size:
+                paths["original"][export.key] = export.write(original_layers, sub / f"{stem}_{size}{export.suffix}",
+                                                             params_bytes, None)
     return paths
 
 
@@ -1697,8 +1863,119 @@ def network_warning(settings: Settings) -> str | None:
             f"--auth USER:PASSWORD (or QIL_AUTH) to ask for a login.")
 
 
+# What the page shows for a stack, in the `view` outputs' order: the gallery, then one download per EXPORTS row.
+StackView = NamedTuple("StackView", [("gallery", list), *((export.key, str) for export in EXPORTS)])
+
+
+def stack_view(stack: LayerStack) -> StackView:
+    """The gallery and the downloads for a stack: the files its sub-run (or first run) wrote."""
+    files = stack.files
+    offered = files.get("original", files)  # the exports at the size asked for; the ZIP holds both sizes
+    return StackView(gallery_items(files["layers"]),
+                     *(str(offered[e.key] if e.at_original_size else files[e.key]) for e in EXPORTS))
+
+
+def _user_error(message: str):
+    """Gradio's error for the page and the API (gradio is imported late: see `build_ui`)."""
+    import gradio as gr
+
+    return gr.Error(message)
+
+
+# The UI's handlers: module functions, bound to the pipeline and settings with functools.partial in `build_ui`
+# (so a test can call them without a server). They only map widget values to `infer`/`save_run`/`decompose_layer`.
+def decompose_handler(pipe, settings: Settings, run_info: dict[str, Any], image, original_size: bool = False,
+                      **params) -> tuple:
+    """"Decompose": `params` are PARAMS values. Returns (*StackView, caption, seed, stack)."""
+    import gradio as gr
+
+    if image is None:
+        raise _user_error("No image: upload an image (PNG, JPEG, WebP) first.")
+    try:
+        result = infer(pipe, image, **params)
+    except (ValueError, OutOfMemoryError) as err:
+        raise _user_error(str(err)) from err
+    for note in result.notes:
+        gr.Warning(note, duration=None)  # stays on the page until closed
+    paths = save_run(result, settings.outputs, run_info,
+                     original_size=result.params["input_size"] if original_size else None)
+    logger.info("Run saved in %s (%.1f s)", paths["folder"], result.duration_s)
+    deleted = prune_outputs(settings.outputs, settings.outputs_max_gb * 1e9, settings.outputs_max_age_hours * 3600,
+                            keep=paths["folder"])
+    if deleted:
+        logger.info("Deleted %d old run folder(s) (--outputs-max-gb / --outputs-max-age-hours)", len(deleted))
+    stack = LayerStack(layers=result.layers, run_folder=paths["folder"], files=paths,
+                       original_size=tuple(result.params["input_size"]) if original_size else None)
+    return (*stack_view(stack), result.caption, result.seed, stack)
+
+
+def decompose_layer_handler(pipe, run_info: dict[str, Any], layer_number, stack: LayerStack | None = None,
+                            **params) -> tuple:
+    """"Decompose this layer" (1 = bottom): `params` are PARAMS values. Returns (*StackView, caption, seed, stack)."""
+    if stack is None:
+        raise _user_error("No layers yet: decompose an image first, then select one of its layers in the gallery.")
+    if layer_number is None:
+        raise _user_error("No layer selected: click a layer in the gallery (or type its number, 1 = bottom).")
+    try:
+        new_stack, result = decompose_layer(pipe, stack, int(layer_number) - 1, run_info, **params)
+    except (ValueError, OutOfMemoryError) as err:
+        raise _user_error(str(err)) from err
+    logger.info("Layer %d replaced by %d sub-layers; saved in %s", layer_number, len(result.layers),
+                new_stack.files["folder"])
+    return (*stack_view(new_stack), result.caption, result.seed, new_stack)
+
+
+def undo_handler(stack: LayerStack | None = None) -> tuple:
+    """"Undo": returns (*StackView, stack) of the stack before the last sub-run."""
+    if stack is None:
+        raise _user_error("Nothing to undo: decompose an image first.")
+    try:
+        restored = undo(stack)
+    except ValueError as err:
+        raise _user_error(str(err)) from err
+    return (*stack_view(restored), restored)
+
+
+def gradio_handler(handler: Callable, names: list[str], defaults: dict[str, Any], progress=None) -> Callable:
+    """`handler(**values)` as Gradio calls it: positionally, one value per `inputs=` component, named `names`.
+
+    Gradio reads the signature: its names are the API's parameter names, a None default makes a parameter
+    without an initial widget value optional for gradio_client, and a `gr.Progress` default turns on the
+    progress bar. Written here (not one hand-written signature per handler) so that PARAMS alone decides them.
+    """
+    slots = list(names) + (["progress"] if progress is not None else [])
+
+    def call(*args):
+        values = dict(zip(slots, args))
+        values.pop("progress", None)
+        return handler(**values)
+
+    call.__signature__ = inspect.Signature(
+        [inspect.Parameter(name, inspect.Parameter.POSITIONAL_OR_KEYWORD, default=defaults.get(name)) for name in names]
+        + ([inspect.Parameter("progress", inspect.Parameter.POSITIONAL_OR_KEYWORD, default=progress)] if progress else []))
+    call.__name__ = getattr(handler, "__name__", getattr(getattr(handler, "func", None), "__name__", "handler"))
+    return call
+
+
+def param_widget(gr, p: Param, **overrides):
+    """The widget of a PARAMS row: text box, checkbox, radio (choices), slider (a step) or number box."""
+    value = DEFAULTS[p.name]  # read at build time: the README's test server changes its steps here
+    if p.type is str:
+        options = dict(label=p.label, value=value or None, max_length=p.range[1])
+        return gr.Textbox(**{**options, **overrides})
+    if p.type is bool:
+        return gr.Checkbox(**{**dict(label=p.label, value=value), **overrides})
+    if p.choices is not None:
+        return gr.Radio(**{**dict(choices=list(p.choices), value=value, label=p.label), **overrides})
+    if p.step is not None:
+        return gr.Slider(**{**dict(minimum=p.range[0], maximum=p.range[1], value=value, step=p.step, label=p.label),
+                            **overrides})
+    return gr.Number(**{**dict(label=p.label, value=value, precision=0 if p.type is int else None,
+                               minimum=p.range[0], maximum=p.range[1]), **overrides})
+
+
 def build_ui(pipe, settings: Settings, environment: dict[str, Any] | None = None):
-    """The Gradio Blocks app. Handlers only map widget values to `infer`/`save_run`/`decompose_layer` arguments.
+    """The Gradio Blocks app: widgets from PARAMS, the module's handlers bound with functools.partial.
 
     The layer stack (`LayerStack`) lives in a `gr.State`, one per browser session (or gradio_client `Client`).
     """
@@ -1708,72 +1985,17 @@ def build_ui(pipe, settings: Settings, environment: dict[str, Any] | None = None
 
     environment = environment or print_environment_info(print_it=False)
     run_info = run_info_for(pipe, environment)
-
-    def decompose(image, prompt=None, negative_prompt=DEFAULTS["negative_prompt"], seed=DEFAULTS["seed"],
-                  randomize_seed=DEFAULTS["randomize_seed"], true_cfg_scale=DEFAULTS["true_cfg_scale"],
-                  num_inference_steps=DEFAULTS["num_inference_steps"], layers=DEFAULTS["layers"],
-                  resolution=DEFAULTS["resolution"], cfg_normalize=DEFAULTS["cfg_normalize"],
-                  use_en_prompt=DEFAULTS["use_en_prompt"], original_size=False, progress=gr.Progress(track_tqdm=True)):
-        if image is None:
-            raise gr.Error("No image: upload an image (PNG, JPEG, WebP) first.")
-        try:
-            result = infer(pipe, image, prompt=prompt, negative_prompt=negative_prompt, seed=seed,
-                           randomize_seed=randomize_seed, true_cfg_scale=true_cfg_scale,
-                           num_inference_steps=num_inference_steps, layers=layers, resolution=resolution,
-                           cfg_normalize=cfg_normalize, use_en_prompt=use_en_prompt)
-        except (ValueError, OutOfMemoryError) as err:
-            raise gr.Error(str(err)) from err
-        for note in result.notes:
-            gr.Warning(note, duration=None)  # stays on the page until closed
-        paths = save_run(result, settings.outputs, run_info,
-                         original_size=result.params["input_size"] if original_size else None)
-        logger.info("Run saved in %s (%.1f s)", paths["folder"], result.duration_s)
-        deleted = prune_outputs(settings.outputs, settings.outputs_max_gb * 1e9, settings.outputs_max_age_hours * 3600,
-                                keep=paths["folder"])
-        if deleted:
-            logger.info("Deleted %d old run folder(s) (--outputs-max-gb / --outputs-max-age-hours)", len(deleted))
-        stack = LayerStack(layers=result.layers, run_folder=paths["folder"], files=paths,
-                           original_size=tuple(result.params["input_size"]) if original_size else None)
-        return (*stack_view(stack), result.caption, result.seed, stack)
-
-    def stack_view(stack: LayerStack):
-        """The gallery and the three downloads for a stack: the files its sub-run (or first run) wrote."""
-        files = stack.files
-        offered = files.get("original", files)  # PPTX and PSD at the size asked for; the ZIP holds both sizes
-        return gallery_items(files["layers"]), str(offered["pptx"]), str(files["zip"]), str(offered["psd"])
-
-    def decompose_this_layer(layer_number, layers=SUB_RUN_LAYERS, prompt=None, negative_prompt=DEFAULTS["negative_prompt"],
-                             seed=DEFAULTS["seed"], randomize_seed=DEFAULTS["randomize_seed"],
-                             true_cfg_scale=DEFAULTS["true_cfg_scale"],
-                             num_inference_steps=DEFAULTS["num_inference_steps"], resolution=DEFAULTS["resolution"],
-                             cfg_normalize=DEFAULTS["cfg_normalize"], use_en_prompt=DEFAULTS["use_en_prompt"],
-                             stack=None, progress=gr.Progress(track_tqdm=True)):
-        # (`prompt=None`, like `decompose`'s: an empty Textbox has no value, and a None default is what makes
-        # the parameter optional for gradio_client.)
-        if stack is None:
-            raise gr.Error("No layers yet: decompose an image first, then select one of its layers in the gallery.")
-        if layer_number is None:
-            raise gr.Error("No layer selected: click a layer in the gallery (or type its number, 1 = bottom).")
-        try:
-            new_stack, result = decompose_layer(
-                pipe, stack, int(layer_number) - 1, run_info, prompt=prompt, negative_prompt=negative_prompt,
-                seed=seed, randomize_seed=randomize_seed, true_cfg_scale=true_cfg_scale,
-                num_inference_steps=num_inference_steps, layers=layers, resolution=resolution,
-                cfg_normalize=cfg_normalize, use_en_prompt=use_en_prompt)
-        except (ValueError, OutOfMemoryError) as err:
-            raise gr.Error(str(err)) from err
-        logger.info("Layer %d replaced by %d sub-layers; saved in %s", layer_number, len(result.layers),
-                    new_stack.files["folder"])
-        return (*stack_view(new_stack), result.caption, result.seed, new_stack)
-
-    def undo_last(stack=None):
-        if stack is None:
-            raise gr.Error("Nothing to undo: decompose an image first.")
-        try:
-            restored = undo(stack)
-        except ValueError as err:
-            raise gr.Error(str(err)) from err
-        return (*stack_view(restored), restored)
+    # The handlers' API names and defaults: PARAMS' (the prompts' None: an empty Textbox has no value).
+    names = [p.name for p in PARAMS]
+    defaults = {name: None if p.type is str and not DEFAULTS[name] else DEFAULTS[name] for name, p in PARAM.items()}
+    shared = [name for name in names if name not in ("layers", "prompt")]  # "Decompose this layer" has its own two
+    progress = gr.Progress(track_tqdm=True)  # the pipeline's tqdm steps become the page's progress bar
+    decompose = gradio_handler(functools.partial(decompose_handler, pipe, settings, run_info),
+                               ["image", *names, "original_size"], dict(defaults, original_size=False), progress)
+    decompose_this_layer = gradio_handler(functools.partial(decompose_layer_handler, pipe, run_info),
+                                          ["layer_number", "layers", "prompt", *shared, "stack"],
+                                          dict(defaults, layers=SUB_RUN_LAYERS), progress)
+    undo_last = gradio_handler(undo_handler, ["stack"], {})
 
     def select_layer(evt: gr.SelectData):
         return evt.index + 1  # the gallery counts from 0, its captions (and "Selected layer") from 1
@@ -1786,18 +2008,9 @@ def build_ui(pipe, settings: Settings, environment: dict[str, Any] | None = None
         with gr.Row():
             with gr.Column():
                 image = gr.Image(label="Input image", type="filepath", image_mode=None)
-                prompt = gr.Textbox(label="Prompt (empty: the model writes a caption)", lines=2)
+                widgets = {"prompt": param_widget(gr, PARAM["prompt"], lines=2)}
                 with gr.Accordion("Advanced settings", open=False):
-                    negative_prompt = gr.Textbox(label="Negative prompt", value=DEFAULTS["negative_prompt"])
-                    with gr.Row():
-                        seed = gr.Number(label="Seed", value=DEFAULTS["seed"], precision=0, minimum=0, maximum=MAX_SEED)
-                        randomize_seed = gr.Checkbox(label="Randomize seed", value=DEFAULTS["randomize_seed"])
-                    true_cfg_scale = gr.Slider(*TRUE_CFG_RANGE, value=DEFAULTS["true_cfg_scale"], step=0.1, label="True CFG scale")
-                    num_inference_steps = gr.Slider(*STEPS_RANGE, value=DEFAULTS["num_inference_steps"], step=1, label="Steps")
-                    layers = gr.Slider(*LAYERS_RANGE, value=DEFAULTS["layers"], step=1, label="Layers")
-                    resolution = gr.Radio(list(RESOLUTIONS), value=DEFAULTS["resolution"], label="Resolution bucket")
-                    cfg_normalize = gr.Checkbox(label="CFG normalize", value=DEFAULTS["cfg_normalize"])
-                    use_en_prompt = gr.Checkbox(label="English auto-caption (off: Chinese)", value=DEFAULTS["use_en_prompt"])
+                    widgets.update({p.name: param_widget(gr, p) for p in PARAMS if p.advanced})
                 original_size = gr.Checkbox(label="Export at the input's original size (PPTX, PSD; the ZIP holds both sizes)",
                                             value=False)
                 run = gr.Button("Decompose", variant="primary")
@@ -1807,26 +2020,24 @@ def build_ui(pipe, settings: Settings, environment: dict[str, Any] | None = None
                 with gr.Group():
                     with gr.Row():
                         layer_number = gr.Number(label="Selected layer (1 = bottom)", precision=0, minimum=1)
-                        sub_layers = gr.Slider(*LAYERS_RANGE, value=SUB_RUN_LAYERS, step=1, label="Its layers")
-                    sub_prompt = gr.Textbox(label="Prompt for this layer (empty: the model captions the layer)")
+                        sub_layers = param_widget(gr, PARAM["layers"], value=SUB_RUN_LAYERS, label="Its layers")
+                    sub_prompt = param_widget(gr, PARAM["prompt"],
+                                              label="Prompt for this layer (empty: the model captions the layer)")
                     with gr.Row():
                         run_layer = gr.Button("Decompose this layer")
                         undo_button = gr.Button("Undo last layer decomposition")
                 caption = gr.Textbox(label="Caption used", interactive=False)
                 used_seed = gr.Number(label="Seed used", interactive=False, precision=0)
                 with gr.Row():
-                    pptx_file = gr.File(label="PPTX")
-                    zip_file = gr.File(label="ZIP")
-                    psd_file = gr.File(label="PSD")
+                    downloads = [gr.File(label=export.key.upper()) for export in EXPORTS]
         examples = example_images()
         if examples:
             gr.Examples(examples=[[p] for p in examples], inputs=[image])
         stack = gr.State(None)  # the LayerStack the gallery shows and the downloads hold
-        view = [gallery, pptx_file, zip_file, psd_file]
+        view = [gallery, *downloads]  # a StackView
         run.click(
             decompose,
-            inputs=[image, prompt, negative_prompt, seed, randomize_seed, true_cfg_scale, num_inference_steps,
-                    layers, resolution, cfg_normalize, use_en_prompt, original_size],
+            inputs=[image, *(widgets[name] for name in names), original_size],
             outputs=[*view, caption, used_seed, stack],
             api_name="decompose",
             concurrency_limit=1,  # one GPU job at a time; others wait in Gradio's queue
@@ -1840,8 +2051,7 @@ def build_ui(pipe, settings: Settings, environment: dict[str, Any] | None = None
         gallery.select(select_layer, outputs=layer_number, api_visibility="private")
         run_layer.click(
             decompose_this_layer,
-            inputs=[layer_number, sub_layers, sub_prompt, negative_prompt, seed, randomize_seed, true_cfg_scale,
-                    num_inference_steps, resolution, cfg_normalize, use_en_prompt, stack],
+            inputs=[layer_number, sub_layers, sub_prompt, *(widgets[name] for name in shared), stack],
             outputs=[*view, caption, used_seed, stack],
             api_name="decompose_layer",
             concurrency_limit=1,
@@ -1913,6 +2123,26 @@ def batch_summary(items: list[BatchItem]) -> str:
     return "\n".join(lines)
 
 
+# What ends a command with its message and exit code 2, never a traceback: the user's mistakes (ValueError names
+# the value and the fix), missing weights, and the machine's limits (GPU or host memory, a busy port, a full disk).
+USER_ERRORS = (ValueError, ModelNotAvailableError, OutOfMemoryError, OSError, Image.DecompressionBombError)
+
+
+def exits_with_message(main: Callable[..., int]) -> Callable[..., int]:
+    """Wrap a `main(argv)`: a USER_ERRORS exception prints `error: <message>` to stderr and returns 2.
+    Used by the app's and both tools' `main`; anything else is a bug and keeps its traceback."""
+    @functools.wraps(main)
+    def run(argv: list[str] | None = None) -> int:
+        try:
+            return main(argv)
+        except USER_ERRORS as err:
+            logger.debug("stopped by a user error", exc_info=True)
+            print(f"error: {err}", file=sys.stderr)
+            return 2
+    return run
+
+
+@exits_with_message
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     command, settings, ns = parse_args(argv)
@@ -1925,26 +2155,15 @@ def main(argv: list[str] | None = None) -> int:
             print(f"error: no images in {' '.join(ns.images)}: pass image files, or folders holding "
                   f"{', '.join(IMAGE_SUFFIXES)} files", file=sys.stderr)
             return 2
-        try:
-            check_params(ns.layers, ns.steps, ns.true_cfg_scale, ns.resolution)
-        except ValueError as err:
-            print(f"error: {err}", file=sys.stderr)
-            return 2
+        # (The parameters were checked by their flags' `type=`, from the same PARAMS table `infer` checks with.)
     environment = print_environment_info()
-    try:
-        pipe = load_pipeline(settings)
-    except ModelNotAvailableError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    pipe = load_pipeline(settings)  # ModelNotAvailableError, check_host_ram's, plan_budget's: exit 2 with the message
     if pipe._studio_info["demo"]:
         print("DEMO MODEL in use: tiny random weights; everything runs, but the layers are noise.")
 
     if command == "decompose":
-        items = decompose_batch(pipe, images, settings.outputs, run_info_for(pipe, environment), prompt=ns.prompt,
-                                negative_prompt=ns.negative_prompt, true_cfg_scale=ns.true_cfg_scale,
-                                num_inference_steps=ns.steps, layers=ns.layers, resolution=ns.resolution,
-                                use_en_prompt=ns.use_en_prompt, seed=ns.seed,
-                                original_size=ns.original_size)
+        items = decompose_batch(pipe, images, settings.outputs, run_info_for(pipe, environment),
+                                original_size=ns.original_size, **{p.name: getattr(ns, p.name) for p in PARAMS})
         print(batch_summary(items))
         return 1 if any(item.error for item in items) else 0
 

@@ -57,3 +57,26 @@ def rgba_image():
     draw.rectangle([20, 20, 280, 180], fill=(30, 90, 200, 255))
     draw.ellipse([100, 50, 200, 150], fill=(230, 40, 40, 255))
     return image
+
+
+# The shared server's upload limit (tests/test_hardening.py sends a file just over it).
+UPLOAD_LIMIT = "1mb"
+
+
+@pytest.fixture(scope="session")
+def server(demo_pipe, models_dir, tmp_path_factory):
+    """One in-process UI server on the demo pipeline for every HTTP test; yields (url, outputs folder).
+
+    Two differences from `python src/app.py --demo`: the default step count is 2, not the model card's 50, so
+    the README's calls (which leave steps at the default) run in seconds; uploads are capped at UPLOAD_LIMIT.
+    Tests share its outputs folder: they find their run by seed or caption, never by counting folders.
+    """
+    outputs = tmp_path_factory.mktemp("server-outputs")
+    settings = demo_settings(models_dir, outputs=outputs, host="127.0.0.1", port=free_port(),
+                             max_upload_size=UPLOAD_LIMIT)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setitem(app.DEFAULTS, "num_inference_steps", 2)
+        demo = app.build_ui(demo_pipe, settings)
+    demo.launch(**app.launch_options(settings), prevent_thread_lock=True, quiet=True)
+    yield f"http://127.0.0.1:{settings.port}/", outputs
+    demo.close()

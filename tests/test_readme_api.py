@@ -9,8 +9,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-import app
-from conftest import ROOT, demo_settings, free_port
+from conftest import ROOT
 
 README_URL = "http://127.0.0.1:7869/"
 
@@ -20,20 +19,6 @@ def readme_api_block() -> list[str]:
     readme = (ROOT / "README.md").read_text(encoding="utf-8")
     code = re.search(r"<!-- tests/test_readme_api.py runs this block.*?-->\n```python\n(.*?)```", readme, re.S).group(1)
     return code.strip().split("\n\n")
-
-
-@pytest.fixture(scope="module")
-def server(demo_pipe, models_dir, tmp_path_factory):
-    outputs = tmp_path_factory.mktemp("readme-outputs")
-    settings = demo_settings(models_dir, outputs=outputs, host="127.0.0.1", port=free_port())
-    # The one difference from `python src/app.py --demo`: the UI's default step count is 2, not the model
-    # card's 50, so the README's calls (which leave steps at the default) run in seconds on a CPU.
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setitem(app.DEFAULTS, "num_inference_steps", 2)
-        demo = app.build_ui(demo_pipe, settings)
-    demo.launch(server_name=settings.host, server_port=settings.port, prevent_thread_lock=True, quiet=True)
-    yield f"http://127.0.0.1:{settings.port}/", outputs
-    demo.close()
 
 
 @pytest.fixture(scope="module")
@@ -82,7 +67,7 @@ def test_decompose_layer_returns_the_whole_stack_with_layer_2_replaced(readme_ru
     assert stack[0].tobytes() == before[0].tobytes() and stack[3].tobytes() == before[2].tobytes()
     assert stack[1].tobytes() != before[1].tobytes()
     # Saved as a sub-run of the first run's folder, with the index it replaced.
-    (run_folder,) = [p for p in outputs.iterdir() if p.is_dir() and not p.name.startswith(".")]
+    (run_folder,) = [p for p in outputs.iterdir() if (p / "sub_runs").is_dir()]  # the one run decomposed again
     (sub_run,) = (run_folder / "sub_runs").iterdir()
     params = json.loads((sub_run / "params.json").read_text())
     assert params["sub_run"]["replaced_index"] == 1 and params["layers"] == 2

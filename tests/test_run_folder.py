@@ -81,7 +81,7 @@ def test_pptx_reopens_with_one_picture_per_layer_in_order(saved_run):
     pictures = [shape for shape in slide.shapes if shape.shape_type == 13]  # MSO_SHAPE_TYPE.PICTURE
     assert len(pictures) == 3
     emu = presentation.slide_width / width
-    for index, (picture, layer) in enumerate(zip(pictures, result.layers)):  # z-order: first is bottom
+    for picture, layer in zip(pictures, result.layers):  # z-order: first is bottom
         left, top, right, bottom = layer.getchannel("A").getbbox()
         assert (round(picture.left / emu), round(picture.top / emu)) == (left, top)
         assert (round(picture.width / emu), round(picture.height / emu)) == (right - left, bottom - top)

@@ -6,18 +6,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-import app
-from conftest import demo_settings, free_port, run_app
-
-
-@pytest.fixture(scope="module")
-def server(demo_pipe, models_dir, tmp_path_factory):
-    outputs = tmp_path_factory.mktemp("ui-outputs")
-    settings = demo_settings(models_dir, outputs=outputs, host="127.0.0.1", port=free_port())
-    demo = app.build_ui(demo_pipe, settings)
-    demo.launch(server_name=settings.host, server_port=settings.port, prevent_thread_lock=True, quiet=True)
-    yield f"http://127.0.0.1:{settings.port}/", outputs
-    demo.close()
+from conftest import run_app
 
 
 def test_api_decompose_returns_layers_files_caption_and_seed(server, tmp_path):
@@ -34,18 +23,20 @@ def test_api_decompose_returns_layers_files_caption_and_seed(server, tmp_path):
     assert [Image.open(item["image"]).mode for item in gallery] == ["RGBA"] * 3
     assert [Path(p).suffix for p in (pptx, zip_path, psd)] == [".pptx", ".zip", ".psd"]
     assert (caption, seed) == ("a green card", 9)
-    (run_folder,) = [p for p in outputs.iterdir() if p.is_dir() and not p.name.startswith(".")]
-    assert json.loads((run_folder / "params.json").read_text())["layers"] == 3
+    (params,) = [json.loads(f.read_text()) for f in outputs.glob("*/params.json")
+                 if json.loads(f.read_text())["caption"] == "a green card"]
+    assert (params["layers"], params["seed"]) == (3, 9)
 
 
 def test_api_reports_bad_parameters_as_a_message(server, tmp_path):
     from gradio_client import Client, handle_file
+    from gradio_client.exceptions import AppError
 
     url, _ = server
     Image.new("RGB", (64, 64), "white").save(tmp_path / "in.png")
     client = Client(url, verbose=False)
     # The handler takes raw values (Gradio's preprocess is off), so app.check_params names the value and range.
-    with pytest.raises(Exception, match="layers=12 is out of range: use an integer from 2 to 10"):
+    with pytest.raises(AppError, match="layers=12 is out of range: use an integer from 2 to 10"):
         client.predict(handle_file(str(tmp_path / "in.png")), prompt="x", layers=12, api_name="/decompose")
 
 

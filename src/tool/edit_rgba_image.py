@@ -193,18 +193,6 @@ def choose_matte(matte: str, rmbg) -> str:
     return "rmbg" if matte in ("auto", "rmbg") and rmbg is not None else "chroma_key"
 
 
-def out_of_memory_message(pipe) -> str:
-    """What to change after a CUDA out-of-memory error (the edit has no layer count or bucket to lower)."""
-    offload = getattr(pipe, "_studio_info", {}).get("offload_mode", "?")
-    if offload == "budget":
-        change = "restart the tool with a smaller --vram-budget (GB; fewer transformer blocks stay resident)"
-    elif offload != "sequential":
-        change = f"restart the tool with --offload budget (now: {offload}; streams what does not fit)"
-    else:
-        change = "a smaller layer"
-    return f"Out of GPU memory during the edit; the memory was freed. Try: {change}; or close other programs that use the GPU."
-
-
 @dataclasses.dataclass
 class EditResult:
     image: Image.Image  # RGBA at the input layer's size
@@ -230,35 +218,27 @@ def edit_layer(
     """Edit one RGBA layer as `prompt` says; the result keeps the layer's size. The pipeline's tqdm reports steps."""
     # 1. Check inputs.
     rgba = app.to_rgba(layer)
-    prompt = (prompt or "").strip()
+    prompt = app.check_param("prompt", prompt).strip()  # text, at most PROMPT_MAX_CHARS
     if not prompt:
         raise ValueError("The prompt is empty: say what to change, e.g. 'make the cup red'.")
-    num_inference_steps = int(num_inference_steps)
-    if not app.STEPS_RANGE[0] <= num_inference_steps <= app.STEPS_RANGE[1]:
-        raise ValueError(f"num_inference_steps={num_inference_steps} is out of range: use {app.STEPS_RANGE[0]} "
-                         f"to {app.STEPS_RANGE[1]}")
-    if not app.TRUE_CFG_RANGE[0] <= float(true_cfg_scale) <= app.TRUE_CFG_RANGE[1]:
-        raise ValueError(f"true_cfg_scale={true_cfg_scale!r} is out of range: use {app.TRUE_CFG_RANGE[0]} to "
-                         f"{app.TRUE_CFG_RANGE[1]}")
+    num_inference_steps = app.check_param("num_inference_steps", num_inference_steps)
+    true_cfg_scale = app.check_param("true_cfg_scale", true_cfg_scale)
+    negative_prompt = app.check_param("negative_prompt", negative_prompt)
+    seed = app.check_param("seed", seed)
+    randomize_seed = app.check_param("randomize_seed", randomize_seed)
     matte_used = choose_matte(matte, rmbg)
-    seed = random.randint(0, app.MAX_SEED) if randomize_seed else int(seed)
+    seed = random.randint(0, app.MAX_SEED) if randomize_seed else seed
     start = time.perf_counter()
     # 2. Put the layer on the flat green.
     flat = flatten_on_background(rgba)
     # 3. Edit at the pipeline's own size (~1024x1024 area, the model's), with CPU noise as in the app.
-    out_of_memory = False
-    try:
-        with torch.inference_mode(), torch.autocast("cuda", dtype=torch.bfloat16, enabled=torch.cuda.is_available()):
-            edited = pipe(image=flat, prompt=prompt, negative_prompt=negative_prompt, true_cfg_scale=true_cfg_scale,
-                          num_inference_steps=num_inference_steps, num_images_per_prompt=1,
-                          generator=torch.Generator(device="cpu").manual_seed(seed)).images[0]
-    except torch.OutOfMemoryError:
-        out_of_memory = True  # raised below: the traceback holds the run's tensors until this block is left
-    finally:
-        app.release_budget_vram(pipe)  # budget mode: every weight back to its host copy, as after a decomposition
-        app.clear_memory()
-    if out_of_memory:
-        raise app.OutOfMemoryError(out_of_memory_message(pipe))
+    #    The app's guarded run: memory freed after it (budget release, FirstBlockCache reset), OOM -> a message.
+    #    (The pipeline resizes to its own ~1 MP whatever the layer's size, so a smaller layer would not help.)
+    edited = app.run_pipeline(
+        pipe, lambda: pipe(image=flat, prompt=prompt, negative_prompt=negative_prompt, true_cfg_scale=true_cfg_scale,
+                           num_inference_steps=num_inference_steps, num_images_per_prompt=1,
+                           generator=torch.Generator(device="cpu").manual_seed(seed)).images[0],
+        app.out_of_memory_message(pipe, job="edit", program="tool"))
     # 4. Back to the layer's size, then the alpha: matted at the size it is delivered at.
     resized = edited.convert("RGB").resize(rgba.size, Image.LANCZOS)
     alpha = rmbg_matte(rmbg, resized) if matte_used == "rmbg" else chroma_key_matte(resized)
@@ -360,16 +340,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+@app.exits_with_message
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     ns = parse_args(argv)
     settings = app.settings_from_args(ns)
     environment = app.print_environment_info()
-    try:
-        pipe = app.load_pipeline(settings, EDIT_MODEL)
-    except app.ModelNotAvailableError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    pipe = app.load_pipeline(settings, EDIT_MODEL)  # a failure to load says what to do: exit 2 (app.exits_with_message)
     rmbg = None
     if ns.matte != "chroma_key":
         try:
