@@ -1429,21 +1429,10 @@ def infer(
     # 4. One guarded run: memory freed after it, also after an error; out of memory says what to change.
     prompt, output = run_pipeline(pipe, job, out_of_memory_message(pipe, changes=decomposition_changes(layers, resolution)))
     result_layers = [layer.convert("RGBA") for layer in output.images[0]]
-    params = dict(
-        prompt_given=prompt if not auto_caption else "",
-        negative_prompt=negative_prompt,
-        true_cfg_scale=float(true_cfg_scale),
-        num_inference_steps=num_inference_steps,
-        layers=layers,
-        resolution=resolution,
-        cfg_normalize=bool(cfg_normalize),
-        use_en_prompt=bool(use_en_prompt),
-        seed=seed,
-        randomize_seed=bool(randomize_seed),
-        input_size=list(rgba.size),
-        output_size=list(result_layers[0].size),
-        input_notes=notes,
-    )
+    # Every PARAMS value as checked (the prompt as "prompt_given"), the seed used, and what the input needed.
+    params = {("prompt_given" if name == "prompt" else name): value for name, value in checked.items()}
+    params.update(prompt_given=prompt if not auto_caption else "", seed=seed, input_size=list(rgba.size),
+                  output_size=list(result_layers[0].size), input_notes=notes)
     return DecomposeResult(layers=result_layers, caption=prompt, auto_caption=auto_caption, seed=seed,
                            params=params, duration_s=time.perf_counter() - start, notes=notes)
 
@@ -1954,6 +1943,7 @@ def gradio_handler(handler: Callable, names: list[str], defaults: dict[str, Any]
         [inspect.Parameter(name, inspect.Parameter.POSITIONAL_OR_KEYWORD, default=defaults.get(name)) for name in names]
         + ([inspect.Parameter("progress", inspect.Parameter.POSITIONAL_OR_KEYWORD, default=progress)] if progress else []))
     call.__name__ = getattr(handler, "__name__", getattr(getattr(handler, "func", None), "__name__", "handler"))
+    call.handler = handler  # what it calls (tests check the binding)
     return call
 
 

@@ -58,6 +58,13 @@ def test_exit_code_is_nonzero_when_any_image_failed(batch):
     assert proc.returncode == 1, proc.stderr[-2000:]
 
 
+def test_the_demo_model_is_announced_and_each_run_records_its_parameters(batch):
+    proc, _, out = batch
+    assert "DEMO MODEL" in proc.stdout
+    params = [json.loads(f.read_text()) for f in sorted(out.glob("*/params.json"))]
+    assert {(p["caption"], p["auto_caption"], p["true_cfg_scale"]) for p in params} == {("a card", False, 4.0)}
+
+
 def test_the_model_loads_once_and_progress_counts_images_and_steps(batch):
     proc, _, _ = batch
     assert proc.stderr.count("INFO Loaded ") == 1

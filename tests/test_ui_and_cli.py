@@ -1,4 +1,5 @@
-"""The Gradio app answers /decompose over HTTP; the command line runs headless and fails offline clearly."""
+"""The Gradio app answers /decompose over HTTP; without weights the command line fails offline clearly.
+(The headless `decompose` command: tests/test_batch_cli.py.)"""
 
 import json
 from pathlib import Path
@@ -48,18 +49,3 @@ def test_no_weights_and_no_hub_exits_nonzero_with_what_to_do(tmp_path):
     assert str(tmp_path / "models" / "Qwen-Image-Layered") in proc.stderr
     assert "--demo" in proc.stderr
     assert "Traceback" not in proc.stderr
-
-
-def test_headless_decompose_prints_the_run_folder(models_dir, tmp_path):
-    image = tmp_path / "in.png"
-    Image.new("RGBA", (90, 60), (250, 120, 0, 255)).save(image)
-    proc = run_app("decompose", str(image), "--demo", "--models-dir", str(models_dir), "--layers", "2",
-                   "--steps", "2", "--seed", "4", "--prompt", "an orange card", "--out", str(tmp_path / "out"))
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    # The summary's last line: "  ok      IMAGE -> RUN_FOLDER".
-    assert proc.stdout.strip().splitlines()[-2] == "1 of 1 images decomposed, 0 failed"
-    folder = Path(proc.stdout.strip().splitlines()[-1].split(" -> ")[1])
-    assert folder.parent == tmp_path / "out"
-    assert sorted(p.name for p in folder.glob("layer_*.png")) == ["layer_1.png", "layer_2.png"]
-    assert json.loads((folder / "params.json").read_text())["seed"] == 4
-    assert "DEMO MODEL" in proc.stdout

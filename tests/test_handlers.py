@@ -1,0 +1,71 @@
+"""The UI's handlers are module functions: called here directly on the demo pipeline, without a server."""
+
+import functools
+import inspect
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+import app
+from conftest import demo_settings
+
+FAST = dict(prompt="a handler card", num_inference_steps=2, true_cfg_scale=1.0)
+
+
+@pytest.fixture(scope="module")
+def first_run(demo_pipe, models_dir, tmp_path_factory):
+    import gradio  # noqa: F401  (the handlers raise gr.Error)
+
+    outputs = tmp_path_factory.mktemp("handler-outputs")
+    settings = demo_settings(models_dir, outputs=outputs)
+    image = outputs / "in.png"
+    Image.new("RGBA", (96, 64), (120, 60, 200, 255)).save(image)
+    returned = app.decompose_handler(demo_pipe, settings, {"demo": True}, str(image), layers=2, seed=3, **FAST)
+    return settings, returned
+
+
+def test_decompose_handler_returns_the_stack_view_caption_seed_and_stack(first_run):
+    settings, returned = first_run
+    view, (caption, seed, stack) = app.StackView(*returned[:len(app.StackView._fields)]), returned[-3:]
+    assert (len(view.gallery), caption, seed, len(stack.layers)) == (2, FAST["prompt"], 3, 2)
+    # One download per EXPORTS row, in its order, each the file save_run wrote into the run folder.
+    downloads = [getattr(view, export.key) for export in app.EXPORTS]
+    assert [Path(p).suffix for p in downloads] == [export.suffix for export in app.EXPORTS]
+    assert all(Path(p).parent == stack.run_folder and Path(p).is_file() for p in downloads)
+
+
+def test_decompose_layer_and_undo_handlers_replace_and_restore_the_stack(demo_pipe, first_run):
+    import gradio as gr
+
+    _, returned = first_run
+    stack = returned[-1]
+    *view, caption, seed, bigger = app.decompose_layer_handler(demo_pipe, {}, 2, stack, layers=2, seed=4, **FAST)
+    assert (len(view[0]), seed, len(bigger.layers)) == (3, 4, 3)
+    assert bigger.layers[0] is stack.layers[0]  # the bottom layer is untouched
+    *view, restored = app.undo_handler(bigger)
+    assert restored.layers == stack.layers and len(view[0]) == 2
+    with pytest.raises(gr.Error, match="nothing to undo"):
+        app.undo_handler(restored)
+    with pytest.raises(gr.Error, match=r"layer 5 in the gallery\) is not in the stack"):
+        app.decompose_layer_handler(demo_pipe, {}, 5, stack, layers=2, **FAST)
+
+
+def test_gradio_handler_gives_gradio_the_tables_names_and_calls_positionally():
+    calls = []
+    handler = app.gradio_handler(lambda **values: calls.append(values) or "ok", ["image", *app.PARAM],
+                                 dict(app.DEFAULTS, prompt=None))
+    parameters = inspect.signature(handler).parameters
+    assert list(parameters) == ["image", *app.PARAM]
+    assert parameters["prompt"].default is None and parameters["layers"].default == app.DEFAULTS["layers"]
+    assert handler("img", *range(len(app.PARAMS))) == "ok"
+    assert calls == [dict(image="img", **{name: i for i, name in enumerate(app.PARAM)})]
+
+
+def test_handlers_are_bound_with_partial_in_build_ui(demo_pipe, models_dir, tmp_path):
+    demo = app.build_ui(demo_pipe, demo_settings(models_dir, outputs=tmp_path))
+    bound = {fn.api_name: fn.fn for fn in demo.fns.values() if fn.api_name in ("decompose", "decompose_layer", "undo")}
+    assert set(bound) == {"decompose", "decompose_layer", "undo"}
+    for name, module_function in (("decompose", app.decompose_handler), ("decompose_layer", app.decompose_layer_handler)):
+        called = bound[name].handler
+        assert isinstance(called, functools.partial) and called.func is module_function
