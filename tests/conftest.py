@@ -20,6 +20,12 @@ def models_dir(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("models")
 
 
+# How long a test waits for one demo job over HTTP (its own, or one queued behind another) before failing: a
+# 2-step demo run takes ~5-15 s on an idle 2-core CPU, several times that on a busy one. Below pytest.ini's
+# per-test timeout, so a stuck job fails with its own message.
+JOB_TIMEOUT_S = 300
+
+
 def free_port() -> int:
     """A port nothing listens on, for a test server on 127.0.0.1."""
     with socket.socket() as sock:

@@ -25,7 +25,7 @@ import torch
 from PIL import Image
 
 import app
-from conftest import ROOT, demo_settings, free_port
+from conftest import JOB_TIMEOUT_S, ROOT, demo_settings, free_port
 
 # The cheapest good run: 2 layers, 2 steps, no CFG pass, a prompt (no auto-caption).
 GOOD = dict(prompt="a test card", layers=2, num_inference_steps=2, true_cfg_scale=1.0, seed=5)
@@ -313,7 +313,7 @@ def test_two_clients_at_once_both_finish_one_at_a_time_with_their_own_results(se
                                              api_name="/decompose")
             for path, prompt, seed in ((square, "the square one", 11), (wide, "the wide one", 22))]
     (square_gallery, *_, square_caption, square_seed), (wide_gallery, *_, wide_caption, wide_seed) = \
-        [job.result(timeout=900) for job in jobs]
+        [job.result(timeout=JOB_TIMEOUT_S) for job in jobs]
 
     assert most_running[0] == 1
     assert (square_caption, square_seed, wide_caption, wide_seed) == ("the square one", 11, "the wide one", 22)
@@ -334,7 +334,7 @@ def test_a_client_that_disconnects_mid_run_does_not_leave_the_app_stuck(server, 
             "num_inference_steps=2, true_cfg_scale=1.0, seed=31, api_name='/decompose')\n")
     leaver = subprocess.Popen([sys.executable, "-c", code, url, str(image)])
     try:
-        assert started.wait(timeout=600), "the leaving client's run never reached the transformer"
+        assert started.wait(timeout=JOB_TIMEOUT_S), "the leaving client's run never reached the transformer"
     finally:
         hook.remove()
         leaver.kill()
@@ -344,7 +344,7 @@ def test_a_client_that_disconnects_mid_run_does_not_leave_the_app_stuck(server, 
     from gradio_client import handle_file
 
     job = client_for(url, tmp_path).submit(handle_file(str(image)), **dict(GOOD, seed=32), api_name="/decompose")
-    gallery, *_, caption, seed = job.result(timeout=300)
+    gallery, *_, caption, seed = job.result(timeout=JOB_TIMEOUT_S)
     assert (len(gallery), caption, seed) == (2, GOOD["prompt"], 32)
 
 

@@ -18,7 +18,7 @@ import httpx
 import pytest
 from PIL import Image
 
-from conftest import ROOT, free_port
+from conftest import JOB_TIMEOUT_S, ROOT, free_port
 
 ARTIFACTS = ROOT / "test-artifacts"
 EXAMPLE = ROOT / "assets" / "test_images" / "sticker_square_rgba.png"
@@ -29,7 +29,7 @@ CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networki
 # folders older than 36 s go (Gradio checks its cache every 9 s).
 OUTPUTS_MAX_GB = 0.035
 OUTPUTS_MAX_AGE_HOURS = 0.01
-RUN_TIMEOUT_MS = 600_000
+RUN_TIMEOUT_MS = JOB_TIMEOUT_S * 1000
 
 
 @pytest.fixture(scope="module")
@@ -141,7 +141,12 @@ def test_browser_shows_the_message_for_a_file_that_is_no_image(served, page, tmp
     message = page.get_by_test_id("toast-text")
     expect(message).to_have_text("notes.png is not an image: its content is no image format this app reads. "
                                  "Upload a PNG, JPEG or WebP file.", timeout=60_000)
-    page.wait_for_timeout(500)  # the toast fades in; a full-page shot would lay the fixed toast out of view
+    # The toast fades in: wait for its animations to end (a full-page shot would lay the fixed toast out of view).
+    page.wait_for_function("""() => {
+        const text = document.querySelector('[data-testid="toast-text"]');
+        return document.getAnimations().filter(a => a.effect && a.effect.target && a.effect.target.contains(text))
+                                       .every(a => a.playState !== "running");
+    }""", timeout=10_000)
     screenshot(page, "browser_error.png", full_page=False)
     expect(page.locator(".thumbnail-item")).to_have_count(0)
 
