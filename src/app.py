@@ -40,12 +40,13 @@ import random
 import re
 import shutil
 import sys
+import threading
 import time
 import unicodedata
 import weakref
 import zipfile
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Collection
 
 import numpy as np
 import torch
@@ -140,6 +141,8 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
 # Exports (section 6). PowerPoint's default widescreen slide is 13.333 in wide; the slide's longer side
 # gets (about) that length and the shorter one follows the image's aspect ratio (PowerPoint accepts 1 to 56 in).
 SLIDE_LONG_SIDE_EMU = 12192000  # 914400 EMU per inch
+# python-pptx refuses a slide side under 1 in: a strip past 13.3:1 gets a 1 in short side and a longer slide.
+SLIDE_MIN_SIDE_EMU = 914400
 # Layers resized to the input's original size use Lanczos, the sharpest of Pillow's filters, for the
 # 1.5-4x upscales from the model's 640/1024 buckets; it runs on premultiplied alpha (no dark halo).
 ORIGINAL_SIZE_RESAMPLE = Image.Resampling.LANCZOS
@@ -1096,6 +1099,37 @@ class OutOfMemoryError(RuntimeError):
     """The GPU ran out of memory during a run; the message says which setting to change."""
 
 
+class RunStopped(RuntimeError):
+    """The run's `stop` event was set (Stop pressed, or the client left); it ended at the next step, memory freed."""
+
+
+# One model run at a time. Gradio's queue already runs one GPU job at a time, but a cancelled job's thread
+# finishes its current step after Gradio has moved on: the next run waits here for that step.
+_PIPELINE_LOCK = threading.Lock()
+
+
+def stop_at_next_step(pipe, stop: threading.Event | None) -> tuple[Callable | None, Callable[[], None]]:
+    """The pipeline's `callback_on_step_end` for a `stop` event, and a function that removes a hook.
+
+    The callback raises `RunStopped` after the step during which `stop` was set (the pipeline's own callback,
+    so no step is cut in half). The caption (the text encoder's `generate`, up to 512 tokens; minutes on a
+    4090) has no step callback: a forward pre-hook on the text encoder raises there, before the next token.
+    """
+    if stop is None:
+        return None, lambda: None
+
+    def check(*_):
+        if stop.is_set():
+            raise RunStopped("stopped")
+
+    def callback(_pipe, _step, _timestep, callback_kwargs):
+        check()
+        return callback_kwargs
+
+    hook = pipe.text_encoder.register_forward_pre_hook(check)
+    return callback, hook.remove
+
+
 def out_of_memory_message(pipe, layers: int, resolution: int) -> str:
     offload = getattr(pipe, "_studio_info", {}).get("offload_mode", "?")
     changes = []
@@ -1224,8 +1258,13 @@ def infer(
     use_en_prompt: bool = DEFAULTS["use_en_prompt"],
     seed: int = DEFAULTS["seed"],
     randomize_seed: bool = DEFAULTS["randomize_seed"],
+    stop: threading.Event | None = None,
 ) -> DecomposeResult:
-    """Decompose `image` into `layers` RGBA layers (bottom first). The pipeline's tqdm reports the steps."""
+    """Decompose `image` into `layers` RGBA layers (bottom first). The pipeline's tqdm reports the steps.
+
+    Setting `stop` (another thread: the UI's Stop button, a client that left) ends the run at the next step
+    with `RunStopped`, after its memory is freed.
+    """
     # 1. Check inputs.
     try:
         layers, num_inference_steps, resolution = int(layers), int(num_inference_steps), int(resolution)
@@ -1241,7 +1280,9 @@ def infer(
     seed = int(seed)
     prompt = (prompt or "").strip()
     start = time.perf_counter()
-    out_of_memory = False
+    out_of_memory = stopped = False
+    step_callback, remove_stop_hook = stop_at_next_step(pipe, stop)
+    _PIPELINE_LOCK.acquire()
     try:
         with torch.inference_mode(), torch.autocast("cuda", dtype=torch.bfloat16, enabled=torch.cuda.is_available()):
             # 2. Caption. An empty prompt makes the pipeline caption the image itself; we call its own
@@ -1268,11 +1309,14 @@ def infer(
                 use_en_prompt=use_en_prompt,
                 generator=generator,
                 num_images_per_prompt=1,
+                callback_on_step_end=step_callback,
             )
     except torch.OutOfMemoryError:
         # Not re-raised here: the exception's traceback holds the run's tensors, so it must be gone before
         # `clear_memory` can give their memory back.
         out_of_memory = True
+    except RunStopped:  # the same: raised again below, once the run's tensors are freed
+        stopped = True
     finally:
         # 4. Free what the run left on the device, also after an error (budget mode: every weight to its host copy).
         #    FirstBlockCache's state is reset too: the pipeline resets it only when a run completes, and a run
@@ -1280,9 +1324,14 @@ def infer(
         release_budget_vram(pipe)
         pipe.transformer._reset_stateful_cache()
         clear_memory()
+        remove_stop_hook()
+        _PIPELINE_LOCK.release()
     if out_of_memory:
         logger.warning("Out of GPU memory (layers=%d, resolution=%d); memory freed.", layers, resolution)
         raise OutOfMemoryError(out_of_memory_message(pipe, layers, resolution))
+    if stopped:
+        logger.info("Run stopped after %.1f s; memory freed.", time.perf_counter() - start)
+        raise RunStopped("Stopped: the run ended at the next step and its memory was freed. Nothing was saved.")
     result_layers = [layer.convert("RGBA") for layer in output.images[0]]
     params = dict(
         prompt_given=prompt if not auto_caption else "",
@@ -1440,6 +1489,7 @@ def export_pptx(layers: list[Image.Image], path: Path, names: list[str] | None =
     names = names or layer_names(layers)
     width, height = layers[0].size
     emu_per_px = SLIDE_LONG_SIDE_EMU // max(width, height)  # whole EMUs per pixel: places and aspect ratio exact
+    emu_per_px = max(emu_per_px, -(-SLIDE_MIN_SIDE_EMU // min(width, height)))  # strips: 1 in short side
     presentation = Presentation()
     presentation.slide_width, presentation.slide_height = Emu(width * emu_per_px), Emu(height * emu_per_px)
     slide = presentation.slides.add_slide(presentation.slide_layouts[6])  # layout 6: blank
@@ -1486,17 +1536,98 @@ def new_run_folder(outputs: Path, seed: int) -> Path:
     return folder
 
 
+# A run folder is written under this prefix (+ the writer's process id) and renamed when complete: a run folder
+# without it is whole. `clean_partial_runs` deletes those a killed process left behind.
+PARTIAL_PREFIX = ".partial-"
+
+
+@contextlib.contextmanager
+def atomic_run_folder(outputs: Path, seed: int):
+    """Yield `(partial, final)`: write the run into `partial`; when the block ends without error it is renamed to
+    `final` (one rename, so a run folder is either complete or absent); after an error it is deleted."""
+    final = new_run_folder(outputs, seed)  # reserves the name (stamps are unique per microsecond)
+    final.rmdir()
+    partial = final.with_name(f"{PARTIAL_PREFIX}{os.getpid()}-{final.name}")
+    partial.mkdir()
+    try:
+        yield partial, final
+    except BaseException:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise
+    os.replace(partial, final)
+
+
+def clean_partial_runs(outputs: Path) -> list[Path]:
+    """Delete the half-written run folders (`PARTIAL_PREFIX`) of processes that no longer run, in `outputs`
+    and in its runs' sub_runs/. Called at start-up; returns what was deleted."""
+    import psutil
+
+    outputs = Path(outputs)
+    if not outputs.is_dir():
+        return []
+    deleted = []
+    for partial in [*outputs.glob(f"{PARTIAL_PREFIX}*"), *outputs.glob(f"*/{SUB_RUNS_DIR}/{PARTIAL_PREFIX}*")]:
+        pid = partial.name[len(PARTIAL_PREFIX):].partition("-")[0]
+        if partial.is_dir() and not (pid.isdigit() and int(pid) != os.getpid() and psutil.pid_exists(int(pid))):
+            shutil.rmtree(partial, ignore_errors=True)
+            deleted.append(partial)
+    return deleted
+
+
+def _export_or_note(failed: dict[str, str], key: str, export: Callable[..., Path], *args) -> Path | None:
+    """Run one export; if it fails, log the reason and note it under `failed[key]` so the layers and the other
+    exports are still saved and offered. (Deliberately broad: any exporter bug must cost only its own file.)"""
+    try:
+        return export(*args)
+    except Exception as err:
+        logger.exception("The %s export failed", key)
+        failed[key] = f"{type(err).__name__}: {err}"
+        return None
+
+
+def export_failures_message(failed: dict[str, str]) -> str | None:
+    """What the user is told when some exports failed (the layers and the other files are there)."""
+    if not failed:
+        return None
+    names = ", ".join(key.replace("original_", "original-size ").upper() for key in failed)
+    return (f"The {names} export failed and is not offered (the reason is in the server log); the layers and the "
+            f"other files were saved.")
+
+
 def save_run(result: DecomposeResult, outputs: Path, run_info: dict[str, Any] | None = None,
-             original_size: tuple[int, int] | None = None) -> dict[str, Any]:
+             original_size: tuple[int, int] | None = None,
+             extra_files: Callable[[Path], dict[str, Any]] | None = None) -> dict[str, Any]:
     """Write one run's folder and return its paths.
 
     At the model's resolution: layer_1.png ... layer_N.png, composite.png, params.json and
     <stem>.zip / .pptx / .psd, where <stem> is `export_stem(caption, seed)`. With `original_size`
     (width, height; the input's is `result.params["input_size"]`), the layers are also resized to it and
     written to original_size/ (layer PNGs, composite.png, <stem>_<W>x<H>.pptx / .psd; paths["original"]);
-    the ZIP then holds both sets.
+    the ZIP then holds both sets. `extra_files(folder)` may write more files (it returns their paths).
+
+    The folder is written under a temporary name and renamed when complete (`atomic_run_folder`). An export that
+    fails costs only its own file: it is missing from `paths`, and `paths["failed"]` names it with the reason.
     """
-    folder = new_run_folder(outputs, result.seed)
+    with atomic_run_folder(outputs, result.seed) as (partial, final):
+        paths = _write_run(result, partial, run_info, original_size)
+        if extra_files is not None:
+            paths.update(extra_files(partial))
+    # The same paths, in the renamed folder.
+    def moved(value):
+        if isinstance(value, Path) and value.is_relative_to(partial):
+            return final / value.relative_to(partial)
+        if isinstance(value, dict):
+            return {key: moved(item) for key, item in value.items()}
+        if isinstance(value, list):
+            return [moved(item) for item in value]
+        return value
+    return moved(paths)
+
+
+def _write_run(result: DecomposeResult, folder: Path, run_info: dict[str, Any] | None,
+               original_size: tuple[int, int] | None) -> dict[str, Any]:
+    """`save_run`'s files, written into `folder`. An export (ZIP, PPTX, PSD) that fails is left out and named in
+    `paths["failed"]` ({key: reason}); the layer PNGs, composite and params.json are always written."""
     original_layers = resize_layers(result.layers, original_size) if original_size else None
     params = dict(result.params, seed=result.seed, caption=result.caption, auto_caption=result.auto_caption,
                   duration_s=round(result.duration_s, 3), created=datetime.datetime.now().isoformat(timespec="seconds"),
@@ -1504,23 +1635,32 @@ def save_run(result: DecomposeResult, outputs: Path, run_info: dict[str, Any] | 
                   **(run_info or {}))
     params_bytes = json.dumps(params, indent=2, ensure_ascii=False).encode("utf-8")
     stem = export_stem(result.caption, result.seed)
-    paths: dict[str, Any] = {"folder": folder}
+    failed: dict[str, str] = {}
+    paths: dict[str, Any] = {"folder": folder, "failed": failed}
     paths["layers"] = export_layer_pngs(result.layers, folder)
     paths["composite"] = folder / "composite.png"
     composite_layers(result.layers).save(paths["composite"])
     paths["params"] = folder / "params.json"
     paths["params"].write_bytes(params_bytes)
-    paths["zip"] = export_zip(result.layers, folder / f"{stem}.zip", {"params.json": params_bytes}, original_layers)
-    paths["pptx"] = export_pptx(result.layers, folder / f"{stem}.pptx")
-    paths["psd"] = export_psd(result.layers, folder / f"{stem}.psd")
+    for key, export, args in (
+            ("zip", export_zip, (result.layers, folder / f"{stem}.zip", {"params.json": params_bytes}, original_layers)),
+            ("pptx", export_pptx, (result.layers, folder / f"{stem}.pptx")),
+            ("psd", export_psd, (result.layers, folder / f"{stem}.psd"))):
+        if (path := _export_or_note(failed, key, export, *args)) is not None:
+            paths[key] = path
     if original_layers:
         sub = folder / "original_size"
         size = "{}x{}".format(*original_layers[0].size)
         paths["original"] = {"folder": sub, "layers": export_layer_pngs(original_layers, sub),
-                             "composite": sub / "composite.png",
-                             "pptx": export_pptx(original_layers, sub / f"{stem}_{size}.pptx"),
-                             "psd": export_psd(original_layers, sub / f"{stem}_{size}.psd")}
+                             "composite": sub / "composite.png"}
+        for key, export in (("pptx", export_pptx), ("psd", export_psd)):
+            path = _export_or_note(failed, f"original_{key}", export, original_layers, sub / f"{stem}_{size}.{key}")
+            if path is not None:
+                paths["original"][key] = path
         composite_layers(original_layers).save(paths["original"]["composite"])
+    if failed:  # params.json says which files are missing and why
+        params_bytes = json.dumps(dict(params, failed_exports=failed), indent=2, ensure_ascii=False).encode("utf-8")
+        paths["params"].write_bytes(params_bytes)
     return paths
 
 
@@ -1532,21 +1672,28 @@ def run_info_for(pipe, environment: dict[str, Any]) -> dict[str, Any]:
     return info
 
 
-def prune_outputs(outputs: Path, max_bytes: float, max_age_s: float, keep: Path | None = None) -> list[Path]:
+def prune_outputs(outputs: Path, max_bytes: float, max_age_s: float,
+                  keep: "Path | Collection[Path] | None" = None) -> list[Path]:
     """Delete run folders, oldest first, until none is older than `max_age_s` and together they hold at most
-    `max_bytes` (0: no limit). `keep` (the run just saved) is never deleted. Returns what was deleted.
+    `max_bytes` (0: no limit). `keep` (the run just saved, and every run a live session shows) is never deleted.
+    Returns what was deleted.
 
-    Only run folders (those holding a params.json) are touched: Gradio's cache (.gradio-cache, which Gradio's
-    delete_cache cleans) and anything else put in the outputs folder stay.
+    Only run folders (those holding a params.json, or a sub_runs/ folder left without one) are touched: Gradio's
+    cache (.gradio-cache, which Gradio's delete_cache cleans), half-written runs (`clean_partial_runs`) and
+    anything else put in the outputs folder stay. A run's age is that of its newest sub-run.
     """
-    runs = [p for p in Path(outputs).iterdir() if p.is_dir() and not p.name.startswith(".") and (p / "params.json").is_file()]
-    runs.sort(key=lambda p: p.stat().st_mtime)
+    keep = {Path(keep)} if isinstance(keep, (str, Path)) else {Path(path) for path in keep or ()}
+    runs = [p for p in Path(outputs).iterdir() if p.is_dir() and not p.name.startswith(".")
+            and ((p / "params.json").is_file() or (p / SUB_RUNS_DIR).is_dir())]
+    last_used = {run: max([run.stat().st_mtime] + [sub.stat().st_mtime for sub in (run / SUB_RUNS_DIR).glob("*")])
+                 for run in runs}
+    runs.sort(key=last_used.get)
     sizes = {run: sum(f.stat().st_size for f in run.rglob("*") if f.is_file()) for run in runs}
     total, now, deleted = sum(sizes.values()), time.time(), []
     for run in runs:
-        too_old = max_age_s > 0 and now - run.stat().st_mtime > max_age_s
+        too_old = max_age_s > 0 and now - last_used[run] > max_age_s
         too_big = max_bytes > 0 and total > max_bytes
-        if run == keep or not (too_old or too_big):
+        if run in keep or not (too_old or too_big):
             continue
         shutil.rmtree(run)
         total -= sizes[run]
@@ -1624,12 +1771,23 @@ def save_sub_run(stack: LayerStack, new_layers: list[Image.Image], index: int, r
                    stack_layers_before=len(stack.layers), stack_layers_after=len(new_layers),
                    applied_to=str(stack.files.get("folder", stack.run_folder)))
     step = dataclasses.replace(result, layers=new_layers)
-    paths = save_run(step, Path(stack.run_folder) / SUB_RUNS_DIR, dict(run_info or {}, sub_run=sub_run),
-                     original_size=stack.original_size)
-    paths["input_layer"] = paths["folder"] / "input_layer.png"
-    stack.layers[index].save(paths["input_layer"])
-    paths["sub_layers"] = export_layer_pngs(result.layers, paths["folder"] / "sub_layers")
-    return paths
+
+    def input_and_sub_layers(folder: Path) -> dict[str, Any]:
+        stack.layers[index].save(folder / "input_layer.png")
+        return {"input_layer": folder / "input_layer.png",
+                "sub_layers": export_layer_pngs(result.layers, folder / "sub_layers")}
+
+    return save_run(step, Path(stack.run_folder) / SUB_RUNS_DIR, dict(run_info or {}, sub_run=sub_run),
+                    original_size=stack.original_size, extra_files=input_and_sub_layers)
+
+
+def check_stack_files(stack: LayerStack) -> None:
+    """Refuse a stack whose run folder (or its layer files) was deleted, e.g. by hand or by an older app's pruning:
+    a sub-run would recreate a folder holding only sub_runs/, and the page could not show the layers."""
+    files = [stack.run_folder, *stack.files.get("layers", [])]
+    if not all(Path(path).exists() for path in files):
+        raise ValueError("The files of these layers are no longer on the server (their run folder was deleted). "
+                         "Decompose the image again.")
 
 
 def decompose_layer(pipe, stack: LayerStack, index: int, run_info: dict[str, Any] | None = None,
@@ -1638,8 +1796,9 @@ def decompose_layer(pipe, stack: LayerStack, index: int, run_info: dict[str, Any
 
     Returns the new stack (whose `previous` is `stack`, for one step of undo) and the sub-run's own result.
     """
-    # 1. Check the index before spending a run on it.
+    # 1. Check the index and the run folder before spending a run on them.
     check_layer_index(index, len(stack.layers))
+    check_stack_files(stack)
     # 2. Decompose the layer as it is, RGBA: its transparent surroundings stay transparent for the model
     #    (flattening to RGB would turn them black and the model would see a black background).
     result = infer(pipe, stack.layers[index], **infer_kwargs)
@@ -1662,6 +1821,95 @@ DEMO_BANNER = ("**Demo model in use** — tiny random weights built offline. Eve
 
 def example_images() -> list[str]:
     return sorted(str(p) for p in ASSETS_DIR.glob("*.png"))
+
+
+# The one answer for any file a client may not read, whether or not it exists (so it reveals nothing).
+NOT_AN_UPLOAD_MESSAGE = ("This image was not uploaded to this app (or it was cleaned from its upload cache): upload "
+                         "the image again, or pick one of the examples.")
+
+
+def readable_upload(value: Any, uploaded: Collection[str], upload_dir: Path | str,
+                    examples: Collection[str] = ()) -> Path:
+    """The file a client's image value names, if the client may read it; else ValueError(NOT_AN_UPLOAD_MESSAGE).
+
+    Readable: a file that Gradio's upload route received (`uploaded`: Gradio's record of them, `upload_file_set`)
+    lying inside `upload_dir`, or one of `examples`, or Gradio's cached copy of one (the page sends that copy when
+    an example is clicked; it is recognised by its bytes). Gradio's upload route puts each file in a folder named
+    by the SHA-256 of its content, so a client can name only an upload whose bytes it has; Gradio's upload route
+    does not tell which session sent a file, so "this session's uploads" cannot be checked more closely.
+
+    Why: with `preprocess=False` a value without Gradio's `meta` key (`{"path": "/any/file.png"}` or a bare
+    string) reaches the handler unchecked, and `to_rgba` would read any image file on the server.
+    """
+    import filecmp
+
+    path = value.get("path") if isinstance(value, dict) else value
+    if not isinstance(path, (str, Path)) or not str(path).strip():
+        raise ValueError(NOT_AN_UPLOAD_MESSAGE)
+    resolved = Path(os.path.realpath(path))  # symlinks and ".." resolved before any check
+    example_paths = [Path(os.path.realpath(example)) for example in examples]
+    if resolved in example_paths:
+        return resolved
+    upload_root = Path(os.path.realpath(upload_dir))
+    if resolved.is_relative_to(upload_root) and resolved.is_file():
+        if str(path) in uploaded or str(resolved) in uploaded:
+            return resolved
+        for example in example_paths:  # the page's cached copy of an example: read the example itself
+            if example.name == resolved.name and filecmp.cmp(example, resolved, shallow=False):
+                return example
+    raise ValueError(NOT_AN_UPLOAD_MESSAGE)
+
+
+class Sessions:
+    """What each live session (a browser tab, or a gradio_client `Client`) holds, by Gradio's session hash: the
+    run folder its page shows (pruning keeps it) and the stop event of its running job (Stop, or leaving, sets it).
+
+    Gradio's `unload` event (the page's heartbeat connection closed: tab closed, client gone) calls `end`.
+    """
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._folders: dict[str, Path] = {}
+        self._stops: dict[str, threading.Event] = {}
+
+    def show(self, session: str, folder: Path) -> None:
+        with self._lock:
+            self._folders[session] = Path(folder)
+
+    def shown_folders(self) -> set[Path]:
+        with self._lock:
+            return set(self._folders.values())
+
+    def start_job(self, session: str) -> threading.Event:
+        with self._lock:
+            stop = self._stops[session] = threading.Event()
+            return stop
+
+    def end_job(self, session: str, stop: threading.Event) -> None:
+        with self._lock:
+            if self._stops.get(session) is stop:
+                del self._stops[session]
+
+    def stop(self, session: str) -> bool:
+        """Ask the session's running job to stop at its next step; False when it has none."""
+        with self._lock:
+            stop = self._stops.get(session)
+        if stop is not None:
+            stop.set()
+        return stop is not None
+
+    def end(self, session: str) -> None:
+        self.stop(session)
+        with self._lock:
+            self._folders.pop(session, None)
+
+
+def client_error(err: Exception, doing: str) -> str:
+    """The message a client gets for an unexpected error: no server path, no handler internals (those go to the
+    server log with the traceback), and what to do."""
+    logger.exception("Unexpected error while %s", doing)
+    return (f"Something went wrong on the server while {doing} ({type(err).__name__}). The details are in the "
+            f"server's log. Try again; if it happens again, restart the app and report the log.")
 
 
 def gallery_items(layer_files: list[Path]) -> list[tuple[str, str]]:
@@ -1706,32 +1954,49 @@ def build_ui(pipe, settings: Settings, environment: dict[str, Any] | None = None
     os.environ.setdefault("GRADIO_TEMP_DIR", str(Path(settings.outputs) / ".gradio-cache"))
     import gradio as gr
 
+    from gradio.utils import get_upload_folder
+
     environment = environment or print_environment_info(print_it=False)
     run_info = run_info_for(pipe, environment)
+    sessions = Sessions()  # each session's shown run folder and running job
+    examples = example_images()
+
+    def prune(just_saved: Path) -> None:
+        deleted = prune_outputs(settings.outputs, settings.outputs_max_gb * 1e9, settings.outputs_max_age_hours * 3600,
+                                keep=sessions.shown_folders() | {just_saved})
+        if deleted:
+            logger.info("Deleted %d old run folder(s) (--outputs-max-gb / --outputs-max-age-hours)", len(deleted))
 
     def decompose(image, prompt=None, negative_prompt=DEFAULTS["negative_prompt"], seed=DEFAULTS["seed"],
                   randomize_seed=DEFAULTS["randomize_seed"], true_cfg_scale=DEFAULTS["true_cfg_scale"],
                   num_inference_steps=DEFAULTS["num_inference_steps"], layers=DEFAULTS["layers"],
                   resolution=DEFAULTS["resolution"], cfg_normalize=DEFAULTS["cfg_normalize"],
-                  use_en_prompt=DEFAULTS["use_en_prompt"], original_size=False, progress=gr.Progress(track_tqdm=True)):
+                  use_en_prompt=DEFAULTS["use_en_prompt"], original_size=False, request: gr.Request = None,
+                  progress=gr.Progress(track_tqdm=True)):
         if image is None:
             raise gr.Error("No image: upload an image (PNG, JPEG, WebP) first.")
+        stop = sessions.start_job(request.session_hash)
         try:
+            image = readable_upload(image, demo.upload_file_set, get_upload_folder(), examples)
             result = infer(pipe, image, prompt=prompt, negative_prompt=negative_prompt, seed=seed,
                            randomize_seed=randomize_seed, true_cfg_scale=true_cfg_scale,
                            num_inference_steps=num_inference_steps, layers=layers, resolution=resolution,
-                           cfg_normalize=cfg_normalize, use_en_prompt=use_en_prompt)
-        except (ValueError, OutOfMemoryError) as err:
+                           cfg_normalize=cfg_normalize, use_en_prompt=use_en_prompt, stop=stop)
+            paths = save_run(result, settings.outputs, run_info,
+                             original_size=result.params["input_size"] if original_size else None)
+        except (ValueError, OutOfMemoryError, RunStopped) as err:
             raise gr.Error(str(err)) from err
+        except Exception as err:  # a bug or the machine: the details stay in the server log
+            raise gr.Error(client_error(err, "decomposing the image")) from err
+        finally:
+            sessions.end_job(request.session_hash, stop)
         for note in result.notes:
             gr.Warning(note, duration=None)  # stays on the page until closed
-        paths = save_run(result, settings.outputs, run_info,
-                         original_size=result.params["input_size"] if original_size else None)
+        if message := export_failures_message(paths["failed"]):
+            gr.Warning(message, duration=None)
         logger.info("Run saved in %s (%.1f s)", paths["folder"], result.duration_s)
-        deleted = prune_outputs(settings.outputs, settings.outputs_max_gb * 1e9, settings.outputs_max_age_hours * 3600,
-                                keep=paths["folder"])
-        if deleted:
-            logger.info("Deleted %d old run folder(s) (--outputs-max-gb / --outputs-max-age-hours)", len(deleted))
+        sessions.show(request.session_hash, paths["folder"])
+        prune(paths["folder"])
         stack = LayerStack(layers=result.layers, run_folder=paths["folder"], files=paths,
                            original_size=tuple(result.params["input_size"]) if original_size else None)
         return (*stack_view(stack), result.caption, result.seed, stack)
@@ -1740,28 +2005,38 @@ def build_ui(pipe, settings: Settings, environment: dict[str, Any] | None = None
         """The gallery and the three downloads for a stack: the files its sub-run (or first run) wrote."""
         files = stack.files
         offered = files.get("original", files)  # PPTX and PSD at the size asked for; the ZIP holds both sizes
-        return gallery_items(files["layers"]), str(offered["pptx"]), str(files["zip"]), str(offered["psd"])
+        downloads = [offered.get("pptx"), files.get("zip"), offered.get("psd")]  # a failed export: an empty box
+        return gallery_items(files["layers"]), *(str(path) if path else None for path in downloads)
 
     def decompose_this_layer(layer_number, layers=SUB_RUN_LAYERS, prompt=None, negative_prompt=DEFAULTS["negative_prompt"],
                              seed=DEFAULTS["seed"], randomize_seed=DEFAULTS["randomize_seed"],
                              true_cfg_scale=DEFAULTS["true_cfg_scale"],
                              num_inference_steps=DEFAULTS["num_inference_steps"], resolution=DEFAULTS["resolution"],
                              cfg_normalize=DEFAULTS["cfg_normalize"], use_en_prompt=DEFAULTS["use_en_prompt"],
-                             stack=None, progress=gr.Progress(track_tqdm=True)):
+                             stack=None, request: gr.Request = None, progress=gr.Progress(track_tqdm=True)):
         # (`prompt=None`, like `decompose`'s: an empty Textbox has no value, and a None default is what makes
         # the parameter optional for gradio_client.)
         if stack is None:
             raise gr.Error("No layers yet: decompose an image first, then select one of its layers in the gallery.")
         if layer_number is None:
             raise gr.Error("No layer selected: click a layer in the gallery (or type its number, 1 = bottom).")
+        stop = sessions.start_job(request.session_hash)
         try:
             new_stack, result = decompose_layer(
                 pipe, stack, int(layer_number) - 1, run_info, prompt=prompt, negative_prompt=negative_prompt,
                 seed=seed, randomize_seed=randomize_seed, true_cfg_scale=true_cfg_scale,
                 num_inference_steps=num_inference_steps, layers=layers, resolution=resolution,
-                cfg_normalize=cfg_normalize, use_en_prompt=use_en_prompt)
-        except (ValueError, OutOfMemoryError) as err:
+                cfg_normalize=cfg_normalize, use_en_prompt=use_en_prompt, stop=stop)
+        except (ValueError, OutOfMemoryError, RunStopped) as err:
             raise gr.Error(str(err)) from err
+        except Exception as err:  # a bug or the machine: the details stay in the server log
+            raise gr.Error(client_error(err, "decomposing the layer")) from err
+        finally:
+            sessions.end_job(request.session_hash, stop)
+        if message := export_failures_message(new_stack.files["failed"]):
+            gr.Warning(message, duration=None)
+        sessions.show(request.session_hash, new_stack.run_folder)
+        prune(Path(new_stack.run_folder))
         logger.info("Layer %d replaced by %d sub-layers; saved in %s", layer_number, len(result.layers),
                     new_stack.files["folder"])
         return (*stack_view(new_stack), result.caption, result.seed, new_stack)
@@ -1771,9 +2046,16 @@ def build_ui(pipe, settings: Settings, environment: dict[str, Any] | None = None
             raise gr.Error("Nothing to undo: decompose an image first.")
         try:
             restored = undo(stack)
+            check_stack_files(restored)
         except ValueError as err:
             raise gr.Error(str(err)) from err
         return (*stack_view(restored), restored)
+
+    def stop_job(request: gr.Request):
+        sessions.stop(request.session_hash)
+
+    def end_session(request: gr.Request):
+        sessions.end(request.session_hash)
 
     def select_layer(evt: gr.SelectData):
         return evt.index + 1  # the gallery counts from 0, its captions (and "Selected layer") from 1
@@ -1800,7 +2082,9 @@ def build_ui(pipe, settings: Settings, environment: dict[str, Any] | None = None
                     use_en_prompt = gr.Checkbox(label="English auto-caption (off: Chinese)", value=DEFAULTS["use_en_prompt"])
                 original_size = gr.Checkbox(label="Export at the input's original size (PPTX, PSD; the ZIP holds both sizes)",
                                             value=False)
-                run = gr.Button("Decompose", variant="primary")
+                with gr.Row():
+                    run = gr.Button("Decompose", variant="primary")
+                    stop_button = gr.Button("Stop", variant="stop")
             with gr.Column():
                 gallery = gr.Gallery(label="Layers (bottom first; click one to select it)", columns=4,
                                      object_fit="contain", format="png")
@@ -1818,12 +2102,11 @@ def build_ui(pipe, settings: Settings, environment: dict[str, Any] | None = None
                     pptx_file = gr.File(label="PPTX")
                     zip_file = gr.File(label="ZIP")
                     psd_file = gr.File(label="PSD")
-        examples = example_images()
         if examples:
             gr.Examples(examples=[[p] for p in examples], inputs=[image])
         stack = gr.State(None)  # the LayerStack the gallery shows and the downloads hold
         view = [gallery, pptx_file, zip_file, psd_file]
-        run.click(
+        run_event = run.click(
             decompose,
             inputs=[image, prompt, negative_prompt, seed, randomize_seed, true_cfg_scale, num_inference_steps,
                     layers, resolution, cfg_normalize, use_en_prompt, original_size],
@@ -1833,12 +2116,14 @@ def build_ui(pipe, settings: Settings, environment: dict[str, Any] | None = None
             concurrency_id="gpu",  # ... shared with "Decompose this layer"
             # The handler takes the raw values: Gradio's Image preprocess opens the upload with Pillow before the
             # handler runs, so a broken or huge file would fail there with a developer's message. Unprocessed,
-            # the image arrives as Gradio's file value (its path still checked to lie in Gradio's upload cache),
-            # and `to_rgba` decodes it with the checks and messages above; `check_params` checks the numbers.
+            # the image arrives as Gradio's file value; Gradio checks its path only when the value carries its
+            # `meta` key, so `readable_upload` checks it (uploads and examples only), then `to_rgba` decodes it with
+            # the checks and messages above; `check_params` checks the numbers.
             preprocess=False,
-        ).success(lambda: None, outputs=layer_number, api_visibility="private")  # a new stack: nothing selected
+        )
+        run_event.success(lambda: None, outputs=layer_number, api_visibility="private")  # a new stack: nothing selected
         gallery.select(select_layer, outputs=layer_number, api_visibility="private")
-        run_layer.click(
+        layer_event = run_layer.click(
             decompose_this_layer,
             inputs=[layer_number, sub_layers, sub_prompt, negative_prompt, seed, randomize_seed, true_cfg_scale,
                     num_inference_steps, resolution, cfg_normalize, use_en_prompt, stack],
@@ -1848,6 +2133,10 @@ def build_ui(pipe, settings: Settings, environment: dict[str, Any] | None = None
             concurrency_id="gpu",
         )
         undo_button.click(undo_last, inputs=[stack], outputs=[*view, stack], api_name="undo")
+        # Stop: Gradio cancels the event on the page; `stop_job` makes the pipeline itself stop at its next step
+        # (a cancelled event's thread would otherwise run to the end). Not in the "gpu" queue: it must not wait.
+        stop_button.click(stop_job, cancels=[run_event, layer_event], api_name="stop", concurrency_limit=None)
+        demo.unload(end_session)  # a closed page or a vanished client stops its own job the same way
     demo.queue(default_concurrency_limit=1)
     return demo
 
