@@ -131,3 +131,82 @@ def test_the_page_s_cached_copy_of_an_example_decomposes(server, tmp_path):
     assert cached, "Gradio keeps a copy of each example in its cache for the page"
     gallery, *_ = client_for(url, tmp_path).predict({"path": str(cached[0]), "meta": META}, **GOOD, api_name="/decompose")
     assert len(gallery) == 2
+
+
+# --- 3. Stop, and a client that leaves -----------------------------------------------------------------
+LONG = dict(GOOD, num_inference_steps=50)  # ~50 transformer calls; each one slowed down by `slow_steps`
+
+
+@pytest.fixture()
+def slow_steps(demo_pipe):
+    """Each transformer call takes 0.3 s longer and is counted; weak references to its latents are kept."""
+    calls: list = []
+
+    def hook(module, args, kwargs):
+        calls.append(weakref.ref(kwargs["hidden_states"]))
+        time.sleep(0.3)
+
+    handle = demo_pipe.transformer.register_forward_pre_hook(hook, with_kwargs=True)
+    yield calls
+    handle.remove()
+
+
+def wait_for(condition, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.1)
+
+
+def test_stop_ends_the_run_at_the_next_step_frees_it_and_the_app_stays_ready(server, slow_steps, tmp_path):
+    from gradio_client import handle_file
+    from gradio_client.exceptions import AppError
+
+    url, outputs, _ = server
+    client = client_for(url, tmp_path)
+    image = plain_png(tmp_path / "in.png")
+    before = run_folders(outputs)
+    job = client.submit(handle_file(str(image)), **dict(LONG, seed=41), api_name="/decompose")
+    wait_for(lambda: len(slow_steps) >= 2, 300, "the run's second step")
+    client.predict(api_name="/stop")  # what the Stop button calls, from the same session
+    with pytest.raises(AppError, match="Stopped: the run ended at the next step and its memory was freed"):
+        job.result(timeout=120)
+    assert 2 <= len(slow_steps) <= 4  # the step running when Stop came, at most one more: not 50
+    assert all(latents() is None for latents in slow_steps)  # nothing holds the run's tensors
+    assert run_folders(outputs) == before  # nothing half-saved
+    slow_steps.clear()
+    gallery, *_, seed = client.predict(handle_file(str(image)), **dict(GOOD, seed=42), api_name="/decompose")
+    assert (len(gallery), seed) == (2, 42)
+
+
+def test_a_client_that_disconnects_stops_its_own_job(server, slow_steps, tmp_path):
+    url, outputs, _ = server
+    image = plain_png(tmp_path / "in.png")
+    before = run_folders(outputs)
+    # A client in its own process, killed once its run is in the denoising loop: its connections just drop.
+    code = ("import sys; from gradio_client import Client, handle_file\n"
+            "Client(sys.argv[1], verbose=False).predict(handle_file(sys.argv[2]), prompt='gone', layers=2, "
+            "num_inference_steps=50, true_cfg_scale=1.0, seed=31, api_name='/decompose')\n")
+    leaver = subprocess.Popen([sys.executable, "-c", code, url, str(image)])
+    try:
+        wait_for(lambda: len(slow_steps) >= 2, 300, "the leaving client's second step")
+    finally:
+        leaver.kill()
+        leaver.wait()
+    left_at = len(slow_steps)
+    wait_for(lambda: not app._PIPELINE_LOCK.locked(), 60, "the run to end")
+    assert len(slow_steps) <= left_at + 3  # stopped within a few steps of leaving, not after 50
+    assert run_folders(outputs) == before
+
+
+def test_infer_with_a_set_stop_event_stops_during_the_caption(demo_pipe, rgba_image):
+    stop = threading.Event()
+    calls = []
+    handle = demo_pipe.text_encoder.register_forward_pre_hook(lambda *_: calls.append(1) or stop.set())
+    try:
+        with pytest.raises(app.RunStopped, match="Stopped"):
+            app.infer(demo_pipe, rgba_image, prompt="", layers=2, num_inference_steps=2, true_cfg_scale=1.0, stop=stop)
+    finally:
+        handle.remove()
+    assert len(calls) == 1  # the caption's first token, then no more (it would write up to 512)
+    assert not app._PIPELINE_LOCK.locked()
