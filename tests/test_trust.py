@@ -32,7 +32,7 @@ def server(demo_pipe, models_dir, tmp_path_factory):
     settings = demo_settings(models_dir, outputs=outputs, host="127.0.0.1", port=free_port())
     demo = app.build_ui(demo_pipe, settings)
     demo.launch(**app.launch_options(settings), prevent_thread_lock=True, quiet=True)
-    yield f"http://127.0.0.1:{settings.port}/", outputs, demo
+    yield f"http://127.0.0.1:{settings.port}/", outputs, demo, settings
     demo.close()
 
 
@@ -69,7 +69,7 @@ def run_folders(outputs: Path) -> set[Path]:
 
 # --- 1. the file-read hole -----------------------------------------------------------------------------
 def test_decompose_reads_no_server_file_with_or_without_meta_and_says_nothing_of_other_files(server, tmp_path):
-    url, outputs, _ = server
+    url, outputs, *_ = server
     secret = plain_png(tmp_path / "secret.png")  # an image on the server that nobody uploaded
     empty = tmp_path / "empty.png"
     empty.write_bytes(b"")
@@ -125,7 +125,7 @@ def test_readable_upload_takes_uploads_examples_and_the_cached_copy_of_an_exampl
 
 
 def test_the_page_s_cached_copy_of_an_example_decomposes(server, tmp_path):
-    url, _, demo = server
+    url, *_ = server
     example = Path(app.example_images()[0])
     cached = [p for p in Path(os.environ["GRADIO_TEMP_DIR"]).rglob(example.name) if p.read_bytes() == example.read_bytes()]
     assert cached, "Gradio keeps a copy of each example in its cache for the page"
@@ -162,7 +162,7 @@ def test_stop_ends_the_run_at_the_next_step_frees_it_and_the_app_stays_ready(ser
     from gradio_client import handle_file
     from gradio_client.exceptions import AppError
 
-    url, outputs, _ = server
+    url, outputs, *_ = server
     client = client_for(url, tmp_path)
     image = plain_png(tmp_path / "in.png")
     before = run_folders(outputs)
@@ -180,7 +180,7 @@ def test_stop_ends_the_run_at_the_next_step_frees_it_and_the_app_stays_ready(ser
 
 
 def test_a_client_that_disconnects_stops_its_own_job(server, slow_steps, tmp_path):
-    url, outputs, _ = server
+    url, outputs, *_ = server
     image = plain_png(tmp_path / "in.png")
     before = run_folders(outputs)
     # A client in its own process, killed once its run is in the denoising loop: its connections just drop.
@@ -210,3 +210,81 @@ def test_infer_with_a_set_stop_event_stops_during_the_caption(demo_pipe, rgba_im
         handle.remove()
     assert len(calls) == 1  # the caption's first token, then no more (it would write up to 512)
     assert not app._PIPELINE_LOCK.locked()
+
+
+# --- 4. pruning and the sessions' run folders ----------------------------------------------------------
+def test_prune_keeps_every_shown_run_deletes_orphans_and_ages_a_run_by_its_last_sub_run(tmp_path):
+    now = time.time()
+
+    def run(name: str, age_hours: float, params: bool = True) -> Path:
+        folder = tmp_path / name
+        folder.mkdir()
+        if params:
+            (folder / "params.json").write_text("{}")
+        (folder / "layer_1.png").write_bytes(b"\0" * 1_000_000)
+        os.utime(folder, (now - age_hours * 3600,) * 2)
+        return folder
+
+    shown_a, shown_b, old, new = run("a", 300), run("b", 299), run("c", 5), run("d", 0)
+    orphan = run("e", 4, params=False)  # what an older app's sub-run left: only sub_runs/
+    (orphan / app.SUB_RUNS_DIR / "x").mkdir(parents=True)
+    os.utime(orphan / app.SUB_RUNS_DIR / "x", (now - 4 * 3600,) * 2)
+    os.utime(orphan, (now - 4 * 3600,) * 2)
+    recent_sub = run("f", 400)  # old first run, sub-run a minute ago: in use
+    (recent_sub / app.SUB_RUNS_DIR / "y").mkdir(parents=True)
+    deleted = app.prune_outputs(tmp_path, max_bytes=4.5e6, max_age_s=200 * 3600, keep={shown_a, shown_b, new})
+    assert deleted == [old, orphan]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a", "b", "d", "f"]
+
+
+def sub_run(client, **overrides):
+    return client.predict(2, **dict(layers=2, prompt="the bottom layer", seed=7, true_cfg_scale=1.0,
+                                    num_inference_steps=2), **overrides, api_name="/decompose_layer")
+
+
+def newest_run(outputs: Path) -> Path:
+    return max((p for p in outputs.iterdir() if (p / "params.json").is_file()), key=lambda p: p.stat().st_mtime)
+
+
+def test_pruning_spares_a_live_session_s_run_and_prunes_it_after_the_session_ends(server, tmp_path):
+    from gradio_client import handle_file
+
+    url, outputs, _, settings = server
+    image = plain_png(tmp_path / "in.png")
+    alice, bob = client_for(url, tmp_path / "a"), client_for(url, tmp_path / "b")
+    alice.predict(handle_file(str(image)), **dict(GOOD, seed=51), api_name="/decompose")
+    alices_run = newest_run(outputs)
+    limit = settings.outputs_max_gb
+    settings.outputs_max_gb = 1e-9  # every run is over the limit from now on
+    try:
+        bob.predict(handle_file(str(image)), **dict(GOOD, seed=52), api_name="/decompose")
+        bobs_run = newest_run(outputs)
+        assert alices_run.is_dir() and bobs_run.is_dir()  # Alice's page still shows hers
+        alice.close()  # her session ends (Gradio's unload)
+        time.sleep(2)
+        sub_run(bob)  # pruning runs after a layer decomposition too
+        assert not alices_run.exists() and bobs_run.is_dir()
+        assert [p.name for p in outputs.iterdir() if p.name.startswith(app.PARTIAL_PREFIX)] == []
+    finally:
+        settings.outputs_max_gb = limit
+
+
+def test_undo_and_decompose_layer_after_the_run_folder_went_say_so_without_a_server_path(server, tmp_path):
+    import shutil
+
+    from gradio_client import handle_file
+    from gradio_client.exceptions import AppError
+
+    url, outputs, *_ = server
+    client = client_for(url, tmp_path)
+    client.predict(handle_file(str(plain_png(tmp_path / "in.png"))), **dict(GOOD, seed=53), api_name="/decompose")
+    run = newest_run(outputs)
+    sub_run(client)
+    shutil.rmtree(run)  # deleted behind the app's back (by hand, or by an older version's pruning)
+    for call in (lambda: client.predict(api_name="/undo"), lambda: sub_run(client)):
+        with pytest.raises(AppError) as refused:
+            call()
+        message = str(refused.value)
+        assert "no longer on the server" in message and "Decompose the image again" in message
+        assert str(outputs) not in message and "Errno" not in message
+    assert not run.exists()  # the sub-run did not recreate it
