@@ -137,7 +137,7 @@ DEFAULTS = dict(
 )
 # The files `decompose DIR` takes from a folder (not recursive); a file named on the command line is tried
 # whatever its name, so a bad one is reported instead of silently left out.
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff", ".gif")  # what the UI takes
 # Exports (section 6). PowerPoint's default widescreen slide is 13.333 in wide; the slide's longer side
 # gets (about) that length and the shorter one follows the image's aspect ratio (PowerPoint accepts 1 to 56 in).
 SLIDE_LONG_SIDE_EMU = 12192000  # 914400 EMU per inch
@@ -1589,7 +1589,8 @@ def export_failures_message(failed: dict[str, str]) -> str | None:
     """What the user is told when some exports failed (the layers and the other files are there)."""
     if not failed:
         return None
-    names = ", ".join(key.replace("original_", "original-size ").upper() for key in failed)
+    names = ", ".join(("original-size " if key.startswith("original_") else "") + key.removeprefix("original_").upper()
+                      for key in failed)
     return (f"The {names} export failed and is not offered (the reason is in the server log); the layers and the "
             f"other files were saved.")
 
@@ -2162,6 +2163,7 @@ class BatchItem:
     image: Path
     folder: Path | None = None  # its run folder, when it worked
     error: str | None = None  # why it failed
+    warnings: list[str] = dataclasses.field(default_factory=list)  # input notes, exports that failed
 
 
 def decompose_batch(pipe, images: list[Path], outputs: Path, run_info: dict[str, Any] | None = None,
@@ -2187,8 +2189,11 @@ def decompose_batch(pipe, images: list[Path], outputs: Path, run_info: dict[str,
             items.append(BatchItem(image, error=f"{type(err).__name__}: {err}"))
             tqdm.write(f"skipped {image}: {err}", file=sys.stderr)
             continue
-        items.append(BatchItem(image, folder=paths["folder"]))
+        warnings = result.notes + [f"{key} export failed: {reason}" for key, reason in paths["failed"].items()]
+        items.append(BatchItem(image, folder=paths["folder"], warnings=warnings))
         tqdm.write(f"{image} -> {paths['folder']} (caption: {result.caption})", file=sys.stderr)
+        for warning in warnings:
+            tqdm.write(f"  note: {warning}", file=sys.stderr)
     return items
 
 
@@ -2197,9 +2202,23 @@ def batch_summary(items: list[BatchItem]) -> str:
     done = [item for item in items if item.error is None]
     failed = [item for item in items if item.error is not None]
     lines = [f"{len(done)} of {len(items)} images decomposed, {len(failed)} failed"]
-    lines += [f"  ok      {item.image} -> {item.folder}" for item in done]
+    for item in done:
+        lines.append(f"  ok      {item.image} -> {item.folder}")
+        lines += [f"          note: {warning}" for warning in item.warnings]
     lines += [f"  FAILED  {item.image}: {item.error}" for item in failed]
     return "\n".join(lines)
+
+
+def stop_on_sigterm() -> None:
+    """Make SIGTERM (`kill`, systemd, docker stop) stop the app the way Ctrl+C does: Gradio's launch then closes
+    the server, and closing runs its delete_cache clean-up (uploads and result copies). Python's default for
+    SIGTERM ends the process at once, leaving Gradio's cache behind."""
+    import signal
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    signal.signal(signal.SIGTERM, interrupt)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -2219,6 +2238,8 @@ def main(argv: list[str] | None = None) -> int:
         except ValueError as err:
             print(f"error: {err}", file=sys.stderr)
             return 2
+    for partial in clean_partial_runs(settings.outputs):
+        logger.info("Deleted %s: a run folder a stopped process left half-written", partial)
     environment = print_environment_info()
     try:
         pipe = load_pipeline(settings)
@@ -2239,6 +2260,7 @@ def main(argv: list[str] | None = None) -> int:
 
     demo = build_ui(pipe, settings, environment)
     print(f"Serving on http://{settings.host}:{settings.port}")
+    stop_on_sigterm()
     demo.launch(**launch_options(settings))
     return 0
 

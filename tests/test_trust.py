@@ -288,3 +288,156 @@ def test_undo_and_decompose_layer_after_the_run_folder_went_say_so_without_a_ser
         assert "no longer on the server" in message and "Decompose the image again" in message
         assert str(outputs) not in message and "Errno" not in message
     assert not run.exists()  # the sub-run did not recreate it
+
+
+# --- 5. run folders are whole or absent ----------------------------------------------------------------
+def card_result(size=(96, 64), seed=1) -> "app.DecomposeResult":
+    """A two-layer result made here (no model): a green card under a red square."""
+    bottom = Image.new("RGBA", size, (20, 160, 90, 255))
+    top = Image.new("RGBA", size, (0, 0, 0, 0))
+    top.paste((200, 30, 30, 255), (8, 8, 40, 40))
+    return app.DecomposeResult(layers=[bottom, top], caption="a card", auto_caption=False, seed=seed,
+                               params={"input_size": list(size)}, duration_s=0.1)
+
+
+def test_a_process_killed_while_saving_leaves_no_run_folder_and_start_up_cleans_its_leftover(tmp_path):
+    outputs = tmp_path / "outputs"
+    # A process that dies (SIGKILL: no clean-up of any kind) in the middle of writing the exports.
+    code = ("import os, signal, sys; sys.path[:0] = ['src', 'tests']; import app, test_trust\n"
+            "app.export_pptx = lambda *a, **k: os.kill(os.getpid(), signal.SIGKILL)\n"
+            "app.save_run(test_trust.card_result(), sys.argv[1])\n")
+    killed = subprocess.run([sys.executable, "-c", code, str(outputs)], cwd=ROOT, capture_output=True, timeout=300)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr.decode()[-2000:]
+    (partial,) = outputs.iterdir()
+    assert partial.name.startswith(f"{app.PARTIAL_PREFIX}") and (partial / "params.json").is_file()
+    assert not app.prune_outputs(outputs, max_bytes=1, max_age_s=1)  # not a run folder: pruning leaves it
+    # A live process's half-written folder stays; the dead one's goes.
+    with subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"]) as alive:
+        live = outputs / f"{app.PARTIAL_PREFIX}{alive.pid}-20260101-000000-000000_seed1"
+        live.mkdir()
+        assert app.clean_partial_runs(outputs) == [partial]
+        alive.kill()
+    assert [p.name for p in outputs.iterdir()] == [live.name]
+    # A save that completes leaves one whole folder and nothing partial.
+    paths = app.save_run(card_result(seed=2), outputs)
+    assert paths["folder"].name.endswith("_seed2") and paths["folder"].parent == outputs
+    assert all(Path(p).is_file() for p in (*paths["layers"], paths["composite"], paths["params"], paths["zip"],
+                                            paths["pptx"], paths["psd"]))
+    assert sorted(p.name.startswith(app.PARTIAL_PREFIX) for p in outputs.iterdir()) == [False, True]
+
+
+# --- 6. one export that fails costs only itself --------------------------------------------------------
+@pytest.mark.parametrize("size", [(1024, 64), (940, 64), (64, 1000)])  # 16:1, 14.7:1, 1:15.6
+def test_pptx_of_a_strip_gets_a_slide_of_at_least_one_inch_with_the_image_s_aspect(tmp_path, size):
+    from pptx import Presentation
+
+    path = app.export_pptx(card_result(size).layers, tmp_path / "strip.pptx")
+    presentation = Presentation(str(path))
+    width, height = presentation.slide_width, presentation.slide_height
+    assert min(width, height) >= 914400 and max(width, height) <= 51206400  # PowerPoint's 1 to 56 inches
+    assert width * size[1] == height * size[0]  # exact aspect ratio
+    square = [s for s in presentation.slides[0].shapes if s.shape_type == 13][-1]  # 13: picture; the top layer
+    assert square.left * size[0] == width * 8  # the red square still sits at x = 8 px
+
+
+def test_save_run_keeps_the_layers_and_other_exports_when_one_export_fails(tmp_path, monkeypatch):
+    def broken(*args, **kwargs):
+        raise RuntimeError("the PSD writer broke")
+
+    monkeypatch.setattr(app, "export_psd", broken)
+    paths = app.save_run(card_result(), tmp_path, original_size=(192, 128))
+    assert paths["failed"] == {"psd": "RuntimeError: the PSD writer broke",
+                               "original_psd": "RuntimeError: the PSD writer broke"}
+    assert "psd" not in paths and "psd" not in paths["original"]
+    assert all(Path(p).is_file() for p in (*paths["layers"], paths["zip"], paths["pptx"], paths["original"]["pptx"]))
+    assert not list(paths["folder"].rglob("*.psd"))
+    assert json.loads(paths["params"].read_text())["failed_exports"] == paths["failed"]
+    assert app.export_failures_message(paths["failed"]).startswith("The PSD, original-size PSD export failed")
+
+
+def test_over_http_a_failed_export_still_gives_the_layers_and_the_other_files(server, tmp_path, monkeypatch):
+    from gradio_client import handle_file
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("the PPTX writer broke")
+
+    monkeypatch.setattr(app, "export_pptx", broken)
+    url, *_ = server
+    gallery, pptx, zip_file, psd, caption, seed = client_for(url, tmp_path).predict(
+        handle_file(str(plain_png(tmp_path / "in.png"))), **dict(GOOD, seed=61), api_name="/decompose")
+    assert (len(gallery), pptx, caption, seed) == (2, None, GOOD["prompt"], 61)
+    assert Path(zip_file).suffix == ".zip" and Path(psd).suffix == ".psd"
+
+
+def test_batch_takes_a_gif_from_a_folder_prints_its_note_and_names_a_failed_export(demo_pipe, tmp_path, monkeypatch,
+                                                                                     capsys):
+    def broken(*args, **kwargs):
+        raise RuntimeError("the ZIP writer broke")
+
+    monkeypatch.setattr(app, "export_zip", broken)
+    folder = tmp_path / "in"
+    folder.mkdir()
+    frames = [Image.new("RGB", (96, 64), colour) for colour in ((255, 0, 0), (0, 0, 255))]
+    frames[0].save(folder / "blink.gif", save_all=True, append_images=frames[1:], duration=100, loop=0)
+    assert app.find_images([folder]) == [folder / "blink.gif"]
+    items = app.decompose_batch(demo_pipe, app.find_images([folder]), tmp_path / "out", prompt="a card", layers=2,
+                                num_inference_steps=2, true_cfg_scale=1.0)
+    assert "  note: blink.gif is animated (2 frames): the first frame was used." in capsys.readouterr().err
+    summary = app.batch_summary(items).splitlines()
+    assert summary[0] == "1 of 1 images decomposed, 0 failed"
+    assert summary[2:] == ["          note: blink.gif is animated (2 frames): the first frame was used.",
+                           "          note: zip export failed: RuntimeError: the ZIP writer broke"]
+
+
+# --- 15. client-facing errors --------------------------------------------------------------------------
+def test_an_unexpected_error_reaches_the_client_without_server_paths_or_internals(server, tmp_path, monkeypatch,
+                                                                                  caplog):
+    from gradio_client import handle_file
+    from gradio_client.exceptions import AppError
+
+    def broken(*args, **kwargs):
+        raise FileNotFoundError(2, "No such file or directory", "/srv/studio/secret/weights.bin")
+
+    monkeypatch.setattr(app, "to_rgba", broken)
+    url, *_ = server
+    with pytest.raises(AppError) as refused:
+        client_for(url, tmp_path).predict(handle_file(str(plain_png(tmp_path / "in.png"))), **GOOD,
+                                          api_name="/decompose")
+    message = str(refused.value)
+    assert message.startswith("Something went wrong on the server while decomposing the image (FileNotFoundError). "
+                              "The details are in the server's log.")
+    assert "/srv/studio" not in message and "Errno" not in message
+    assert "/srv/studio/secret/weights.bin" in caplog.text  # the server log keeps the details
+
+
+# --- 7. SIGTERM ----------------------------------------------------------------------------------------
+def test_sigterm_stops_the_app_and_clears_gradio_s_cache(models_dir, tmp_path):
+    outputs = tmp_path / "outputs"
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("QIL_", "GRADIO_"))}
+    port = free_port()
+    log = tmp_path / "app.log"
+    with open(log, "w") as log_file:
+        proc = subprocess.Popen([sys.executable, str(ROOT / "src" / "app.py"), "--demo", "--host", "127.0.0.1",
+                                 "--port", str(port), "--models-dir", str(models_dir), "--outputs", str(outputs)],
+                                env=env, stdout=log_file, stderr=subprocess.STDOUT)
+    try:
+        url = f"http://127.0.0.1:{port}/"
+        wait_for(lambda: proc.poll() is None and _answers(url), 600, "the app to start")
+        image = plain_png(tmp_path / "in.png").read_bytes()
+        upload = httpx.post(f"{url}gradio_api/upload", files={"files": ("in.png", image, "image/png")}).json()
+        assert Path(upload[0]).is_file() and Path(upload[0]).is_relative_to(outputs / ".gradio-cache")
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=60) == 0, log.read_text()[-3000:]
+    finally:
+        proc.kill()
+    assert not Path(upload[0]).exists()
+    # All that stays are Gradio's copies of the example images, which it keeps for the page (keep_in_cache).
+    left = {p.name for p in (outputs / ".gradio-cache").rglob("*") if p.is_file()}
+    assert left <= {Path(example).name for example in app.example_images()}
+
+
+def _answers(url: str) -> bool:
+    try:
+        return httpx.get(url, timeout=5).status_code == 200
+    except httpx.TransportError:
+        return False
