@@ -129,8 +129,9 @@ def test_the_page_s_cached_copy_of_an_example_decomposes(server, tmp_path):
     example = Path(app.example_images()[0])
     cached = [p for p in Path(os.environ["GRADIO_TEMP_DIR"]).rglob(example.name) if p.read_bytes() == example.read_bytes()]
     assert cached, "Gradio keeps a copy of each example in its cache for the page"
-    gallery, *_ = client_for(url, tmp_path).predict({"path": str(cached[0]), "meta": META}, **GOOD, api_name="/decompose")
-    assert len(gallery) == 2
+    # Raw HTTP, as the page sends it (gradio_client would upload a local file itself).
+    event, data = call_over_http(url, "decompose", decompose_values({"path": str(cached[0]), "meta": META}))
+    assert event == "complete" and len(data[0]) == 2, data
 
 
 # --- 3. Stop, and a client that leaves -----------------------------------------------------------------
@@ -441,3 +442,60 @@ def _answers(url: str) -> bool:
         return httpx.get(url, timeout=5).status_code == 200
     except httpx.TransportError:
         return False
+
+
+# --- 1 (continued). the two tools read only uploads ----------------------------------------------------
+def cache_file_not_uploaded() -> Path:
+    """An image inside Gradio's upload cache that no client uploaded (like the copies of results it serves)."""
+    from gradio.utils import get_upload_folder
+
+    path = Path(get_upload_folder()) / "trust-not-an-upload" / "layer.png"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return plain_png(path)
+
+
+def test_combine_tool_stacks_only_uploaded_files(tmp_path):
+    from gradio_client import Client, handle_file
+
+    from tool import combine_layers as cl
+
+    demo = cl.build_ui()
+    port = free_port()
+    demo.queue().launch(**app.launch_options(app.Settings(host="127.0.0.1", port=port)), prevent_thread_lock=True,
+                        quiet=True)  # as the tool's main() launches it
+    url = f"http://127.0.0.1:{port}/"
+    try:
+        secret = plain_png(tmp_path / "secret.png")
+        event, message = call_over_http(url, "add_files", [[], [{"path": str(secret)}]])
+        assert event == "error"  # without meta: Gradio's validation refuses it
+        event, message = call_over_http(url, "add_files", [[], [{"path": str(secret), "meta": META}]])
+        assert event == "error" and "not uploaded by a user" in message  # outside the cache: Gradio refuses it
+        # Inside Gradio's cache but never uploaded: nothing is stacked (before: its pixels came back).
+        event, (_, _, preview, notes, png, psd) = call_over_http(
+            url, "add_files", [[], [{"path": str(cache_file_not_uploaded()), "meta": META}]])
+        assert (event, preview, png, psd) == ("complete", None, None, None)
+        client = Client(url, verbose=False, download_files=str(tmp_path / "downloads"))
+        # An upload is stacked.
+        _, preview, *_ = client.predict([handle_file(str(plain_png(tmp_path / "mine.png")))], api_name="/add_files")
+        assert Image.open(preview).size == (96, 64)
+    finally:
+        demo.close()
+
+
+def test_edit_tool_edits_only_uploaded_files(models_dir, tmp_path):
+    from tool import edit_rgba_image as edit
+
+    edit_pipe = app.load_pipeline(demo_settings(models_dir), edit.EDIT_MODEL)
+    demo = edit.build_ui(edit_pipe, demo_settings(models_dir, outputs=tmp_path / "outputs"), matte="chroma_key")
+    port = free_port()
+    demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True)
+    try:
+        for value in ({"path": str(cache_file_not_uploaded()), "meta": META},  # before: edited
+                      {"path": str(plain_png(tmp_path / "secret.png"))},
+                      {"path": str(tmp_path / "missing.png")}):
+            answer = call_over_http(f"http://127.0.0.1:{port}/", "edit",
+                                    [value, "make it red", 7, False, 2.0, 2, " ", "chroma_key"])
+            assert answer == ("error", app.NOT_AN_UPLOAD_MESSAGE)
+    finally:
+        demo.close()
+    assert not (tmp_path / "outputs" / "edits").exists()
