@@ -17,10 +17,10 @@ from pathlib import Path
 
 import httpx
 import pytest
+from conftest import ROOT, demo_settings, free_port
 from PIL import Image
 
 import app
-from conftest import ROOT, demo_settings, free_port
 
 GOOD = dict(prompt="a test card", layers=2, num_inference_steps=2, true_cfg_scale=1.0, seed=5)
 META = {"_type": "gradio.FileData"}

@@ -380,6 +380,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{path} ({len(stack)} layers, canvas {canvas_size(stack)[0]}x{canvas_size(stack)[1]})")
         return 0
     print(f"Serving on http://{args.host}:{args.port}")
+    app.stop_on_sigterm()  # SIGTERM closes Gradio like Ctrl+C
     build_ui().queue().launch(**app.launch_options(app.Settings(host=args.host, port=args.port)))  # the app's upload limit
     return 0
 

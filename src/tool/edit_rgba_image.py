@@ -391,6 +391,7 @@ def main(argv: list[str] | None = None) -> int:
     if app.network_warning(settings):
         logger.warning(app.network_warning(settings))
     print(f"Serving on http://{settings.host}:{settings.port}")
+    app.stop_on_sigterm()  # SIGTERM closes Gradio like Ctrl+C: its cache is cleared
     demo.launch(**app.launch_options(settings))
     return 0
 
