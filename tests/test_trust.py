@@ -445,16 +445,26 @@ def _answers(url: str) -> bool:
 
 
 # --- 1 (continued). the two tools read only uploads ----------------------------------------------------
-def cache_file_not_uploaded() -> Path:
+@pytest.fixture()
+def cache_file_not_uploaded():
     """An image inside Gradio's upload cache that no client uploaded (like the copies of results it serves)."""
+    import shutil
+
     from gradio.utils import get_upload_folder
 
-    path = Path(get_upload_folder()) / "trust-not-an-upload" / "layer.png"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    return plain_png(path)
+    made = []
+
+    def make() -> Path:  # called once the tool has set Gradio's cache folder (GRADIO_TEMP_DIR)
+        made.append(Path(get_upload_folder()) / "trust-not-an-upload")
+        made[-1].mkdir(parents=True, exist_ok=True)
+        return plain_png(made[-1] / "layer.png")
+
+    yield make
+    for folder in made:
+        shutil.rmtree(folder, ignore_errors=True)
 
 
-def test_combine_tool_stacks_only_uploaded_files(tmp_path):
+def test_combine_tool_stacks_only_uploaded_files(tmp_path, cache_file_not_uploaded):
     from gradio_client import Client, handle_file
 
     from tool import combine_layers as cl
@@ -482,7 +492,7 @@ def test_combine_tool_stacks_only_uploaded_files(tmp_path):
         demo.close()
 
 
-def test_edit_tool_edits_only_uploaded_files(models_dir, tmp_path):
+def test_edit_tool_edits_only_uploaded_files(models_dir, tmp_path, cache_file_not_uploaded):
     from tool import edit_rgba_image as edit
 
     edit_pipe = app.load_pipeline(demo_settings(models_dir), edit.EDIT_MODEL)
