@@ -41,12 +41,13 @@ import random
 import re
 import shutil
 import sys
+import threading
 import time
 import unicodedata
 import weakref
 import zipfile
 from pathlib import Path
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -130,10 +131,12 @@ MIN_INPUT_SIDE = 16
 MAX_ASPECT_RATIO = 16
 # The files `decompose DIR` takes from a folder (not recursive); a file named on the command line is tried
 # whatever its name, so a bad one is reported instead of silently left out.
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff", ".gif")  # what the UI takes
 # Exports (section 6). PowerPoint's default widescreen slide is 13.333 in wide; the slide's longer side
 # gets (about) that length and the shorter one follows the image's aspect ratio (PowerPoint accepts 1 to 56 in).
 SLIDE_LONG_SIDE_EMU = 12192000  # 914400 EMU per inch
+# python-pptx refuses a slide side under 1 in: a strip past 13.3:1 gets a 1 in short side and a longer slide.
+SLIDE_MIN_SIDE_EMU = 914400
 # Layers resized to the input's original size use Lanczos, the sharpest of Pillow's filters, for the
 # 1.5-4x upscales from the model's 640/1024 buckets; it runs on premultiplied alpha (no dark halo).
 ORIGINAL_SIZE_RESAMPLE = Image.Resampling.LANCZOS
@@ -1179,6 +1182,31 @@ class OutOfMemoryError(RuntimeError):
     """The GPU ran out of memory during a run; the message says which setting to change."""
 
 
+class RunStopped(RuntimeError):
+    """The run's `stop` event was set (Stop pressed, or the client left); it ended at the next step, memory freed."""
+
+
+STOPPED_MESSAGE = "Stopped: the run ended at the next step and its memory was freed. Nothing was saved."
+
+# One model run at a time. Gradio's queue already runs one GPU job at a time, but a cancelled job's thread
+# finishes its current step after Gradio has moved on: the next run waits here for that step.
+_PIPELINE_LOCK = threading.Lock()
+
+
+def stop_callback(stop: threading.Event | None) -> Callable | None:
+    """The pipeline's `callback_on_step_end` for a `stop` event: it raises `RunStopped` after the step during which
+    `stop` was set (the pipeline's own callback, so no step is cut in half). `run_pipeline` covers the caption."""
+    if stop is None:
+        return None
+
+    def callback(_pipe, _step, _timestep, callback_kwargs):
+        if stop.is_set():
+            raise RunStopped("stopped")
+        return callback_kwargs
+
+    return callback
+
+
 def out_of_memory_message(pipe, job: str = "decomposition", changes: list[str] = (), program: str = "app") -> str:
     """What to change after a CUDA out-of-memory error: the job's own `changes` first, then the offload mode's."""
     offload = getattr(pipe, "_studio_info", {}).get("offload_mode", "?")
@@ -1201,30 +1229,46 @@ def decomposition_changes(layers: int, resolution: int) -> list[str]:
     return changes
 
 
-def run_pipeline(pipe, job: Callable[[], Any], out_of_memory: str) -> Any:
+def run_pipeline(pipe, job: Callable[[], Any], out_of_memory: str, stop: threading.Event | None = None) -> Any:
     """Run `job()` (calls of `pipe`) the one safe way; the app's `infer` and the edit tool's `edit_layer` use it.
 
-    Under `torch.inference_mode()` (+ bf16 autocast on CUDA). Afterwards, also after an error, the run's memory is
-    freed: budget mode sends every weight to its host copy, FirstBlockCache's state is reset (the pipeline resets
-    it only when a run completes; a stopped run would leave a cached first-block residual without the tail
-    residuals it needs), and `clear_memory`. CUDA out of memory becomes `OutOfMemoryError(out_of_memory)`,
-    raised only after the run's tensors are freed.
+    One run at a time (`_PIPELINE_LOCK`), under `torch.inference_mode()` (+ bf16 autocast on CUDA). Afterwards,
+    also after an error, the run's memory is freed: budget mode sends every weight to its host copy,
+    FirstBlockCache's state is reset (the pipeline resets it only when a run completes; a stopped run would leave a
+    cached first-block residual without the tail residuals it needs), and `clear_memory`. CUDA out of memory
+    becomes `OutOfMemoryError(out_of_memory)`, raised only after the run's tensors are freed.
+    Setting `stop` ends the run with `RunStopped`: the job passes `stop_callback(stop)` to the pipeline's steps,
+    and the caption (the text encoder's `generate`, up to 512 tokens, minutes on a 4090), which has no step
+    callback, is stopped here by a forward pre-hook on the text encoder, before its next token.
     """
-    failed = False
-    try:
-        with torch.inference_mode(), torch.autocast("cuda", dtype=torch.bfloat16, enabled=torch.cuda.is_available()):
-            return job()
-    except torch.OutOfMemoryError:
-        # Not re-raised here: the exception's traceback holds the run's tensors, so it must be gone before
-        # `clear_memory` can give their memory back.
-        failed = True
-    finally:
-        release_budget_vram(pipe)
-        pipe.transformer._reset_stateful_cache()
-        clear_memory()
+    def check_stop(*_):
+        if stop.is_set():
+            raise RunStopped("stopped")
+
+    stop_hook = pipe.text_encoder.register_forward_pre_hook(check_stop) if stop is not None else None
+    failed = stopped = False
+    with _PIPELINE_LOCK:
+        try:
+            with torch.inference_mode(), torch.autocast("cuda", dtype=torch.bfloat16, enabled=torch.cuda.is_available()):
+                return job()
+        except torch.OutOfMemoryError:
+            # Not re-raised here: the exception's traceback holds the run's tensors, so it must be gone before
+            # `clear_memory` can give their memory back.
+            failed = True
+        except RunStopped:  # the same: raised again below, once the run's tensors are freed
+            stopped = True
+        finally:
+            release_budget_vram(pipe)
+            pipe.transformer._reset_stateful_cache()
+            clear_memory()
+            if stop_hook is not None:
+                stop_hook.remove()
     if failed:
         logger.warning("Out of GPU memory; memory freed. %s", out_of_memory)
         raise OutOfMemoryError(out_of_memory)
+    if stopped:
+        logger.info("Run stopped at the next step; memory freed.")
+        raise RunStopped(STOPPED_MESSAGE)
 
 
 # Pillow modes whose `convert("RGBA")` would clip: `to_rgba` scales them to 8 bits first.
@@ -1379,8 +1423,13 @@ def infer(
     use_en_prompt: bool = DEFAULTS["use_en_prompt"],
     seed: int = DEFAULTS["seed"],
     randomize_seed: bool = DEFAULTS["randomize_seed"],
+    stop: threading.Event | None = None,
 ) -> DecomposeResult:
-    """Decompose `image` into `layers` RGBA layers (bottom first). The pipeline's tqdm reports the steps."""
+    """Decompose `image` into `layers` RGBA layers (bottom first). The pipeline's tqdm reports the steps.
+
+    Setting `stop` (another thread: the UI's Stop button, a client that left) ends the run at the next step
+    with `RunStopped`, after its memory is freed.
+    """
     # 1. Check inputs (PARAMS says what each accepts).
     checked = check_params(prompt=prompt, negative_prompt=negative_prompt, true_cfg_scale=true_cfg_scale,
                            num_inference_steps=num_inference_steps, layers=layers, resolution=resolution,
@@ -1423,11 +1472,13 @@ def infer(
             use_en_prompt=use_en_prompt,
             generator=generator,
             num_images_per_prompt=1,
+            callback_on_step_end=stop_callback(stop),
         )
         return caption, output
 
     # 4. One guarded run: memory freed after it, also after an error; out of memory says what to change.
-    prompt, output = run_pipeline(pipe, job, out_of_memory_message(pipe, changes=decomposition_changes(layers, resolution)))
+    prompt, output = run_pipeline(pipe, job, out_of_memory_message(pipe, changes=decomposition_changes(layers, resolution)),
+                                  stop=stop)
     result_layers = [layer.convert("RGBA") for layer in output.images[0]]
     # Every PARAMS value as checked (the prompt as "prompt_given"), the seed used, and what the input needed.
     params = {("prompt_given" if name == "prompt" else name): value for name, value in checked.items()}
@@ -1574,6 +1625,7 @@ def export_pptx(layers: list[Image.Image], path: Path, names: list[str] | None =
     names = names or layer_names(layers)
     width, height = layers[0].size
     emu_per_px = SLIDE_LONG_SIDE_EMU // max(width, height)  # whole EMUs per pixel: places and aspect ratio exact
+    emu_per_px = max(emu_per_px, -(-SLIDE_MIN_SIDE_EMU // min(width, height)))  # strips: 1 in short side
     presentation = Presentation()
     presentation.slide_width, presentation.slide_height = Emu(width * emu_per_px), Emu(height * emu_per_px)
     slide = presentation.slides.add_slide(presentation.slide_layouts[6])  # layout 6: blank
@@ -1640,17 +1692,99 @@ def new_run_folder(outputs: Path, seed: int) -> Path:
     return folder
 
 
+# A run folder is written under this prefix (+ the writer's process id) and renamed when complete: a run folder
+# without it is whole. `clean_partial_runs` deletes those a killed process left behind.
+PARTIAL_PREFIX = ".partial-"
+
+
+@contextlib.contextmanager
+def atomic_run_folder(outputs: Path, seed: int):
+    """Yield `(partial, final)`: write the run into `partial`; when the block ends without error it is renamed to
+    `final` (one rename, so a run folder is either complete or absent); after an error it is deleted."""
+    final = new_run_folder(outputs, seed)  # reserves the name (stamps are unique per microsecond)
+    final.rmdir()
+    partial = final.with_name(f"{PARTIAL_PREFIX}{os.getpid()}-{final.name}")
+    partial.mkdir()
+    try:
+        yield partial, final
+    except BaseException:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise
+    os.replace(partial, final)
+
+
+def clean_partial_runs(outputs: Path) -> list[Path]:
+    """Delete the half-written run folders (`PARTIAL_PREFIX`) of processes that no longer run, in `outputs`
+    and in its runs' sub_runs/. Called at start-up; returns what was deleted."""
+    import psutil
+
+    outputs = Path(outputs)
+    if not outputs.is_dir():
+        return []
+    deleted = []
+    for partial in [*outputs.glob(f"{PARTIAL_PREFIX}*"), *outputs.glob(f"*/{SUB_RUNS_DIR}/{PARTIAL_PREFIX}*")]:
+        pid = partial.name[len(PARTIAL_PREFIX):].partition("-")[0]
+        if partial.is_dir() and not (pid.isdigit() and int(pid) != os.getpid() and psutil.pid_exists(int(pid))):
+            shutil.rmtree(partial, ignore_errors=True)
+            deleted.append(partial)
+    return deleted
+
+
+def _export_or_note(failed: dict[str, str], key: str, export: Callable[..., Path], *args) -> Path | None:
+    """Run one export; if it fails, log the reason and note it under `failed[key]` so the layers and the other
+    exports are still saved and offered. (Deliberately broad: any exporter bug must cost only its own file.)"""
+    try:
+        return export(*args)
+    except Exception as err:
+        logger.exception("The %s export failed", key)
+        failed[key] = f"{type(err).__name__}: {err}"
+        return None
+
+
+def export_failures_message(failed: dict[str, str]) -> str | None:
+    """What the user is told when some exports failed (the layers and the other files are there)."""
+    if not failed:
+        return None
+    names = ", ".join(("original-size " if key.startswith("original_") else "") + key.removeprefix("original_").upper()
+                      for key in failed)
+    return (f"The {names} export failed and is not offered (the reason is in the server log); the layers and the "
+            f"other files were saved.")
+
+
 def save_run(result: DecomposeResult, outputs: Path, run_info: dict[str, Any] | None = None,
-             original_size: tuple[int, int] | None = None) -> dict[str, Any]:
+             original_size: tuple[int, int] | None = None,
+             extra_files: Callable[[Path], dict[str, Any]] | None = None) -> dict[str, Any]:
     """Write one run's folder and return its paths.
 
     At the model's resolution: layer_1.png ... layer_N.png, composite.png, params.json and
     <stem>.zip / .pptx / .psd, where <stem> is `export_stem(caption, seed)`. With `original_size`
     (width, height; the input's is `result.params["input_size"]`), the layers are also resized to it and
     written to original_size/ (layer PNGs, composite.png, <stem>_<W>x<H>.pptx / .psd; paths["original"]);
-    the ZIP then holds both sets.
+    the ZIP then holds both sets. `extra_files(folder)` may write more files (it returns their paths).
+
+    The folder is written under a temporary name and renamed when complete (`atomic_run_folder`). An export that
+    fails costs only its own file: it is missing from `paths`, and `paths["failed"]` names it with the reason.
     """
-    folder = new_run_folder(outputs, result.seed)
+    with atomic_run_folder(outputs, result.seed) as (partial, final):
+        paths = _write_run(result, partial, run_info, original_size)
+        if extra_files is not None:
+            paths.update(extra_files(partial))
+    # The same paths, in the renamed folder.
+    def moved(value):
+        if isinstance(value, Path) and value.is_relative_to(partial):
+            return final / value.relative_to(partial)
+        if isinstance(value, dict):
+            return {key: moved(item) for key, item in value.items()}
+        if isinstance(value, list):
+            return [moved(item) for item in value]
+        return value
+    return moved(paths)
+
+
+def _write_run(result: DecomposeResult, folder: Path, run_info: dict[str, Any] | None,
+               original_size: tuple[int, int] | None) -> dict[str, Any]:
+    """`save_run`'s files, written into `folder`. An export (ZIP, PPTX, PSD) that fails is left out and named in
+    `paths["failed"]` ({key: reason}); the layer PNGs, composite and params.json are always written."""
     original_layers = resize_layers(result.layers, original_size) if original_size else None
     params = dict(result.params, seed=result.seed, caption=result.caption, auto_caption=result.auto_caption,
                   duration_s=round(result.duration_s, 3), created=datetime.datetime.now().isoformat(timespec="seconds"),
@@ -1658,14 +1792,18 @@ def save_run(result: DecomposeResult, outputs: Path, run_info: dict[str, Any] | 
                   **(run_info or {}))
     params_bytes = json.dumps(params, indent=2, ensure_ascii=False).encode("utf-8")
     stem = export_stem(result.caption, result.seed)
-    paths: dict[str, Any] = {"folder": folder}
+    failed: dict[str, str] = {}
+    paths: dict[str, Any] = {"folder": folder, "failed": failed}
     paths["layers"] = export_layer_pngs(result.layers, folder)
     paths["composite"] = folder / "composite.png"
     composite_layers(result.layers).save(paths["composite"])
     paths["params"] = folder / "params.json"
     paths["params"].write_bytes(params_bytes)
     for export in EXPORTS:
-        paths[export.key] = export.write(result.layers, folder / f"{stem}{export.suffix}", params_bytes, original_layers)
+        path = _export_or_note(failed, export.key, export.write, result.layers, folder / f"{stem}{export.suffix}",
+                               params_bytes, original_layers)
+        if path is not None:
+            paths[export.key] = path
     if original_layers:
         sub = folder / "original_size"
         size = "{}x{}".format(*original_layers[0].size)
@@ -1674,8 +1812,13 @@ def save_run(result: DecomposeResult, outputs: Path, run_info: dict[str, Any] | 
         composite_layers(original_layers).save(paths["original"]["composite"])
         for export in EXPORTS:
             if export.at_original_size:
-                paths["original"][export.key] = export.write(original_layers, sub / f"{stem}_{size}{export.suffix}",
-                                                             params_bytes, None)
+                path = _export_or_note(failed, f"original_{export.key}", export.write, original_layers,
+                                       sub / f"{stem}_{size}{export.suffix}", params_bytes, None)
+                if path is not None:
+                    paths["original"][export.key] = path
+    if failed:  # params.json says which files are missing and why
+        params_bytes = json.dumps(dict(params, failed_exports=failed), indent=2, ensure_ascii=False).encode("utf-8")
+        paths["params"].write_bytes(params_bytes)
     return paths
 
 
@@ -1687,21 +1830,28 @@ def run_info_for(pipe, environment: dict[str, Any]) -> dict[str, Any]:
     return info
 
 
-def prune_outputs(outputs: Path, max_bytes: float, max_age_s: float, keep: Path | None = None) -> list[Path]:
+def prune_outputs(outputs: Path, max_bytes: float, max_age_s: float,
+                  keep: "Path | Collection[Path] | None" = None) -> list[Path]:
     """Delete run folders, oldest first, until none is older than `max_age_s` and together they hold at most
-    `max_bytes` (0: no limit). `keep` (the run just saved) is never deleted. Returns what was deleted.
+    `max_bytes` (0: no limit). `keep` (the run just saved, and every run a live session shows) is never deleted.
+    Returns what was deleted.
 
-    Only run folders (those holding a params.json) are touched: Gradio's cache (.gradio-cache, which Gradio's
-    delete_cache cleans) and anything else put in the outputs folder stay.
+    Only run folders (those holding a params.json, or a sub_runs/ folder left without one) are touched: Gradio's
+    cache (.gradio-cache, which Gradio's delete_cache cleans), half-written runs (`clean_partial_runs`) and
+    anything else put in the outputs folder stay. A run's age is that of its newest sub-run.
     """
-    runs = [p for p in Path(outputs).iterdir() if p.is_dir() and not p.name.startswith(".") and (p / "params.json").is_file()]
-    runs.sort(key=lambda p: p.stat().st_mtime)
+    keep = {Path(keep)} if isinstance(keep, (str, Path)) else {Path(path) for path in keep or ()}
+    runs = [p for p in Path(outputs).iterdir() if p.is_dir() and not p.name.startswith(".")
+            and ((p / "params.json").is_file() or (p / SUB_RUNS_DIR).is_dir())]
+    last_used = {run: max([run.stat().st_mtime] + [sub.stat().st_mtime for sub in (run / SUB_RUNS_DIR).glob("*")])
+                 for run in runs}
+    runs.sort(key=last_used.get)
     sizes = {run: sum(f.stat().st_size for f in run.rglob("*") if f.is_file()) for run in runs}
     total, now, deleted = sum(sizes.values()), time.time(), []
     for run in runs:
-        too_old = max_age_s > 0 and now - run.stat().st_mtime > max_age_s
+        too_old = max_age_s > 0 and now - last_used[run] > max_age_s
         too_big = max_bytes > 0 and total > max_bytes
-        if run == keep or not (too_old or too_big):
+        if run in keep or not (too_old or too_big):
             continue
         shutil.rmtree(run)
         total -= sizes[run]
@@ -1779,12 +1929,23 @@ def save_sub_run(stack: LayerStack, new_layers: list[Image.Image], index: int, r
                    stack_layers_before=len(stack.layers), stack_layers_after=len(new_layers),
                    applied_to=str(stack.files.get("folder", stack.run_folder)))
     step = dataclasses.replace(result, layers=new_layers)
-    paths = save_run(step, Path(stack.run_folder) / SUB_RUNS_DIR, dict(run_info or {}, sub_run=sub_run),
-                     original_size=stack.original_size)
-    paths["input_layer"] = paths["folder"] / "input_layer.png"
-    stack.layers[index].save(paths["input_layer"])
-    paths["sub_layers"] = export_layer_pngs(result.layers, paths["folder"] / "sub_layers")
-    return paths
+
+    def input_and_sub_layers(folder: Path) -> dict[str, Any]:
+        stack.layers[index].save(folder / "input_layer.png")
+        return {"input_layer": folder / "input_layer.png",
+                "sub_layers": export_layer_pngs(result.layers, folder / "sub_layers")}
+
+    return save_run(step, Path(stack.run_folder) / SUB_RUNS_DIR, dict(run_info or {}, sub_run=sub_run),
+                    original_size=stack.original_size, extra_files=input_and_sub_layers)
+
+
+def check_stack_files(stack: LayerStack) -> None:
+    """Refuse a stack whose run folder (or its layer files) was deleted, e.g. by hand or by an older app's pruning:
+    a sub-run would recreate a folder holding only sub_runs/, and the page could not show the layers."""
+    files = [stack.run_folder, *stack.files.get("layers", [])]
+    if not all(Path(path).exists() for path in files):
+        raise ValueError("The files of these layers are no longer on the server (their run folder was deleted). "
+                         "Decompose the image again.")
 
 
 def decompose_layer(pipe, stack: LayerStack, index: int, run_info: dict[str, Any] | None = None,
@@ -1793,8 +1954,9 @@ def decompose_layer(pipe, stack: LayerStack, index: int, run_info: dict[str, Any
 
     Returns the new stack (whose `previous` is `stack`, for one step of undo) and the sub-run's own result.
     """
-    # 1. Check the index before spending a run on it.
+    # 1. Check the index and the run folder before spending a run on them.
     check_layer_index(index, len(stack.layers))
+    check_stack_files(stack)
     # 2. Decompose the layer as it is, RGBA: its transparent surroundings stay transparent for the model
     #    (flattening to RGB would turn them black and the model would see a black background).
     result = infer(pipe, stack.layers[index], **infer_kwargs)
@@ -1817,6 +1979,95 @@ DEMO_BANNER = ("**Demo model in use** — tiny random weights built offline. Eve
 
 def example_images() -> list[str]:
     return sorted(str(p) for p in ASSETS_DIR.glob("*.png"))
+
+
+# The one answer for any file a client may not read, whether or not it exists (so it reveals nothing).
+NOT_AN_UPLOAD_MESSAGE = ("This image was not uploaded to this app (or it was cleaned from its upload cache): upload "
+                         "the image again, or pick one of the examples.")
+
+
+def readable_upload(value: Any, uploaded: Collection[str], upload_dir: Path | str,
+                    examples: Collection[str] = ()) -> Path:
+    """The file a client's image value names, if the client may read it; else ValueError(NOT_AN_UPLOAD_MESSAGE).
+
+    Readable: a file that Gradio's upload route received (`uploaded`: Gradio's record of them, `upload_file_set`)
+    lying inside `upload_dir`, or one of `examples`, or Gradio's cached copy of one (the page sends that copy when
+    an example is clicked; it is recognised by its bytes). Gradio's upload route puts each file in a folder named
+    by the SHA-256 of its content, so a client can name only an upload whose bytes it has; Gradio's upload route
+    does not tell which session sent a file, so "this session's uploads" cannot be checked more closely.
+
+    Why: with `preprocess=False` a value without Gradio's `meta` key (`{"path": "/any/file.png"}` or a bare
+    string) reaches the handler unchecked, and `to_rgba` would read any image file on the server.
+    """
+    import filecmp
+
+    path = value.get("path") if isinstance(value, dict) else value
+    if not isinstance(path, (str, Path)) or not str(path).strip():
+        raise ValueError(NOT_AN_UPLOAD_MESSAGE)
+    resolved = Path(os.path.realpath(path))  # symlinks and ".." resolved before any check
+    example_paths = [Path(os.path.realpath(example)) for example in examples]
+    if resolved in example_paths:
+        return resolved
+    upload_root = Path(os.path.realpath(upload_dir))
+    if resolved.is_relative_to(upload_root) and resolved.is_file():
+        if str(path) in uploaded or str(resolved) in uploaded:
+            return resolved
+        for example in example_paths:  # the page's cached copy of an example: read the example itself
+            if example.name == resolved.name and filecmp.cmp(example, resolved, shallow=False):
+                return example
+    raise ValueError(NOT_AN_UPLOAD_MESSAGE)
+
+
+class Sessions:
+    """What each live session (a browser tab, or a gradio_client `Client`) holds, by Gradio's session hash: the
+    run folder its page shows (pruning keeps it) and the stop event of its running job (Stop, or leaving, sets it).
+
+    Gradio's `unload` event (the page's heartbeat connection closed: tab closed, client gone) calls `end`.
+    """
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._folders: dict[str, Path] = {}
+        self._stops: dict[str, threading.Event] = {}
+
+    def show(self, session: str, folder: Path) -> None:
+        with self._lock:
+            self._folders[session] = Path(folder)
+
+    def shown_folders(self) -> set[Path]:
+        with self._lock:
+            return set(self._folders.values())
+
+    def start_job(self, session: str) -> threading.Event:
+        with self._lock:
+            stop = self._stops[session] = threading.Event()
+            return stop
+
+    def end_job(self, session: str, stop: threading.Event) -> None:
+        with self._lock:
+            if self._stops.get(session) is stop:
+                del self._stops[session]
+
+    def stop(self, session: str) -> bool:
+        """Ask the session's running job to stop at its next step; False when it has none."""
+        with self._lock:
+            stop = self._stops.get(session)
+        if stop is not None:
+            stop.set()
+        return stop is not None
+
+    def end(self, session: str) -> None:
+        self.stop(session)
+        with self._lock:
+            self._folders.pop(session, None)
+
+
+def client_error(err: Exception, doing: str) -> str:
+    """The message a client gets for an unexpected error: no server path, no handler internals (those go to the
+    server log with the traceback), and what to do."""
+    logger.exception("Unexpected error while %s", doing)
+    return (f"Something went wrong on the server while {doing} ({type(err).__name__}). The details are in the "
+            f"server's log. Try again; if it happens again, restart the app and report the log.")
 
 
 def gallery_items(layer_files: list[Path]) -> list[tuple[str, str]]:
@@ -1857,58 +2108,96 @@ StackView = NamedTuple("StackView", [("gallery", list), *((export.key, str) for 
 
 
 def stack_view(stack: LayerStack) -> StackView:
-    """The gallery and the downloads for a stack: the files its sub-run (or first run) wrote."""
+    """The gallery and the downloads for a stack: the files its sub-run (or first run) wrote (a failed export: an
+    empty box)."""
     files = stack.files
     offered = files.get("original", files)  # the exports at the size asked for; the ZIP holds both sizes
-    return StackView(gallery_items(files["layers"]),
-                     *(str(offered[e.key] if e.at_original_size else files[e.key]) for e in EXPORTS))
+    downloads = [(offered if e.at_original_size else files).get(e.key) for e in EXPORTS]
+    return StackView(gallery_items(files["layers"]), *(str(path) if path else None for path in downloads))
 
 
 def _user_error(message: str):
-    """Gradio's error for the page and the API (gradio is imported late: see `build_ui`)."""
+    """Gradio's error for the page and the API, shown until closed (gradio is imported late: see `build_ui`)."""
     import gradio as gr
 
-    return gr.Error(message)
+    return gr.Error(message, duration=None)
+
+
+def prune_runs(settings: Settings, sessions: "Sessions | None", just_saved: Path) -> None:
+    """Apply the outputs limits after a run: never to the run just saved nor to any run a live session shows."""
+    keep = (sessions.shown_folders() if sessions is not None else set()) | {Path(just_saved)}
+    deleted = prune_outputs(settings.outputs, settings.outputs_max_gb * 1e9, settings.outputs_max_age_hours * 3600,
+                            keep=keep)
+    if deleted:
+        logger.info("Deleted %d old run folder(s) (--outputs-max-gb / --outputs-max-age-hours)", len(deleted))
+
+
+@contextlib.contextmanager
+def guarded_job(sessions: "Sessions | None", request, doing: str):
+    """A GPU handler's run: the session's stop event (Stop, or the client leaving, sets it; None without sessions),
+    and every error turned into the client's message: a user's mistake, out of memory or a stop as it is, anything
+    else through `client_error` (details in the server log, no server path on the page)."""
+    session = getattr(request, "session_hash", None)
+    stop = sessions.start_job(session) if sessions is not None else None
+    try:
+        yield stop
+    except (ValueError, OutOfMemoryError, RunStopped) as err:
+        raise _user_error(str(err)) from err
+    except Exception as err:  # a bug or the machine: the details stay in the server log
+        raise _user_error(client_error(err, doing)) from err
+    finally:
+        if sessions is not None:
+            sessions.end_job(session, stop)
 
 
 # The UI's handlers: module functions, bound to the pipeline and settings with functools.partial in `build_ui`
 # (so a test can call them without a server). They only map widget values to `infer`/`save_run`/`decompose_layer`.
-def decompose_handler(pipe, settings: Settings, run_info: dict[str, Any], image, original_size: bool = False,
-                      **params) -> tuple:
+# `build_ui` also binds `sessions` (Stop, pruning) and `read_upload` (`readable_upload`: only uploads and examples
+# may be read; a direct Python call is trusted and passes the image as it is), and Gradio passes `request`.
+def decompose_handler(pipe, settings: Settings, run_info: dict[str, Any], image, original_size: bool = False, *,
+                      sessions: "Sessions | None" = None, read_upload: Callable[[Any], Path] | None = None,
+                      request=None, **params) -> tuple:
     """"Decompose": `params` are PARAMS values. Returns (*StackView, caption, seed, stack)."""
     import gradio as gr
 
     if image is None:
         raise _user_error("No image: upload an image (PNG, JPEG, WebP) first.")
-    try:
-        result = infer(pipe, image, **params)
-    except (ValueError, OutOfMemoryError) as err:
-        raise _user_error(str(err)) from err
+    with guarded_job(sessions, request, "decomposing the image") as stop:
+        if read_upload is not None:
+            image = read_upload(image)
+        result = infer(pipe, image, stop=stop, **params)
+        paths = save_run(result, settings.outputs, run_info,
+                         original_size=result.params["input_size"] if original_size else None)
     for note in result.notes:
         gr.Warning(note, duration=None)  # stays on the page until closed
-    paths = save_run(result, settings.outputs, run_info,
-                     original_size=result.params["input_size"] if original_size else None)
+    if message := export_failures_message(paths["failed"]):
+        gr.Warning(message, duration=None)
     logger.info("Run saved in %s (%.1f s)", paths["folder"], result.duration_s)
-    deleted = prune_outputs(settings.outputs, settings.outputs_max_gb * 1e9, settings.outputs_max_age_hours * 3600,
-                            keep=paths["folder"])
-    if deleted:
-        logger.info("Deleted %d old run folder(s) (--outputs-max-gb / --outputs-max-age-hours)", len(deleted))
+    if sessions is not None:
+        sessions.show(request.session_hash, paths["folder"])
+    prune_runs(settings, sessions, paths["folder"])
     stack = LayerStack(layers=result.layers, run_folder=paths["folder"], files=paths,
                        original_size=tuple(result.params["input_size"]) if original_size else None)
     return (*stack_view(stack), result.caption, result.seed, stack)
 
 
-def decompose_layer_handler(pipe, run_info: dict[str, Any], layer_number, stack: LayerStack | None = None,
+def decompose_layer_handler(pipe, settings: Settings, run_info: dict[str, Any], layer_number,
+                            stack: LayerStack | None = None, *, sessions: "Sessions | None" = None, request=None,
                             **params) -> tuple:
     """"Decompose this layer" (1 = bottom): `params` are PARAMS values. Returns (*StackView, caption, seed, stack)."""
+    import gradio as gr
+
     if stack is None:
         raise _user_error("No layers yet: decompose an image first, then select one of its layers in the gallery.")
     if layer_number is None:
         raise _user_error("No layer selected: click a layer in the gallery (or type its number, 1 = bottom).")
-    try:
-        new_stack, result = decompose_layer(pipe, stack, int(layer_number) - 1, run_info, **params)
-    except (ValueError, OutOfMemoryError) as err:
-        raise _user_error(str(err)) from err
+    with guarded_job(sessions, request, "decomposing the layer") as stop:
+        new_stack, result = decompose_layer(pipe, stack, int(layer_number) - 1, run_info, stop=stop, **params)
+    if message := export_failures_message(new_stack.files["failed"]):
+        gr.Warning(message, duration=None)
+    if sessions is not None:
+        sessions.show(request.session_hash, new_stack.run_folder)
+    prune_runs(settings, sessions, Path(new_stack.run_folder))
     logger.info("Layer %d replaced by %d sub-layers; saved in %s", layer_number, len(result.layers),
                 new_stack.files["folder"])
     return (*stack_view(new_stack), result.caption, result.seed, new_stack)
@@ -1920,19 +2209,33 @@ def undo_handler(stack: LayerStack | None = None) -> tuple:
         raise _user_error("Nothing to undo: decompose an image first.")
     try:
         restored = undo(stack)
+        check_stack_files(restored)
     except ValueError as err:
         raise _user_error(str(err)) from err
     return (*stack_view(restored), restored)
 
 
-def gradio_handler(handler: Callable, names: list[str], defaults: dict[str, Any], progress=None) -> Callable:
+def stop_handler(sessions: "Sessions", request=None) -> None:
+    """"Stop": the session's running job ends at its next step (Gradio's `cancels=` drops the event itself)."""
+    sessions.stop(request.session_hash)
+
+
+def end_session_handler(sessions: "Sessions", request=None) -> None:
+    """The page closed or the client left (`demo.unload`): its job stops, its run folder may be pruned again."""
+    sessions.end(request.session_hash)
+
+
+def gradio_handler(handler: Callable, names: list[str], defaults: dict[str, Any], progress=None,
+                   request: bool = False) -> Callable:
     """`handler(**values)` as Gradio calls it: positionally, one value per `inputs=` component, named `names`.
 
     Gradio reads the signature: its names are the API's parameter names, a None default makes a parameter
     without an initial widget value optional for gradio_client, and a `gr.Progress` default turns on the
     progress bar. Written here (not one hand-written signature per handler) so that PARAMS alone decides them.
     """
-    slots = list(names) + (["progress"] if progress is not None else [])
+    import gradio as gr
+
+    slots = list(names) + (["request"] if request else []) + (["progress"] if progress is not None else [])
 
     def call(*args):
         values = dict(zip(slots, args))
@@ -1941,7 +2244,12 @@ def gradio_handler(handler: Callable, names: list[str], defaults: dict[str, Any]
 
     call.__signature__ = inspect.Signature(
         [inspect.Parameter(name, inspect.Parameter.POSITIONAL_OR_KEYWORD, default=defaults.get(name)) for name in names]
+        # Gradio passes its `gr.Request` (the session) to a parameter annotated so; `get_type_hints` reads
+        # `__annotations__`, so the annotation goes there too.
+        + ([inspect.Parameter("request", inspect.Parameter.POSITIONAL_OR_KEYWORD, default=None,
+                              annotation=gr.Request)] if request else [])
         + ([inspect.Parameter("progress", inspect.Parameter.POSITIONAL_OR_KEYWORD, default=progress)] if progress else []))
+    call.__annotations__ = {"request": gr.Request} if request else {}
     call.__name__ = getattr(handler, "__name__", getattr(getattr(handler, "func", None), "__name__", "handler"))
     call.handler = handler  # what it calls (tests check the binding)
     return call
@@ -1973,6 +2281,8 @@ def build_ui(pipe, settings: Settings, environment: dict[str, Any] | None = None
     os.environ.setdefault("GRADIO_TEMP_DIR", str(Path(settings.outputs) / ".gradio-cache"))
     import gradio as gr
 
+    from gradio.utils import get_upload_folder
+
     environment = environment or print_environment_info(print_it=False)
     run_info = run_info_for(pipe, environment)
     # The handlers' API names and defaults: PARAMS' (the prompts' None: an empty Textbox has no value).
@@ -1980,12 +2290,23 @@ def build_ui(pipe, settings: Settings, environment: dict[str, Any] | None = None
     defaults = {name: None if p.type is str and not DEFAULTS[name] else DEFAULTS[name] for name, p in PARAM.items()}
     shared = [name for name in names if name not in ("layers", "prompt")]  # "Decompose this layer" has its own two
     progress = gr.Progress(track_tqdm=True)  # the pipeline's tqdm steps become the page's progress bar
-    decompose = gradio_handler(functools.partial(decompose_handler, pipe, settings, run_info),
-                               ["image", *names, "original_size"], dict(defaults, original_size=False), progress)
-    decompose_this_layer = gradio_handler(functools.partial(decompose_layer_handler, pipe, run_info),
+    sessions = Sessions()  # each session's shown run folder (pruning keeps it) and running job (Stop)
+    examples = example_images()
+
+    def read_upload(value) -> Path:  # the upload record lives on the Blocks, made below
+        return readable_upload(value, demo.upload_file_set, get_upload_folder(), examples)
+
+    decompose = gradio_handler(functools.partial(decompose_handler, pipe, settings, run_info, sessions=sessions,
+                                                 read_upload=read_upload),
+                               ["image", *names, "original_size"], dict(defaults, original_size=False), progress,
+                               request=True)
+    decompose_this_layer = gradio_handler(functools.partial(decompose_layer_handler, pipe, settings, run_info,
+                                                            sessions=sessions),
                                           ["layer_number", "layers", "prompt", *shared, "stack"],
-                                          dict(defaults, layers=SUB_RUN_LAYERS), progress)
+                                          dict(defaults, layers=SUB_RUN_LAYERS), progress, request=True)
     undo_last = gradio_handler(undo_handler, ["stack"], {})
+    stop_job = gradio_handler(functools.partial(stop_handler, sessions), [], {}, request=True)
+    end_session = gradio_handler(functools.partial(end_session_handler, sessions), [], {}, request=True)
 
     def select_layer(evt: gr.SelectData):
         return evt.index + 1  # the gallery counts from 0, its captions (and "Selected layer") from 1
@@ -2003,7 +2324,9 @@ def build_ui(pipe, settings: Settings, environment: dict[str, Any] | None = None
                     widgets.update({p.name: param_widget(gr, p) for p in PARAMS if p.advanced})
                 original_size = gr.Checkbox(label="Export at the input's original size (PPTX, PSD; the ZIP holds both sizes)",
                                             value=False)
-                run = gr.Button("Decompose", variant="primary")
+                with gr.Row():
+                    run = gr.Button("Decompose", variant="primary")
+                    stop_button = gr.Button("Stop", variant="stop")
             with gr.Column():
                 gallery = gr.Gallery(label="Layers (bottom first; click one to select it)", columns=4,
                                      object_fit="contain", format="png")
@@ -2020,12 +2343,11 @@ def build_ui(pipe, settings: Settings, environment: dict[str, Any] | None = None
                 used_seed = gr.Number(label="Seed used", interactive=False, precision=0)
                 with gr.Row():
                     downloads = [gr.File(label=export.key.upper()) for export in EXPORTS]
-        examples = example_images()
         if examples:
             gr.Examples(examples=[[p] for p in examples], inputs=[image])
         stack = gr.State(None)  # the LayerStack the gallery shows and the downloads hold
         view = [gallery, *downloads]  # a StackView
-        run.click(
+        run_event = run.click(
             decompose,
             inputs=[image, *(widgets[name] for name in names), original_size],
             outputs=[*view, caption, used_seed, stack],
@@ -2034,12 +2356,14 @@ def build_ui(pipe, settings: Settings, environment: dict[str, Any] | None = None
             concurrency_id="gpu",  # ... shared with "Decompose this layer"
             # The handler takes the raw values: Gradio's Image preprocess opens the upload with Pillow before the
             # handler runs, so a broken or huge file would fail there with a developer's message. Unprocessed,
-            # the image arrives as Gradio's file value (its path still checked to lie in Gradio's upload cache),
-            # and `to_rgba` decodes it with the checks and messages above; `check_params` checks the numbers.
+            # the image arrives as Gradio's file value; Gradio checks its path only when the value carries its
+            # `meta` key, so `readable_upload` checks it (uploads and examples only), then `to_rgba` decodes it with
+            # the checks and messages above; `check_params` checks the numbers.
             preprocess=False,
-        ).success(lambda: None, outputs=layer_number, api_visibility="private")  # a new stack: nothing selected
+        )
+        run_event.success(lambda: None, outputs=layer_number, api_visibility="private")  # a new stack: nothing selected
         gallery.select(select_layer, outputs=layer_number, api_visibility="private")
-        run_layer.click(
+        layer_event = run_layer.click(
             decompose_this_layer,
             inputs=[layer_number, sub_layers, sub_prompt, *(widgets[name] for name in shared), stack],
             outputs=[*view, caption, used_seed, stack],
@@ -2048,6 +2372,10 @@ def build_ui(pipe, settings: Settings, environment: dict[str, Any] | None = None
             concurrency_id="gpu",
         )
         undo_button.click(undo_last, inputs=[stack], outputs=[*view, stack], api_name="undo")
+        # Stop: Gradio cancels the event on the page; `stop_job` makes the pipeline itself stop at its next step
+        # (a cancelled event's thread would otherwise run to the end). Not in the "gpu" queue: it must not wait.
+        stop_button.click(stop_job, cancels=[run_event, layer_event], api_name="stop", concurrency_limit=None)
+        demo.unload(end_session)  # a closed page or a vanished client stops its own job the same way
     demo.queue(default_concurrency_limit=1)
     return demo
 
@@ -2073,6 +2401,7 @@ class BatchItem:
     image: Path
     folder: Path | None = None  # its run folder, when it worked
     error: str | None = None  # why it failed
+    warnings: list[str] = dataclasses.field(default_factory=list)  # input notes, exports that failed
 
 
 def decompose_batch(pipe, images: list[Path], outputs: Path, run_info: dict[str, Any] | None = None,
@@ -2098,8 +2427,11 @@ def decompose_batch(pipe, images: list[Path], outputs: Path, run_info: dict[str,
             items.append(BatchItem(image, error=f"{type(err).__name__}: {err}"))
             tqdm.write(f"skipped {image}: {err}", file=sys.stderr)
             continue
-        items.append(BatchItem(image, folder=paths["folder"]))
+        warnings = result.notes + [f"{key} export failed: {reason}" for key, reason in paths["failed"].items()]
+        items.append(BatchItem(image, folder=paths["folder"], warnings=warnings))
         tqdm.write(f"{image} -> {paths['folder']} (caption: {result.caption})", file=sys.stderr)
+        for warning in warnings:
+            tqdm.write(f"  note: {warning}", file=sys.stderr)
     return items
 
 
@@ -2108,9 +2440,23 @@ def batch_summary(items: list[BatchItem]) -> str:
     done = [item for item in items if item.error is None]
     failed = [item for item in items if item.error is not None]
     lines = [f"{len(done)} of {len(items)} images decomposed, {len(failed)} failed"]
-    lines += [f"  ok      {item.image} -> {item.folder}" for item in done]
+    for item in done:
+        lines.append(f"  ok      {item.image} -> {item.folder}")
+        lines += [f"          note: {warning}" for warning in item.warnings]
     lines += [f"  FAILED  {item.image}: {item.error}" for item in failed]
     return "\n".join(lines)
+
+
+def stop_on_sigterm() -> None:
+    """Make SIGTERM (`kill`, systemd, docker stop) stop the app the way Ctrl+C does: Gradio's launch then closes
+    the server, and closing runs its delete_cache clean-up (uploads and result copies). Python's default for
+    SIGTERM ends the process at once, leaving Gradio's cache behind."""
+    import signal
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    signal.signal(signal.SIGTERM, interrupt)
 
 
 # What ends a command with its message and exit code 2, never a traceback: the user's mistakes (ValueError names
@@ -2146,6 +2492,8 @@ def main(argv: list[str] | None = None) -> int:
                   f"{', '.join(IMAGE_SUFFIXES)} files", file=sys.stderr)
             return 2
         # (The parameters were checked by their flags' `type=`, from the same PARAMS table `infer` checks with.)
+    for partial in clean_partial_runs(settings.outputs):
+        logger.info("Deleted %s: a run folder a stopped process left half-written", partial)
     environment = print_environment_info()
     pipe = load_pipeline(settings)  # ModelNotAvailableError, check_host_ram's, plan_budget's: exit 2 with the message
     if pipe._studio_info["demo"]:
@@ -2159,6 +2507,7 @@ def main(argv: list[str] | None = None) -> int:
 
     demo = build_ui(pipe, settings, environment)
     print(f"Serving on http://{settings.host}:{settings.port}")
+    stop_on_sigterm()
     demo.launch(**launch_options(settings))
     return 0
 

@@ -166,6 +166,35 @@ def test_browser_says_an_animated_gif_gave_its_first_frame(served, page, tmp_pat
     expect(page.locator(".thumbnail-item")).to_have_count(2, timeout=60_000)
 
 
+def test_browser_stop_button_stops_the_run_on_the_server_and_the_app_stays_ready(served, page):
+    from playwright.sync_api import expect
+
+    page.goto(served["url"])
+    # The example, clicked: the page sends Gradio's cached copy of it, which the app must read (uploads and
+    # examples only).
+    page.locator(f"button.gallery-item:has(img[src*='{EXAMPLE.name}'])").click()
+    fill_settings(page, "a long run", Layers="10", Steps="50", **{"True CFG scale": "4"})  # minutes on the demo
+    runs_before = len(list(served["outputs"].glob("*/params.json")))
+    page.get_by_role("button", name="Decompose", exact=True).click()
+    expect(page.locator(".progress-text").first).to_contain_text("/50", timeout=RUN_TIMEOUT_MS)  # denoising
+    page.get_by_role("button", name="Stop", exact=True).click()
+    expect(page.locator(".progress-text")).to_have_count(0, timeout=60_000)
+    # The server's run ended too (not only the page's view of it), and it saved nothing.
+    deadline = time.monotonic() + 120
+    while "Run stopped after" not in served["log"].read_text():
+        assert time.monotonic() < deadline, served["log"].read_text()[-3000:]
+        time.sleep(0.5)
+    assert len(list(served["outputs"].glob("*/params.json"))) == runs_before
+    expect(page.locator(".thumbnail-item")).to_have_count(0)
+    # The app is ready for the next run.
+    for label, value in (("Layers", "2"), ("Steps", "2"), ("True CFG scale", "1")):
+        box = page.get_by_label(f"number input for {label}")
+        box.fill(value)
+        box.press("Enter")
+    page.get_by_role("button", name="Decompose", exact=True).click()
+    expect(page.locator(".thumbnail-item")).to_have_count(2, timeout=RUN_TIMEOUT_MS)
+
+
 def files_under(folder: Path) -> list[Path]:
     return [p for p in folder.rglob("*") if p.is_file()]
 

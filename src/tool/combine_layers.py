@@ -161,7 +161,9 @@ def read_layers(path: Path | str) -> list[Layer]:
     except LayerFileError:
         raise
     except (OSError, ValueError, zipfile.BadZipFile, Image.DecompressionBombError) as err:
-        raise LayerFileError(f"{path.name}: not a readable PNG, ZIP or PSD ({err})") from err
+        # The reason's text can hold the server's path of the upload: it goes to the log, its kind to the user.
+        logging.getLogger(__name__).info("%s is not a readable layer file: %s", path, err)
+        raise LayerFileError(f"{path.name}: not a readable PNG, ZIP or PSD ({type(err).__name__})") from err
 
 
 def add_files(stack: list[Layer], paths: list[Path | str]) -> tuple[list[Layer], list[str]]:
@@ -268,6 +270,7 @@ def build_ui():
     # Gradio reads GRADIO_TEMP_DIR when it is imported: its upload cache goes where the app's goes.
     os.environ.setdefault("GRADIO_TEMP_DIR", str(app.OUTPUTS_DIR / ".gradio-cache"))
     import gradio as gr
+    from gradio.utils import get_upload_folder
 
     downloads = Path(tempfile.mkdtemp(prefix="combine_layers-"))  # Gradio copies files from here into its cache
 
@@ -282,7 +285,16 @@ def build_ui():
         return png, notes, png, psd
 
     def on_upload(stack, files):
-        stack, errors = add_files(stack or [], files or [])
+        # Gradio checks that a file lies in its upload cache; `app.readable_upload` that it was uploaded (the
+        # cache also holds the copies of results served to other sessions).
+        readable, refused = [], []
+        for file in files or []:
+            try:
+                readable.append(app.readable_upload(str(file), demo.upload_file_set, get_upload_folder()))
+            except ValueError as err:
+                refused.append(f"{Path(str(file)).name}: {err}")
+        stack, errors = add_files(stack or [], readable)
+        errors = refused + errors
         for message in errors:
             gr.Warning(message)
         return stack, None, *view(stack)
@@ -369,6 +381,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{path} ({len(stack)} layers, canvas {canvas_size(stack)[0]}x{canvas_size(stack)[1]})")
         return 0
     print(f"Serving on http://{args.host}:{args.port}")
+    app.stop_on_sigterm()  # SIGTERM closes Gradio like Ctrl+C
     build_ui().queue().launch(**app.launch_options(app.Settings(host=args.host, port=args.port)))  # the app's upload limit
     return 0
 

@@ -273,6 +273,7 @@ def build_ui(pipe, settings: app.Settings, rmbg=None, matte: str = DEFAULTS["mat
     """The Gradio Blocks app. The handler only maps widget values to `edit_layer`/`save_edit` arguments."""
     os.environ.setdefault("GRADIO_TEMP_DIR", str(Path(settings.outputs) / ".gradio-cache"))
     import gradio as gr
+    from gradio.utils import get_upload_folder
 
     run_info = app.run_info_for(pipe, environment or app.print_environment_info(print_it=False))
 
@@ -282,14 +283,18 @@ def build_ui(pipe, settings: app.Settings, rmbg=None, matte: str = DEFAULTS["mat
         if image is None:
             raise gr.Error("No layer: upload an RGBA image (a PNG with transparency) first.")
         try:
+            image = app.readable_upload(image, demo.upload_file_set, get_upload_folder())  # uploads only
             result = edit_layer(pipe, image, prompt, negative_prompt=negative_prompt, true_cfg_scale=true_cfg_scale,
                                 num_inference_steps=num_inference_steps, seed=seed, randomize_seed=randomize_seed,
                                 matte=matte, rmbg=rmbg)
+            folder = save_edit(result, image, settings.outputs, run_info)
         except (ValueError, app.OutOfMemoryError) as err:
             raise gr.Error(str(err)) from err
-        folder = save_edit(result, image, settings.outputs, run_info)
+        except Exception as err:  # a bug or the machine: the details stay in the server log
+            raise gr.Error(app.client_error(err, "editing the layer")) from err
         logger.info("Edit saved in %s (%.1f s, matte %s)", folder, result.duration_s, result.matte)
-        return result.image, result.seed, f"Alpha recovered by **{result.matte}**. Saved in `{folder}`."
+        # The folder's name only: the page is no place for the server's paths.
+        return result.image, result.seed, f"Alpha recovered by **{result.matte}**. Saved as `edits/{folder.name}`."
 
     # delete_cache: Gradio deletes its uploads and result copies on the app's schedule, and all of them at exit.
     with gr.Blocks(title="Edit an RGBA layer", delete_cache=app.gradio_cache_schedule(settings)) as demo:
@@ -322,6 +327,9 @@ def build_ui(pipe, settings: app.Settings, rmbg=None, matte: str = DEFAULTS["mat
               inputs=[image, prompt, seed, randomize_seed, true_cfg_scale, num_inference_steps, negative_prompt,
                       matte_choice],
               outputs=[result, used_seed, info], api_name="edit",
+              # The handler takes Gradio's raw file value and `app.readable_upload` checks it: Gradio checks a
+              # value's path only when it carries its `meta` key, and its cache holds more than uploads.
+              preprocess=False,
               concurrency_limit=1)  # one GPU job at a time; others wait in Gradio's queue
     demo.queue(default_concurrency_limit=1)
     return demo
@@ -360,6 +368,7 @@ def main(argv: list[str] | None = None) -> int:
     if app.network_warning(settings):
         logger.warning(app.network_warning(settings))
     print(f"Serving on http://{settings.host}:{settings.port}")
+    app.stop_on_sigterm()  # SIGTERM closes Gradio like Ctrl+C: its cache is cleared
     demo.launch(**app.launch_options(settings))
     return 0
 
