@@ -38,9 +38,10 @@ def test_decompose_handler_returns_the_stack_view_caption_seed_and_stack(first_r
 def test_decompose_layer_and_undo_handlers_replace_and_restore_the_stack(demo_pipe, first_run):
     import gradio as gr
 
-    _, returned = first_run
+    settings, returned = first_run
     stack = returned[-1]
-    *view, caption, seed, bigger = app.decompose_layer_handler(demo_pipe, {}, 2, stack, layers=2, seed=4, **FAST)
+    *view, caption, seed, bigger = app.decompose_layer_handler(demo_pipe, settings, {}, 2, stack, layers=2, seed=4,
+                                                               **FAST)
     assert (len(view[0]), seed, len(bigger.layers)) == (3, 4, 3)
     assert bigger.layers[0] is stack.layers[0]  # the bottom layer is untouched
     *view, restored = app.undo_handler(bigger)
@@ -48,7 +49,7 @@ def test_decompose_layer_and_undo_handlers_replace_and_restore_the_stack(demo_pi
     with pytest.raises(gr.Error, match="nothing to undo"):
         app.undo_handler(restored)
     with pytest.raises(gr.Error, match=r"layer 5 in the gallery\) is not in the stack"):
-        app.decompose_layer_handler(demo_pipe, {}, 5, stack, layers=2, **FAST)
+        app.decompose_layer_handler(demo_pipe, settings, {}, 5, stack, layers=2, **FAST)
 
 
 def test_gradio_handler_gives_gradio_the_tables_names_and_calls_positionally():

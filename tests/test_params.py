@@ -20,7 +20,8 @@ GOOD = dict(prompt="a params card", layers=2, num_inference_steps=2, true_cfg_sc
 # --- the table ------------------------------------------------------------------------------------------
 def test_every_infer_parameter_has_one_row_and_the_defaults_are_infers():
     signature = inspect.signature(app.infer).parameters
-    assert sorted(p.name for p in app.PARAMS) == sorted(n for n in signature if n not in ("pipe", "image"))
+    # `stop` is the run's control (Stop, a client leaving), not a decomposition parameter.
+    assert sorted(p.name for p in app.PARAMS) == sorted(n for n in signature if n not in ("pipe", "image", "stop"))
     for p in app.PARAMS:
         assert signature[p.name].default == p.default, p.name
         assert isinstance(p.default, p.type), p.name
