@@ -1961,10 +1961,17 @@ def _layer_pngs(folder: Path) -> list[Path]:
                   key=lambda p: _natural_key(p.name))
 
 
+def _check_layer_pixels(width: int, height: int, name: str) -> None:
+    """A layer may be any size the model could take (no minimum side: `--pred` layers are only scored)."""
+    if width * height > MAX_INPUT_PIXELS:
+        raise ValueError(f"{name} is {width}x{height}: more than the {MAX_INPUT_PIXELS / 1e6:.0f} megapixels an input "
+                         f"may have")
+
+
 def _open_layer(source: Any, name: str) -> Image.Image:
     try:
         with Image.open(source) as opened:
-            check_image_size(opened.width, opened.height, name)
+            _check_layer_pixels(opened.width, opened.height, name)
             opened.load()
             return opened.convert("RGBA")
     except (OSError, Image.DecompressionBombError) as err:
@@ -1978,7 +1985,7 @@ def _read_psd_layers(path: Path) -> list[Image.Image]:
 
     try:
         psd = PSDImage.open(path)
-        check_image_size(psd.width, psd.height, str(path))
+        _check_layer_pixels(psd.width, psd.height, str(path))
         layers = []
         for psd_layer in psd.descendants():
             if psd_layer.is_group() or not psd_layer.is_visible():
@@ -2069,6 +2076,28 @@ def find_ground_truth(paths: list[Path | str]) -> list[Path]:
 # ----------------------------------------------------------------------------------------------------
 DEMO_BANNER = ("**Demo model in use** — tiny random weights built offline. Everything runs, but the layers are "
                "noise. Put the real weights in `models/Qwen-Image-Layered` (or pass `--model`) for real results.")
+
+
+# Under the recomposition score on the demo model: why it is poor.
+DEMO_SCORE_NOTE = ("The demo model's layers are random noise, so they do not stack back into the input: this poor score "
+                   "is expected and says nothing about the real model.")
+
+
+def recomposition_view(image: Any, stack: "LayerStack | None", demo: bool = False) -> tuple[Any, str]:
+    """The UI's before/after pair (the input at the model's resolution, the composite of the layers) and the score
+    text, for a stack's run: the score is the one `infer` computed and `save_run` wrote into params.json."""
+    if stack is None:
+        return None, ""
+    composite = Image.open(stack.files["composite"]).convert("RGBA")
+    before = to_rgba(image)
+    if before.size != composite.size:
+        before = resize_layers([before], composite.size)[0]
+    score = json.loads(Path(stack.files["params"]).read_text(encoding="utf-8"))["recomposition"]
+    text = (f"**Recomposition** (the layers stacked vs the input, {composite.width}x{composite.height}): "
+            f"{score_line(score)}. Higher PSNR and lower errors are better; {PSNR_CAP_DB:.0f} dB means identical.")
+    if demo:
+        text += "\n\n" + DEMO_SCORE_NOTE
+    return (before, composite), text
 
 
 def example_images() -> list[str]:
@@ -2229,6 +2258,9 @@ def build_ui(pipe, settings: Settings, environment: dict[str, Any] | None = None
                     pptx_file = gr.File(label="PPTX")
                     zip_file = gr.File(label="ZIP")
                     psd_file = gr.File(label="PSD")
+                comparison = gr.ImageSlider(label="Input | composite of the layers", type="pil", image_mode="RGBA",
+                                            format="png", interactive=False)
+                score_text = gr.Markdown()
         examples = example_images()
         if examples:
             gr.Examples(examples=[[p] for p in examples], inputs=[image])
@@ -2247,7 +2279,9 @@ def build_ui(pipe, settings: Settings, environment: dict[str, Any] | None = None
             # the image arrives as Gradio's file value (its path still checked to lie in Gradio's upload cache),
             # and `to_rgba` decodes it with the checks and messages above; `check_params` checks the numbers.
             preprocess=False,
-        ).success(lambda: None, outputs=layer_number, api_visibility="private")  # a new stack: nothing selected
+        ).success(lambda: None, outputs=layer_number, api_visibility="private"  # a new stack: nothing selected
+                  ).success(functools.partial(recomposition_view, demo=bool(run_info.get("demo"))), inputs=[image, stack],
+                            outputs=[comparison, score_text], api_visibility="private", preprocess=False)
         gallery.select(select_layer, outputs=layer_number, api_visibility="private")
         run_layer.click(
             decompose_this_layer,
@@ -2284,6 +2318,7 @@ class BatchItem:
     image: Path
     folder: Path | None = None  # its run folder, when it worked
     error: str | None = None  # why it failed
+    score: dict[str, Any] | None = None  # its `recomposition_score`, when it worked
 
 
 def decompose_batch(pipe, images: list[Path], outputs: Path, run_info: dict[str, Any] | None = None,
@@ -2309,16 +2344,23 @@ def decompose_batch(pipe, images: list[Path], outputs: Path, run_info: dict[str,
             items.append(BatchItem(image, error=f"{type(err).__name__}: {err}"))
             tqdm.write(f"skipped {image}: {err}", file=sys.stderr)
             continue
-        items.append(BatchItem(image, folder=paths["folder"]))
-        tqdm.write(f"{image} -> {paths['folder']} (caption: {result.caption})", file=sys.stderr)
+        items.append(BatchItem(image, folder=paths["folder"], score=result.params["recomposition"]))
+        tqdm.write(f"{image} -> {paths['folder']} (caption: {result.caption}); "
+                   f"{score_line(result.params['recomposition'])}", file=sys.stderr)
     return items
 
 
 def batch_summary(items: list[BatchItem]) -> str:
-    """What `decompose` prints at the end: the count, then each image that worked, then each that failed."""
+    """What `decompose` prints at the end: the recomposition PSNRs, the count, then each image that worked, then each
+    that failed."""
     done = [item for item in items if item.error is None]
     failed = [item for item in items if item.error is not None]
     lines = [f"{len(done)} of {len(items)} images decomposed, {len(failed)} failed"]
+    scored = [item for item in done if item.score]
+    if scored:  # before the count line, so the list of run folders stays last
+        lines.insert(0, "recomposition PSNR: " + ", ".join(f"{item.image.name} {item.score['psnr_db']:.2f} dB"
+                                                           for item in scored)
+                     + f"; mean {np.mean([item.score['psnr_db'] for item in scored]):.2f} dB (params.json: recomposition)")
     lines += [f"  ok      {item.image} -> {item.folder}" for item in done]
     lines += [f"  FAILED  {item.image}: {item.error}" for item in failed]
     return "\n".join(lines)
@@ -2413,8 +2455,9 @@ def evaluation_table(summary: list[dict[str, Any]]) -> str:
 
 
 def write_evaluation(out: Path, rows: list[dict[str, Any]], info: dict[str, Any]) -> tuple[Path, Path]:
-    """evaluate.csv (EVAL_COLUMNS, one row per ground truth and setting) and evaluate.json (`info`, the summary
-    per setting and every row with its alignment path) in `out`."""
+    """evaluate.csv (EVAL_COLUMNS, one row per ground truth and setting; an unreadable ground truth gets one row,
+    settings "-", with its error) and evaluate.json (`info`, the summary per setting, the unreadable files and every
+    row with its alignment path) in `out`."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     csv_path, json_path = out / "evaluate.csv", out / "evaluate.json"
@@ -2425,7 +2468,9 @@ def write_evaluation(out: Path, rows: list[dict[str, Any]], info: dict[str, Any]
         writer.writeheader()
         for row in rows:
             writer.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()})
-    report = dict(info, summary=evaluation_summary(rows), rows=rows)
+    unreadable = [row for row in rows if row["settings"] == "-"]  # ground truth that could not be read
+    report = dict(info, summary=evaluation_summary([row for row in rows if row not in unreadable]),
+                  unreadable={row["ground_truth"]: row["error"] for row in unreadable}, rows=rows)
     json_path.write_text(json.dumps(report, indent=2, ensure_ascii=False), encoding="utf-8")
     return csv_path, json_path
 

@@ -10,6 +10,7 @@ import io
 import json
 import math
 import zipfile
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -157,3 +158,165 @@ def test_recomposition_score_weights_colour_by_the_input_alpha():
     assert score["rgb_mae"] == pytest.approx(2 / 3, abs=1e-6)
     assert score["psnr_db"] == pytest.approx(psnr(2 / 3), abs=1e-3)
     assert score["alpha_error"] == pytest.approx(0.5)  # alpha 1 where the input has 0, on half the pixels
+
+
+# ---- ground-truth files: three formats, bad files, the shipped set ----------------------------------------------
+def pixels(layers):
+    return [np.asarray(layer.convert("RGBA")).tolist() for layer in layers]
+
+
+@pytest.fixture()
+def truth_files(tmp_path):
+    """The same three layers as a PSD (the app's exporter), the studio's ZIP and a folder of PNGs."""
+    layers = truth()
+    psd = app.export_psd(layers, tmp_path / "design.psd")
+    archive = app.export_zip(layers, tmp_path / "design.zip", {"params.json": b"{}"}, original_size_layers=layers)
+    folder = tmp_path / "design_pngs"
+    app.export_layer_pngs(layers, folder)
+    app.composite_layers(layers).save(folder / "composite.png")  # the stack itself: must not count as a layer
+    return layers, psd, archive, folder
+
+
+def test_each_ground_truth_format_reads_to_the_same_layers(truth_files):
+    layers, psd, archive, folder = truth_files
+    expected = pixels(layers)
+    for path in (psd, archive, folder):
+        assert pixels(app.read_layered_file(path)) == expected, path
+
+
+def test_png_folder_is_read_in_natural_order(tmp_path):
+    for number in (1, 2, 10):  # layer_10 is the top one, after layer_2
+        Image.new("RGBA", (8, 8), (number, 0, 0, 255)).save(tmp_path / f"layer_{number}.png")
+    assert [layer.getpixel((0, 0))[0] for layer in app.read_layered_file(tmp_path)] == [1, 2, 10]
+
+
+@pytest.fixture()
+def bad_files(tmp_path):
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    Image.new("RGB", (32, 32), (1, 2, 3)).save(bad / "flat.png")  # not layered
+    good_psd = app.export_psd(truth(), tmp_path / "good.psd")
+    (bad / "corrupt.psd").write_bytes(good_psd.read_bytes()[:300])  # a PSD cut short
+    with zipfile.ZipFile(bad / "nopng.zip", "w") as archive:
+        archive.writestr("readme.txt", "no layers here")
+    one = app.export_psd([square(0, 0, 8, RED)], bad / "one_layer.psd")
+    traversal = bad / "evil.zip"
+    with zipfile.ZipFile(traversal, "w") as archive:  # a name that climbs out: read in memory, never extracted
+        archive.writestr("../../layer_1.png", _png_bytes(background()))
+    return good_psd, {"flat.png": "one flat image, not a layered file", "corrupt.psd": "not a readable PSD",
+                      "nopng.zip": "holds no PNG layer", "one_layer.psd": "holds 1 layer(s)",
+                      "evil.zip": "holds 1 layer(s)"}, bad, one
+
+
+def _png_bytes(image):
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def test_bad_files_are_reported_and_skipped_and_the_run_goes_on(bad_files, tmp_path, capsys):
+    good_psd, expected, bad, _ = bad_files
+    pred = tmp_path / "pred"
+    app.export_layer_pngs(truth(), pred / "good")
+    out = tmp_path / "out"
+    paths = [bad / name for name in expected] + [good_psd]  # the good file comes last: the run must reach it
+    code = app.main(["evaluate", *map(str, paths), "--pred", str(pred), "--out", str(out)])
+    assert code == 1  # something failed
+    err = capsys.readouterr().err
+    rows = list(csv.DictReader(open(out / "evaluate.csv", encoding="utf-8")))
+    assert [Path(r["ground_truth"]).name for r in rows] == [*expected, "good.psd"]
+    for row, (name, message) in zip(rows, expected.items()):
+        assert message in row["error"] and f"skipped {bad / name}" in err, name
+    assert rows[-1]["error"] == "" and float(rows[-1]["edit_cost"]) == 0 and float(rows[-1]["alpha_iou"]) == 1
+    report = json.loads((out / "evaluate.json").read_text())
+    assert sorted(Path(p).name for p in report["unreadable"]) == sorted(expected)
+    (summary,) = report["summary"]
+    assert (summary["settings"], summary["images"], summary["failed"], summary["mean_edit_cost"]) == ("pred", 1, 0, 0)
+
+
+def test_evaluate_refuses_bad_arguments_before_any_model_loads(tmp_path, capsys):
+    psd = app.export_psd(truth(), tmp_path / "t.psd")
+    out = str(tmp_path / "out")
+    cases = {("--grid", "steps=2,x"): "every value of steps must be a int",
+             ("--grid", "colour=red"): "KEY one of steps",
+             ("--grid", "steps=1"): "num_inference_steps",
+             ("--max-merges", "-1"): "--max-merges -1 is negative",
+             ("--pred", str(tmp_path / "nowhere")): "is not a folder"}
+    for args, message in cases.items():
+        assert app.main(["evaluate", str(psd), "--out", out, "--model", str(tmp_path / "no-model"), *args]) == 2
+        assert message in capsys.readouterr().err, args
+    assert app.main(["evaluate", str(tmp_path / "empty_dir_missing"), "--out", out, "--pred", str(tmp_path)]) == 1
+    assert not (tmp_path / "no-model").exists()
+
+
+def test_parse_grid_gives_every_combination():
+    assert app.parse_grid(["steps=2,4", "first_block_cache_threshold=0,0.1"]) == [
+        {"steps": 2, "first_block_cache_threshold": 0.0}, {"steps": 2, "first_block_cache_threshold": 0.1},
+        {"steps": 4, "first_block_cache_threshold": 0.0}, {"steps": 4, "first_block_cache_threshold": 0.1}]
+    assert app.parse_grid([]) == [{}]
+
+
+def test_shipped_ground_truth_set():
+    """assets/layered_gt: 12+ PSDs of 2-6 layers, several aspect ratios, semi-transparent layers among them."""
+    paths = app.find_ground_truth([app.ROOT_DIR / "assets" / "layered_gt"])
+    assert len(paths) >= 12 and all(p.suffix == ".psd" for p in paths)
+    sets = [app.read_layered_file(p) for p in paths]
+    assert {len(layers) for layers in sets} >= {2, 3, 4, 5, 6} and max(map(len, sets)) == 6
+    assert len({round(layers[0].width / layers[0].height, 2) for layers in sets}) >= 4
+    semi = [any(((a := np.asarray(layer.getchannel("A"))) > 0).any() and ((a > 0) & (a < 255)).any() for layer in layers)
+            for layers in sets]
+    assert sum(semi) >= 10
+    assert sum(p.stat().st_size for p in paths) < 1_000_000  # small files
+
+
+# ---- the per-run score equals `evaluate --pred`; a tiny evaluate over the demo model ---------------------------
+@pytest.fixture(scope="module")
+def demo_run(demo_pipe, tmp_path_factory):
+    """One demo decomposition of the flattened ground truth, saved as a run folder: (input file, result, paths)."""
+    folder = tmp_path_factory.mktemp("demo-run")
+    image_path = folder / "in.png"
+    app.composite_layers(truth()).save(image_path)
+    result = app.infer(demo_pipe, image_path, prompt="three squares", layers=2, num_inference_steps=2, seed=5)
+    return image_path, result, app.save_run(result, folder / "runs")
+
+
+def test_run_score_equals_evaluate_pred_on_the_same_layers(demo_run, tmp_path, capsys):
+    _, result, run = demo_run
+    psd = app.export_psd(truth(), tmp_path / "design.psd")
+    assert json.loads(run["params"].read_text())["recomposition"] == result.params["recomposition"]
+    out = tmp_path / "out"
+    assert app.main(["evaluate", str(psd), "--pred", str(run["folder"]), "--out", str(out)]) == 0
+    (row,) = json.loads((out / "evaluate.json").read_text())["rows"]
+    run_score = result.params["recomposition"]
+    assert (row["recomposition_psnr_db"], row["recomposition_rgb_mae"], row["recomposition_alpha_error"]) == \
+        (run_score["psnr_db"], run_score["rgb_mae"], run_score["alpha_error"])
+    assert run_score["psnr_db"] < 30  # the demo's noise does not stack back into the input
+    assert row["pred_layers"] == 2 and row["gt_layers"] == 3
+
+
+def test_evaluate_with_the_demo_model_and_a_grid(models_dir, tmp_path, capsys):
+    psd = app.export_psd(truth(), tmp_path / "design.psd")
+    out = tmp_path / "out"
+    code = app.main(["evaluate", str(psd), "--demo", "--models-dir", str(models_dir), "--no-first-block-cache",
+                     "--steps", "2", "--prompt", "squares", "--grid", "layers=2,3", "--out", str(out)])
+    assert code == 0
+    stdout = capsys.readouterr().out
+    assert "DEMO MODEL" in stdout and "layers=2" in stdout and "layers=3" in stdout
+    report = json.loads((out / "evaluate.json").read_text())
+    assert [row["pred_layers"] for row in report["rows"]] == [2, 3] and report["demo"] is True
+    assert all(row["seconds"] > 0 and 0 <= row["edit_cost"] <= 1 for row in report["rows"])
+    for row, layers in zip(report["rows"], (2, 3)):  # the predicted layers are kept, and score the same again
+        folder = out / "pred" / f"layers-{layers}" / "design"
+        again = app.evaluate_layers(app.read_layered_file(folder), truth())
+        assert again["edit_cost"] == row["edit_cost"] and again["recomposition_psnr_db"] == row["recomposition_psnr_db"]
+
+
+def test_ui_shows_the_score_next_to_input_and_composite(demo_run):
+    image_path, result, paths = demo_run
+    stack = app.LayerStack(layers=result.layers, run_folder=paths["folder"], files=paths)
+    (before, after), text = app.recomposition_view({"path": str(image_path)}, stack, demo=True)
+    assert before.size == after.size == result.layers[0].size  # the input at the model's resolution
+    assert np.asarray(after).tolist() == np.asarray(app.composite_layers(result.layers)).tolist()
+    assert f"{result.params['recomposition']['psnr_db']:.2f} dB" in text and app.DEMO_SCORE_NOTE in text
+    assert app.DEMO_SCORE_NOTE not in app.recomposition_view(str(image_path), stack, demo=False)[1]
+    assert app.recomposition_view(str(image_path), None) == (None, "")
