@@ -1909,7 +1909,7 @@ def align_layers(pred: list[Image.Image], gt: list[Image.Image], max_merges: int
         best = None
         for side in ("pred", "gt"):
             layers = pred if side == "pred" else gt
-            if len(layers) <= MIN_GROUND_TRUTH_LAYERS:
+            if len(layers) <= 2:  # LayerD's Merge(min_layers=2): a side is never merged down to one layer
                 continue
             for i in range(len(layers) - 1):
                 candidate = (merge(pred, i), gt) if side == "pred" else (pred, merge(gt, i))
@@ -1964,8 +1964,8 @@ def _layer_pngs(folder: Path) -> list[Path]:
 def _check_layer_pixels(width: int, height: int, name: str) -> None:
     """A layer may be any size the model could take (no minimum side: `--pred` layers are only scored)."""
     if width * height > MAX_INPUT_PIXELS:
-        raise ValueError(f"{name} is {width}x{height}: more than the {MAX_INPUT_PIXELS / 1e6:.0f} megapixels an input "
-                         f"may have")
+        raise ValueError(f"{name} is {width}x{height}: more than the {MAX_INPUT_PIXELS:,} pixels (MAX_INPUT_PIXELS) "
+                         f"a layer may have")
 
 
 def _open_layer(source: Any, name: str) -> Image.Image:
@@ -1991,6 +1991,7 @@ def _read_psd_layers(path: Path) -> list[Image.Image]:
             if psd_layer.is_group() or not psd_layer.is_visible():
                 continue
             canvas = Image.new("RGBA", psd.size, (0, 0, 0, 0))
+            _check_layer_pixels(psd_layer.width, psd_layer.height, f"{path}: layer {psd_layer.name!r}")
             pixels = psd_layer.topil() if psd_layer.width and psd_layer.height else None
             if pixels is not None:
                 pixels = pixels.convert("RGBA")
@@ -2492,6 +2493,8 @@ def evaluate_main(settings: Settings, ns: argparse.Namespace) -> int:
             raise ValueError("--grid varies how the model runs, --pred scores layers made without it: pass one")
         if ns.pred is not None and not Path(ns.pred).is_dir():
             raise ValueError(f"--pred {ns.pred} is not a folder")
+        if Path(ns.out).exists() and not Path(ns.out).is_dir():
+            raise ValueError(f"--out {ns.out} is a file: pass a folder (it is created if missing)")
         combos = parse_grid(ns.grid)
         for combo in combos:
             check_params(combo.get("layers", ns.layers or LAYERS_RANGE[0]), combo.get("steps", ns.steps),

@@ -241,12 +241,22 @@ def test_evaluate_refuses_bad_arguments_before_any_model_loads(tmp_path, capsys)
              ("--grid", "colour=red"): "KEY one of steps",
              ("--grid", "steps=1"): "num_inference_steps",
              ("--max-merges", "-1"): "--max-merges -1 is negative",
-             ("--pred", str(tmp_path / "nowhere")): "is not a folder"}
+             ("--pred", str(tmp_path / "nowhere")): "is not a folder",
+             ("--out", str(psd)): "is a file: pass a folder"}
     for args, message in cases.items():
         assert app.main(["evaluate", str(psd), "--out", out, "--model", str(tmp_path / "no-model"), *args]) == 2
         assert message in capsys.readouterr().err, args
     assert app.main(["evaluate", str(tmp_path / "empty_dir_missing"), "--out", out, "--pred", str(tmp_path)]) == 1
     assert not (tmp_path / "no-model").exists()
+
+
+def test_oversized_layers_are_refused_before_decoding(tmp_path, monkeypatch):
+    app.export_layer_pngs(truth(), tmp_path / "pngs")
+    psd = app.export_psd(truth(), tmp_path / "t.psd")
+    monkeypatch.setattr(app, "MAX_INPUT_PIXELS", SIZE * SIZE - 1)  # one pixel short of the 64x64 canvas
+    for path in (tmp_path / "pngs", psd):
+        with pytest.raises(ValueError, match="64x64: more than the 4,095 pixels"):
+            app.read_layered_file(path)
 
 
 def test_parse_grid_gives_every_combination():
