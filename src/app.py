@@ -2094,7 +2094,7 @@ def recomposition_view(image: Any, stack: "LayerStack | None", demo: bool = Fals
     if before.size != composite.size:
         before = resize_layers([before], composite.size)[0]
     score = json.loads(Path(stack.files["params"]).read_text(encoding="utf-8"))["recomposition"]
-    text = (f"**Recomposition** (the layers stacked vs the input, {composite.width}x{composite.height}): "
+    text = (f"**How well the layers stack back into the input** ({composite.width}x{composite.height}): "
             f"{score_line(score)}. Higher PSNR and lower errors are better; {PSNR_CAP_DB:.0f} dB means identical.")
     if demo:
         text += "\n\n" + DEMO_SCORE_NOTE
