@@ -339,3 +339,18 @@ def test_decompose_summary_lists_each_recomposition_psnr_before_the_count():
     lines = app.batch_summary(items).splitlines()
     assert lines[0] == "recomposition PSNR: a.png 12.00 dB, b.png 18.50 dB; mean 15.25 dB (params.json: recomposition)"
     assert lines[1] == "2 of 3 images decomposed, 1 failed" and lines[2] == "  ok      a.png -> runs/a"
+
+
+def test_cli_max_merges_flag_reaches_the_alignment(tmp_path):
+    gt = truth()
+    psd = app.export_psd(gt, tmp_path / "design.psd")
+    app.export_layer_pngs([background(), Image.alpha_composite(gt[1], gt[2])], tmp_path / "pred" / "design")
+    costs = {}
+    for merges in ("0", "1"):
+        out = tmp_path / f"out{merges}"
+        assert app.main(["evaluate", str(psd), "--pred", str(tmp_path / "pred"), "--out", str(out),
+                         "--max-merges", merges]) == 0
+        (row,) = json.loads((out / "evaluate.json").read_text())["rows"]
+        costs[merges] = (row["edit_cost"], row["merges"])
+    assert costs["0"] == (pytest.approx((0 + COST_AB_A + COST_AB_B) / 3), 0)
+    assert costs["1"] == (0, 1)
