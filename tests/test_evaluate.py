@@ -16,7 +16,6 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import demo_settings  # noqa: F401  (fixtures come from conftest)
 import app
 
 SIZE = 64
@@ -223,7 +222,8 @@ def test_bad_files_are_reported_and_skipped_and_the_run_goes_on(bad_files, tmp_p
     code = app.main(["evaluate", *map(str, paths), "--pred", str(pred), "--out", str(out)])
     assert code == 1  # something failed
     err = capsys.readouterr().err
-    rows = list(csv.DictReader(open(out / "evaluate.csv", encoding="utf-8")))
+    with open(out / "evaluate.csv", encoding="utf-8") as handle:
+        rows = list(csv.DictReader(handle))
     assert [Path(r["ground_truth"]).name for r in rows] == [*expected, "good.psd"]
     for row, (name, message) in zip(rows, expected.items()):
         assert message in row["error"] and f"skipped {bad / name}" in err, name
