@@ -354,3 +354,16 @@ def test_cli_max_merges_flag_reaches_the_alignment(tmp_path):
         costs[merges] = (row["edit_cost"], row["merges"])
     assert costs["0"] == (pytest.approx((0 + COST_AB_A + COST_AB_B) / 3), 0)
     assert costs["1"] == (0, 1)
+
+
+def test_the_shipped_psds_hold_exactly_what_the_script_draws():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("make_layered_gt", app.ROOT_DIR / "assets" / "make_layered_gt.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    drawn = script.designs()
+    shipped = app.find_ground_truth([app.ROOT_DIR / "assets" / "layered_gt"])
+    assert [p.stem for p in shipped] == sorted(drawn)
+    for path in shipped:
+        assert pixels(app.read_layered_file(path)) == pixels(drawn[path.stem]), path.name
