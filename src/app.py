@@ -9,8 +9,10 @@ The whole runtime lives in this file, top to bottom:
     5. infer            `infer` (one decomposition)
     6. exports          pure functions `layers -> file`: PNG, ZIP, PPTX, PSD; `save_run` (a run folder)
     6b. layer stack     `LayerStack`, `replace_layer`, `decompose_layer`, `undo`: decompose a layer again, in place
+    6c. scores          `recomposition_score` (every run), ground truth readers and LayerD's metrics (`evaluate`)
     7. UI               `build_ui` (Gradio Blocks, port 7869)
-    8. main             `python src/app.py` (UI) and `python src/app.py decompose IMG_OR_DIR...` (headless batch)
+    8. main             `python src/app.py` (UI), `python src/app.py decompose IMG_OR_DIR...` (headless batch) and
+                        `python src/app.py evaluate GT...` (scores against ground-truth layers)
 
 Importing this module loads no model and needs no GPU.
 """
@@ -219,6 +221,21 @@ BUDGET_TEXT_ENCODER_ACTIVATION_GB = 1.5
 # Host RAM left to the OS, Python and Gradio beside the page-locked weight copies.
 BUDGET_HOST_RAM_RESERVE_GB = 4.0
 
+# Scores (section 6c). Identical images have an infinite PSNR; it is reported as this cap so that JSON and CSV
+# stay plain numbers (one 8-bit level off in one pixel of a 640x640 image is already ~109 dB).
+PSNR_CAP_DB = 100.0
+# A layer whose mean alpha is below this holds (next to) nothing: flagged "empty" (0.1% of the canvas).
+EMPTY_LAYER_COVERAGE = 0.001
+# Two layers whose LayerD cost (`layer_cost`: RGB L1 and 1 - alpha soft IoU, averaged) is below this both ways
+# are flagged as near-duplicates: the same thing twice.
+NEAR_DUPLICATE_COST = 0.02
+# `evaluate`: merges of adjacent layers the alignment may make (LayerD's evaluate.py default max_edits is 5).
+EVAL_MAX_MERGES = 5
+# `evaluate --grid KEY=V1,V2`: the settings a grid may vary -> the PARAMS row each sets (its type reads the values,
+# `check_param` checks them); first_block_cache_threshold is a load setting, not a PARAMS row.
+EVAL_GRID_KEYS = {"steps": "num_inference_steps", "layers": "layers", "true_cfg_scale": "true_cfg_scale",
+                  "resolution": "resolution", "seed": "seed", "first_block_cache_threshold": None}
+
 
 @dataclasses.dataclass
 class Settings:
@@ -278,15 +295,17 @@ def _add_common_args(parser: argparse.ArgumentParser) -> None:
                         help="VRAM the budget offload mode may use (default: the GPU's free memory)")
 
 
-def _add_param_args(parser: argparse.ArgumentParser) -> None:
-    """One flag per row of PARAMS (`dest` is the row's name); a bool's flag flips its default."""
+def _add_param_args(parser: argparse.ArgumentParser, defaults: dict[str, Any] | None = None) -> None:
+    """One flag per row of PARAMS (`dest` is the row's name); a bool's flag flips its default. `defaults` replaces
+    some rows' defaults (`evaluate`'s --layers: None, the ground truth's count)."""
     for p in PARAMS:
+        default = (defaults or {}).get(p.name, p.default)
         if p.type is bool:
             parser.add_argument(p.flag, dest=p.name, action="store_false" if p.default else "store_true",
                                 default=p.default, help=p.help)
             continue
         limits = f" ({p.range[0]:g} to {p.range[1]:g})" if p.range and p.type is not str else ""
-        parser.add_argument(p.flag, dest=p.name, type=_param_arg(p), default=p.default, choices=p.choices,
+        parser.add_argument(p.flag, dest=p.name, type=_param_arg(p), default=default, choices=p.choices,
                             help=f"{p.help}{limits} (default: %(default)r)")
 
 
@@ -308,7 +327,7 @@ def _param_arg(p: "Param") -> Callable[[str], Any]:
 def parse_args(argv: list[str] | None = None) -> tuple[str, Settings, argparse.Namespace]:
     """The one place where command line (`argv`) and environment (`QIL_*`) override the flags above.
 
-    Returns (command, settings, namespace): command is "ui" or "decompose".
+    Returns (command, settings, namespace): command is "ui", "decompose" or "evaluate".
     """
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] == "decompose":
@@ -322,6 +341,9 @@ def parse_args(argv: list[str] | None = None) -> tuple[str, Settings, argparse.N
         parser.add_argument("--out", type=Path, default=None, help="outputs folder (default: --outputs)")
         parser.add_argument("--original-size", action="store_true",
                             help="also export the layers resized to the input's size (run folder's original_size/)")
+    elif argv and argv[0] == "evaluate":
+        command, argv = "evaluate", argv[1:]
+        parser = evaluate_parser()
     else:
         command = "ui"
         parser = argparse.ArgumentParser(prog="app.py", description="Qwen-Image-Layered studio (Gradio UI).")
@@ -349,6 +371,30 @@ def parse_args(argv: list[str] | None = None) -> tuple[str, Settings, argparse.N
             parser.error(f"--{flag.replace('_', '-')} {getattr(ns, flag)} is negative: use 0 for no limit, or a positive number")
     ns.auth = auth
     return command, settings_from_args(ns), ns
+
+
+def evaluate_parser() -> argparse.ArgumentParser:
+    """`app.py evaluate`'s own flags (the common ones are added by `parse_args`)."""
+    parser = argparse.ArgumentParser(prog="app.py evaluate", description=(
+        "Score decompositions against ground-truth layers (LayerD's metrics): each ground truth is flattened, "
+        "decomposed with the settings given (or its prediction is read from --pred), aligned and scored. "
+        "Writes evaluate.csv (one row per image and setting) and evaluate.json (summary) into --out."))
+    parser.add_argument("ground_truth", nargs="+", metavar="GT",
+                        help="layered files: PSD, the studio's ZIP, a folder of RGBA PNGs (bottom first), or a folder "
+                             "holding such files (e.g. assets/layered_gt)")
+    parser.add_argument("--out", type=Path, required=True, help="folder for evaluate.csv, evaluate.json and the "
+                                                                  "predicted layers")
+    parser.add_argument("--max-merges", type=int, default=EVAL_MAX_MERGES,
+                        help="merges of adjacent layers the alignment may make (default: %(default)s, as LayerD)")
+    parser.add_argument("--no-group", dest="group", action="store_false",
+                        help="score layers as they are; by default non-overlapping top layers are grouped, as LayerD does")
+    parser.add_argument("--grid", nargs="+", action="extend", default=[], metavar="KEY=V1,V2",
+                        help="run every combination, one row each with time per image; KEY: " + ", ".join(EVAL_GRID_KEYS))
+    parser.add_argument("--pred", type=Path, default=None, metavar="DIR",
+                        help="score layers made elsewhere, no model: DIR/<ground truth name>/ (PNGs), .zip or .psd; "
+                             "with one ground truth, DIR itself may hold the PNG layers")
+    _add_param_args(parser, defaults={"layers": None})  # --layers None: the ground truth's count
+    return parser
 
 
 def settings_from_args(ns: argparse.Namespace) -> Settings:
@@ -1484,8 +1530,10 @@ def infer(
     params = {("prompt_given" if name == "prompt" else name): value for name, value in checked.items()}
     params.update(prompt_given=prompt if not auto_caption else "", seed=seed, input_size=list(rgba.size),
                   output_size=list(result_layers[0].size), input_notes=notes)
+    duration_s = time.perf_counter() - start
+    params["recomposition"] = recomposition_score(rgba, result_layers)  # section 6c; not part of duration_s
     return DecomposeResult(layers=result_layers, caption=prompt, auto_caption=auto_caption, seed=seed,
-                           params=params, duration_s=time.perf_counter() - start, notes=notes)
+                           params=params, duration_s=duration_s, notes=notes)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -1971,10 +2019,402 @@ def decompose_layer(pipe, stack: LayerStack, index: int, run_info: dict[str, Any
 
 
 # ----------------------------------------------------------------------------------------------------
+# 6c. Scores: how well layers give back their image, and how close they come to ground-truth layers
+# ----------------------------------------------------------------------------------------------------
+# The ground-truth metrics follow LayerD (Suzuki et al., "LayerD: Decomposing Raster Graphic Designs into
+# Layers", ICCV 2025), https://github.com/CyberAgentAILab/LayerD, src/layerd/evaluation/: metrics.py (RGBL1,
+# AlphaIoU, RGBL1_AIoU), dtw.py (dynamic_time_warping), edits.py (Merge), edit_distance.py (LayersEditDist),
+# and src/layerd/data/crello.py (group_top_layers_indices). Written here from those definitions; where this
+# code differs, the comment at the place says how.
+GROUND_TRUTH_SUFFIXES = (".psd", ".zip")  # layered files; a folder of PNGs is the third kind
+MIN_GROUND_TRUTH_LAYERS = 2  # one layer is the picture itself, not a decomposition
+
+
+def _float_rgba(image: Image.Image) -> np.ndarray:
+    """Straight RGBA as float64 in [0, 1], shape (height, width, 4)."""
+    return np.asarray(image.convert("RGBA"), dtype=np.float64) / 255.0
+
+
+def psnr_db(mse: float) -> float:
+    """PSNR in dB of values in [0, 1]; identical images (mse 0) and anything above give PSNR_CAP_DB."""
+    return PSNR_CAP_DB if mse <= 0 else min(PSNR_CAP_DB, 10.0 * math.log10(1.0 / mse))
+
+
+def rgb_l1(pred: np.ndarray, gt: np.ndarray) -> float:
+    """LayerD's RGBL1: the mean absolute RGB difference (0..1, averaged over R, G, B) over the pixels where
+    the ground truth's alpha is not zero, on straight (not premultiplied) colour; 0 for an empty ground truth."""
+    mask = gt[..., 3] > 0
+    count = int(mask.sum())
+    return float(np.abs(pred[..., :3] - gt[..., :3]).mean(-1)[mask].sum() / count) if count else 0.0
+
+
+def alpha_soft_iou(pred: np.ndarray, gt: np.ndarray) -> float:
+    """LayerD's AlphaIoU: sum(min(alpha_pred, alpha_gt)) / sum(max(alpha_pred, alpha_gt)); 0 when both are empty."""
+    union = np.maximum(pred[..., 3], gt[..., 3]).sum()
+    return float(np.minimum(pred[..., 3], gt[..., 3]).sum() / union) if union > 0 else 0.0
+
+
+def layer_cost(pred: np.ndarray, gt: np.ndarray) -> float:
+    """LayerD's RGBL1_AIoU (alpha weight 1), the cost the alignment minimises: (RGB L1 + 1 - alpha IoU) / 2, 0..1."""
+    return (rgb_l1(pred, gt) + 1.0 - alpha_soft_iou(pred, gt)) / 2.0
+
+
+def layer_report(layers: list[Image.Image]) -> list[dict[str, Any]]:
+    """Per layer (1 = bottom): `coverage` (mean alpha, 0..1), `bbox` ([left, top, right, bottom] of its non-zero
+    alpha, or None), `empty` (coverage under EMPTY_LAYER_COVERAGE) and `duplicate_of` (the number of a lower
+    layer it nearly repeats: `layer_cost` under NEAR_DUPLICATE_COST both ways; None if none)."""
+    arrays = [_float_rgba(layer) for layer in layers]
+    report: list[dict[str, Any]] = []
+    for index, (layer, array) in enumerate(zip(layers, arrays)):
+        coverage = float(array[..., 3].mean())
+        box = layer.convert("RGBA").getbbox(alpha_only=True)
+        empty = coverage < EMPTY_LAYER_COVERAGE
+        duplicate_of = None
+        for lower in range(index):
+            if empty or report[lower]["empty"]:
+                continue
+            if max(layer_cost(array, arrays[lower]), layer_cost(arrays[lower], array)) < NEAR_DUPLICATE_COST:
+                duplicate_of = lower + 1
+                break
+        report.append(dict(layer=index + 1, coverage=coverage, bbox=list(box) if box else None,
+                           empty=empty, duplicate_of=duplicate_of))
+    return report
+
+
+def recomposition_score(image: Image.Image, layers: list[Image.Image]) -> dict[str, Any]:
+    """How well `layers` (bottom first) stacked give back `image`, at the layers' size (the model's resolution).
+
+    The input is resized to that size the way `resize_layers` resizes layers, when the sizes differ. Colour is
+    compared where the input is visible, each pixel weighted by the input's alpha (the colour under a transparent
+    pixel is not part of the picture): `psnr_db` (capped at PSNR_CAP_DB) and `rgb_mae` (0..1). `alpha_error` is
+    the mean absolute alpha difference over all pixels. `layers` is `layer_report`, and `empty_layers` and
+    `near_duplicates` ([layer, the lower layer it repeats]) list what it flags, numbered from 1 = bottom.
+    """
+    composite = composite_layers(layers)
+    image = image.convert("RGBA")
+    if image.size != composite.size:
+        image = resize_layers([image], composite.size)[0]
+    want, got = _float_rgba(image), _float_rgba(composite)
+    weight = want[..., 3]
+    visible = float(weight.sum())
+    difference = got[..., :3] - want[..., :3]
+    mse = float(((difference ** 2).mean(-1) * weight).sum() / visible) if visible > 0 else 0.0
+    mae = float((np.abs(difference).mean(-1) * weight).sum() / visible) if visible > 0 else 0.0
+    report = layer_report(layers)
+    return dict(psnr_db=psnr_db(mse), rgb_mae=mae,
+                alpha_error=float(np.abs(got[..., 3] - want[..., 3]).mean()), size=list(composite.size),
+                layers=report, empty_layers=[r["layer"] for r in report if r["empty"]],
+                near_duplicates=[[r["layer"], r["duplicate_of"]] for r in report if r["duplicate_of"]])
+
+
+def score_line(score: dict[str, Any]) -> str:
+    """One line for the terminal and the page: PSNR, MAE, alpha error and what the layer check flagged."""
+    text = (f"recomposition PSNR {score['psnr_db']:.2f} dB, RGB MAE {score['rgb_mae']:.4f}, "
+            f"alpha error {score['alpha_error']:.4f}")
+    if score["empty_layers"]:
+        text += f"; empty layers: {', '.join(map(str, score['empty_layers']))}"
+    if score["near_duplicates"]:
+        text += "; near-duplicates: " + ", ".join(f"{a}≈{b}" for a, b in score["near_duplicates"])
+    return text
+
+
+def group_top_layers(layers: list[Image.Image]) -> list[Image.Image]:
+    """LayerD's grouping before scoring (crello.py, group_top_layers_indices): the layers that overlap no layer
+    above them form the top group, composited into one layer; repeat on the rest. Returns the groups bottom first.
+
+    A decomposition that puts two separate objects on one layer, or on two, scores the same this way.
+    Overlap means both alphas non-zero on a pixel.
+    """
+    masks = [np.asarray(layer.convert("RGBA").getchannel("A")) > 0 for layer in layers]
+    remaining, groups = list(range(len(layers))), []
+    while remaining:
+        top = [i for position, i in enumerate(remaining)
+               if not any((masks[i] & masks[j]).any() for j in remaining[position + 1:])]
+        groups.append(top)
+        remaining = [i for i in remaining if i not in top]
+    groups.reverse()
+    return [layers[group[0]] if len(group) == 1 else composite_layers([layers[i] for i in group]) for group in groups]
+
+
+def dtw_path(cost: np.ndarray) -> list[tuple[int, int]]:
+    """The monotone path from (0, 0) to the last cell whose summed cost is least (steps (1, 0), (0, 1), (1, 1)).
+
+    As LayerD's dtw.py: cumulative sums, then back from the end, taking on ties the diagonal first, then a step
+    back in the first sequence (predictions), then in the second (ground truth).
+    """
+    n, m = cost.shape
+    total = np.full((n, m), np.inf)
+    for i in range(n):
+        for j in range(m):
+            before = [total[i - 1, j - 1] if i and j else np.inf, total[i - 1, j] if i else np.inf,
+                      total[i, j - 1] if j else np.inf]
+            total[i, j] = cost[i, j] + (0.0 if i == j == 0 else min(before))
+    i, j = n - 1, m - 1
+    path = [(i, j)]
+    while i or j:
+        if i == 0:
+            j -= 1
+        elif j == 0:
+            i -= 1
+        elif total[i - 1, j - 1] <= min(total[i - 1, j], total[i, j - 1]):
+            i, j = i - 1, j - 1
+        elif total[i - 1, j] <= total[i, j - 1]:
+            i -= 1
+        else:
+            j -= 1
+        path.append((i, j))
+    return path[::-1]
+
+
+def align_layers(pred: list[Image.Image], gt: list[Image.Image], max_merges: int = EVAL_MAX_MERGES) -> dict[str, Any]:
+    """Align predicted to ground-truth layers (bottom first, one canvas) and score the aligned pairs, as LayerD's
+    LayersEditDist: the cost of a pair is `layer_cost`; `dtw_path` aligns the two sequences (a layer may pair with
+    several of the other side, so missing, extra and split layers cost what their pairs cost); then up to
+    `max_merges` times two adjacent layers, on either side, are merged ("over") when that lowers the cost.
+    A side keeps at least 2 layers (LayerD's Merge min_layers).
+
+    Returns `edit_cost` (mean cost over the path: 0 is perfect), `rgb_l1` and `alpha_iou` (their means over the
+    same path), `merges` (how many were made) and `path` ((pred, gt) indices after the merges).
+
+    Differs from LayerD in how a merge is chosen: LayerD estimates each merge's gain from the current pairs
+    (edits.py, Merge._compute_merged_scores); here every candidate merge is aligned again and the one whose
+    `edit_cost` is lowest is taken, so a merge is made only when the score really improves. LayerD reports a
+    row per number of edits; here the score after the merges allowed (`--max-merges 0` gives the unedited one).
+    """
+    arrays: dict[int, np.ndarray] = {}  # id(image) -> array; the images stay alive in `keep`, so ids stay unique
+    pairs: dict[tuple[int, int], tuple[float, float, float]] = {}  # (id pred, id gt) -> metrics()
+    keep: list[Image.Image] = []
+
+    def array_of(image: Image.Image) -> np.ndarray:
+        if id(image) not in arrays:
+            keep.append(image)
+            arrays[id(image)] = _float_rgba(image)
+        return arrays[id(image)]
+
+    def metrics(p: Image.Image, g: Image.Image) -> tuple[float, float, float]:
+        """(RGB L1, alpha IoU, cost) of one pair, computed once (`layer_cost` spelled out to reuse both parts)."""
+        key = (id(p), id(g))
+        if key not in pairs:
+            a, b = array_of(p), array_of(g)
+            l1, iou = rgb_l1(a, b), alpha_soft_iou(a, b)
+            pairs[key] = (l1, iou, (l1 + 1.0 - iou) / 2.0)
+        return pairs[key]
+
+    def align(p_layers: list[Image.Image], g_layers: list[Image.Image]) -> tuple[float, list[tuple[int, int]]]:
+        cost = np.array([[metrics(p, g)[2] for g in g_layers] for p in p_layers])
+        path = dtw_path(cost)
+        return float(np.mean([cost[i, j] for i, j in path])), path
+
+    merged: dict[tuple[int, int], Image.Image] = {}
+
+    def merge(layers: list[Image.Image], i: int) -> list[Image.Image]:
+        key = (id(layers[i]), id(layers[i + 1]))
+        if key not in merged:
+            merged[key] = Image.alpha_composite(layers[i].convert("RGBA"), layers[i + 1].convert("RGBA"))
+            keep.extend((layers[i], layers[i + 1]))
+        return layers[:i] + [merged[key]] + layers[i + 2:]
+
+    pred, gt = list(pred), list(gt)
+    for image in pred + gt:
+        array_of(image)
+    edit_cost, path = align(pred, gt)
+    merges = 0
+    while merges < max_merges:
+        best = None
+        for side in ("pred", "gt"):
+            layers = pred if side == "pred" else gt
+            if len(layers) <= 2:  # LayerD's Merge(min_layers=2): a side is never merged down to one layer
+                continue
+            for i in range(len(layers) - 1):
+                candidate = (merge(pred, i), gt) if side == "pred" else (pred, merge(gt, i))
+                value, candidate_path = align(*candidate)
+                if value < edit_cost - 1e-12 and (best is None or value < best[0]):
+                    best = (value, candidate, candidate_path)
+        if best is None:
+            break
+        edit_cost, (pred, gt), path = best
+        merges += 1
+    pair_metrics = [metrics(pred[i], gt[j]) for i, j in path]
+    return dict(edit_cost=edit_cost, rgb_l1=float(np.mean([m[0] for m in pair_metrics])),
+                alpha_iou=float(np.mean([m[1] for m in pair_metrics])), merges=merges, path=[list(p) for p in path])
+
+
+def evaluate_layers(pred: list[Image.Image], gt: list[Image.Image], max_merges: int = EVAL_MAX_MERGES,
+                    group: bool = True) -> dict[str, Any]:
+    """Every score of predicted layers against ground-truth layers (both bottom first, each on one canvas).
+
+    The recomposition score is `recomposition_score` of the flattened ground truth (the image the model was
+    given) against the prediction, at the prediction's size: the very number a run reports. The layer scores
+    are at the ground truth's size (a prediction of another size is resized with `resize_layers`), after
+    `group_top_layers` on both sides when `group` (LayerD does), then `align_layers`.
+    """
+    check_layers(pred)
+    check_layers(gt)
+    recomposition = recomposition_score(composite_layers(gt), pred)
+    if pred[0].size != gt[0].size:
+        pred = resize_layers(pred, gt[0].size)
+    if group:
+        pred, gt = group_top_layers(pred), group_top_layers(gt)
+    aligned = align_layers(pred, gt, max_merges)
+    return dict(rgb_l1=aligned["rgb_l1"], alpha_iou=aligned["alpha_iou"],
+                edit_cost=aligned["edit_cost"], merges=aligned["merges"], path=aligned["path"],
+                scored_pred_layers=len(pred), scored_gt_layers=len(gt),
+                recomposition_psnr_db=recomposition["psnr_db"], recomposition_rgb_mae=recomposition["rgb_mae"],
+                recomposition_alpha_error=recomposition["alpha_error"])
+
+
+def _natural_key(name: str) -> list:
+    """layer_2 before layer_10."""
+    return [int(part) if part.isdigit() else part.lower() for part in re.split(r"(\d+)", name)]
+
+
+def _layer_pngs(folder: Path) -> list[Path]:
+    """A folder's PNG layers, bottom first in natural order; composite.png is the stack, not a layer."""
+    return sorted((p for p in Path(folder).iterdir() if p.is_file() and p.suffix.lower() == ".png"
+                   and p.name.lower() != "composite.png" and not p.name.startswith(".")),
+                  key=lambda p: _natural_key(p.name))
+
+
+def _check_layer_pixels(width: int, height: int, name: str) -> None:
+    """A layer may be any size the model could take (no minimum side: `--pred` layers are only scored)."""
+    if width * height > MAX_INPUT_PIXELS:
+        raise ValueError(f"{name} is {width}x{height}: more than the {MAX_INPUT_PIXELS:,} pixels (MAX_INPUT_PIXELS) "
+                         f"a layer may have")
+
+
+def _open_layer(source: Any, name: str) -> Image.Image:
+    try:
+        with Image.open(source) as opened:
+            _check_layer_pixels(opened.width, opened.height, name)
+            opened.load()
+            return opened.convert("RGBA")
+    except (OSError, Image.DecompressionBombError) as err:
+        raise ValueError(f"{name} is not a readable PNG ({err})") from err
+
+
+def _read_psd_layers(path: Path) -> list[Image.Image]:
+    """The visible pixel layers of a PSD, bottom first, each placed at its offset on the PSD's canvas with its
+    opacity folded into alpha. Blend modes, masks and effects are not applied (the app's own PSDs have none)."""
+    from psd_tools import PSDImage
+
+    try:
+        psd = PSDImage.open(path)
+        _check_layer_pixels(psd.width, psd.height, str(path))
+        layers = []
+        for psd_layer in psd.descendants():
+            if psd_layer.is_group() or not psd_layer.is_visible():
+                continue
+            canvas = Image.new("RGBA", psd.size, (0, 0, 0, 0))
+            _check_layer_pixels(psd_layer.width, psd_layer.height, f"{path}: layer {psd_layer.name!r}")
+            pixels = psd_layer.topil() if psd_layer.width and psd_layer.height else None
+            if pixels is not None:
+                pixels = pixels.convert("RGBA")
+                if psd_layer.opacity < 255:
+                    pixels.putalpha(pixels.getchannel("A").point(lambda a, o=psd_layer.opacity: round(a * o / 255)))
+                canvas.paste(pixels, (psd_layer.left, psd_layer.top))
+            layers.append(canvas)
+    except ValueError:
+        raise
+    except Exception as err:  # psd-tools raises struct.error, EOFError, AssertionError, ... on a damaged file
+        raise ValueError(f"{path} is not a readable PSD ({type(err).__name__}: {err})") from err
+    return layers
+
+
+def read_layered_file(path: Path | str) -> list[Image.Image]:
+    """Ground-truth (or predicted) layers, bottom first, all on one canvas, from a PSD, the studio's ZIP
+    (layer_1.png ... at its top-most folder holding PNGs; composite.png and original_size/ left out) or a folder
+    of RGBA PNGs (natural order, bottom first; composite.png left out).
+
+    Raises ValueError naming the file: not found, not layered (one image), fewer than 2 layers, unreadable.
+    """
+    path = Path(path)
+    if path.is_dir():
+        files = _layer_pngs(path)
+        layers = [_open_layer(file, str(file)) for file in files]
+    elif not path.is_file():
+        raise ValueError(f"{path} does not exist: pass a PSD, the studio's ZIP or a folder of RGBA PNGs")
+    else:
+        with open(path, "rb") as handle:
+            magic = handle.read(4)
+        if magic == b"8BPS":
+            layers = _read_psd_layers(path)
+        elif magic == b"PK\x03\x04":
+            try:
+                with zipfile.ZipFile(path) as archive:
+                    names = [n for n in archive.namelist() if n.lower().endswith(".png") and not n.startswith("__MACOSX/")]
+                    if names:
+                        top = min((n.count("/"), str(Path(n).parent)) for n in names)[1]
+                        names = [n for n in names if str(Path(n).parent) == top and Path(n).name.lower() != "composite.png"]
+                    names.sort(key=lambda n: _natural_key(Path(n).name))
+                    if not names:
+                        raise ValueError(f"{path}: the ZIP holds no PNG layer (expected layer_1.png, layer_2.png, ...)")
+                    layers = []
+                    for name in names:
+                        with archive.open(name) as data:
+                            layers.append(_open_layer(io.BytesIO(data.read()), f"{path}/{name}"))
+            except zipfile.BadZipFile as err:
+                raise ValueError(f"{path} is not a readable ZIP ({err})") from err
+        else:
+            raise ValueError(f"{path} is one flat image, not a layered file: pass a PSD with layers, the studio's "
+                             f"ZIP or a folder of RGBA PNGs (bottom first)")
+    if len(layers) < MIN_GROUND_TRUTH_LAYERS:
+        raise ValueError(f"{path} holds {len(layers)} layer(s): layered ground truth needs at least "
+                         f"{MIN_GROUND_TRUTH_LAYERS}")
+    for index, layer in enumerate(layers):
+        if layer.size != layers[0].size:
+            raise ValueError(f"{path}: layer {index + 1} is {layer.width}x{layer.height} but layer 1 is "
+                             f"{layers[0].width}x{layers[0].height}: all layers must share one canvas")
+    return layers
+
+
+def find_ground_truth(paths: list[Path | str]) -> list[Path]:
+    """What `evaluate` scores, in the order given: a file as it is (a bad one is reported, not dropped); a folder
+    holding PNGs and no PSD/ZIP is one ground truth; any other folder gives its PSD and ZIP files and its
+    sub-folders that hold PNGs, sorted."""
+    found: list[Path] = []
+    for path in map(Path, paths):
+        if not path.is_dir():
+            found.append(path)
+            continue
+        children = sorted(path.iterdir(), key=lambda p: _natural_key(p.name))
+        layered = [p for p in children if p.is_file() and p.suffix.lower() in GROUND_TRUTH_SUFFIXES]
+        if not layered and _layer_pngs(path):
+            found.append(path)
+            continue
+        found += [p for p in children if not p.name.startswith(".") and
+                  (p in layered or (p.is_dir() and _layer_pngs(p)))]
+    return found
+
+
+# ----------------------------------------------------------------------------------------------------
 # 7. UI
 # ----------------------------------------------------------------------------------------------------
 DEMO_BANNER = ("**Demo model in use** — tiny random weights built offline. Everything runs, but the layers are "
                "noise. Put the real weights in `models/Qwen-Image-Layered` (or pass `--model`) for real results.")
+
+
+# Under the recomposition score on the demo model: why it is poor.
+DEMO_SCORE_NOTE = ("The demo model's layers are random noise, so they do not stack back into the input: this poor score "
+                   "is expected and says nothing about the real model.")
+
+
+def recomposition_view(image: Any, stack: "LayerStack | None", demo: bool = False,
+                       read_upload: Callable[[Any], Path] | None = None) -> tuple[Any, str]:
+    """The UI's before/after pair (the input at the model's resolution, the composite of the layers) and the score
+    text, for a stack's run: the score is the one `infer` computed and `save_run` wrote into params.json.
+    `read_upload` (bound in `build_ui`) checks the client's image value as the decompose handler does."""
+    if stack is None:
+        return None, ""
+    composite = Image.open(stack.files["composite"]).convert("RGBA")
+    before = to_rgba(read_upload(image) if read_upload is not None else image)
+    if before.size != composite.size:
+        before = resize_layers([before], composite.size)[0]
+    score = json.loads(Path(stack.files["params"]).read_text(encoding="utf-8"))["recomposition"]
+    text = (f"**How well the layers stack back into the input** ({composite.width}x{composite.height}): "
+            f"{score_line(score)}. Higher PSNR and lower errors are better; {PSNR_CAP_DB:.0f} dB means identical.")
+    if demo:
+        text += "\n\n" + DEMO_SCORE_NOTE
+    return (before, composite), text
 
 
 def example_images() -> list[str]:
@@ -2343,6 +2783,9 @@ def build_ui(pipe, settings: Settings, environment: dict[str, Any] | None = None
                 used_seed = gr.Number(label="Seed used", interactive=False, precision=0)
                 with gr.Row():
                     downloads = [gr.File(label=export.key.upper()) for export in EXPORTS]
+                comparison = gr.ImageSlider(label="Input | composite of the layers", type="pil", image_mode="RGBA",
+                                            format="png", interactive=False)
+                score_text = gr.Markdown()
         if examples:
             gr.Examples(examples=[[p] for p in examples], inputs=[image])
         stack = gr.State(None)  # the LayerStack the gallery shows and the downloads hold
@@ -2361,7 +2804,11 @@ def build_ui(pipe, settings: Settings, environment: dict[str, Any] | None = None
             # the checks and messages above; `check_params` checks the numbers.
             preprocess=False,
         )
-        run_event.success(lambda: None, outputs=layer_number, api_visibility="private")  # a new stack: nothing selected
+        run_event.success(lambda: None, outputs=layer_number, api_visibility="private"  # a new stack: nothing selected
+                          ).success(functools.partial(recomposition_view, demo=bool(run_info.get("demo")),
+                                                      read_upload=read_upload),
+                                    inputs=[image, stack], outputs=[comparison, score_text], api_visibility="private",
+                                    preprocess=False)
         gallery.select(select_layer, outputs=layer_number, api_visibility="private")
         layer_event = run_layer.click(
             decompose_this_layer,
@@ -2402,6 +2849,7 @@ class BatchItem:
     folder: Path | None = None  # its run folder, when it worked
     error: str | None = None  # why it failed
     warnings: list[str] = dataclasses.field(default_factory=list)  # input notes, exports that failed
+    score: dict[str, Any] | None = None  # its `recomposition_score`, when it worked
 
 
 def decompose_batch(pipe, images: list[Path], outputs: Path, run_info: dict[str, Any] | None = None,
@@ -2428,18 +2876,25 @@ def decompose_batch(pipe, images: list[Path], outputs: Path, run_info: dict[str,
             tqdm.write(f"skipped {image}: {err}", file=sys.stderr)
             continue
         warnings = result.notes + [f"{key} export failed: {reason}" for key, reason in paths["failed"].items()]
-        items.append(BatchItem(image, folder=paths["folder"], warnings=warnings))
-        tqdm.write(f"{image} -> {paths['folder']} (caption: {result.caption})", file=sys.stderr)
+        items.append(BatchItem(image, folder=paths["folder"], warnings=warnings, score=result.params["recomposition"]))
+        tqdm.write(f"{image} -> {paths['folder']} (caption: {result.caption}); "
+                   f"{score_line(result.params['recomposition'])}", file=sys.stderr)
         for warning in warnings:
             tqdm.write(f"  note: {warning}", file=sys.stderr)
     return items
 
 
 def batch_summary(items: list[BatchItem]) -> str:
-    """What `decompose` prints at the end: the count, then each image that worked, then each that failed."""
+    """What `decompose` prints at the end: the recomposition PSNRs, the count, then each image that worked, then each
+    that failed."""
     done = [item for item in items if item.error is None]
     failed = [item for item in items if item.error is not None]
     lines = [f"{len(done)} of {len(items)} images decomposed, {len(failed)} failed"]
+    scored = [item for item in done if item.score]
+    if scored:  # before the count line, so the list of run folders stays last
+        lines.insert(0, "recomposition PSNR: " + ", ".join(f"{item.image.name} {item.score['psnr_db']:.2f} dB"
+                                                           for item in scored)
+                     + f"; mean {np.mean([item.score['psnr_db'] for item in scored]):.2f} dB (params.json: recomposition)")
     for item in done:
         lines.append(f"  ok      {item.image} -> {item.folder}")
         lines += [f"          note: {warning}" for warning in item.warnings]
@@ -2478,12 +2933,214 @@ def exits_with_message(main: Callable[..., int]) -> Callable[..., int]:
     return run
 
 
+# `evaluate`: one row per ground truth and setting, in evaluate.csv; means per setting in evaluate.json.
+EVAL_COLUMNS = ("ground_truth", "settings", "gt_layers", "pred_layers", "rgb_l1", "alpha_iou", "edit_cost", "merges",
+                "recomposition_psnr_db", "recomposition_rgb_mae", "recomposition_alpha_error", "seconds", "error")
+EVAL_MEANS = ("rgb_l1", "alpha_iou", "edit_cost", "merges", "recomposition_psnr_db", "seconds")
+
+
+def parse_grid(items: list[str]) -> list[dict[str, Any]]:
+    """`--grid` items `KEY=V1,V2` -> every combination, as {key: value} dicts; [{}] without a grid."""
+    axes: dict[str, list] = {}
+    for item in items or []:
+        key, sep, values = item.partition("=")
+        key = key.strip().replace("-", "_")
+        if not sep or key not in EVAL_GRID_KEYS or not values.strip():
+            raise ValueError(f"--grid {item!r}: write KEY=V1,V2,... with KEY one of {', '.join(EVAL_GRID_KEYS)}")
+        if key in axes:
+            raise ValueError(f"--grid {item!r}: {key} is given twice; put all its values in one KEY=V1,V2,...")
+        kind = PARAM[EVAL_GRID_KEYS[key]].type if EVAL_GRID_KEYS[key] else float
+        try:
+            axes[key] = [kind(value) for value in values.split(",")]
+        except ValueError:
+            raise ValueError(f"--grid {item!r}: every value of {key} must be a {kind.__name__}") from None
+        if key == "first_block_cache_threshold" and min(axes[key]) < 0:
+            raise ValueError(f"--grid {item!r}: a FirstBlockCache threshold is 0 (off) or more")
+    return [dict(zip(axes, combo)) for combo in itertools.product(*axes.values())]
+
+
+def grid_label(combo: dict[str, Any]) -> str:
+    return " ".join(f"{key}={value}" for key, value in combo.items())
+
+
+def set_first_block_cache(pipe, threshold: float) -> None:
+    """Switch FirstBlockCache to `threshold` between runs (0: off), through diffusers' cache API."""
+    from diffusers.hooks import FirstBlockCacheConfig
+
+    if getattr(pipe, "_budget_stages", None) is not None:
+        raise ValueError("--grid first_block_cache_threshold cannot switch the cache under --offload budget (the "
+                         "low-VRAM engine wraps it): run one evaluate per threshold with --first-block-cache-threshold")
+    if pipe.transformer._cache_config is not None:
+        pipe.transformer.disable_cache()
+    if threshold > 0:
+        pipe.transformer.enable_cache(FirstBlockCacheConfig(threshold=threshold))
+
+
+def find_prediction(pred_dir: Path, ground_truth: Path, single: bool) -> Path:
+    """The prediction for one ground truth in `--pred DIR`: DIR/<name>/ (PNG layers), DIR/<stem>.zip or .psd;
+    with a single ground truth, DIR itself when it holds PNG layers."""
+    pred_dir = Path(pred_dir)
+    for candidate in (pred_dir / ground_truth.stem, pred_dir / ground_truth.name, pred_dir / f"{ground_truth.stem}.zip",
+                      pred_dir / f"{ground_truth.stem}.psd"):
+        if candidate.exists() and candidate.resolve() != ground_truth.resolve():
+            return candidate
+    if single and pred_dir.is_dir() and _layer_pngs(pred_dir):
+        return pred_dir
+    raise ValueError(f"no prediction for {ground_truth} in {pred_dir}: expected {ground_truth.stem}/ (PNG layers, "
+                     f"bottom first), {ground_truth.stem}.zip or {ground_truth.stem}.psd")
+
+
+def evaluation_summary(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per setting (in order of first appearance): images scored, failed, and the mean of each EVAL_MEANS column."""
+    summary = []
+    for label in dict.fromkeys(row["settings"] for row in rows):
+        done = [row for row in rows if row["settings"] == label and not row.get("error")]
+        entry: dict[str, Any] = dict(settings=label, images=len(done),
+                                     failed=sum(1 for row in rows if row["settings"] == label and row.get("error")))
+        for column in EVAL_MEANS:
+            values = [row[column] for row in done if row.get(column) is not None]
+            entry[f"mean_{column}"] = float(np.mean(values)) if values else None
+        summary.append(entry)
+    return summary
+
+
+def evaluation_table(summary: list[dict[str, Any]]) -> str:
+    """The terminal table: one row per setting. Lower is better for L1 and edit cost; higher for IoU and PSNR."""
+    head = f"{'settings':<40} {'images':>6} {'failed':>6} {'RGB L1':>8} {'IoU':>7} {'edit':>7} {'merges':>6} " \
+           f"{'PSNR dB':>8} {'s/image':>8}"
+    lines = [head, "-" * len(head)]
+
+    def cell(value, width, digits):
+        return f"{value:>{width}.{digits}f}" if value is not None else f"{'-':>{width}}"
+
+    for entry in summary:
+        lines.append(f"{entry['settings'][:40]:<40} {entry['images']:>6} {entry['failed']:>6} "
+                     f"{cell(entry['mean_rgb_l1'], 8, 4)} {cell(entry['mean_alpha_iou'], 7, 4)} "
+                     f"{cell(entry['mean_edit_cost'], 7, 4)} {cell(entry['mean_merges'], 6, 2)} "
+                     f"{cell(entry['mean_recomposition_psnr_db'], 8, 2)} {cell(entry['mean_seconds'], 8, 2)}")
+    return "\n".join(lines)
+
+
+def write_evaluation(out: Path, rows: list[dict[str, Any]], info: dict[str, Any]) -> tuple[Path, Path]:
+    """evaluate.csv (EVAL_COLUMNS, one row per ground truth and setting; an unreadable ground truth gets one row,
+    settings "-", with its error) and evaluate.json (`info`, the summary per setting, the unreadable files and every
+    row with its alignment path) in `out`."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    csv_path, json_path = out / "evaluate.csv", out / "evaluate.json"
+    import csv
+
+    with open(csv_path, "w", newline="", encoding="utf-8") as handle:
+        writer = csv.DictWriter(handle, fieldnames=EVAL_COLUMNS, extrasaction="ignore")
+        writer.writeheader()
+        for row in rows:
+            writer.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()})
+    unreadable = [row for row in rows if row["settings"] == "-"]  # ground truth that could not be read
+    report = dict(info, summary=evaluation_summary([row for row in rows if row not in unreadable]),
+                  unreadable={row["ground_truth"]: row["error"] for row in unreadable}, rows=rows)
+    json_path.write_text(json.dumps(report, indent=2, ensure_ascii=False), encoding="utf-8")
+    return csv_path, json_path
+
+
+def evaluate_main(settings: Settings, ns: argparse.Namespace) -> int:
+    """`app.py evaluate`: exit 0 when every ground truth was scored, 1 when any failed, 2 when nothing could run."""
+    from tqdm.auto import tqdm
+
+    # 1. Mistakes that would fail every image are caught before the model loads.
+    truths = find_ground_truth(ns.ground_truth)
+    if not truths:
+        print(f"error: no ground truth in {' '.join(ns.ground_truth)}: pass PSDs, the studio's ZIPs or folders of "
+              f"RGBA PNGs", file=sys.stderr)
+        return 2
+    # (A ValueError here ends `main` with its message and exit 2: `exits_with_message`.)
+    if ns.max_merges < 0:
+        raise ValueError(f"--max-merges {ns.max_merges} is negative: 0 scores without merges")
+    if ns.pred is not None and ns.grid:
+        raise ValueError("--grid varies how the model runs, --pred scores layers made without it: pass one")
+    if ns.pred is not None and not Path(ns.pred).is_dir():
+        raise ValueError(f"--pred {ns.pred} is not a folder")
+    if Path(ns.out).exists() and not Path(ns.out).is_dir():
+        raise ValueError(f"--out {ns.out} is a file: pass a folder (it is created if missing)")
+    # The PARAMS values of each grid combination: the flags' (checked by their `type=`), then the grid's on top.
+    base = {p.name: getattr(ns, p.name) for p in PARAMS}
+    combos = parse_grid(ns.grid)
+    settings_of = [dict(base, **{EVAL_GRID_KEYS[k]: v for k, v in combo.items() if EVAL_GRID_KEYS[k]})
+                   for combo in combos]
+    for values in settings_of:
+        check_params(**dict(values, layers=values["layers"] or LAYERS_RANGE[0]))
+
+    # 2. The ground truth, read once; a bad file is reported and skipped, the run goes on.
+    layers_of: dict[Path, list[Image.Image]] = {}
+    rows: list[dict[str, Any]] = []
+    for path in truths:
+        try:
+            layers_of[path] = read_layered_file(path)
+        except ValueError as err:
+            rows.append(dict(ground_truth=str(path), settings="-", error=str(err)))
+            print(f"skipped {path}: {err}", file=sys.stderr)
+    info: dict[str, Any] = dict(arguments={k: v if isinstance(v, (int, float, bool, type(None))) else str(v)
+                                           for k, v in vars(ns).items() if k != "auth"},
+                                max_merges=ns.max_merges, group_top_layers=ns.group,
+                                metrics="LayerD (github.com/CyberAgentAILab/LayerD, src/layerd/evaluation)",
+                                psnr_cap_db=PSNR_CAP_DB)
+
+    def score(path: Path, pred: list[Image.Image], label: str, seconds: float | None) -> dict[str, Any]:
+        result = evaluate_layers(pred, layers_of[path], ns.max_merges, ns.group)
+        return dict(ground_truth=str(path), settings=label, gt_layers=len(layers_of[path]), pred_layers=len(pred),
+                    seconds=seconds, **result)
+
+    # 3a. Layers made elsewhere: read and score, no model.
+    if ns.pred is not None:
+        info.update(pred=str(ns.pred), demo=None)
+        for path in layers_of:
+            try:
+                pred = read_layered_file(find_prediction(ns.pred, path, single=len(truths) == 1))
+                rows.append(score(path, pred, "pred", None))
+            except ValueError as err:
+                rows.append(dict(ground_truth=str(path), settings="pred", error=str(err)))
+                print(f"skipped {path}: {err}", file=sys.stderr)
+    # 3b. Decompose each flattened ground truth with every setting of the grid, the model loaded once.
+    elif layers_of:
+        environment = print_environment_info()
+        pipe = load_pipeline(settings)  # ModelNotAvailableError & co.: exit 2 with the message (`exits_with_message`)
+        info.update(run_info_for(pipe, environment))
+        if pipe._studio_info["demo"]:
+            print("DEMO MODEL in use: tiny random weights; its layers are noise, so its scores are poor by design.")
+        pipe.set_progress_bar_config(desc="steps", position=1, leave=False)
+        for combo, values in zip(combos, settings_of):
+            label = grid_label(combo) if combo else \
+                f"steps={ns.num_inference_steps} resolution={ns.resolution} seed={ns.seed}"
+            if "first_block_cache_threshold" in combo:
+                set_first_block_cache(pipe, combo["first_block_cache_threshold"])
+            for path in tqdm(layers_of, desc=label, unit="image", position=0):
+                gt = layers_of[path]
+                layers = values["layers"] or min(max(len(gt), LAYERS_RANGE[0]), LAYERS_RANGE[1])
+                try:
+                    start = time.perf_counter()
+                    result = infer(pipe, composite_layers(gt), **dict(values, layers=layers))
+                    seconds = time.perf_counter() - start
+                    export_layer_pngs(result.layers, Path(ns.out) / "pred" / safe_file_text(label) / path.stem)
+                    rows.append(score(path, result.layers, label, seconds))
+                except (ValueError, OutOfMemoryError) as err:
+                    rows.append(dict(ground_truth=str(path), settings=label, error=str(err)))
+                    tqdm.write(f"skipped {path} ({label}): {err}", file=sys.stderr)
+
+    # 4. The files and the table.
+    csv_path, json_path = write_evaluation(ns.out, rows, info)
+    print(evaluation_table(evaluation_summary([row for row in rows if row["settings"] != "-"])))
+    failed = [row for row in rows if row.get("error")]
+    print(f"{len(rows) - len(failed)} scored, {len(failed)} failed; {csv_path}, {json_path}")
+    return 1 if failed else 0
+
+
 @exits_with_message
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     command, settings, ns = parse_args(argv)
     if command == "ui" and network_warning(settings):
         logger.warning(network_warning(settings))
+    if command == "evaluate":
+        return evaluate_main(settings, ns)
     if command == "decompose":
         # Mistakes that would fail every image are caught before the model loads.
         images = find_images(ns.images)
