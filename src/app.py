@@ -275,6 +275,10 @@ def parse_args(argv: list[str] | None = None) -> tuple[str, Settings, argparse.N
                         help="split each image over N GPUs of this machine (CFG-parallel; torchrun works too)")
     _add_common_args(parser)
     ns = parser.parse_args(argv)
+    if ns.gpus < 1:
+        parser.error(f"--gpus {ns.gpus}: use 1 or more")
+    if getattr(ns, "ray_workers", None) is not None and ns.ray_workers < 1:
+        parser.error(f"--ray-workers {ns.ray_workers}: use 1 or more")
     auth = getattr(ns, "auth", None)
     if auth is not None:
         user, _, password = auth.partition(":")
@@ -2211,7 +2215,8 @@ def decompose_ray(images: list[Path], settings: Settings, address: str | None = 
         return [], skipped
     # 2. The cluster. The worker class is sent by reference to the module `app`, which the workers import from
     #    src/ (this file runs as `__main__` under `python src/app.py`).
-    if not ray.is_initialized():
+    started_here = not ray.is_initialized()
+    if started_here:
         ray.init(address=address or None, include_dashboard=False)
     module = sys.modules["app"] if "app" in sys.modules else __import__("app")
     gpus = int(ray.cluster_resources().get("GPU", 0))
@@ -2232,6 +2237,10 @@ def decompose_ray(images: list[Path], settings: Settings, address: str | None = 
             items.append(pool.get_next())
         except ray.exceptions.RayError as err:
             items.append(BatchItem(image, error=f"{type(err).__name__}: {str(err).splitlines()[0]}"))
+    with contextlib.suppress(OSError):  # empty unless a worker was lost for good
+        (outputs / INCOMPLETE_DIR).rmdir()
+    if started_here:
+        ray.shutdown()  # the workers' last log lines arrive before the summary
     return items, skipped
 
 
