@@ -1115,7 +1115,7 @@ class ParallelState:
     rank: int
     world_size: int
     job_group: Any  # a gloo group: jobs are Python objects (the image, the parameters) sent from rank 0
-    mesh: Any  # DeviceMesh ("cfg", "ring", "ulysses")
+    mesh: Any  # DeviceMesh ("cfg", "ring", "ulysses") for 3+ ranks; None for 2 (the default group is the pair)
     cfg_size: int  # 2: CFG-parallel halves; 1: none (an odd number of ranks)
     cp_size: int  # ranks per half that split each transformer call (context parallel); 1: none
 
@@ -1166,14 +1166,17 @@ def init_distributed() -> ParallelState | None:
     if torch.cuda.is_available():
         check_gpus(int(os.environ.get("LOCAL_WORLD_SIZE", world_size)), torch.cuda.device_count())
         torch.cuda.set_device(local_rank)  # "cuda" means this rank's GPU from here on
-        dist.init_process_group("nccl", device_id=torch.device("cuda", local_rank))
+        # No `device_id=` (eager NCCL init): with it, torch 2.11 creates sub-groups by ncclCommSplit at their first
+        # collective, which hung the first CFG swap on 2 H200s (NCCL 2.28.9; the same hang: NVIDIA-NeMo/RL#3189).
+        dist.init_process_group("nccl")
     else:
         dist.init_process_group("gloo")
     job_group = dist.new_group(backend="gloo", timeout=MULTI_GPU_JOB_TIMEOUT)
     cfg_size = 2 if world_size % 2 == 0 else 1
     cp_size = world_size // cfg_size
-    mesh = init_device_mesh("cuda" if torch.cuda.is_available() else "cpu", (cfg_size, 1, cp_size),
-                            mesh_dim_names=("cfg", "ring", "ulysses"))
+    # Two ranks swap over the default group; more need the mesh's sub-groups (cfg pairs, context-parallel halves).
+    mesh = None if cp_size == 1 else init_device_mesh("cuda" if torch.cuda.is_available() else "cpu",
+                                                      (cfg_size, 1, cp_size), mesh_dim_names=("cfg", "ring", "ulysses"))
     logger.info("Rank %d of %d: %s", rank, world_size,
                 f"CFG-parallel halves of {cp_size} rank(s)" if cfg_size == 2 else f"context parallel over {cp_size} ranks")
     return ParallelState(rank, world_size, job_group, mesh, cfg_size, cp_size)
@@ -1230,6 +1233,10 @@ def enable_multi_gpu(pipe, state: ParallelState) -> list[str]:
                 prediction = hidden_states.new_empty((*hidden_states.shape[:2], channels))
             self.predictions[branch] = prediction
             if branch == 1:
+                mine, other = self.predictions[self.half], self.predictions[1 - self.half]
+                if (mine.shape, mine.dtype) != (other.shape, other.dtype):  # a swap of unequal sizes would hang NCCL
+                    raise RuntimeError(f"CFG-parallel: the prediction is {tuple(mine.shape)} {mine.dtype}, the empty one "
+                                       f"made for the pair's {tuple(other.shape)} {other.dtype}; run with one GPU")
                 for src, tensor in enumerate(self.predictions):
                     dist.broadcast(tensor, group_src=src, group=self.group)
                 self.predictions = [None, None]
@@ -1244,7 +1251,8 @@ def enable_multi_gpu(pipe, state: ParallelState) -> list[str]:
             return module
 
     if state.cfg_size == 2:
-        hook = CfgParallelHook(state.mesh.get_group("cfg"), state.mesh.get_local_rank("cfg"))
+        group, half = (None, state.rank) if state.mesh is None else (state.mesh.get_group("cfg"), state.mesh.get_local_rank("cfg"))
+        hook = CfgParallelHook(group, half)
         HookRegistry.check_if_exists_or_initialize(transformer).register_hook(hook, "cfg_parallel")
         pipe._cfg_parallel_hook = hook
         applied.append("cfg_parallel(2 halves)")
