@@ -1136,16 +1136,17 @@ def launch_ranks(gpus: int, argv: list[str]) -> int:
     with contextlib.closing(__import__("socket").socket()) as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(gpus), LOCAL_WORLD_SIZE=str(gpus))
     try:
-        mp.spawn(_rank_main, args=(argv,), nprocs=gpus, join=True)
+        mp.spawn(_rank_main, args=(gpus, port, argv), nprocs=gpus, join=True)
     except mp.ProcessExitedException as err:  # a rank exited non-zero (rank 0: some images failed)
         return err.exit_code if err.exit_code > 0 else 1
     return 0
 
 
-def _rank_main(local_rank: int, argv: list[str]) -> None:
-    os.environ.update(RANK=str(local_rank), LOCAL_RANK=str(local_rank))
+def _rank_main(local_rank: int, gpus: int, port: int, argv: list[str]) -> None:
+    """One rank started by `launch_ranks`: torchrun's environment variables, then `main` as usual."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(gpus), LOCAL_WORLD_SIZE=str(gpus),
+                      RANK=str(local_rank), LOCAL_RANK=str(local_rank))
     code = main(argv)
     if code:
         sys.exit(code)

@@ -75,3 +75,19 @@ def test_gpus_below_one_is_refused_by_the_parser(value, capsys):
         app.parse_args(["--gpus", value])
     assert exit_info.value.code == 2
     assert f"--gpus {value}: use 1 or more" in capsys.readouterr().err
+
+
+def test_launch_ranks_starts_the_ranks_itself_and_they_give_the_same_layers(one_and_two_processes, models_dir,
+                                                                             tmp_path, monkeypatch):
+    """What `--gpus 2` runs (on a GPU machine): the ranks spawned by the app, here on the CPU with gloo."""
+    _, (folder_one, layers_one), _ = one_and_two_processes
+    image = json.loads((folder_one / "params.json").read_text())["input_file"]
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # the spawned ranks read it when they import torch
+    code = app.launch_ranks(2, ["decompose", image, *JOB, "--out", str(tmp_path), "--demo",
+                                "--models-dir", str(models_dir)])
+    assert code == 0
+    assert "WORLD_SIZE" not in os.environ  # this process stays a single one
+    folder, layers = layer_arrays(tmp_path)
+    assert "cfg_parallel(2 halves)" in json.loads((folder / "params.json").read_text())["optimizations"]
+    for a, b in zip(layers_one, layers):
+        np.testing.assert_array_equal(a, b)
