@@ -1131,9 +1131,11 @@ def check_gpus(gpus: int, available: int) -> None:
 
 def launch_ranks(gpus: int, argv: list[str]) -> int:
     """`--gpus N`: start N ranks of this same command on this machine (what torchrun would do); rank 0's exit code."""
+    import socket
+
     import torch.multiprocessing as mp
 
-    with contextlib.closing(__import__("socket").socket()) as sock:
+    with socket.socket() as sock:  # a free port for the ranks' rendezvous
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
     try:
