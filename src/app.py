@@ -1233,7 +1233,11 @@ def enable_multi_gpu(pipe, state: ParallelState) -> list[str]:
             else:
                 hidden_states = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
                 channels = module.config.out_channels * module.config.patch_size**2
-                prediction = hidden_states.new_empty((*hidden_states.shape[:2], channels))
+                # The dtype the pair's forward returns: autocast's (bf16 on CUDA) where it is on, else the weights'.
+                device_type = hidden_states.device.type
+                dtype = (torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type)
+                         else module.dtype)
+                prediction = hidden_states.new_empty((*hidden_states.shape[:2], channels), dtype=dtype)
             self.predictions[branch] = prediction
             if branch == 1:
                 mine, other = self.predictions[self.half], self.predictions[1 - self.half]
