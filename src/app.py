@@ -6,13 +6,15 @@ The whole runtime lives in this file, top to bottom:
     3. demo model       a tiny random pipeline of the real classes, for machines without the 57 GB of weights
     4. loading          `ModelSpec`, `get_model_path`, `load_pipeline`, `apply_memory_optimizations`
     4b. low-VRAM engine offload mode "budget": `plan_budget`, `enable_budget_offload` (bench/RESULTS.md)
+    4c. several GPUs    `--gpus N` / torchrun: `init_distributed`, `enable_multi_gpu` (CFG-parallel), `share_job`
     5. infer            `infer` (one decomposition)
     6. exports          pure functions `layers -> file`: PNG, ZIP, PPTX, PSD; `save_run` (a run folder)
     6b. layer stack     `LayerStack`, `replace_layer`, `decompose_layer`, `undo`: decompose a layer again, in place
     6c. scores          `recomposition_score` (every run), ground truth readers and LayerD's metrics (`evaluate`)
     7. UI               `build_ui` (Gradio Blocks, port 7869)
-    8. main             `python src/app.py` (UI), `python src/app.py decompose IMG_OR_DIR...` (headless batch) and
-                        `python src/app.py evaluate GT...` (scores against ground-truth layers)
+    8. main             `python src/app.py` (UI), `python src/app.py decompose IMG_OR_DIR...` (headless batch;
+                        `--ray [ADDRESS]`: over a Ray cluster, `decompose_ray`) and `python src/app.py evaluate GT...`
+                        (scores against ground-truth layers)
 
 Importing this module loads no model and needs no GPU.
 """
@@ -56,8 +58,9 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps
 
-# The low-VRAM engine (section 4b) builds on diffusers' hooks; importing them loads no model.
+# The low-VRAM engine (section 4b) and CFG-parallel (4c) build on diffusers' hooks; importing them loads no model.
 from diffusers.hooks import HookRegistry, ModelHook
+from diffusers.hooks.hooks import BaseState, StateManager
 from diffusers.hooks.group_offloading import (_GROUP_OFFLOADING, GroupOffloadingConfig, GroupOffloadingHook,
                                               GroupOffloadingType, ModuleGroup)
 
@@ -341,6 +344,11 @@ def parse_args(argv: list[str] | None = None) -> tuple[str, Settings, argparse.N
         parser.add_argument("--out", type=Path, default=None, help="outputs folder (default: --outputs)")
         parser.add_argument("--original-size", action="store_true",
                             help="also export the layers resized to the input's size (run folder's original_size/)")
+        parser.add_argument("--ray", nargs="?", const="", default=None, metavar="ADDRESS",
+                            help="spread the images over a Ray cluster, one pipeline per GPU (no ADDRESS: a local "
+                                 "Ray instance, or the cluster RAY_ADDRESS names); skips images already done")
+        parser.add_argument("--ray-workers", type=int, default=None, metavar="N",
+                            help="--ray: pipelines to start (default: one per GPU of the cluster, else 1)")
     elif argv and argv[0] == "evaluate":
         command, argv = "evaluate", argv[1:]
         parser = evaluate_parser()
@@ -358,8 +366,14 @@ def parse_args(argv: list[str] | None = None) -> tuple[str, Settings, argparse.N
         parser.add_argument("--outputs-max-age-hours", type=float,
                             default=_env("OUTPUTS_MAX_AGE_HOURS", OUTPUTS_MAX_AGE_HOURS),
                             help="delete run folders older than this; 0: no limit (default: %(default)s)")
+    parser.add_argument("--gpus", type=int, default=_env("GPUS", 1), metavar="N",
+                        help="split each image over N GPUs of this machine (CFG-parallel; torchrun works too)")
     _add_common_args(parser)
     ns = parser.parse_args(argv)
+    if ns.gpus < 1:
+        parser.error(f"--gpus {ns.gpus}: use 1 or more")
+    if getattr(ns, "ray_workers", None) is not None and ns.ray_workers < 1:
+        parser.error(f"--ray-workers {ns.ray_workers}: use 1 or more")
     auth = getattr(ns, "auth", None)
     if auth is not None:
         user, _, password = auth.partition(":")
@@ -1211,6 +1225,229 @@ def disable_budget_offload(pipe) -> None:
 
 
 # ----------------------------------------------------------------------------------------------------
+# 4c. Several GPUs, one image: `--gpus N` or `torchrun --nproc-per-node N src/app.py ...`
+# ----------------------------------------------------------------------------------------------------
+# Every rank loads the whole pipeline on its own GPU with the offload mode it would use alone (two 24 GB cards:
+# the budget engine on each) and runs the same `infer` on the same job. Rank 0 alone serves the UI or the CLI:
+# `infer` hands it each job (`share_job`); the other ranks wait in `serve_rank` and never open a port.
+# The transformer calls are split between the ranks:
+#   CFG-parallel      true CFG makes two transformer calls a step (cond, then uncond). The ranks form two
+#                     halves: the first computes cond, the second uncond, and each rank pair swaps its result
+#                     (`CfgParallelHook`, installed by `enable_multi_gpu`). diffusers 0.42.1 has no CFG-parallel (its
+#                     `enable_parallelism` splits one call: context or tensor parallel), hence a hook of a few lines.
+#   context parallel  with 4+ ranks (or an odd count) the ranks of each half split every call's sequence with
+#                     diffusers' own Ulysses attention (`ContextParallelConfig`, QwenImageTransformer2DModel's
+#                     `_cp_plan`). Measured only on 2 GPUs, where it is not used.
+# The layers equal one process's: the same CPU-generator noise and the same two predictions every step.
+# The caption is written on every rank (the text encoder is not split): it costs what it costs on one GPU.
+MULTI_GPU_JOB_TIMEOUT = datetime.timedelta(days=365)  # how long ranks 1.. wait for rank 0's next job (UI idle time)
+
+
+@dataclasses.dataclass
+class ParallelState:
+    """This process's place among the ranks (`init_distributed`)."""
+
+    rank: int
+    world_size: int
+    job_group: Any  # a gloo group: jobs are Python objects (the image, the parameters) sent from rank 0
+    mesh: Any  # DeviceMesh ("cfg", "ring", "ulysses") for 3+ ranks; None for 2 (the default group is the pair)
+    cfg_size: int  # 2: CFG-parallel halves; 1: none (an odd number of ranks)
+    cp_size: int  # ranks per half that split each transformer call (context parallel); 1: none
+
+
+def check_gpus(gpus: int, available: int) -> None:
+    """`--gpus N` needs N GPUs on this machine."""
+    if gpus < 1:
+        raise ValueError(f"--gpus {gpus}: use 1 or more")
+    if gpus > available:
+        raise ValueError(f"--gpus {gpus} needs {gpus} CUDA GPUs, this machine has {available}: use --gpus {max(available, 1)}"
+                         + (", or run without --gpus" if available <= 1 else ""))
+
+
+def launch_ranks(gpus: int, argv: list[str]) -> int:
+    """`--gpus N`: start N ranks of this same command on this machine (what torchrun would do); rank 0's exit code."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as sock:  # a free port for the ranks' rendezvous
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    try:
+        mp.spawn(_rank_main, args=(gpus, port, argv), nprocs=gpus, join=True)
+    except mp.ProcessExitedException as err:  # a rank exited non-zero (rank 0: some images failed)
+        return err.exit_code if err.exit_code > 0 else 1
+    return 0
+
+
+def _rank_main(local_rank: int, gpus: int, port: int, argv: list[str]) -> None:
+    """One rank started by `launch_ranks`: torchrun's environment variables, then `main` as usual."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(gpus), LOCAL_WORLD_SIZE=str(gpus),
+                      RANK=str(local_rank), LOCAL_RANK=str(local_rank))
+    code = main(argv)
+    if code:
+        sys.exit(code)
+
+
+def init_distributed() -> ParallelState | None:
+    """Join the ranks started by `launch_ranks` or torchrun (env WORLD_SIZE > 1); None when running alone.
+
+    NCCL on CUDA (one GPU per rank: LOCAL_RANK), gloo on the CPU (the tests' two-process run).
+    """
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if world_size <= 1:
+        return None
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+
+    rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", os.environ["RANK"]))
+    if torch.cuda.is_available():
+        check_gpus(int(os.environ.get("LOCAL_WORLD_SIZE", world_size)), torch.cuda.device_count())
+        torch.cuda.set_device(local_rank)  # "cuda" means this rank's GPU from here on
+        # No `device_id=` (eager NCCL init): with it, torch 2.11 creates sub-groups by ncclCommSplit at their first
+        # collective, which hung the first CFG swap on 2 H200s (NCCL 2.28.9; the same hang: NVIDIA-NeMo/RL#3189).
+        dist.init_process_group("nccl")
+    else:
+        dist.init_process_group("gloo")
+    job_group = dist.new_group(backend="gloo", timeout=MULTI_GPU_JOB_TIMEOUT)
+    cfg_size = 2 if world_size % 2 == 0 else 1
+    cp_size = world_size // cfg_size
+    # Two ranks swap over the default group; more need the mesh's sub-groups (cfg pairs, context-parallel halves).
+    mesh = None if cp_size == 1 else init_device_mesh("cuda" if torch.cuda.is_available() else "cpu",
+                                                      (cfg_size, 1, cp_size), mesh_dim_names=("cfg", "ring", "ulysses"))
+    logger.info("Rank %d of %d: %s", rank, world_size,
+                f"CFG-parallel halves of {cp_size} rank(s)" if cfg_size == 2 else f"context parallel over {cp_size} ranks")
+    return ParallelState(rank, world_size, job_group, mesh, cfg_size, cp_size)
+
+
+class _NoState(BaseState):
+    """CfgParallelHook's StateManager needs a state class; the hook keeps none of its own there."""
+
+    def reset(self, *args, **kwargs):
+        pass
+
+
+class CfgParallelHook(ModelHook):
+    """Cond on the first half, uncond on the second; the prediction a rank skips comes from its pair.
+
+    Stateful only to receive the pipeline's `cache_context` name ("cond" / "uncond") through its StateManager.
+    A skipped call returns an empty tensor that is filled in place by the swap after the uncond call: the
+    pipeline only slices the cond prediction before the uncond call, and a slice is a view of it.
+    """
+
+    _is_stateful = True
+
+    def __init__(self, group, half: int):
+        super().__init__()
+        self.group, self.half = group, half
+        self.state_manager = StateManager(_NoState)
+        self.enabled = False  # per job (`share_job`): only true CFG makes the uncond call
+        self.predictions: list = [None, None]
+
+    def new_forward(self, module, *args, **kwargs):
+        if not self.enabled:
+            return self.fn_ref.original_forward(*args, **kwargs)
+        branch = 0 if self.state_manager.context.name == "cond" else 1
+        if branch == self.half:
+            output = self.fn_ref.original_forward(*args, **kwargs)
+            prediction = output[0] if isinstance(output, tuple) else output.sample
+        else:
+            hidden_states = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
+            channels = module.config.out_channels * module.config.patch_size**2
+            # The dtype the pair's forward returns: autocast's (bf16 on CUDA) where it is on, else the weights'.
+            device_type = hidden_states.device.type
+            dtype = (torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type)
+                     else module.dtype)
+            prediction = hidden_states.new_empty((*hidden_states.shape[:2], channels), dtype=dtype)
+        self.predictions[branch] = prediction
+        if branch == 1:
+            mine, other = self.predictions[self.half], self.predictions[1 - self.half]
+            if (mine.shape, mine.dtype) != (other.shape, other.dtype):  # a swap of unequal sizes would hang NCCL
+                raise RuntimeError(f"CFG-parallel: the prediction is {tuple(mine.shape)} {mine.dtype}, the empty one "
+                                   f"made for the pair's {tuple(other.shape)} {other.dtype}; run with one GPU")
+            for src, tensor in enumerate(self.predictions):
+                torch.distributed.broadcast(tensor, group_src=src, group=self.group)
+            self.predictions = [None, None]
+        if kwargs.get("return_dict", True):
+            from diffusers.models.modeling_outputs import Transformer2DModelOutput
+
+            return Transformer2DModelOutput(sample=prediction)
+        return (prediction,)
+
+    def reset_state(self, module):
+        self.predictions = [None, None]
+        return module
+
+
+def enable_multi_gpu(pipe, state: ParallelState) -> list[str]:
+    """Split the transformer's calls between the ranks (see the comment above); returns what was applied."""
+    applied = []
+    transformer = pipe.transformer
+    # 1. Context parallel inside each half: diffusers' Ulysses attention over the half's ranks.
+    if state.cp_size > 1:
+        from diffusers import ContextParallelConfig
+
+        transformer.enable_parallelism(config=ContextParallelConfig(ulysses_degree=state.cp_size, ulysses_anything=True,
+                                                                    mesh=state.mesh))
+        applied.append(f"context_parallel(ulysses={state.cp_size})")
+
+    # 2. CFG-parallel across the halves.
+    if state.cfg_size == 2:
+        group, half = (None, state.rank) if state.mesh is None else (state.mesh.get_group("cfg"), state.mesh.get_local_rank("cfg"))
+        hook = CfgParallelHook(group, half)
+        HookRegistry.check_if_exists_or_initialize(transformer).register_hook(hook, "cfg_parallel")
+        pipe._cfg_parallel_hook = hook
+        applied.append("cfg_parallel(2 halves)")
+    pipe._parallel = state
+    return applied
+
+
+def share_job(pipe, job: dict[str, Any]) -> None:
+    """Called by `infer` with its checked job: rank 0 sends it to the other ranks; every rank arms CFG-parallel.
+
+    Alone (no `--gpus`), it does nothing.
+    """
+    state = getattr(pipe, "_parallel", None)
+    if state is None:
+        return
+    if state.rank == 0:
+        import torch.distributed as dist
+
+        dist.broadcast_object_list([job], src=0, group=state.job_group)
+    hook = getattr(pipe, "_cfg_parallel_hook", None)
+    if hook is not None:  # the pipeline makes the uncond call only with true CFG (a negative prompt and scale > 1)
+        hook.enabled = job["true_cfg_scale"] > 1 and job["negative_prompt"] is not None
+
+
+def serve_rank(pipe) -> None:
+    """Ranks 1..N-1: run each job rank 0 sends (the same `infer`), until it sends None (`stop_ranks`)."""
+    import torch.distributed as dist
+
+    state = pipe._parallel
+    while True:
+        message = [None]
+        dist.broadcast_object_list(message, src=0, group=state.job_group)
+        if message[0] is None:
+            return
+        try:
+            infer(pipe, **message[0])
+        except (ValueError, OutOfMemoryError) as err:  # rank 0 reports the same failure to the user
+            logger.error("Rank %d: %s", state.rank, err)
+
+
+def stop_ranks(pipe) -> None:
+    """Rank 0 at exit: the other ranks leave `serve_rank`, then everyone leaves the process group."""
+    import torch.distributed as dist
+
+    state = getattr(pipe, "_parallel", None)
+    if state is None:
+        return
+    if state.rank == 0:
+        dist.broadcast_object_list([None], src=0, group=state.job_group)
+    dist.destroy_process_group()
+
+
+# ----------------------------------------------------------------------------------------------------
 # 5. Infer
 # ----------------------------------------------------------------------------------------------------
 @dataclasses.dataclass
@@ -1490,6 +1727,9 @@ def infer(
     if randomize_seed:
         seed = random.randint(0, MAX_SEED)
     prompt = prompt.strip()
+    # Several GPUs (section 4c): rank 0 hands this checked job to the other ranks, which run this same function
+    # with the seed it drew and the prompt as stripped.
+    share_job(pipe, dict(checked, image=rgba, prompt=prompt, seed=seed, randomize_seed=False))
     start = time.perf_counter()
     auto_caption = not prompt
 
@@ -2914,6 +3154,115 @@ def stop_on_sigterm() -> None:
     signal.signal(signal.SIGTERM, interrupt)
 
 
+# A library over a cluster: `decompose DIR --ray [ADDRESS]`. Each worker is a Ray actor holding one pipeline
+# (one GPU each where the cluster has GPUs); `ray.util.ActorPool` gives each image to a free worker. A worker
+# that dies is restarted by Ray, which retries the image it was on (max_restarts / max_task_retries): only that
+# image is redone. Each image goes through `decompose_batch` (the local batch's own code) into a staging folder
+# OUT/.incomplete/<hash>/ and is moved into OUT/ once written, so a run folder in OUT/ is always complete and a
+# rerun skips the images that have one. Every node must see the images and OUT/ at the same paths (a shared
+# file system), and this repository's src/ (PYTHONPATH is passed to the workers).
+RAY_RETRIES = 3  # restarts of a worker that dies, and retries of the image it was on
+INCOMPLETE_DIR = ".incomplete"  # under the outputs folder: images being written by a Ray worker
+
+
+def import_ray():
+    """Ray is optional: imported only for --ray."""
+    try:
+        import ray
+    except ImportError:
+        raise ImportError("--ray needs Ray, which is not installed: pip install ray==2.60.0 "
+                          "(or run without --ray: the local batch)") from None
+    return ray
+
+
+def run_folder_complete(folder: Path) -> bool:
+    """True when `folder` holds everything `save_run` writes (its params.json says which files)."""
+    try:
+        params = json.loads((folder / "params.json").read_text(encoding="utf-8"))
+        stem = export_stem(params["caption"], params["seed"])
+        names = [layer_file_name(i) for i in range(params["layers"])] + ["composite.png"]
+        failed = params.get("failed_exports") or {}  # an export that failed is not written (and never will be)
+        names += [f"{stem}{export.suffix}" for export in EXPORTS if export.key not in failed]
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+    return all((folder / name).is_file() for name in names)
+
+
+def completed_images(outputs: Path) -> dict[str, Path]:
+    """input_file -> its complete run folder, for the run folders directly under `outputs`."""
+    done = {}
+    for folder in sorted(Path(outputs).glob("*/params.json")):
+        if run_folder_complete(folder.parent):
+            done[json.loads(folder.read_text(encoding="utf-8")).get("input_file")] = folder.parent
+    return done
+
+
+class RayDecomposeWorker:
+    """One pipeline in a Ray actor (see `decompose_ray`); `worker_setup(pipe)` runs after loading (tests inject faults)."""
+
+    def __init__(self, settings: Settings, worker_setup: Callable | None = None):
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+        self.pipe = load_pipeline(settings)
+        self.run_info = run_info_for(self.pipe, print_environment_info(print_it=False))
+        if worker_setup is not None:
+            worker_setup(self.pipe)
+
+    def decompose(self, image: str, outputs: str, original_size: bool, infer_kwargs: dict) -> BatchItem:
+        import hashlib
+
+        staging = Path(outputs) / INCOMPLETE_DIR / hashlib.sha256(image.encode()).hexdigest()[:16]
+        shutil.rmtree(staging, ignore_errors=True)  # what a worker that died on this image left
+        [item] = decompose_batch(self.pipe, [Path(image)], staging, self.run_info, original_size, **infer_kwargs)
+        if item.folder is not None:
+            item.folder = item.folder.rename(Path(outputs) / item.folder.name)
+        shutil.rmtree(staging, ignore_errors=True)
+        return item
+
+
+def decompose_ray(images: list[Path], settings: Settings, address: str | None = None, workers: int | None = None,
+                  original_size: bool = False, worker_setup: Callable | None = None,
+                  **infer_kwargs) -> tuple[list[BatchItem], list[Path]]:
+    """Decompose `images` on a Ray cluster into `settings.outputs`; returns (items run, images skipped as done)."""
+    ray = import_ray()
+    # 1. Resume: images with a complete run folder are skipped.
+    outputs = Path(settings.outputs).resolve()
+    done = completed_images(outputs)
+    images = [Path(image).resolve() for image in images]
+    skipped = [image for image in images if str(image) in done]
+    todo = [image for image in images if str(image) not in done]
+    if not todo:
+        return [], skipped
+    # 2. The cluster. The worker class is sent by reference to the module `app`, which the workers import from
+    #    src/ (this file runs as `__main__` under `python src/app.py`).
+    started_here = not ray.is_initialized()
+    if started_here:
+        ray.init(address=address or None, include_dashboard=False)
+    module = sys.modules["app"] if "app" in sys.modules else __import__("app")
+    gpus = int(ray.cluster_resources().get("GPU", 0))
+    workers = max(1, min(workers or gpus or 1, len(todo)))
+    path = os.pathsep.join([str(Path(__file__).resolve().parent), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+    actor = ray.remote(module.RayDecomposeWorker).options(
+        num_gpus=1 if gpus else 0, num_cpus=0 if gpus else 1, max_restarts=RAY_RETRIES, max_task_retries=RAY_RETRIES,
+        runtime_env={"env_vars": {"PYTHONPATH": path}})
+    settings = dataclasses.replace(settings, model=str(get_model_path(settings)), outputs=outputs)
+    pool = ray.util.ActorPool([actor.remote(settings, worker_setup) for _ in range(workers)])
+    # 3. One image per free worker; results in input order; a worker lost beyond its retries fails only its image.
+    for image in todo:
+        pool.submit(lambda worker, image: worker.decompose.remote(str(image), str(outputs), original_size, infer_kwargs),
+                    image)
+    items = []
+    for image in todo:
+        try:
+            items.append(pool.get_next())
+        except ray.exceptions.RayError as err:
+            items.append(BatchItem(image, error=f"{type(err).__name__}: {str(err).splitlines()[0]}"))
+    with contextlib.suppress(OSError):  # empty unless a worker was lost for good
+        (outputs / INCOMPLETE_DIR).rmdir()
+    if started_here:
+        ray.shutdown()  # the workers' last log lines arrive before the summary
+    return items, skipped
+
+
 # What ends a command with its message and exit code 2, never a traceback: the user's mistakes (ValueError names
 # the value and the fix), missing weights, and the machine's limits (GPU or host memory, a busy port, a full disk).
 USER_ERRORS = (ValueError, ModelNotAvailableError, OutOfMemoryError, OSError, Image.DecompressionBombError)
@@ -3149,24 +3498,63 @@ def main(argv: list[str] | None = None) -> int:
                   f"{', '.join(IMAGE_SUFFIXES)} files", file=sys.stderr)
             return 2
         # (The parameters were checked by their flags' `type=`, from the same PARAMS table `infer` checks with.)
-    for partial in clean_partial_runs(settings.outputs):
-        logger.info("Deleted %s: a run folder a stopped process left half-written", partial)
-    environment = print_environment_info()
+        infer_kwargs = {p.name: getattr(ns, p.name) for p in PARAMS}
+        if ns.ray is not None:  # the library over a Ray cluster: this process only hands out images
+            return main_ray(images, settings, ns, infer_kwargs)
+    # Several GPUs: `--gpus N` starts the ranks (each runs this function again); torchrun starts them itself.
+    if ns.gpus > 1 and "WORLD_SIZE" not in os.environ:
+        check_gpus(ns.gpus, torch.cuda.device_count())  # ValueError: exit 2 with the message
+        return launch_ranks(ns.gpus, list(sys.argv[1:] if argv is None else argv))
+    parallel = init_distributed()
+    if parallel is None or parallel.rank == 0:
+        for partial in clean_partial_runs(settings.outputs):
+            logger.info("Deleted %s: a run folder a stopped process left half-written", partial)
+    environment = print_environment_info(print_it=parallel is None or parallel.rank == 0)
+    if parallel is not None:  # rank 0 finds (or builds) the weights before the other ranks look
+        if parallel.rank == 0:
+            get_model_path(settings)
+        torch.distributed.barrier(group=parallel.job_group)
     pipe = load_pipeline(settings)  # ModelNotAvailableError, check_host_ram's, plan_budget's: exit 2 with the message
+    if parallel is not None:
+        pipe._studio_info["optimizations"] += enable_multi_gpu(pipe, parallel)
+        if parallel.rank != 0:  # the other ranks only follow rank 0's jobs
+            serve_rank(pipe)
+            stop_ranks(pipe)
+            return 0
     if pipe._studio_info["demo"]:
         print("DEMO MODEL in use: tiny random weights; everything runs, but the layers are noise.")
 
-    if command == "decompose":
-        items = decompose_batch(pipe, images, settings.outputs, run_info_for(pipe, environment),
-                                original_size=ns.original_size, **{p.name: getattr(ns, p.name) for p in PARAMS})
-        print(batch_summary(items))
-        return 1 if any(item.error for item in items) else 0
+    try:
+        if command == "decompose":
+            items = decompose_batch(pipe, images, settings.outputs, run_info_for(pipe, environment),
+                                    original_size=ns.original_size, **infer_kwargs)
+            print(batch_summary(items))
+            return 1 if any(item.error for item in items) else 0
 
-    demo = build_ui(pipe, settings, environment)
-    print(f"Serving on http://{settings.host}:{settings.port}")
-    stop_on_sigterm()
-    demo.launch(**launch_options(settings))
-    return 0
+        demo = build_ui(pipe, settings, environment)
+        print(f"Serving on http://{settings.host}:{settings.port}")
+        stop_on_sigterm()
+        demo.launch(**launch_options(settings))
+        return 0
+    finally:
+        stop_ranks(pipe)
+
+
+def main_ray(images: list[Path], settings: Settings, ns: argparse.Namespace, infer_kwargs: dict) -> int:
+    """`decompose ... --ray [ADDRESS]`: the images over a Ray cluster, one summary at the end."""
+    if ns.gpus > 1:
+        raise ValueError("--ray and --gpus do not go together: Ray gives each worker one GPU of the cluster")
+    try:
+        import_ray()
+    except ImportError as err:  # not a USER_ERRORS type: said here, exit 2
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    get_model_path(settings)  # a missing model is said once, here, before any worker starts (exit 2)
+    items, skipped = decompose_ray(images, settings, ns.ray, ns.ray_workers, ns.original_size, **infer_kwargs)
+    if skipped:
+        print(f"{len(skipped)} image(s) skipped: a complete run folder for each is already in {settings.outputs}")
+    print(batch_summary(items))
+    return 1 if any(item.error for item in items) else 0
 
 
 if __name__ == "__main__":

@@ -1,0 +1,151 @@
+"""`decompose DIR --ray`: the library over a Ray cluster gives the local batch's run folders, survives a worker that
+dies, and a rerun skips what is done. One local Ray instance (2 CPUs) for the whole module: Ray starts slowly."""
+
+import json
+import os
+import shutil
+import sys
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import app
+from conftest import demo_settings
+
+ray = pytest.importorskip("ray")  # in requirements.txt; the missing-Ray message is tested below without it
+JOB = dict(prompt="a card", negative_prompt=" ", true_cfg_scale=4.0, num_inference_steps=2, layers=2, resolution=640,
+           seed=3)
+VARYING = ("created", "duration_s")  # the only params.json entries that differ between two runs of one job
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("library")
+    Image.new("RGBA", (90, 60), (250, 120, 0, 255)).save(folder / "a.png")
+    Image.new("RGB", (60, 90), (0, 120, 250)).save(folder / "b.jpg")
+    return folder, app.find_images([folder])
+
+
+@pytest.fixture(scope="module")
+def local_batch(demo_pipe, images, tmp_path_factory):
+    """The reference: the local batch, one thread (as each 1-CPU Ray worker), so the floats match exactly."""
+    out = tmp_path_factory.mktemp("local")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        items = app.decompose_batch(demo_pipe, images[1], out, app.run_info_for(demo_pipe, app.print_environment_info(False)),
+                                    **JOB)
+    finally:
+        torch.set_num_threads(threads)
+    assert all(item.error is None for item in items)
+    return {json.loads((item.folder / "params.json").read_text())["input_file"]: item.folder for item in items}
+
+
+@pytest.fixture(scope="module")
+def ray_cluster():
+    ray.init(num_cpus=2, include_dashboard=False)
+    yield
+    ray.shutdown()
+
+
+def kill_once(marker, setups_log):
+    """Runs in each worker after loading: the first transformer call of the whole run kills its worker process
+    (os._exit, no cleanup: as a node that dies). Every setup is logged, so restarts can be counted."""
+
+    def setup(pipe):
+        with open(setups_log, "a") as f:
+            f.write(f"{os.getpid()}\n")
+
+        def die_once(module, args, kwargs):
+            try:
+                os.close(os.open(marker, os.O_CREAT | os.O_EXCL))  # one worker wins, once
+            except FileExistsError:
+                return
+            os._exit(1)
+
+        pipe.transformer.register_forward_pre_hook(die_once, with_kwargs=True)
+
+    return setup
+
+
+@pytest.fixture(scope="module")
+def ray_run(ray_cluster, models_dir, images, tmp_path_factory):
+    out = tmp_path_factory.mktemp("ray")
+    marker, setups_log = out.parent / "killed", out.parent / "setups.log"
+    settings = demo_settings(models_dir, outputs=out, offload="off")
+    items, skipped = app.decompose_ray(images[1], settings, workers=2, worker_setup=kill_once(marker, setups_log), **JOB)
+    return out, items, skipped, marker, setups_log
+
+
+def test_ray_run_folders_equal_the_local_batch(ray_run, local_batch):
+    out, items, skipped, _, _ = ray_run
+    assert skipped == [] and [item.error for item in items] == [None, None]
+    folders = sorted(p for p in out.iterdir() if p.is_dir())
+    assert len(folders) == 2  # no folder left behind by the worker that died
+    for folder in folders:
+        params = json.loads((folder / "params.json").read_text())
+        local = local_batch[params["input_file"]]
+        local_params = json.loads((local / "params.json").read_text())
+        assert {k: v for k, v in params.items() if k not in VARYING} == \
+               {k: v for k, v in local_params.items() if k not in VARYING}
+        assert sorted(p.name for p in folder.iterdir()) == sorted(p.name for p in local.iterdir())
+        for name in ("layer_1.png", "layer_2.png", "composite.png"):
+            np.testing.assert_array_equal(np.asarray(Image.open(folder / name)), np.asarray(Image.open(local / name)))
+
+
+def test_a_worker_that_dies_loses_only_its_image_which_is_retried(ray_run):
+    out, items, _, marker, setups_log = ray_run
+    assert marker.exists()  # a worker really died mid-image
+    pids = setups_log.read_text().split()
+    assert len(pids) == 3 and len(set(pids)) == 3  # two workers, then the dead one restarted in a new process
+    assert all(item.folder.parent == out and app.run_folder_complete(item.folder) for item in items)
+
+
+def test_a_second_run_skips_every_image_with_a_complete_run_folder(ray_run, images, models_dir, capsys):
+    out, _, _, _, _ = ray_run
+    before = sorted(p.name for p in out.iterdir())
+    code = app.main(["decompose", str(images[0]), "--layers", "2", "--steps", "2", "--prompt", "a card", "--seed", "3",
+                     "--out", str(out), "--demo", "--models-dir", str(models_dir), "--no-first-block-cache",
+                     "--ray", "--ray-workers", "2"])
+    stdout = capsys.readouterr().out
+    assert code == 0
+    assert f"2 image(s) skipped: a complete run folder for each is already in {out}" in stdout
+    assert "0 of 0 images decomposed, 0 failed" in stdout
+    assert sorted(p.name for p in out.iterdir()) == before
+
+
+def test_a_run_folder_missing_any_export_is_not_complete(ray_run, tmp_path):
+    out, items, _, _, _ = ray_run
+    folder = shutil.copytree(items[0].folder, tmp_path / "copy")
+    assert app.run_folder_complete(folder)
+    next(folder.glob("*.psd")).unlink()  # a worker killed while writing the last file
+    assert not app.run_folder_complete(folder)
+    (folder / "params.json").write_text("{not json")
+    assert not app.run_folder_complete(folder)
+    assert app.completed_images(tmp_path) == {}
+
+
+def test_missing_ray_exits_2_with_the_install_line(images, tmp_path, monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "ray", None)  # `import ray` now raises ImportError
+    code = app.main(["decompose", str(images[0]), "--demo", "--models-dir", str(tmp_path / "models"), "--ray"])
+    assert code == 2
+    assert "--ray needs Ray, which is not installed: pip install ray==2.60.0" in capsys.readouterr().err
+    assert not (tmp_path / "models").exists()
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--ray", "--gpus", "2"], "--ray and --gpus do not go together"),
+])
+def test_ray_with_gpus_is_refused(images, tmp_path, capsys, args, message):
+    code = app.main(["decompose", str(images[0]), "--demo", "--models-dir", str(tmp_path / "models"), *args])
+    assert code == 2 and message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("value", ["0", "-1"])
+def test_ray_workers_below_one_is_refused_by_the_parser(value, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        app.parse_args(["decompose", "x.png", "--ray", "--ray-workers", value])
+    assert exit_info.value.code == 2
+    assert f"--ray-workers {value}: use 1 or more" in capsys.readouterr().err
