@@ -25,6 +25,7 @@ os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 
 import argparse
+import collections
 import contextlib
 import dataclasses
 import datetime
@@ -73,9 +74,10 @@ PORT = 7869
 # stay resident as VRAM_BUDGET_GB holds and the rest stream in ahead of use (a 24 GB card runs the
 # full model near resident speed; bench/RESULTS.md has the measurements).
 CPU_OFFLOAD_MODE = "auto"
-# Below this much VRAM "auto" takes "sequential": the budget mode keeps the 15.4 GB text encoder resident while
-# it runs (plus VAE, activations and margin), which `plan_budget` refuses below ~20 GB.
-BUDGET_AUTO_MIN_VRAM_GB = 20.0
+# Below this much VRAM "auto" takes "sequential". `load_pipeline` computes the real minimum from the weight files
+# (`budget_minimum_gb`: the largest job's activations beside one resident and two streamed transformer blocks);
+# this is that figure for the real model, used where the files cannot be read.
+BUDGET_AUTO_MIN_VRAM_GB = 11.0
 OFFLOAD_MODES = ("auto", "off", "model", "sequential", "budget")
 # GB of VRAM the "budget" mode may plan for; None: the card's free memory when the model loads.
 VRAM_BUDGET_GB = None
@@ -167,6 +169,9 @@ BUDGET_STREAM_BUFFERS = 2
 BUDGET_TEXT_ENCODER_ACTIVATION_GB = 1.5
 # Host RAM left to the OS, Python and Gradio beside the page-locked weight copies.
 BUDGET_HOST_RAM_RESERVE_GB = 4.0
+# Text encoder on cards where its 15.4 GB do not fit whole (16 and 12 GB): the caption's decode activations are
+# small and steady (KV cache of ~1,100 tokens: 0.06 GB), so it is planned with a smaller margin than denoising's.
+BUDGET_TEXT_ENCODER_MARGIN_GB = 1.0
 
 
 @dataclasses.dataclass
@@ -693,13 +698,39 @@ class BudgetPlan:
     denoise_peak_gb: float  # predicted allocator peak while denoising that job
     text_encoder_peak_gb: float  # predicted allocator peak while captioning / encoding the prompt
     host_ram_gb: float  # page-locked host copies of the transformer and the text encoder
+    text_encoder: "TextEncoderPlan | None" = None  # how the caption stage shares the GPU (None: all resident)
+    minimum_gb: float = 0.0  # the smallest budget this job fits in
 
     def describe(self) -> str:
         blocks = len(self.resident_blocks) + len(self.streamed_blocks)
+        text = f"; text encoder: {self.text_encoder.describe()}" if self.text_encoder and self.text_encoder.split else ""
         return (f"budget {self.vram_budget_gb:g} GB: {len(self.resident_blocks)}/{blocks} transformer blocks resident, "
                 f"{len(self.streamed_blocks)} streamed; predicted peak {self.denoise_peak_gb:.1f} GB denoising "
                 f"{self.image_tokens} image tokens, {self.text_encoder_peak_gb:.1f} GB encoding text; "
-                f"{self.host_ram_gb:.1f} GB of page-locked host RAM")
+                f"{self.host_ram_gb:.1f} GB of page-locked host RAM{text}")
+
+
+@dataclasses.dataclass(frozen=True)
+class TextEncoderPlan:
+    """How the text encoder's stage shares the GPU; `plan_text_encoder` computes it. Sizes in GiB.
+
+    split=False: the whole text encoder is resident (24 GB cards and up). split=True (16 and 12 GB cards): the
+    token-embedding table stays in host RAM (a lookup of one row per token), the vision tower is copied in for its
+    one call per caption, lm_head and `resident_layers` stay, and the other language layers stream in per token.
+    """
+
+    split: bool
+    resident_layers: tuple[int, ...]
+    streamed_layers: tuple[int, ...]
+    peak_gb: float  # predicted allocator peak while captioning / encoding the prompt
+    minimum_gb: float  # the smallest budget that holds this stage
+    streamed_gb_per_token: float  # copied host -> GPU per decoded caption token
+
+    def describe(self) -> str:
+        layers = len(self.resident_layers) + len(self.streamed_layers)
+        return (f"{len(self.resident_layers)}/{layers} language layers resident, {len(self.streamed_layers)} streamed "
+                f"({self.streamed_gb_per_token:.1f} GB copied per caption token), vision tower copied in per caption, "
+                f"token embeddings in host RAM")
 
 
 def activation_gb(tokens: int) -> float:
@@ -730,28 +761,37 @@ def plan_budget(
     vae_gb: float,
     image_tokens: int = BUDGET_PLAN_IMAGE_TOKENS,
     resident_blocks: int | None = None,
+    text_layer_gb: float = 0.0,
+    text_num_layers: int = 0,
+    text_vision_gb: float = 0.0,
+    text_embed_gb: float = 0.0,
+    text_resident_layers: int | None = None,
 ) -> BudgetPlan:
-    """How many transformer blocks stay on the GPU within `vram_budget_gb`. Pure arithmetic on sizes (GiB).
+    """How many transformer blocks (and text encoder layers) stay on the GPU within `vram_budget_gb`. Pure
+    arithmetic on sizes (GiB).
 
-    Raises ValueError naming the minimum budget when the text encoder cannot be resident, or when not even
-    one transformer block fits beside the streamed ones. `resident_blocks` overrides the count (tests, tuning).
+    Raises ValueError naming the minimum budget when not even one transformer block, or one language layer of the
+    text encoder, fits beside the streamed ones. `resident_blocks` / `text_resident_layers` override the counts
+    (tests, tuning). Without `text_num_layers` the text encoder is one piece that must be resident.
     """
     # 1. What the denoising stage holds besides its resident blocks: the transformer's other layers, the VAE,
     #    activations for the planned job, and the margin. Streaming adds two blocks in flight.
     fixed = other_transformer_gb + vae_gb + activation_gb(image_tokens + BUDGET_PLAN_TEXT_TOKENS) + BUDGET_SAFETY_MARGIN_GB
     streaming = BUDGET_STREAM_BUFFERS * block_gb
-    text_encoder_peak = text_encoder_gb + vae_gb + BUDGET_TEXT_ENCODER_ACTIVATION_GB
+    text = plan_text_encoder(vram_budget_gb, text_encoder_gb=text_encoder_gb, layer_gb=text_layer_gb,
+                             num_layers=text_num_layers, vision_gb=text_vision_gb, embed_gb=text_embed_gb, vae_gb=vae_gb,
+                             resident_layers=text_resident_layers)
 
-    # 2. The minimum: the whole text encoder resident; block 0 resident and the others streamed.
-    minimum = max(fixed + block_gb + (streaming if num_blocks > 1 else 0.0),
-                  text_encoder_peak + BUDGET_SAFETY_MARGIN_GB)
+    # 2. The minimum: block 0 resident and the others streamed; the text encoder's own minimum.
+    minimum = max(fixed + block_gb + (streaming if num_blocks > 1 else 0.0), text.minimum_gb)
     if vram_budget_gb < minimum:
         raise ValueError(
             f"--vram-budget {vram_budget_gb:g} GB is too small for the budget offload mode: it needs at least "
-            f"{minimum:.1f} GB (the {text_encoder_gb:.1f} GB text encoder resident while it runs; one transformer "
-            f"block resident and {BUDGET_STREAM_BUFFERS} streaming, activations for {image_tokens} image tokens, and "
-            f"a {BUDGET_SAFETY_MARGIN_GB:g} GB margin). Pass --vram-budget {math.ceil(minimum)} or more, or use "
+            f"{math.ceil(minimum * 10) / 10:.1f} GB (one transformer block resident and {BUDGET_STREAM_BUFFERS} streaming, activations "
+            f"for {image_tokens} image tokens and a {BUDGET_SAFETY_MARGIN_GB:g} GB margin; for the caption "
+            f"{text.minimum_gb:.1f} GB). Pass --vram-budget {math.ceil(minimum)} or more, or use "
             f"--offload sequential (fits ~1 GB, about 12x slower per step).")
+    text_encoder_peak = text.peak_gb
 
     # 3. As many resident blocks as fit. With all of them resident nothing streams and no buffers are needed.
     if fixed + num_blocks * block_gb <= vram_budget_gb:
@@ -771,7 +811,101 @@ def plan_budget(
         denoise_peak_gb=fixed - BUDGET_SAFETY_MARGIN_GB + count * block_gb + (streaming if streamed else 0.0),
         text_encoder_peak_gb=text_encoder_peak,
         host_ram_gb=other_transformer_gb + num_blocks * block_gb + text_encoder_gb,
+        text_encoder=text,
+        minimum_gb=minimum,
     )
+
+
+def plan_text_encoder(vram_budget_gb: float, *, text_encoder_gb: float, layer_gb: float, num_layers: int,
+                      vision_gb: float, embed_gb: float, vae_gb: float, resident_layers: int | None = None) -> TextEncoderPlan:
+    """The caption stage within `vram_budget_gb` (GiB): the whole text encoder when it fits, else the split
+    (see TextEncoderPlan) with as many language layers resident as fit. Pure; the caller raises on `minimum_gb`.
+
+    A streamed layer costs its bytes once per decoded token (a 512-token caption: 512 copies of it), so the
+    resident layers are spread like the transformer's (`streamed_block_indices`) and as many as fit stay.
+    """
+    margin = BUDGET_TEXT_ENCODER_MARGIN_GB
+    whole = text_encoder_gb + vae_gb + BUDGET_TEXT_ENCODER_ACTIVATION_GB
+    everything = tuple(range(num_layers))
+    if num_layers == 0:  # sizes without the layer split (older callers): one piece, resident
+        return TextEncoderPlan(False, everything, (), whole, whole + margin, 0.0)
+    # The split: lm_head and the final norm stay; the vision tower runs before any language layer, so its copy
+    # shares room with the two streamed layers' buffers.
+    head = text_encoder_gb - num_layers * layer_gb - vision_gb - embed_gb
+    base = head + vae_gb + BUDGET_TEXT_ENCODER_ACTIVATION_GB
+
+    def peak(count: int) -> float:
+        return base + count * layer_gb + max(vision_gb, BUDGET_STREAM_BUFFERS * layer_gb if count < num_layers else 0.0)
+
+    minimum = min(whole, peak(1)) + margin
+    if resident_layers is None and whole + margin <= vram_budget_gb:
+        return TextEncoderPlan(False, everything, (), whole, minimum, 0.0)
+    if resident_layers is not None:
+        if not 1 <= resident_layers <= num_layers:
+            raise ValueError(f"text_resident_layers={resident_layers} is out of range: use 1 to {num_layers}")
+        count = resident_layers
+    else:
+        count = max([c for c in range(1, num_layers + 1) if peak(c) + margin <= vram_budget_gb], default=1)
+    streamed = streamed_block_indices(num_layers, count)
+    return TextEncoderPlan(True, tuple(i for i in everything if i not in streamed), streamed, peak(count), minimum,
+                           len(streamed) * layer_gb)
+
+
+def budget_sizes(transformer: torch.nn.Module, text_encoder: torch.nn.Module, vae: torch.nn.Module) -> dict[str, Any]:
+    """The sizes `plan_budget` takes (GiB), from loaded models."""
+    blocks = transformer.transformer_blocks
+    layers, vision, embed = _text_encoder_parts(text_encoder)
+    return dict(block_gb=max(_module_gb(block) for block in blocks), num_blocks=len(blocks),
+                other_transformer_gb=_module_gb(transformer) - _module_gb(*blocks),
+                text_encoder_gb=_module_gb(text_encoder), vae_gb=_module_gb(vae),
+                text_layer_gb=max(_module_gb(layer) for layer in layers), text_num_layers=len(layers),
+                text_vision_gb=_module_gb(vision), text_embed_gb=_module_gb(embed))
+
+
+def budget_sizes_from_files(model_path: Path | str, element_size: int) -> dict[str, Any] | None:
+    """The same sizes read from the safetensors headers of a diffusers folder (no weights loaded), for weights held
+    in a dtype of `element_size` bytes. None when a model's files are missing (the loader will say so)."""
+    from safetensors import safe_open
+
+    numels: dict[str, dict] = {"transformer": collections.Counter(), "text_encoder": collections.Counter(),
+                               "vae": collections.Counter()}
+    for model, counter in numels.items():
+        files = sorted((Path(model_path) / model).glob("*.safetensors"))
+        if not files:
+            return None
+        for file in files:
+            with safe_open(file, framework="pt") as f:
+                for name in f.keys():
+                    numel = math.prod(f.get_slice(name).get_shape())
+                    if model == "transformer":
+                        block = re.match(r"transformer_blocks\.(\d+)\.", name)
+                        counter[f"block{block[1]}" if block else "other"] += numel
+                    elif model == "text_encoder":  # transformers 4 and 5 key names ("model.layers." / "model.language_model.layers.")
+                        layer = re.search(r"(?:^|\.)layers\.(\d+)\.", name)
+                        part = ("vision" if "visual." in name else "embed" if "embed_tokens" in name
+                                else f"layer{layer[1]}" if layer else "head")
+                        counter[part] += numel
+                    else:
+                        counter["vae"] += numel
+    gb = element_size / 2**30
+    blocks = [v for k, v in numels["transformer"].items() if k.startswith("block")]
+    layers = [v for k, v in numels["text_encoder"].items() if k.startswith("layer")]
+    return dict(block_gb=max(blocks) * gb, num_blocks=len(blocks), other_transformer_gb=numels["transformer"]["other"] * gb,
+                text_encoder_gb=sum(numels["text_encoder"].values()) * gb, vae_gb=numels["vae"]["vae"] * gb,
+                text_layer_gb=max(layers) * gb, text_num_layers=len(layers),
+                text_vision_gb=numels["text_encoder"]["vision"] * gb, text_embed_gb=numels["text_encoder"]["embed"] * gb)
+
+
+def budget_minimum_gb(sizes: dict[str, Any]) -> float:
+    """The smallest VRAM budget (GiB) in which the budget mode runs the largest job the UI allows."""
+    return plan_budget(float("inf"), **sizes).minimum_gb
+
+
+def _text_encoder_parts(text_encoder: torch.nn.Module) -> tuple[torch.nn.ModuleList, torch.nn.Module, torch.nn.Module]:
+    """Qwen2.5-VL's language layers, vision tower and token-embedding table."""
+    model = text_encoder.model
+    language = getattr(model, "language_model", model)
+    return language.layers, model.visual, text_encoder.get_input_embeddings()
 
 
 def pipeline_weight_gb(model_path: Path | str) -> float:
@@ -919,13 +1053,16 @@ class _BudgetStages:
         self.current = None
 
 
-def enable_budget_offload(pipe, vram_budget_gb: float, resident_blocks: int | None = None) -> list[str]:
+def enable_budget_offload(pipe, vram_budget_gb: float, resident_blocks: int | None = None,
+                          text_resident_layers: int | None = None) -> list[str]:
     """Offload mode "budget" (see the comment above): plan, then apply. Returns what was applied, by name.
 
     Without CUDA the same hooks run with every weight on the CPU: nothing moves and the outputs equal "off"
     (tests/test_budget_offload.py checks this on the demo pipeline). Weight storage (fp8) goes first, and
     FirstBlockCache, if enabled before, is put back outside our hooks. `resident_blocks` fixes the number of
     resident transformer blocks for every job (tests, tuning); by default each job gets as many as fit.
+    `text_resident_layers` splits the text encoder (`TextEncoderPlan`) with that many language layers resident;
+    by default it is split only when it does not fit whole.
     """
     from diffusers.hooks import HookRegistry, ModelHook
     from diffusers.hooks.group_offloading import (_GROUP_OFFLOADING, GroupOffloadingConfig, GroupOffloadingHook,
@@ -939,12 +1076,11 @@ def enable_budget_offload(pipe, vram_budget_gb: float, resident_blocks: int | No
 
     # 1. Plan from the loaded weights (fp8 storage, applied before, halves the blocks). The largest job the UI
     #    allows must fit: that raises here, before anything moves, when the budget is too small.
-    sizes = dict(block_gb=max(_module_gb(block) for block in blocks), num_blocks=len(blocks),
-                 other_transformer_gb=_module_gb(transformer) - _module_gb(*blocks),
-                 text_encoder_gb=_module_gb(text_encoder), vae_gb=_module_gb(vae))
+    sizes = budget_sizes(transformer, text_encoder, vae)
 
     def plan_for(image_tokens: int) -> BudgetPlan:
-        return plan_budget(vram_budget_gb, image_tokens=image_tokens, resident_blocks=resident_blocks, **sizes)
+        return plan_budget(vram_budget_gb, image_tokens=image_tokens, resident_blocks=resident_blocks,
+                           text_resident_layers=text_resident_layers, **sizes)
 
     largest = plan_for(BUDGET_PLAN_IMAGE_TOKENS)
     default = plan_for((DEFAULTS["layers"] + 2) * (DEFAULTS["resolution"] // 16) ** 2)
@@ -1018,15 +1154,58 @@ def enable_budget_offload(pipe, vram_budget_gb: float, resident_blocks: int | No
     if len(blocks) > 1:
         HookRegistry.check_if_exists_or_initialize(blocks[1]).register_hook(start_hook, _START_STREAMING_HOOK)
 
+    # 4b. The text encoder where it does not fit whole (16 and 12 GB cards; `TextEncoderPlan`): its streamed language
+    #     layers get the same groups and hooks as the streamed transformer blocks, chained once (the split does not
+    #     depend on the job); the vision tower's blocks and merger are one group copied in for its call (patch_embed,
+    #     3 MB, stays: transformers' generate() takes the model's device from its first parameter); the
+    #     token-embedding table is looked up in host RAM, one row per token.
+    text_plan = largest.text_encoder
+    off_stage: set[int] = set()  # ids of text encoder weights that do not enter with its stage
+    undo: list[Callable[[], None]] = []
+    if text_plan.split:
+        text_layers, vision, embed = _text_encoder_parts(text_encoder)
+        text_config = dataclasses.replace(config, exclude_kwargs=["past_key_values", "past_key_value"])  # the KV cache is updated in place
+        text_hooks = []
+        for index in text_plan.streamed_layers:
+            layer = text_layers[index]
+            group = PageLockedModuleGroup(modules=[layer], offload_device=host, onload_device=device, offload_leader=layer,
+                                          onload_leader=layer, non_blocking=on_cuda, stream=stream, record_stream=False,
+                                          onload_self=False, group_id=f"text_encoder.layers.{index}")
+            text_hooks.append(BudgetBlockHook(group, config=text_config))
+            HookRegistry.check_if_exists_or_initialize(layer).register_hook(text_hooks[-1], _GROUP_OFFLOADING)
+            undo.append(functools.partial(HookRegistry.check_if_exists_or_initialize(layer).remove_hook, _GROUP_OFFLOADING,
+                                          recurse=False))
+        for hook, next_hook in zip(text_hooks, text_hooks[1:]):
+            hook.next_group = next_hook.group
+        text_start = StartStreamingHook()
+        text_start.group = text_hooks[0].group if text_hooks else None
+        registry = HookRegistry.check_if_exists_or_initialize(text_layers[0])  # layer 0 always stays
+        registry.register_hook(text_start, _START_STREAMING_HOOK)
+        undo.append(functools.partial(registry.remove_hook, _START_STREAMING_HOOK, recurse=False))
+        vision_modules = [*vision.blocks, vision.merger]
+        vision_group = PageLockedModuleGroup(modules=vision_modules, offload_device=host, onload_device=device,
+                                             offload_leader=vision, onload_leader=vision, non_blocking=on_cuda,
+                                             stream=stream, record_stream=False, onload_self=False, group_id="text_encoder.visual")
+        registry = HookRegistry.check_if_exists_or_initialize(vision)
+        registry.register_hook(BudgetBlockHook(vision_group, config=text_config), _GROUP_OFFLOADING)  # copies on first use
+        undo.append(functools.partial(registry.remove_hook, _GROUP_OFFLOADING, recurse=False))
+        undo.append(embed.register_forward_pre_hook(
+            lambda module, args: tuple(a.to(host) if torch.is_tensor(a) else a for a in args)).remove)
+        undo.append(embed.register_forward_hook(lambda module, args, output: output.to(device)).remove)
+        off_stage = {id(t) for m in [embed, *vision_modules, *(text_layers[i] for i in text_plan.streamed_layers)]
+                     for t in itertools.chain(m.parameters(), m.buffers())}
+
     # 5. Stages: each model, when called, first brings its stage's weights to the GPU and sends the others back.
     block_ids = [{id(t) for t in itertools.chain(b.parameters(), b.buffers())} for b in blocks]
     in_blocks = set().union(*block_ids)
     stages = _BudgetStages(
         device, plan_for,
         {"transformer": [pair for pair in transformer_weights if id(pair[0]) not in in_blocks],
-         "text_encoder": text_encoder_weights},
+         "text_encoder": [pair for pair in text_encoder_weights if id(pair[0]) not in off_stage],
+         "text_encoder_streamed": [pair for pair in text_encoder_weights if id(pair[0]) in off_stage]},  # never a stage
         [[pair for pair in transformer_weights if id(pair[0]) in ids] for ids in block_ids],
         hooks, start_hook, stream)
+    stages.undo += undo
 
     def enter_transformer(module, args, kwargs):
         hidden_states = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
@@ -1057,6 +1236,8 @@ def enable_budget_offload(pipe, vram_budget_gb: float, resident_blocks: int | No
     if cache_config is not None:
         transformer.enable_cache(cache_config)
     applied = [f"budget_offload({largest.describe()}; {len(default.resident_blocks)} blocks resident at the default job)"]
+    if text_plan.split:
+        applied.append(f"budget_text_encoder_split({text_plan.describe()})")
     if on_cuda and not all(m._budget_host_copies["locked"] for m in (transformer, text_encoder)):
         applied.append("host_copies_not_page_locked")
     return applied
