@@ -546,8 +546,10 @@ def get_model_path(settings: Settings, spec: ModelSpec = LAYERED_MODEL) -> Path:
     return find_weights(settings.models_dir, spec)
 
 
-def resolve_offload_mode(mode: str, cuda_available: bool, vram_gb: float | None) -> str:
-    """Turn "auto" into a concrete mode for this machine; check an explicit one."""
+def resolve_offload_mode(mode: str, cuda_available: bool, vram_gb: float | None,
+                         budget_min_gb: float = BUDGET_AUTO_MIN_VRAM_GB) -> str:
+    """Turn "auto" into a concrete mode for this machine (`vram_gb`: the VRAM it may use, GiB); check an explicit
+    one. `budget_min_gb`: the budget mode's minimum for these weights (`budget_minimum_gb`)."""
     if mode not in OFFLOAD_MODES:
         raise ValueError(f"offload mode {mode!r} is not one of {OFFLOAD_MODES}")
     if not cuda_available:
@@ -561,9 +563,9 @@ def resolve_offload_mode(mode: str, cuda_available: bool, vram_gb: float | None)
         return mode
     if vram_gb >= 64:  # transformer 41 GB + text encoder 17 GB + VAE + activations
         return "off"
-    if vram_gb >= BUDGET_AUTO_MIN_VRAM_GB:
-        return "budget"  # the low-VRAM engine (section 4b)
-    return "sequential"  # the text encoder alone does not fit resident: stream every layer
+    if vram_gb >= budget_min_gb:
+        return "budget"  # the low-VRAM engine (section 4b): 24 GB cards, and 16 / 12 GB with the text encoder split
+    return "sequential"  # not even one transformer block fits beside the largest job's activations: stream every layer
 
 
 def default_vram_budget_gb(settings: Settings) -> float:
@@ -647,12 +649,17 @@ def load_pipeline(settings: Settings, spec: ModelSpec = LAYERED_MODEL):
     #    float32 (measured: a 2-step demo run took 214 s in bf16, 11 s in float32), so the CPU uses float32.
     cuda = torch.cuda.is_available()
     dtype = torch.bfloat16 if cuda else torch.float32
-    vram_gb = torch.cuda.get_device_properties(0).total_memory / 2**30 if cuda else None
-    offload_mode = resolve_offload_mode(settings.offload, cuda, vram_gb)
-    if offload_mode == "budget":  # say it before loading: the page-locked copies need the RAM
-        check_host_ram(pipeline_weight_gb(model_path))
+    # 3. Pick the offload mode from what this machine has (the VRAM `--vram-budget` names, else the GPU's free
+    #    memory), and say before loading when it cannot fit, with the figures and what would (ValueError).
+    vram_gb = default_vram_budget_gb(settings) if cuda else None
+    sizes = budget_sizes_from_files(model_path, torch.finfo(dtype).bits // 8)
+    offload_mode = resolve_offload_mode(settings.offload, cuda, vram_gb,
+                                        budget_minimum_gb(sizes) if sizes else BUDGET_AUTO_MIN_VRAM_GB)
+    if sizes is not None and (cuda or offload_mode == "budget"):
+        check_machine_fits(offload_mode, sizes, vram_gb if cuda else default_vram_budget_gb(settings),
+                           ram_gb=available_ram_gb() if cuda else None)
     setup_cuda_optimizations()
-    # 3. Load through from_pretrained, the same path for the real and the demo weights.
+    # 4. Load through from_pretrained, the same path for the real and the demo weights.
     start = time.perf_counter()
     pipe = getattr(diffusers, spec.pipeline_class).from_pretrained(model_path, dtype=dtype)
     applied = apply_memory_optimizations(pipe, settings, offload_mode)
@@ -914,17 +921,49 @@ def pipeline_weight_gb(model_path: Path | str) -> float:
     return sum(f.stat().st_size for f in files) / 2**30
 
 
-def check_host_ram(needed_gb: float, available_gb: float | None = None) -> None:
-    """Raise before loading when host RAM cannot hold the page-locked weight copies of the budget mode."""
-    if available_gb is None:
-        import psutil
+def available_ram_gb() -> float:
+    import psutil
 
-        available_gb = psutil.virtual_memory().available / 2**30
+    return psutil.virtual_memory().available / 2**30
+
+
+def check_host_ram(needed_gb: float, available_gb: float | None = None) -> None:
+    """Raise before loading when host RAM cannot hold the weights (every offload mode loads them into RAM first;
+    the budget mode keeps them there, page-locked)."""
+    if available_gb is None:
+        available_gb = available_ram_gb()
     if needed_gb + BUDGET_HOST_RAM_RESERVE_GB > available_gb:
         raise ValueError(
-            f"The budget offload mode keeps page-locked copies of the weights in host RAM: it needs {needed_gb:.1f} GB "
-            f"plus {BUDGET_HOST_RAM_RESERVE_GB:g} GB for the system, and {available_gb:.1f} GB is available. Close other "
-            f"programs or add RAM; --quantization fp8_storage halves the transformer's share (lossy).")
+            f"Not enough host RAM: every offload mode loads the transformer and text encoder weights into RAM (the "
+            f"budget mode keeps them there, page-locked): it needs {needed_gb:.1f} GB plus "
+            f"{BUDGET_HOST_RAM_RESERVE_GB:g} GB for the system, and {available_gb:.1f} GB is available. Close other "
+            f"programs or add RAM. Loading with less RAM (weights read from disk on demand) is not implemented yet "
+            f"(todo/optimize4090.md), and --quantization fp8_storage (lossy) does not lower it: the weights are "
+            f"loaded in bf16 before they are cast.")
+
+
+def check_machine_fits(offload_mode: str, sizes: dict[str, Any], vram_gb: float, ram_gb: float | None) -> None:
+    """Before loading: raise ValueError when `offload_mode` cannot run with `vram_gb` of VRAM and `ram_gb` of
+    available host RAM (None: not checked, no GPU), naming the machine's figures and the mode that would fit.
+    Pure arithmetic on `sizes` (`budget_sizes_from_files`)."""
+    weights_gb = sizes["text_encoder_gb"] + sizes["other_transformer_gb"] + sizes["num_blocks"] * sizes["block_gb"]
+    minimum = budget_minimum_gb(sizes)
+    if ram_gb is not None:
+        try:
+            check_host_ram(weights_gb, ram_gb)
+        except ValueError as err:
+            raise ValueError(f"This machine: {vram_gb:.1f} GB of VRAM, {ram_gb:.1f} GB of RAM available. {err} "
+                             f"With the RAM, the budget mode needs {minimum:.1f} GB of VRAM; the sequential mode "
+                             f"~1 GB.") from None
+    largest = activation_gb(BUDGET_PLAN_IMAGE_TOKENS + BUDGET_PLAN_TEXT_TOKENS) + BUDGET_SAFETY_MARGIN_GB
+    needs = {"off": weights_gb + sizes["vae_gb"] + largest,
+             "model": sizes["other_transformer_gb"] + sizes["num_blocks"] * sizes["block_gb"] + sizes["vae_gb"] + largest}
+    if offload_mode in needs and vram_gb < needs[offload_mode]:
+        fits = "budget" if vram_gb >= minimum else "sequential"
+        raise ValueError(f"--offload {offload_mode} needs ~{needs[offload_mode]:.0f} GB of VRAM and this GPU has "
+                         f"{vram_gb:.1f} GB: use --offload auto (here: {fits}).")
+    if offload_mode == "budget":
+        plan_budget(vram_gb, **sizes)  # raises naming the minimum and the fix
 
 
 def _module_gb(*modules: torch.nn.Module) -> float:
@@ -2114,7 +2153,7 @@ def main(argv: list[str] | None = None) -> int:
     environment = print_environment_info()
     try:
         pipe = load_pipeline(settings)
-    except ModelNotAvailableError as err:
+    except (ModelNotAvailableError, ValueError) as err:  # no weights, or this machine cannot fit the mode asked for
         print(f"error: {err}", file=sys.stderr)
         return 2
     if pipe._studio_info["demo"]:

@@ -367,7 +367,7 @@ def main(argv: list[str] | None = None) -> int:
     environment = app.print_environment_info()
     try:
         pipe = app.load_pipeline(settings, EDIT_MODEL)
-    except app.ModelNotAvailableError as err:
+    except (app.ModelNotAvailableError, ValueError) as err:  # no weights, or the machine cannot fit the mode
         print(f"error: {err}", file=sys.stderr)
         return 2
     rmbg = None
