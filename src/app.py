@@ -75,9 +75,9 @@ PORT = 7869
 # full model near resident speed; bench/RESULTS.md has the measurements).
 CPU_OFFLOAD_MODE = "auto"
 # Below this much VRAM "auto" takes "sequential". `load_pipeline` computes the real minimum from the weight files
-# (`budget_minimum_gb`: the largest job's activations beside one resident and two streamed transformer blocks);
+# (`budget_minimum_gb`: the default job's activations beside one resident and two streamed transformer blocks);
 # this is that figure for the real model, used where the files cannot be read.
-BUDGET_AUTO_MIN_VRAM_GB = 11.0
+BUDGET_AUTO_MIN_VRAM_GB = 7.0
 OFFLOAD_MODES = ("auto", "off", "model", "sequential", "budget")
 # GB of VRAM the "budget" mode may plan for; None: the card's free memory when the model loads.
 VRAM_BUDGET_GB = None
@@ -159,8 +159,12 @@ BUDGET_SAFETY_MARGIN_GB = 3.0
 BUDGET_ACTIVATION_KB_PER_TOKEN = 116.0
 BUDGET_ACTIVATION_FIXED_GB = 0.25
 # Each job is planned for its own image tokens plus this many prompt tokens (a 512-token caption and the
-# template); the largest job the UI allows (1024 bucket, 10 layers: layers + 2 frames of 64x64 tokens) must fit.
-BUDGET_PLAN_IMAGE_TOKENS = (LAYERS_RANGE[1] + 2) * (1024 // 16) ** 2
+# template). The largest job the UI allows: 1024 bucket, 10 layers = layers + 2 frames of up to 4,320 tokens
+# (64x64 at 1:1; the pipeline's rounding to 32 px reaches 216x20 at 11.3:1; a 4:3 image gives 4,144).
+BUDGET_PLAN_IMAGE_TOKENS = (LAYERS_RANGE[1] + 2) * 4320
+# The job `auto` and the loader's minimum are planned for: the model card's default (640 bucket, 4 layers).
+# A larger job that does not fit the budget is refused when it starts, with what would fit.
+BUDGET_DEFAULT_JOB_IMAGE_TOKENS = (DEFAULTS["layers"] + 2) * (DEFAULTS["resolution"] // 16) ** 2
 BUDGET_PLAN_TEXT_TOKENS = 600
 # Streamed blocks on the GPU at once: the one computing and the next one arriving.
 BUDGET_STREAM_BUFFERS = 2
@@ -796,8 +800,8 @@ def plan_budget(
             f"--vram-budget {vram_budget_gb:g} GB is too small for the budget offload mode: it needs at least "
             f"{math.ceil(minimum * 10) / 10:.1f} GB (one transformer block resident and {BUDGET_STREAM_BUFFERS} streaming, activations "
             f"for {image_tokens} image tokens and a {BUDGET_SAFETY_MARGIN_GB:g} GB margin; for the caption "
-            f"{text.minimum_gb:.1f} GB). Pass --vram-budget {math.ceil(minimum)} or more, or use "
-            f"--offload sequential (fits ~1 GB, about 12x slower per step).")
+            f"{text.minimum_gb:.1f} GB). Pass --vram-budget {math.ceil(minimum)} or more, run a smaller job "
+            f"(640 px, fewer layers), or use --offload sequential (fits ~1 GB, about 12x slower per step).")
     text_encoder_peak = text.peak_gb
 
     # 3. As many resident blocks as fit. With all of them resident nothing streams and no buffers are needed.
@@ -903,9 +907,9 @@ def budget_sizes_from_files(model_path: Path | str, element_size: int) -> dict[s
                 text_vision_gb=numels["text_encoder"]["vision"] * gb, text_embed_gb=numels["text_encoder"]["embed"] * gb)
 
 
-def budget_minimum_gb(sizes: dict[str, Any]) -> float:
-    """The smallest VRAM budget (GiB) in which the budget mode runs the largest job the UI allows."""
-    return plan_budget(float("inf"), **sizes).minimum_gb
+def budget_minimum_gb(sizes: dict[str, Any], image_tokens: int = BUDGET_DEFAULT_JOB_IMAGE_TOKENS) -> float:
+    """The smallest VRAM budget (GiB) in which the budget mode runs a job of `image_tokens` (default: the default job)."""
+    return plan_budget(float("inf"), image_tokens=image_tokens, **sizes).minimum_gb
 
 
 def _text_encoder_parts(text_encoder: torch.nn.Module) -> tuple[torch.nn.ModuleList, torch.nn.Module, torch.nn.Module]:
@@ -963,7 +967,7 @@ def check_machine_fits(offload_mode: str, sizes: dict[str, Any], vram_gb: float,
         raise ValueError(f"--offload {offload_mode} needs ~{needs[offload_mode]:.0f} GB of VRAM and this GPU has "
                          f"{vram_gb:.1f} GB: use --offload auto (here: {fits}).")
     if offload_mode == "budget":
-        plan_budget(vram_gb, **sizes)  # raises naming the minimum and the fix
+        plan_budget(vram_gb, image_tokens=BUDGET_DEFAULT_JOB_IMAGE_TOKENS, **sizes)  # raises naming the minimum and the fix
 
 
 def _module_gb(*modules: torch.nn.Module) -> float:
@@ -1121,8 +1125,12 @@ def enable_budget_offload(pipe, vram_budget_gb: float, resident_blocks: int | No
         return plan_budget(vram_budget_gb, image_tokens=image_tokens, resident_blocks=resident_blocks,
                            text_resident_layers=text_resident_layers, **sizes)
 
-    largest = plan_for(BUDGET_PLAN_IMAGE_TOKENS)
-    default = plan_for((DEFAULTS["layers"] + 2) * (DEFAULTS["resolution"] // 16) ** 2)
+    default = plan_for(BUDGET_DEFAULT_JOB_IMAGE_TOKENS)
+    try:
+        largest = plan_for(BUDGET_PLAN_IMAGE_TOKENS)
+    except ValueError as err:  # small cards: the default job fits, the largest is refused when it starts
+        logger.warning("Low-VRAM engine: the largest job (1024 px, %d layers) will not fit: %s", LAYERS_RANGE[1], err)
+        largest = default
     logger.info("Low-VRAM engine: %s; at the default job (%d px, %d layers): %d blocks resident", largest.describe(),
                 DEFAULTS["resolution"], DEFAULTS["layers"], len(default.resident_blocks))
 

@@ -53,11 +53,23 @@ def test_on_a_24_gb_card_the_text_encoder_stays_whole():
 
 
 def test_the_real_models_minimum_is_what_auto_uses_without_the_files():
-    minimum = app.budget_minimum_gb(REAL)
-    assert math.ceil(minimum) == app.BUDGET_AUTO_MIN_VRAM_GB  # 10.9 GB: the 1024 / 10-layer job beside one block
-    app.plan_budget(minimum, **REAL)
-    with pytest.raises(ValueError, match=r"needs at least 11\.0 GB"):
-        app.plan_budget(minimum - 0.1, **REAL)
+    minimum = app.budget_minimum_gb(REAL)  # the default job (640 px, 4 layers) beside one resident block
+    assert math.ceil(minimum) == app.BUDGET_AUTO_MIN_VRAM_GB
+    app.plan_budget(minimum, image_tokens=DEFAULT_JOB_TOKENS, **REAL)
+    with pytest.raises(ValueError, match=r"needs at least 6\.6 GB .* run a smaller job \(640 px, fewer layers\)"):
+        app.plan_budget(minimum - 0.1, image_tokens=DEFAULT_JOB_TOKENS, **REAL)
+
+
+def test_the_largest_job_is_planned_with_the_pipelines_rounding_to_32_px():
+    from diffusers.pipelines.qwenimage.pipeline_qwenimage_layered import calculate_dimensions
+
+    ratios = [r / 100 for r in range(100, 1601)] + [100 / r for r in range(100, 1601)]
+    frame = max((w // 16) * (h // 16) for w, h in (calculate_dimensions(1024 * 1024, r) for r in ratios))
+    assert app.BUDGET_PLAN_IMAGE_TOKENS == (app.LAYERS_RANGE[1] + 2) * frame
+    # A 12 GB card (11 GB free) runs the default job; the largest is refused with what would fit.
+    app.plan_budget(11.0, image_tokens=DEFAULT_JOB_TOKENS, **REAL)
+    with pytest.raises(ValueError, match=r"--vram-budget 11 GB is too small .* needs at least 11\.3 GB"):
+        app.plan_budget(11.0, **REAL)
 
 
 def test_the_sizes_read_from_the_weight_files_match_the_loaded_models(models_dir, demo_pipe):
@@ -74,17 +86,17 @@ def test_a_machine_that_fits_nothing_is_told_its_figures_and_what_each_mode_need
     with pytest.raises(ValueError) as err:
         app.check_machine_fits("sequential", REAL, vram_gb=8.0, ram_gb=16.0)
     message = str(err.value)
-    for part in ("8.0 GB of VRAM", "16.0 GB of RAM", "needs 53.5 GB plus 4 GB", "budget mode needs 10.9 GB of VRAM",
+    for part in ("8.0 GB of VRAM", "16.0 GB of RAM", "needs 53.5 GB plus 4 GB", "budget mode needs 6.6 GB of VRAM",
                  "fp8_storage (lossy) does not lower it"):
         assert part in message
 
 
 def test_a_mode_too_big_for_the_card_names_the_one_that_fits():
-    with pytest.raises(ValueError, match=r"--offload off needs ~62 GB of VRAM and this GPU has 15\.0 GB: use "
+    with pytest.raises(ValueError, match=r"--offload off needs ~63 GB of VRAM and this GPU has 15\.0 GB: use "
                                          r"--offload auto \(here: budget\)"):
         app.check_machine_fits("off", REAL, vram_gb=15.0, ram_gb=64.0)
-    with pytest.raises(ValueError, match=r"--offload model needs ~47 GB .* has 9\.0 GB: .*\(here: sequential\)"):
-        app.check_machine_fits("model", REAL, vram_gb=9.0, ram_gb=64.0)
+    with pytest.raises(ValueError, match=r"--offload model needs ~47 GB .* has 5\.0 GB: .*\(here: sequential\)"):
+        app.check_machine_fits("model", REAL, vram_gb=5.0, ram_gb=64.0)
     app.check_machine_fits("budget", REAL, vram_gb=11.0, ram_gb=64.0)  # fits: no error
     app.check_machine_fits("sequential", REAL, vram_gb=4.0, ram_gb=64.0)
 
