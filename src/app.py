@@ -901,6 +901,8 @@ def budget_sizes_from_files(model_path: Path | str, element_size: int) -> dict[s
     gb = element_size / 2**30
     blocks = [v for k, v in numels["transformer"].items() if k.startswith("block")]
     layers = [v for k, v in numels["text_encoder"].items() if k.startswith("layer")]
+    if not blocks or not layers:  # not the Qwen-Image layout: nothing to plan from (the loader says what is wrong)
+        return None
     return dict(block_gb=max(blocks) * gb, num_blocks=len(blocks), other_transformer_gb=numels["transformer"]["other"] * gb,
                 text_encoder_gb=sum(numels["text_encoder"].values()) * gb, vae_gb=numels["vae"]["vae"] * gb,
                 text_layer_gb=max(layers) * gb, text_num_layers=len(layers),

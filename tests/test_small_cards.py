@@ -7,11 +7,11 @@ import math
 import numpy as np
 import pytest
 import torch
+from conftest import demo_settings, run_app
 from diffusers.hooks import HookRegistry
 from diffusers.hooks.group_offloading import _GROUP_OFFLOADING
 
 import app
-from conftest import demo_settings, run_app
 
 # Sizes (GiB) of the real model in bf16: the transformer's from bench/bench_24gb.py; the text encoder's language
 # layer from Qwen2.5-VL-7B's config (q/o 3584x3584 + k/v 3584x512 with biases, MLP 3 x 3584x18944, two norms:
@@ -61,7 +61,9 @@ def test_the_real_models_minimum_is_what_auto_uses_without_the_files():
 
 
 def test_the_largest_job_is_planned_with_the_pipelines_rounding_to_32_px():
-    from diffusers.pipelines.qwenimage.pipeline_qwenimage_layered import calculate_dimensions
+    from diffusers.pipelines.qwenimage.pipeline_qwenimage_layered import (
+        calculate_dimensions,
+    )
 
     ratios = [r / 100 for r in range(100, 1601)] + [100 / r for r in range(100, 1601)]
     frame = max((w // 16) * (h // 16) for w, h in (calculate_dimensions(1024 * 1024, r) for r in ratios))
@@ -174,5 +176,22 @@ def test_out_of_memory_in_the_split_text_encoder_frees_everything_and_the_next_r
     monkeypatch.setattr(layer, "forward", forward)
     assert split_pipe._budget_stages.current is None  # every weight went back to its host copy
     result = app.infer(split_pipe, rgba_image, **kwargs)
+    for a, b in zip(expected.layers, result.layers):
+        assert np.array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_a_job_too_large_for_the_budget_is_refused_when_it_starts_and_the_next_run_works(models_dir, rgba_image,
+                                                                                           demo_pipe):
+    # A budget that holds the default job (the demo's minimum is the real model's activations plus the margin:
+    # ~4.4 GB at 640 px / 4 layers) but not 1024 px / 10 layers (~9 GB): enabling warns, the large job is refused.
+    pipe = app.load_pipeline(demo_settings(models_dir))
+    app.enable_budget_offload(pipe, vram_budget_gb=6.0)
+    with pytest.raises(ValueError, match=r"--vram-budget 6 GB is too small .* activations for 49152 image tokens .* "
+                                         r"run a smaller job \(640 px, fewer layers\)"):
+        app.infer(pipe, rgba_image.resize((64, 64)), prompt="shapes", layers=10, resolution=1024,
+                  num_inference_steps=2, seed=4)
+    assert pipe._budget_stages.current is None  # released
+    kwargs = dict(prompt="shapes", layers=2, num_inference_steps=2, seed=4)
+    expected, result = app.infer(demo_pipe, rgba_image, **kwargs), app.infer(pipe, rgba_image, **kwargs)
     for a, b in zip(expected.layers, result.layers):
         assert np.array_equal(np.asarray(a), np.asarray(b))
