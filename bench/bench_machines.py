@@ -29,9 +29,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "src"))
 sys.path.insert(0, str(ROOT / "bench"))
 
-import torch
-
-import app
+import app  # noqa: E402, I001  (first: it sets PYTORCH_CUDA_ALLOC_CONF before torch loads, as the app does)
+import torch  # noqa: E402
 
 GIB = 2**30
 # Qwen's special tokens at their real ids (151643 <|endoftext|> ... 151656 <|video_pad|>).
@@ -70,12 +69,7 @@ def word_level_processor():
     """A word-level tokenizer over the real 152,064 ids (PERF_METHOD.md): a random model's ids decode to one word
     each and re-encode to as many tokens, so the caption conditions the transformer with its real length."""
     from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import (
-        Qwen2TokenizerFast,
-        Qwen2VLImageProcessor,
-        Qwen2VLProcessor,
-        Qwen2VLVideoProcessor,
-    )
+    from transformers import Qwen2TokenizerFast, Qwen2VLImageProcessor, Qwen2VLProcessor, Qwen2VLVideoProcessor
 
     vocab = {f"w{i}": i for i in range(min(SPECIAL_IDS.values()))}
     vocab.update(SPECIAL_IDS)

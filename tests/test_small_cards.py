@@ -7,11 +7,11 @@ import math
 import numpy as np
 import pytest
 import torch
-from conftest import demo_settings, run_app
 from diffusers.hooks import HookRegistry
 from diffusers.hooks.group_offloading import _GROUP_OFFLOADING
 
 import app
+from conftest import demo_settings, run_app
 
 # Sizes (GiB) of the real model in bf16: the transformer's from bench/bench_24gb.py; the text encoder's language
 # layer from Qwen2.5-VL-7B's config (q/o 3584x3584 + k/v 3584x512 with biases, MLP 3 x 3584x18944, two norms:
@@ -61,9 +61,7 @@ def test_the_real_models_minimum_is_what_auto_uses_without_the_files():
 
 
 def test_the_largest_job_is_planned_with_the_pipelines_rounding_to_32_px():
-    from diffusers.pipelines.qwenimage.pipeline_qwenimage_layered import (
-        calculate_dimensions,
-    )
+    from diffusers.pipelines.qwenimage.pipeline_qwenimage_layered import calculate_dimensions
 
     ratios = [r / 100 for r in range(100, 1601)] + [100 / r for r in range(100, 1601)]
     frame = max((w // 16) * (h // 16) for w, h in (calculate_dimensions(1024 * 1024, r) for r in ratios))
