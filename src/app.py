@@ -569,7 +569,7 @@ def resolve_offload_mode(mode: str, cuda_available: bool, vram_gb: float | None,
         return "off"
     if vram_gb >= budget_min_gb:
         return "budget"  # the low-VRAM engine (section 4b): 24 GB cards, and 16 / 12 GB with the text encoder split
-    return "sequential"  # not even one transformer block fits beside the largest job's activations: stream every layer
+    return "sequential"  # not even one transformer block fits beside the default job's activations: stream every layer
 
 
 def default_vram_budget_gb(settings: Settings) -> float:
@@ -919,12 +919,6 @@ def _text_encoder_parts(text_encoder: torch.nn.Module) -> tuple[torch.nn.ModuleL
     model = text_encoder.model
     language = getattr(model, "language_model", model)
     return language.layers, model.visual, text_encoder.get_input_embeddings()
-
-
-def pipeline_weight_gb(model_path: Path | str) -> float:
-    """GiB of transformer + text encoder weights in a diffusers folder, read from the file sizes (before loading)."""
-    files = [f for sub in ("transformer", "text_encoder") for f in (Path(model_path) / sub).glob("*.safetensors")]
-    return sum(f.stat().st_size for f in files) / 2**30
 
 
 def available_ram_gb() -> float:
