@@ -5,7 +5,7 @@ The whole runtime lives in this file, top to bottom:
     2. environment      `print_environment_info`, `clear_memory`
     3. demo model       a tiny random pipeline of the real classes, for machines without the 57 GB of weights
     4. loading          `ModelSpec`, `get_model_path`, `load_pipeline`, `apply_memory_optimizations`
-    4b. low-VRAM engine offload mode "budget": `plan_budget`, `enable_budget_offload` (bench/RESULTS.md)
+    4b. low-VRAM engine offload mode "budget": `plan_budget`, `check_machine_fits`, `enable_budget_offload` (bench/RESULTS.md)
     4c. several GPUs    `--gpus N` / torchrun: `init_distributed`, `enable_multi_gpu` (CFG-parallel), `share_job`
     5. infer            `infer` (one decomposition)
     6. exports          pure functions `layers -> file`: PNG, ZIP, PPTX, PSD; `save_run` (a run folder)
@@ -29,6 +29,7 @@ os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 
 import argparse
+import collections
 import contextlib
 import dataclasses
 import datetime
@@ -86,9 +87,10 @@ PORT = 7869
 # stay resident as VRAM_BUDGET_GB holds and the rest stream in ahead of use (a 24 GB card runs the
 # full model near resident speed; bench/RESULTS.md has the measurements).
 CPU_OFFLOAD_MODE = "auto"
-# Below this much VRAM "auto" takes "sequential": the budget mode keeps the 15.4 GB text encoder resident while
-# it runs (plus VAE, activations and margin), which `plan_budget` refuses below ~20 GB.
-BUDGET_AUTO_MIN_VRAM_GB = 20.0
+# Below this much VRAM "auto" takes "sequential". `load_pipeline` computes the real minimum from the weight files
+# (`budget_minimum_gb`: the default job's activations beside one resident and two streamed transformer blocks);
+# this is that figure for the real model, used where the files cannot be read.
+BUDGET_AUTO_MIN_VRAM_GB = 7.0
 OFFLOAD_MODES = ("auto", "off", "model", "sequential", "budget")
 # GB of VRAM the "budget" mode may plan for; None: the card's free memory when the model loads.
 VRAM_BUDGET_GB = None
@@ -208,13 +210,17 @@ BUDGET_SAFETY_MARGIN_GB = 3.0
 BUDGET_ACTIVATION_KB_PER_TOKEN = 116.0
 BUDGET_ACTIVATION_FIXED_GB = 0.25
 # Each job is planned for its own image tokens plus this many prompt tokens (a 512-token caption and the
-# template); the largest job the UI allows (1024 bucket, 10 layers: layers + 2 frames of 64x64 tokens) must fit.
+# template). The largest job the UI allows: 1024 bucket, 10 layers = layers + 2 frames of up to 4,320 tokens
+# (64x64 at 1:1; the pipeline's rounding to 32 px reaches 216x20 at 11.3:1; a 4:3 image gives 4,144).
 def image_tokens(layers: int, resolution: int) -> int:
     """Image tokens of one job: the layers plus two frames (input and composite), of 16 px patches at the bucket."""
     return (layers + 2) * (resolution // 16) ** 2
 
 
-BUDGET_PLAN_IMAGE_TOKENS = image_tokens(LAYERS_RANGE[1], RESOLUTIONS[-1])
+BUDGET_PLAN_IMAGE_TOKENS = (LAYERS_RANGE[1] + 2) * 4320
+# The job `auto` and the loader's minimum are planned for: the model card's default (640 bucket, 4 layers).
+# A larger job that does not fit the budget is refused when it starts, with what would fit.
+BUDGET_DEFAULT_JOB_IMAGE_TOKENS = image_tokens(DEFAULTS["layers"], DEFAULTS["resolution"])
 BUDGET_PLAN_TEXT_TOKENS = 600
 # Streamed blocks on the GPU at once: the one computing and the next one arriving.
 BUDGET_STREAM_BUFFERS = 2
@@ -223,6 +229,9 @@ BUDGET_STREAM_BUFFERS = 2
 BUDGET_TEXT_ENCODER_ACTIVATION_GB = 1.5
 # Host RAM left to the OS, Python and Gradio beside the page-locked weight copies.
 BUDGET_HOST_RAM_RESERVE_GB = 4.0
+# Text encoder on cards where its 15.4 GB do not fit whole (16 and 12 GB): the caption's decode activations are
+# small and steady (KV cache of ~1,100 tokens: 0.06 GB), so it is planned with a smaller margin than denoising's.
+BUDGET_TEXT_ENCODER_MARGIN_GB = 1.0
 
 # Scores (section 6c). Identical images have an infinite PSNR; it is reported as this cap so that JSON and CSV
 # stay plain numbers (one 8-bit level off in one pixel of a 640x640 image is already ~109 dB).
@@ -671,8 +680,10 @@ def get_model_path(settings: Settings, spec: ModelSpec = LAYERED_MODEL) -> Path:
     return find_weights(settings.models_dir, spec)
 
 
-def resolve_offload_mode(mode: str, cuda_available: bool, vram_gb: float | None) -> str:
-    """Turn "auto" into a concrete mode for this machine; check an explicit one."""
+def resolve_offload_mode(mode: str, cuda_available: bool, vram_gb: float | None,
+                         budget_min_gb: float = BUDGET_AUTO_MIN_VRAM_GB) -> str:
+    """Turn "auto" into a concrete mode for this machine (`vram_gb`: the VRAM it may use, GiB); check an explicit
+    one. `budget_min_gb`: the budget mode's minimum for these weights (`budget_minimum_gb`)."""
     if mode not in OFFLOAD_MODES:
         raise ValueError(f"offload mode {mode!r} is not one of {OFFLOAD_MODES}")
     if not cuda_available:
@@ -686,9 +697,9 @@ def resolve_offload_mode(mode: str, cuda_available: bool, vram_gb: float | None)
         return mode
     if vram_gb >= FULL_RESIDENCY_VRAM_GB:
         return "off"
-    if vram_gb >= BUDGET_AUTO_MIN_VRAM_GB:
-        return "budget"  # the low-VRAM engine (section 4b)
-    return "sequential"  # the text encoder alone does not fit resident: stream every layer
+    if vram_gb >= budget_min_gb:
+        return "budget"  # the low-VRAM engine (section 4b): 24 GB cards, and 16 / 12 GB with the text encoder split
+    return "sequential"  # not even one transformer block fits beside the default job's activations: stream every layer
 
 
 def default_vram_budget_gb(settings: Settings) -> float:
@@ -772,12 +783,17 @@ def load_pipeline(settings: Settings, spec: ModelSpec = LAYERED_MODEL):
     #    float32 (measured: a 2-step demo run took 214 s in bf16, 11 s in float32), so the CPU uses float32.
     cuda = torch.cuda.is_available()
     dtype = torch.bfloat16 if cuda else torch.float32
-    vram_gb = torch.cuda.get_device_properties(0).total_memory / GIB if cuda else None
-    offload_mode = resolve_offload_mode(settings.offload, cuda, vram_gb)
-    if offload_mode == "budget":  # say it before loading: the page-locked copies need the RAM
-        check_host_ram(pipeline_weight_gb(model_path))
+    # 3. Pick the offload mode from what this machine has (the VRAM `--vram-budget` names, else the GPU's free
+    #    memory), and say before loading when it cannot fit, with the figures and what would (ValueError).
+    vram_gb = default_vram_budget_gb(settings) if cuda else None
+    sizes = budget_sizes_from_files(model_path, torch.finfo(dtype).bits // 8)
+    offload_mode = resolve_offload_mode(settings.offload, cuda, vram_gb,
+                                        budget_minimum_gb(sizes) if sizes else BUDGET_AUTO_MIN_VRAM_GB)
+    if sizes is not None and (cuda or offload_mode == "budget"):
+        check_machine_fits(offload_mode, sizes, vram_gb if cuda else default_vram_budget_gb(settings),
+                           ram_gb=available_ram_gb() if cuda else None)
     setup_cuda_optimizations()
-    # 3. Load through from_pretrained, the same path for the real and the demo weights.
+    # 4. Load through from_pretrained, the same path for the real and the demo weights.
     start = time.perf_counter()
     pipe = getattr(diffusers, spec.pipeline_class).from_pretrained(model_path, dtype=dtype)
     applied = apply_memory_optimizations(pipe, settings, offload_mode)
@@ -797,6 +813,9 @@ def load_pipeline(settings: Settings, spec: ModelSpec = LAYERED_MODEL):
 # ----------------------------------------------------------------------------------------------------
 # A decomposition runs in stages, and each stage has the GPU to itself:
 #   "text_encoder"  caption + prompt encoding with all 8.3B weights resident (16.6 GB: they fit a 24 GB card);
+#                   on 16 and 12 GB cards split (`TextEncoderPlan`): as many language layers resident as fit, the
+#                   others streamed per token through the same hooks as the blocks, the vision tower copied in
+#                   per caption, the token embeddings looked up in host RAM;
 #   "transformer"   as many of the 60 blocks resident as the budget holds after this job's activations; each
 #                   other block is copied in on a side CUDA stream while the blocks before it compute (diffusers'
 #                   group offloading ModuleGroup + GroupOffloadingHook, one block per group, chained in block
@@ -823,13 +842,39 @@ class BudgetPlan:
     denoise_peak_gb: float  # predicted allocator peak while denoising that job
     text_encoder_peak_gb: float  # predicted allocator peak while captioning / encoding the prompt
     host_ram_gb: float  # page-locked host copies of the transformer and the text encoder
+    text_encoder: "TextEncoderPlan | None" = None  # how the caption stage shares the GPU (None: all resident)
+    minimum_gb: float = 0.0  # the smallest budget this job fits in
 
     def describe(self) -> str:
         blocks = len(self.resident_blocks) + len(self.streamed_blocks)
+        text = f"; text encoder: {self.text_encoder.describe()}" if self.text_encoder and self.text_encoder.split else ""
         return (f"budget {self.vram_budget_gb:g} GB: {len(self.resident_blocks)}/{blocks} transformer blocks resident, "
                 f"{len(self.streamed_blocks)} streamed; predicted peak {self.denoise_peak_gb:.1f} GB denoising "
                 f"{self.image_tokens} image tokens, {self.text_encoder_peak_gb:.1f} GB encoding text; "
-                f"{self.host_ram_gb:.1f} GB of page-locked host RAM")
+                f"{self.host_ram_gb:.1f} GB of page-locked host RAM{text}")
+
+
+@dataclasses.dataclass(frozen=True)
+class TextEncoderPlan:
+    """How the text encoder's stage shares the GPU; `plan_text_encoder` computes it. Sizes in GiB.
+
+    split=False: the whole text encoder is resident (24 GB cards and up). split=True (16 and 12 GB cards): the
+    token-embedding table stays in host RAM (a lookup of one row per token), the vision tower is copied in for its
+    one call per caption, lm_head and `resident_layers` stay, and the other language layers stream in per token.
+    """
+
+    split: bool
+    resident_layers: tuple[int, ...]
+    streamed_layers: tuple[int, ...]
+    peak_gb: float  # predicted allocator peak while captioning / encoding the prompt
+    minimum_gb: float  # the smallest budget that holds this stage
+    streamed_gb_per_token: float  # copied host -> GPU per decoded caption token
+
+    def describe(self) -> str:
+        layers = len(self.resident_layers) + len(self.streamed_layers)
+        return (f"{len(self.resident_layers)}/{layers} language layers resident, {len(self.streamed_layers)} streamed "
+                f"({self.streamed_gb_per_token:.1f} GB copied per caption token), vision tower copied in per caption, "
+                f"token embeddings in host RAM")
 
 
 def activation_gb(tokens: int) -> float:
@@ -860,28 +905,37 @@ def plan_budget(
     vae_gb: float,
     image_tokens: int = BUDGET_PLAN_IMAGE_TOKENS,
     resident_blocks: int | None = None,
+    text_layer_gb: float = 0.0,
+    text_num_layers: int = 0,
+    text_vision_gb: float = 0.0,
+    text_embed_gb: float = 0.0,
+    text_resident_layers: int | None = None,
 ) -> BudgetPlan:
-    """How many transformer blocks stay on the GPU within `vram_budget_gb`. Pure arithmetic on sizes (GiB).
+    """How many transformer blocks (and text encoder layers) stay on the GPU within `vram_budget_gb`. Pure
+    arithmetic on sizes (GiB).
 
-    Raises ValueError naming the minimum budget when the text encoder cannot be resident, or when not even
-    one transformer block fits beside the streamed ones. `resident_blocks` overrides the count (tests, tuning).
+    Raises ValueError naming the minimum budget when not even one transformer block, or one language layer of the
+    text encoder, fits beside the streamed ones. `resident_blocks` / `text_resident_layers` override the counts
+    (tests, tuning). Without `text_num_layers` the text encoder is one piece that must be resident.
     """
     # 1. What the denoising stage holds besides its resident blocks: the transformer's other layers, the VAE,
     #    activations for the planned job, and the margin. Streaming adds two blocks in flight.
     fixed = other_transformer_gb + vae_gb + activation_gb(image_tokens + BUDGET_PLAN_TEXT_TOKENS) + BUDGET_SAFETY_MARGIN_GB
     streaming = BUDGET_STREAM_BUFFERS * block_gb
-    text_encoder_peak = text_encoder_gb + vae_gb + BUDGET_TEXT_ENCODER_ACTIVATION_GB
+    text = plan_text_encoder(vram_budget_gb, text_encoder_gb=text_encoder_gb, layer_gb=text_layer_gb,
+                             num_layers=text_num_layers, vision_gb=text_vision_gb, embed_gb=text_embed_gb, vae_gb=vae_gb,
+                             resident_layers=text_resident_layers)
 
-    # 2. The minimum: the whole text encoder resident; block 0 resident and the others streamed.
-    minimum = max(fixed + block_gb + (streaming if num_blocks > 1 else 0.0),
-                  text_encoder_peak + BUDGET_SAFETY_MARGIN_GB)
+    # 2. The minimum: block 0 resident and the others streamed; the text encoder's own minimum.
+    minimum = max(fixed + block_gb + (streaming if num_blocks > 1 else 0.0), text.minimum_gb)
     if vram_budget_gb < minimum:
         raise ValueError(
             f"--vram-budget {vram_budget_gb:g} GB is too small for the budget offload mode: it needs at least "
-            f"{minimum:.1f} GB (the {text_encoder_gb:.1f} GB text encoder resident while it runs; one transformer "
-            f"block resident and {BUDGET_STREAM_BUFFERS} streaming, activations for {image_tokens} image tokens, and "
-            f"a {BUDGET_SAFETY_MARGIN_GB:g} GB margin). Pass --vram-budget {math.ceil(minimum)} or more, or use "
-            f"--offload sequential (fits ~1 GB, about 12x slower per step).")
+            f"{math.ceil(minimum * 10) / 10:.1f} GB (one transformer block resident and {BUDGET_STREAM_BUFFERS} streaming, activations "
+            f"for {image_tokens} image tokens and a {BUDGET_SAFETY_MARGIN_GB:g} GB margin; for the caption "
+            f"{text.minimum_gb:.1f} GB). Pass --vram-budget {math.ceil(minimum)} or more, run a smaller job "
+            f"(640 px, fewer layers), or use --offload sequential (fits ~1 GB, about 12x slower per step).")
+    text_encoder_peak = text.peak_gb
 
     # 3. As many resident blocks as fit. With all of them resident nothing streams and no buffers are needed.
     if fixed + num_blocks * block_gb <= vram_budget_gb:
@@ -901,26 +955,148 @@ def plan_budget(
         denoise_peak_gb=fixed - BUDGET_SAFETY_MARGIN_GB + count * block_gb + (streaming if streamed else 0.0),
         text_encoder_peak_gb=text_encoder_peak,
         host_ram_gb=other_transformer_gb + num_blocks * block_gb + text_encoder_gb,
+        text_encoder=text,
+        minimum_gb=minimum,
     )
 
 
-def pipeline_weight_gb(model_path: Path | str) -> float:
-    """GiB of transformer + text encoder weights in a diffusers folder, read from the file sizes (before loading)."""
-    files = [f for sub in ("transformer", "text_encoder") for f in (Path(model_path) / sub).glob("*.safetensors")]
-    return sum(f.stat().st_size for f in files) / GIB
+def plan_text_encoder(vram_budget_gb: float, *, text_encoder_gb: float, layer_gb: float, num_layers: int,
+                      vision_gb: float, embed_gb: float, vae_gb: float, resident_layers: int | None = None) -> TextEncoderPlan:
+    """The caption stage within `vram_budget_gb` (GiB): the whole text encoder when it fits, else the split
+    (see TextEncoderPlan) with as many language layers resident as fit. Pure; the caller raises on `minimum_gb`.
+
+    A streamed layer costs its bytes once per decoded token (a 512-token caption: 512 copies of it), so the
+    resident layers are spread like the transformer's (`streamed_block_indices`) and as many as fit stay.
+    """
+    margin = BUDGET_TEXT_ENCODER_MARGIN_GB
+    whole = text_encoder_gb + vae_gb + BUDGET_TEXT_ENCODER_ACTIVATION_GB
+    everything = tuple(range(num_layers))
+    if num_layers == 0:  # sizes without the layer split (older callers): one piece, resident
+        return TextEncoderPlan(False, everything, (), whole, whole + margin, 0.0)
+    # The split: lm_head and the final norm stay; the vision tower runs before any language layer, so its copy
+    # shares room with the two streamed layers' buffers.
+    head = text_encoder_gb - num_layers * layer_gb - vision_gb - embed_gb
+    base = head + vae_gb + BUDGET_TEXT_ENCODER_ACTIVATION_GB
+
+    def peak(count: int) -> float:
+        return base + count * layer_gb + max(vision_gb, BUDGET_STREAM_BUFFERS * layer_gb if count < num_layers else 0.0)
+
+    minimum = min(whole, peak(1)) + margin
+    if resident_layers is None and whole + margin <= vram_budget_gb:
+        return TextEncoderPlan(False, everything, (), whole, minimum, 0.0)
+    if resident_layers is not None:
+        if not 1 <= resident_layers <= num_layers:
+            raise ValueError(f"text_resident_layers={resident_layers} is out of range: use 1 to {num_layers}")
+        count = resident_layers
+    else:
+        count = max([c for c in range(1, num_layers + 1) if peak(c) + margin <= vram_budget_gb], default=1)
+    streamed = streamed_block_indices(num_layers, count)
+    return TextEncoderPlan(True, tuple(i for i in everything if i not in streamed), streamed, peak(count), minimum,
+                           len(streamed) * layer_gb)
+
+
+def budget_sizes(transformer: torch.nn.Module, text_encoder: torch.nn.Module, vae: torch.nn.Module) -> dict[str, Any]:
+    """The sizes `plan_budget` takes (GiB), from loaded models."""
+    blocks = transformer.transformer_blocks
+    layers, vision, embed = _text_encoder_parts(text_encoder)
+    return dict(block_gb=max(_module_gb(block) for block in blocks), num_blocks=len(blocks),
+                other_transformer_gb=_module_gb(transformer) - _module_gb(*blocks),
+                text_encoder_gb=_module_gb(text_encoder), vae_gb=_module_gb(vae),
+                text_layer_gb=max(_module_gb(layer) for layer in layers), text_num_layers=len(layers),
+                text_vision_gb=_module_gb(vision), text_embed_gb=_module_gb(embed))
+
+
+def budget_sizes_from_files(model_path: Path | str, element_size: int) -> dict[str, Any] | None:
+    """The same sizes read from the safetensors headers of a diffusers folder (no weights loaded), for weights held
+    in a dtype of `element_size` bytes. None when a model's files are missing (the loader will say so)."""
+    from safetensors import safe_open
+
+    numels: dict[str, dict] = {"transformer": collections.Counter(), "text_encoder": collections.Counter(),
+                               "vae": collections.Counter()}
+    for model, counter in numels.items():
+        files = sorted((Path(model_path) / model).glob("*.safetensors"))
+        if not files:
+            return None
+        for file in files:
+            with safe_open(file, framework="pt") as f:
+                for name in f.keys():
+                    numel = math.prod(f.get_slice(name).get_shape())
+                    if model == "transformer":
+                        block = re.match(r"transformer_blocks\.(\d+)\.", name)
+                        counter[f"block{block[1]}" if block else "other"] += numel
+                    elif model == "text_encoder":  # transformers 4 and 5 key names ("model.layers." / "model.language_model.layers.")
+                        layer = re.search(r"(?:^|\.)layers\.(\d+)\.", name)
+                        part = ("vision" if "visual." in name else "embed" if "embed_tokens" in name
+                                else f"layer{layer[1]}" if layer else "head")
+                        counter[part] += numel
+                    else:
+                        counter["vae"] += numel
+    gb = element_size / GIB
+    blocks = [v for k, v in numels["transformer"].items() if k.startswith("block")]
+    layers = [v for k, v in numels["text_encoder"].items() if k.startswith("layer")]
+    if not blocks or not layers:  # not the Qwen-Image layout: nothing to plan from (the loader says what is wrong)
+        return None
+    return dict(block_gb=max(blocks) * gb, num_blocks=len(blocks), other_transformer_gb=numels["transformer"]["other"] * gb,
+                text_encoder_gb=sum(numels["text_encoder"].values()) * gb, vae_gb=numels["vae"]["vae"] * gb,
+                text_layer_gb=max(layers) * gb, text_num_layers=len(layers),
+                text_vision_gb=numels["text_encoder"]["vision"] * gb, text_embed_gb=numels["text_encoder"]["embed"] * gb)
+
+
+def budget_minimum_gb(sizes: dict[str, Any], image_tokens: int = BUDGET_DEFAULT_JOB_IMAGE_TOKENS) -> float:
+    """The smallest VRAM budget (GiB) in which the budget mode runs a job of `image_tokens` (default: the default job)."""
+    return plan_budget(float("inf"), image_tokens=image_tokens, **sizes).minimum_gb
+
+
+def _text_encoder_parts(text_encoder: torch.nn.Module) -> tuple[torch.nn.ModuleList, torch.nn.Module, torch.nn.Module]:
+    """Qwen2.5-VL's language layers, vision tower and token-embedding table."""
+    model = text_encoder.model
+    language = getattr(model, "language_model", model)
+    return language.layers, model.visual, text_encoder.get_input_embeddings()
+
+
+def available_ram_gb() -> float:
+    import psutil
+
+    return psutil.virtual_memory().available / GIB
 
 
 def check_host_ram(needed_gb: float, available_gb: float | None = None) -> None:
-    """Raise before loading when host RAM cannot hold the page-locked weight copies of the budget mode."""
+    """Raise before loading when host RAM cannot hold the weights (every offload mode loads them into RAM first;
+    the budget mode keeps them there, page-locked)."""
     if available_gb is None:
-        import psutil
-
-        available_gb = psutil.virtual_memory().available / GIB
+        available_gb = available_ram_gb()
     if needed_gb + BUDGET_HOST_RAM_RESERVE_GB > available_gb:
         raise ValueError(
-            f"The budget offload mode keeps page-locked copies of the weights in host RAM: it needs {needed_gb:.1f} GB "
-            f"plus {BUDGET_HOST_RAM_RESERVE_GB:g} GB for the system, and {available_gb:.1f} GB is available. Close other "
-            f"programs or add RAM; --quantization fp8_storage halves the transformer's share (lossy).")
+            f"Not enough host RAM: every offload mode loads the transformer and text encoder weights into RAM (the "
+            f"budget mode keeps them there, page-locked): it needs {needed_gb:.1f} GB plus "
+            f"{BUDGET_HOST_RAM_RESERVE_GB:g} GB for the system, and {available_gb:.1f} GB is available. Close other "
+            f"programs or add RAM. Loading with less RAM (weights read from disk on demand) is not implemented yet "
+            f"(todo/optimize4090.md), and --quantization fp8_storage (lossy) does not lower it: the weights are "
+            f"loaded in bf16 before they are cast.")
+
+
+def check_machine_fits(offload_mode: str, sizes: dict[str, Any], vram_gb: float, ram_gb: float | None) -> None:
+    """Before loading: raise ValueError when `offload_mode` cannot run with `vram_gb` of VRAM and `ram_gb` of
+    available host RAM (None: not checked, no GPU), naming the machine's figures and the mode that would fit.
+    Pure arithmetic on `sizes` (`budget_sizes_from_files`)."""
+    weights_gb = sizes["text_encoder_gb"] + sizes["other_transformer_gb"] + sizes["num_blocks"] * sizes["block_gb"]
+    minimum = budget_minimum_gb(sizes)
+    if ram_gb is not None:
+        try:
+            check_host_ram(weights_gb, ram_gb)
+        except ValueError as err:
+            raise ValueError(f"This machine: {vram_gb:.1f} GB of VRAM, {ram_gb:.1f} GB of RAM available. {err} "
+                             f"With the RAM, the budget mode needs {minimum:.1f} GB of VRAM; the sequential mode "
+                             f"~1 GB.") from None
+    largest = activation_gb(BUDGET_PLAN_IMAGE_TOKENS + BUDGET_PLAN_TEXT_TOKENS) + BUDGET_SAFETY_MARGIN_GB
+    needs = {"off": weights_gb + sizes["vae_gb"] + largest,
+             "model": sizes["other_transformer_gb"] + sizes["num_blocks"] * sizes["block_gb"] + sizes["vae_gb"] + largest}
+    if offload_mode in needs and vram_gb < needs[offload_mode]:
+        fits = "budget" if vram_gb >= minimum else "sequential"
+        raise ValueError(f"--offload {offload_mode} needs ~{needs[offload_mode]:.0f} GB of VRAM and this GPU has "
+                         f"{vram_gb:.1f} GB: use --offload auto (here: {fits}).")
+    if offload_mode == "budget":
+        plan_budget(vram_gb, image_tokens=BUDGET_DEFAULT_JOB_IMAGE_TOKENS, **sizes)  # raises naming the minimum and the fix
 
 
 def _module_gb(*modules: torch.nn.Module) -> float:
@@ -1033,9 +1209,7 @@ class _BudgetStages:
             # Started by the streamed block before it. The first one: by block 1 (the start hook), or, when
             # block 1 streams too, by diffusers' own fallback (a synchronous copy on first use).
             hook.group.onload_self = False
-        for hook, next_hook in zip(streamed, streamed[1:]):
-            hook.next_group = next_hook.group
-        self.start_hook.group = streamed[0].group if streamed else None
+        chain_streamed(streamed, self.start_hook)
 
     def release(self) -> None:
         """Every weight back to its host copy (also after an error mid-run) and the allocator's cache emptied."""
@@ -1075,7 +1249,8 @@ class BudgetBlockHook(GroupOffloadingHook):
 
 
 class StartStreamingHook(ModelHook):
-    """On block 1, which runs only on steps FirstBlockCache computes: start copying the first streamed block."""
+    """On a module that runs before the first streamed one (transformer block 1, which runs only on steps
+    FirstBlockCache computes; the text encoder's language layer 0): start copying the first streamed block."""
 
     group = None
 
@@ -1085,32 +1260,81 @@ class StartStreamingHook(ModelHook):
         return args, kwargs
 
 
-def install_block_hooks(blocks, device: torch.device, stream: "torch.cuda.Stream | None") -> tuple[dict, StartStreamingHook]:
-    """Blocks 1.. get one diffusers ModuleGroup + BudgetBlockHook each (block 0 always stays resident: FirstBlockCache
-    decides from its output), block 1 the StartStreamingHook. Returns ({block index: hook}, start hook); which
-    blocks stream is set per job by `_BudgetStages._split`.
+def chain_streamed(streamed: list[BudgetBlockHook], start_hook: StartStreamingHook) -> None:
+    """Each streamed block's start copies the next one in on the side stream; the start hook copies the first."""
+    for hook, next_hook in zip(streamed, streamed[1:]):
+        hook.next_group = next_hook.group
+    start_hook.group = streamed[0].group if streamed else None
+
+
+def group_offloading_config(device: torch.device, stream: "torch.cuda.Stream | None",
+                            exclude_kwargs: tuple[str, ...] = ()) -> GroupOffloadingConfig:
+    """The config of our hooks: one module group per block, host copies in CPU RAM, copies on `stream`."""
+    return GroupOffloadingConfig(onload_device=device, offload_device=torch.device("cpu"),
+                                 offload_type=GroupOffloadingType.BLOCK_LEVEL, non_blocking=device.type == "cuda",
+                                 record_stream=False, low_cpu_mem_usage=False, num_blocks_per_group=1, stream=stream,
+                                 exclude_kwargs=list(exclude_kwargs) or None)
+
+
+def install_group_hook(leader: torch.nn.Module, modules: list[torch.nn.Module], config: GroupOffloadingConfig,
+                       group_id: str) -> BudgetBlockHook:
+    """One page-locked ModuleGroup of `modules`, copied in when `leader` is called (after the previous streamed
+    group started it, else on first use) and dropped after it has run."""
+    group = PageLockedModuleGroup(modules=modules, offload_device=config.offload_device, onload_device=config.onload_device,
+                                  offload_leader=leader, onload_leader=leader, non_blocking=config.non_blocking,
+                                  stream=config.stream, record_stream=False, onload_self=False, group_id=group_id)
+    hook = BudgetBlockHook(group, config=config)
+    HookRegistry.check_if_exists_or_initialize(leader).register_hook(hook, _GROUP_OFFLOADING)
+    return hook
+
+
+def install_block_hooks(blocks, device: torch.device, stream: "torch.cuda.Stream | None", indices=None, start_at: int = 1,
+                        group_id: str = "transformer_blocks", exclude_kwargs: tuple[str, ...] = ()
+                        ) -> tuple[dict, StartStreamingHook]:
+    """Blocks `indices` (default 1..: block 0 always stays resident, FirstBlockCache decides from its output) get
+    one diffusers ModuleGroup + BudgetBlockHook each, block `start_at` the StartStreamingHook. Returns ({block
+    index: hook}, start hook); which transformer blocks stream is set per job by `_BudgetStages._split`, the text
+    encoder's streamed language layers are chained once (`install_text_encoder_hooks`). `exclude_kwargs`: keyword
+    arguments the hook leaves where they are (the text encoder's KV cache is updated in place).
 
     apply_group_offloading would stream every block or none, hence the groups by hand. record_stream=False: a
     streamed block's GPU copy is freed as soon as it has run (the host waits for it there; it waits for the next
     copy anyway), so at most two are on the GPU.
     """
-    host, on_cuda = torch.device("cpu"), device.type == "cuda"
-    config = GroupOffloadingConfig(onload_device=device, offload_device=host, offload_type=GroupOffloadingType.BLOCK_LEVEL,
-                                   non_blocking=on_cuda, record_stream=False, low_cpu_mem_usage=False,
-                                   num_blocks_per_group=1, stream=stream)
+    config = group_offloading_config(device, stream, exclude_kwargs)
     hooks = {}
-    for index, block in enumerate(blocks):
-        if index == 0:  # always resident: FirstBlockCache decides from its output
-            continue
-        group = PageLockedModuleGroup(modules=[block], offload_device=host, onload_device=device, offload_leader=block,
-                                      onload_leader=block, non_blocking=on_cuda, stream=stream, record_stream=False,
-                                      onload_self=False, group_id=f"transformer_blocks.{index}")
-        hooks[index] = BudgetBlockHook(group, config=config)
-        HookRegistry.check_if_exists_or_initialize(block).register_hook(hooks[index], _GROUP_OFFLOADING)
+    for index in range(1, len(blocks)) if indices is None else indices:
+        hooks[index] = install_group_hook(blocks[index], [blocks[index]], config, f"{group_id}.{index}")
     start_hook = StartStreamingHook()
-    if len(blocks) > 1:
-        HookRegistry.check_if_exists_or_initialize(blocks[1]).register_hook(start_hook, _START_STREAMING_HOOK)
+    if len(blocks) > start_at:
+        HookRegistry.check_if_exists_or_initialize(blocks[start_at]).register_hook(start_hook, _START_STREAMING_HOOK)
     return hooks, start_hook
+
+
+def install_text_encoder_hooks(text_encoder, plan: TextEncoderPlan, device: torch.device,
+                               stream: "torch.cuda.Stream | None") -> tuple[list[torch.nn.Module], set[int], list]:
+    """The text encoder where it does not fit whole (16 and 12 GB cards; `TextEncoderPlan`): its streamed language
+    layers get the same groups and hooks as the streamed transformer blocks (`install_block_hooks`), chained once
+    (the split does not depend on the job), layer 0 (always resident) starting the copies; the vision tower's
+    blocks and merger are one group copied in for its call (patch_embed, 3 MB, stays: transformers' generate()
+    takes the model's device from its first parameter); the token-embedding table is looked up in host RAM, one
+    row per token. Returns (the modules that got hooks, ids of the weights that do not enter with the text
+    encoder's stage, removers of the embedding's hooks)."""
+    host = torch.device("cpu")
+    layers, vision, embed = _text_encoder_parts(text_encoder)
+    exclude = ("past_key_values", "past_key_value")  # the KV cache is updated in place
+    hooks, start_hook = install_block_hooks(layers, device, stream, indices=plan.streamed_layers, start_at=0,
+                                            group_id="text_encoder.layers", exclude_kwargs=exclude)
+    chain_streamed(list(hooks.values()), start_hook)
+    vision_modules = [*vision.blocks, vision.merger]
+    install_group_hook(vision, vision_modules, group_offloading_config(device, stream, exclude),
+                       "text_encoder.visual")  # copies on first use
+    removers = [embed.register_forward_pre_hook(lambda module, args: tuple(a.to(host) if torch.is_tensor(a) else a
+                                                                           for a in args)).remove,
+                embed.register_forward_hook(lambda module, args, output: output.to(device)).remove]
+    off_stage = {id(t) for m in [embed, *vision_modules, *(layers[i] for i in plan.streamed_layers)]
+                 for t in itertools.chain(m.parameters(), m.buffers())}
+    return [*layers, vision], off_stage, removers
 
 
 def install_stage_hooks(pipe, stages: _BudgetStages) -> None:
@@ -1139,30 +1363,38 @@ def install_stage_hooks(pipe, stages: _BudgetStages) -> None:
     stages.undo.append(lambda: delattr(text_encoder, "generate"))
 
 
-def enable_budget_offload(pipe, vram_budget_gb: float, resident_blocks: int | None = None) -> list[str]:
+def enable_budget_offload(pipe, vram_budget_gb: float, resident_blocks: int | None = None,
+                          text_resident_layers: int | None = None) -> list[str]:
     """Offload mode "budget" (see the comment above): plan, then apply. Returns what was applied, by name.
 
     Without CUDA the same hooks run with every weight on the CPU: nothing moves and the outputs equal "off"
     (tests/test_budget_offload.py checks this on the demo pipeline). Weight storage (fp8) goes first, and
     FirstBlockCache, if enabled before, is put back outside our hooks. `resident_blocks` fixes the number of
     resident transformer blocks for every job (tests, tuning); by default each job gets as many as fit.
+    `text_resident_layers` splits the text encoder (`TextEncoderPlan`) with that many language layers resident;
+    by default it is split only when it does not fit whole.
     """
     transformer, text_encoder, vae = pipe.transformer, pipe.text_encoder, pipe.vae
     blocks = transformer.transformer_blocks
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     on_cuda = device.type == "cuda"
 
-    # 1. Plan from the loaded weights (fp8 storage, applied before, halves the blocks). The largest job the UI
-    #    allows must fit: that raises here, before anything moves, when the budget is too small.
-    sizes = dict(block_gb=max(_module_gb(block) for block in blocks), num_blocks=len(blocks),
-                 other_transformer_gb=_module_gb(transformer) - _module_gb(*blocks),
-                 text_encoder_gb=_module_gb(text_encoder), vae_gb=_module_gb(vae))
+    # 1. Plan from the loaded weights (fp8 storage, applied before, halves the blocks). The default job must fit:
+    #    that raises here, before anything moves, when the budget is too small; a larger job that does not fit is
+    #    refused when it starts.
+    sizes = budget_sizes(transformer, text_encoder, vae)
 
     def plan_for(tokens: int) -> BudgetPlan:
-        return plan_budget(vram_budget_gb, image_tokens=tokens, resident_blocks=resident_blocks, **sizes)
+        return plan_budget(vram_budget_gb, image_tokens=tokens, resident_blocks=resident_blocks,
+                           text_resident_layers=text_resident_layers, **sizes)
 
-    largest = plan_for(BUDGET_PLAN_IMAGE_TOKENS)
-    default = plan_for(image_tokens(DEFAULTS["layers"], DEFAULTS["resolution"]))
+    default = plan_for(BUDGET_DEFAULT_JOB_IMAGE_TOKENS)
+    try:
+        largest = plan_for(BUDGET_PLAN_IMAGE_TOKENS)
+    except ValueError as err:  # small cards: the default job fits, the largest is refused when it starts
+        logger.warning("Low-VRAM engine: the largest job (%d px, %d layers) will not fit: %s", RESOLUTIONS[-1],
+                       LAYERS_RANGE[1], err)
+        largest = default
     logger.info("Low-VRAM engine: %s; at the default job (%d px, %d layers): %d blocks resident", largest.describe(),
                 DEFAULTS["resolution"], DEFAULTS["layers"], len(default.resident_blocks))
 
@@ -1182,6 +1414,16 @@ def enable_budget_offload(pipe, vram_budget_gb: float, resident_blocks: int | No
     #    skip their hook.
     stream = torch.cuda.Stream() if on_cuda else None
     hooks, start_hook = install_block_hooks(blocks, device, stream)
+    hooked = list(blocks)
+
+    # 4b. The text encoder where it does not fit whole (16 and 12 GB cards): the same hooks on its streamed language
+    #     layers and vision tower, its embeddings in host RAM. The split does not depend on the job.
+    text_plan = largest.text_encoder
+    off_stage: set[int] = set()  # ids of text encoder weights that do not enter with its stage
+    removers: list[Callable[[], None]] = []
+    if text_plan.split:
+        text_modules, off_stage, removers = install_text_encoder_hooks(text_encoder, text_plan, device, stream)
+        hooked += text_modules
 
     # 5. Stages: each model, when called, first brings its stage's weights to the GPU and sends the others back.
     block_ids = [{id(t) for t in itertools.chain(b.parameters(), b.buffers())} for b in blocks]
@@ -1189,12 +1431,14 @@ def enable_budget_offload(pipe, vram_budget_gb: float, resident_blocks: int | No
     stages = _BudgetStages(
         device, plan_for,
         {"transformer": [pair for pair in transformer_weights if id(pair[0]) not in in_blocks],
-         "text_encoder": text_encoder_weights},
+         "text_encoder": [pair for pair in text_encoder_weights if id(pair[0]) not in off_stage],
+         "text_encoder_streamed": [pair for pair in text_encoder_weights if id(pair[0]) in off_stage]},  # never a stage
         [[pair for pair in transformer_weights if id(pair[0]) in ids] for ids in block_ids],
         hooks, start_hook, stream)
     install_stage_hooks(pipe, stages)
-    for block in blocks:
-        registry = HookRegistry.check_if_exists_or_initialize(block)
+    stages.undo += removers
+    for module in hooked:
+        registry = HookRegistry.check_if_exists_or_initialize(module)
         stages.undo.append(functools.partial(registry.remove_hook, _GROUP_OFFLOADING, recurse=False))
         stages.undo.append(functools.partial(registry.remove_hook, _START_STREAMING_HOOK, recurse=False))
     pipe._budget_stages = stages
@@ -1203,6 +1447,8 @@ def enable_budget_offload(pipe, vram_budget_gb: float, resident_blocks: int | No
     if cache_config is not None:
         transformer.enable_cache(cache_config)
     applied = [f"budget_offload({largest.describe()}; {len(default.resident_blocks)} blocks resident at the default job)"]
+    if text_plan.split:
+        applied.append(f"budget_text_encoder_split({text_plan.describe()})")
     if on_cuda and not all(m._budget_host_copies["locked"] for m in (transformer, text_encoder)):
         applied.append("host_copies_not_page_locked")
     return applied
@@ -3514,7 +3760,7 @@ def main(argv: list[str] | None = None) -> int:
         if parallel.rank == 0:
             get_model_path(settings)
         torch.distributed.barrier(group=parallel.job_group)
-    pipe = load_pipeline(settings)  # ModelNotAvailableError, check_host_ram's, plan_budget's: exit 2 with the message
+    pipe = load_pipeline(settings)  # ModelNotAvailableError, check_machine_fits' (VRAM, RAM), plan_budget's: exit 2
     if parallel is not None:
         pipe._studio_info["optimizations"] += enable_multi_gpu(pipe, parallel)
         if parallel.rank != 0:  # the other ranks only follow rank 0's jobs

@@ -354,7 +354,7 @@ def main(argv: list[str] | None = None) -> int:
     ns = parse_args(argv)
     settings = app.settings_from_args(ns)
     environment = app.print_environment_info()
-    pipe = app.load_pipeline(settings, EDIT_MODEL)  # a failure to load says what to do: exit 2 (app.exits_with_message)
+    pipe = app.load_pipeline(settings, EDIT_MODEL)  # no weights, or the machine cannot fit the mode: exit 2 (app.exits_with_message)
     rmbg = None
     if ns.matte != "chroma_key":
         try:
