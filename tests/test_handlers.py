@@ -70,3 +70,15 @@ def test_handlers_are_bound_with_partial_in_build_ui(demo_pipe, models_dir, tmp_
     for name, module_function in (("decompose", app.decompose_handler), ("decompose_layer", app.decompose_layer_handler)):
         called = bound[name].handler
         assert isinstance(called, functools.partial) and called.func is module_function
+
+
+def test_the_pages_score_view_reads_only_uploads(demo_pipe, models_dir, tmp_path, first_run):
+    """The private input|composite event gets the client's raw image value too: it goes through readable_upload."""
+    _, returned = first_run
+    secret = tmp_path / "secret.png"  # a real image on the server that no client uploaded
+    Image.new("RGBA", (64, 64), (1, 2, 3, 255)).save(secret)
+    demo = app.build_ui(demo_pipe, demo_settings(models_dir, outputs=tmp_path / "out"))
+    views = [fn.fn for fn in demo.fns.values() if getattr(fn.fn, "func", None) is app.recomposition_view]
+    assert len(views) == 1
+    with pytest.raises(ValueError, match="not uploaded to this app"):
+        views[0]({"path": str(secret)}, returned[-1])
