@@ -135,20 +135,39 @@ def random_image(width: int, height: int, seed: int):
     return Image.fromarray(rng.integers(0, 256, (height, width, 4), dtype=np.uint8), "RGBA")
 
 
-class CaptionTimer:
-    """Seconds of each `get_image_caption` call inside `app.infer` (instrumentation only; the call is unchanged)."""
+class CallTimer:
+    """Seconds of each call of `owner.name` (instrumentation only: the call itself is unchanged)."""
 
-    def __init__(self, pipe):
-        self.seconds, self.tokens = [], []
-        caption = pipe.get_image_caption
+    def __init__(self, owner, name: str):
+        self.seconds = []
+        call = getattr(owner, name)
 
-        def timed_caption(*args, **kwargs):
-            seconds, text = timed(caption, *args, **kwargs)
+        def timed_call(*args, **kwargs):
+            seconds, result = timed(call, *args, **kwargs)
             self.seconds.append(round(seconds, 3))
-            self.tokens.append(len(text.split()))
-            return text
+            return result
 
-        pipe.get_image_caption = timed_caption
+        setattr(owner, name, timed_call)
+
+    def take(self) -> list[float]:
+        """The seconds since the last take."""
+        seconds, self.seconds = self.seconds, []
+        return seconds
+
+
+def stage_timers(pipe) -> dict:
+    """Where an image's seconds go: the caption, prompt encoding, VAE, each transformer forward."""
+    return dict(caption=CallTimer(pipe, "get_image_caption"), encode_prompt=CallTimer(pipe, "encode_prompt"),
+                vae_encode=CallTimer(pipe.vae, "encode"), vae_decode=CallTimer(pipe.vae, "decode"),
+                transformer=CallTimer(pipe.transformer, "forward"))
+
+
+def take_stages(timers: dict) -> dict:
+    out = {}
+    for name, timer in timers.items():
+        seconds = timer.take()
+        out[name] = dict(calls=len(seconds), total_s=round(sum(seconds), 3), first_s=seconds[0] if seconds else None)
+    return out
 
 
 def dit_job(transformer, resolution: int, layers: int, text_tokens: int, seed: int) -> dict:
@@ -170,6 +189,13 @@ def layers_diff(a, b) -> dict:
 
     diffs = [np.abs(np.asarray(x, dtype=np.int16) - np.asarray(y, dtype=np.int16)) for x, y in zip(a.layers, b.layers)]
     return dict(max_abs_uint8=int(max(d.max() for d in diffs)), mean_abs_uint8=round(float(np.mean([d.mean() for d in diffs])), 4))
+
+
+def compile_cache_counters() -> dict:
+    """Inductor's and AOTAutograd's cache hits, misses and bypasses so far in this process."""
+    from torch._dynamo.utils import counters
+
+    return {group: {k: v for k, v in counters[group].items() if "cache" in k} for group in ("inductor", "aot_autograd")}
 
 
 def dynamo_graphs() -> int:
@@ -199,7 +225,7 @@ def second_start_child(args) -> int:
     result.update(eager_fwd=eager, compile_call_s=round(seconds, 3), first_compiled_fwd_s=round(first, 3),
                   compiled_fwd=steady, extra_s=round(seconds + first - steady["median_s"], 3),
                   child_wall_s=round(time.perf_counter() - start, 1),
-                  inductor_cache_dir=os.environ.get("TORCHINDUCTOR_CACHE_DIR"))
+                  inductor_cache_dir=os.environ.get("TORCHINDUCTOR_CACHE_DIR"), cache_counters=compile_cache_counters())
     Path(args.child_out).write_text(json.dumps(result, indent=2))
     return 0
 
@@ -260,20 +286,25 @@ def main(argv=None) -> int:
     results.update(build_s=round(seconds, 1), applied=applied,
                    caption_sdpa_backends=list(app.CAPTION_SDPA_BACKENDS))
     log(f"built in {seconds:.1f} s; {applied}; {results['versions']}")
-    timer = CaptionTimer(pipe)
+    timers = stage_timers(pipe)
     image_a = random_image(args.resolution, args.resolution, 1)
     image_b = random_image(args.resolution * 3 // 2, args.resolution, 2)  # 3:2: another caption shape
     run = dict(layers=args.layers, num_inference_steps=args.steps, resolution=args.resolution, seed=7)
 
     # 2. The process's first image, then the same image again.
     first = app.infer(pipe, image_a, prompt="", **run)
+    first_stages = take_stages(timers)
     again = app.infer(pipe, image_a, prompt="", **run)
+    again_stages = take_stages(timers)
+    caption_tokens = len(first.caption.split())
     results.update(first_image_s=round(first.duration_s, 3), repeat_image_s=round(again.duration_s, 3),
-                   first_image_caption_s=timer.seconds[0], repeat_image_caption_s=timer.seconds[1],
-                   caption_tokens=timer.tokens[0], first_vs_repeat=round(first.duration_s / again.duration_s, 3),
+                   first_image_caption_s=first_stages["caption"]["total_s"],
+                   repeat_image_caption_s=again_stages["caption"]["total_s"], caption_tokens=caption_tokens,
+                   first_vs_repeat=round(first.duration_s / again.duration_s, 3),
+                   stages=dict(first_image=first_stages, repeat_image=again_stages),
                    repeat_same_caption=first.caption == again.caption, repeat_layers=layers_diff(first, again))
-    log(f"first {first.duration_s:.2f} s (caption {timer.seconds[0]} s), repeat {again.duration_s:.2f} s "
-        f"(caption {timer.seconds[1]} s), {timer.tokens[0]} caption tokens")
+    log(f"first {first.duration_s:.2f} s, repeat {again.duration_s:.2f} s, {caption_tokens} caption tokens; "
+        f"stages {results['stages']}")
     save()
 
     # 3. A new shape: the caption on another aspect ratio (the app's caption path), then the DiT on a new job shape.
@@ -293,7 +324,7 @@ def main(argv=None) -> int:
     save()
 
     # 4. The eager forward of the job (text tokens: the caption's, as the pipeline conditions on it).
-    text_tokens = timer.tokens[0] + base.TEMPLATE_SUFFIX_TOKENS
+    text_tokens = caption_tokens + base.TEMPLATE_SUFFIX_TOKENS
     with inference, autocast:
         job = dit_job(transformer, args.resolution, args.layers, text_tokens, seed=1)
         timed(base.forward, transformer, job)
@@ -320,12 +351,13 @@ def main(argv=None) -> int:
                                       vs_eager=round(compiled["median_s"] / eager["median_s"], 3),
                                       vs_eager_output=base.compare(out, reference),
                                       new_shape_first_fwd_s=round(new_first_s, 3), new_shape_repeat_fwd_s=round(new_again_s, 3),
-                                      dynamo_graphs=dynamo_graphs() - graphs_before)
+                                      dynamo_graphs=dynamo_graphs() - graphs_before, cache_counters=compile_cache_counters())
             results["compile_warmup_s"] = round(call_s + first_s - compiled["median_s"], 2)
             log(f"compile {results['compile']}")
             save()
             compiled_run = app.infer(pipe, image_a, prompt=again.caption, **run)  # same conditioning as the eager repeat
             results["compile"]["infer_s"] = round(compiled_run.duration_s, 3)
+            results["compile"]["infer_stages"] = take_stages(timers)
             results["compile"]["layers_vs_eager"] = layers_diff(compiled_run, again)
             results["whole_image_bf16_s"] = round(results["repeat_image_caption_s"] + compiled_run.duration_s
                                                   + extra_forwards * compiled["median_s"], 2)
@@ -386,6 +418,7 @@ def main(argv=None) -> int:
             save()
             lossy_run = app.infer(pipe, image_a, prompt=again.caption, **run)
             entry["infer_s"] = round(lossy_run.duration_s, 3)
+            entry["infer_stages"] = take_stages(timers)
             entry["layers_vs_bf16_not_a_quality_figure"] = layers_diff(lossy_run, again)
             entry["whole_image_s"] = round(results["repeat_image_caption_s"] + lossy_run.duration_s
                                            + extra_forwards * fwd["median_s"], 2)
