@@ -243,6 +243,7 @@ def main(argv=None) -> int:
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--deadline-s", type=float, default=1e9, help="skip optional phases that would end past this")
     parser.add_argument("--no-int8", action="store_true")
+    parser.add_argument("--first-image-only", action="store_true", help="stop after phase 2 (where a first image's seconds go)")
     parser.add_argument("--second-start-child", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--child-out", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -306,6 +307,8 @@ def main(argv=None) -> int:
     log(f"first {first.duration_s:.2f} s, repeat {again.duration_s:.2f} s, {caption_tokens} caption tokens; "
         f"stages {results['stages']}")
     save()
+    if args.first_image_only:
+        return 0
 
     # 3. A new shape: the caption on another aspect ratio (the app's caption path), then the DiT on a new job shape.
     new_shape_s, caption_b = timed(app.caption_image, pipe, image_b, args.resolution)
