@@ -295,6 +295,9 @@ def main(argv=None) -> int:
     # 2. The process's first image, then the same image again.
     first = app.infer(pipe, image_a, prompt="", **run)
     first_stages = take_stages(timers)
+    results.update(first_image_s=round(first.duration_s, 3), stages=dict(first_image=first_stages))
+    log(f"first {first.duration_s:.2f} s; stages {first_stages}")
+    save()  # a run cut short still says where the first image's seconds went
     again = app.infer(pipe, image_a, prompt="", **run)
     again_stages = take_stages(timers)
     caption_tokens = len(first.caption.split())
