@@ -27,6 +27,10 @@ os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
 # A local tool: no usage reports to Gradio's or the hub's servers.
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+# --compile: Inductor's compiled kernels are cached on disk here (FX graph + autotune caches), so a second start of the
+# app loads them instead of compiling again; its default under /tmp is lost at every reboot. Weights' folder, not git.
+os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                                                              "models", "torch_compile_cache"))
 
 import argparse
 import collections
@@ -101,7 +105,27 @@ FIRST_BLOCK_CACHE_THRESHOLD = 0.1
 # None keeps bf16 weights. "fp8_storage" stores transformer weights in float8 and computes in bf16
 # (diffusers layerwise casting): half the weight memory, LOSSY.
 QUANTIZATION_MODE = None
-QUANTIZATION_MODES = (None, "fp8_storage")
+QUANTIZATION_MODES = (None, "fp8_storage", "fp8_dynamic", "int8_dynamic")
+# Opt-in LOSSY compute through torchao (off by default): "fp8_dynamic" runs the transformer blocks' linears as float8
+# matmuls (activations and weights scaled on the fly; needs compute capability >= 8.9), "int8_dynamic" as int8 matmuls
+# (>= 8.0). Only the blocks' attention and feed-forward linears are quantized: the modulation and timestep linears see
+# one row per image, which int8's kernel refuses ("self.size(0) needs to be greater than 16") and which costs nothing.
+# Both pay only compiled (eager, H200: fp8 1.18x slower per forward, int8 5x), so they turn ENABLE_COMPILE on, and
+# only with every weight resident (--offload off): the budget engine lays weights out by their bytes and cannot move
+# torchao's quantized tensors. Where they cannot run, `lossy_compute_problem` says why and bf16 runs instead.
+LOSSY_COMPUTE_MODES = ("fp8_dynamic", "int8_dynamic")
+LOSSY_COMPUTE_MIN_CAPABILITY = {"fp8_dynamic": (8, 9), "int8_dynamic": (8, 0)}
+# Regional compilation: torch.compile on the transformer blocks' own forward (all 60 share one compiled graph; shapes
+# are dynamic, so another layer count, resolution or prompt length reuses it). Offload and FirstBlockCache hooks stay
+# outside the compiled code. H200, one resident 640/4 forward: 0.444 s vs 0.531 s eager (bench/bench_speed.py). Off by
+# default: the first run pays the compile (~25 s); later starts load it from disk (TORCHINDUCTOR_CACHE_DIR, at the top).
+ENABLE_COMPILE = False
+COMPILE_OPTIONS = dict(fullgraph=True, dynamic=True)
+# The auto-caption decodes up to 512 tokens and every step is a new sequence length: cuDNN attention builds a plan per
+# new length (H100: 81 ms per token on lengths new to the process, 23 ms on a repeat), so the first image and every new
+# image shape paid ~20 s more. The caption runs with these SDPA kernels instead (24 ms per token on new lengths). The
+# transformer keeps cuDNN: one plan per job shape, and its forward is 16% slower without it (bench/RESULTS.md).
+CAPTION_SDPA_BACKENDS = ("FLASH_ATTENTION", "EFFICIENT_ATTENTION", "MATH")
 # SageAttention kernels through diffusers' attention dispatcher; needs the `sageattention` package.
 ENABLE_SAGE_ATTENTION = False
 # The VAE decodes N layers at up to 1024 px: one layer at a time (slicing) and in tiles keeps its peak low.
@@ -264,6 +288,7 @@ class Settings:
     first_block_cache_threshold: float = FIRST_BLOCK_CACHE_THRESHOLD
     quantization: str | None = QUANTIZATION_MODE
     sage_attention: bool = ENABLE_SAGE_ATTENTION
+    compile: bool = ENABLE_COMPILE
     auth: tuple[str, str] | None = None  # (user, password) for Gradio's login; None: no login
     max_upload_size: str | int = MAX_UPLOAD_SIZE  # Gradio's max_file_size: "50mb", or bytes
     outputs_max_gb: float = OUTPUTS_MAX_GB  # 0: no size limit
@@ -300,7 +325,11 @@ def _add_common_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--first-block-cache-threshold", type=float,
                         default=_env("FIRST_BLOCK_CACHE_THRESHOLD", FIRST_BLOCK_CACHE_THRESHOLD))
     parser.add_argument("--quantization", default=_env("QUANTIZATION", QUANTIZATION_MODE),
-                        choices=[m for m in QUANTIZATION_MODES if m], help="fp8_storage is lossy")
+                        choices=[m for m in QUANTIZATION_MODES if m],
+                        help="all LOSSY: fp8_storage stores weights in float8; fp8_dynamic / int8_dynamic compute in "
+                             "float8 / int8 (torchao, CUDA, --offload off)")
+    parser.add_argument("--compile", action="store_true", default=_env("COMPILE", ENABLE_COMPILE),
+                        help="torch.compile the transformer blocks (faster steps; the first run compiles ~25 s)")
     parser.add_argument("--sage-attention", action="store_true", default=_env("SAGE_ATTENTION", ENABLE_SAGE_ATTENTION))
     parser.add_argument("--vram-budget", dest="vram_budget_gb", type=float, metavar="GB",
                         default=_env("VRAM_BUDGET", VRAM_BUDGET_GB),
@@ -434,6 +463,7 @@ def settings_from_args(ns: argparse.Namespace) -> Settings:
         first_block_cache_threshold=ns.first_block_cache_threshold,
         quantization=ns.quantization,
         sage_attention=ns.sage_attention,
+        compile=ns.compile,
         auth=getattr(ns, "auth", None),  # parse_args has turned USER:PASSWORD into (user, password)
         max_upload_size=getattr(ns, "max_upload_size", MAX_UPLOAD_SIZE),
         outputs_max_gb=getattr(ns, "outputs_max_gb", OUTPUTS_MAX_GB),
@@ -711,6 +741,62 @@ def default_vram_budget_gb(settings: Settings) -> float:
     return torch.cuda.mem_get_info()[0] / GIB
 
 
+def lossy_compute_problem(mode: str, offload_mode: str, capability: tuple[int, int] | None,
+                          torchao_version: str | None) -> str | None:
+    """Why LOSSY compute `mode` cannot run here (None: it can). `capability` is the GPU's, None without CUDA."""
+    if capability is None:
+        return f"--quantization {mode} needs a CUDA GPU and this machine has none"
+    if capability < LOSSY_COMPUTE_MIN_CAPABILITY[mode]:
+        need = ".".join(map(str, LOSSY_COMPUTE_MIN_CAPABILITY[mode]))
+        return (f"--quantization {mode} needs a GPU of compute capability {need} or newer for its "
+                f"{mode.split('_')[0]} matmuls; this one is {capability[0]}.{capability[1]}")
+    if torchao_version is None:
+        return f"--quantization {mode} needs the torchao package (pip install torchao), which is not installed"
+    if offload_mode != "off":
+        return (f"--quantization {mode} runs only with every weight resident (--offload off; now: {offload_mode}): "
+                f"the offload hooks move weights by their bytes and cannot move torchao's quantized tensors")
+    return None
+
+
+def _lossy_linear_filter(module: torch.nn.Module, name: str) -> bool:
+    """The transformer blocks' attention and feed-forward linears (one row per token); see LOSSY_COMPUTE_MODES."""
+    return isinstance(module, torch.nn.Linear) and name.startswith("transformer_blocks.") and "_mod." not in name
+
+
+def apply_lossy_compute(transformer: torch.nn.Module, mode: str) -> None:
+    """Quantize the blocks' linears with torchao's dynamic `mode` (LOSSY), on the GPU where it is fast."""
+    from torchao.quantization import (Float8DynamicActivationFloat8WeightConfig, Int8DynamicActivationInt8WeightConfig,
+                                      quantize_)
+
+    config = Float8DynamicActivationFloat8WeightConfig() if mode == "fp8_dynamic" else Int8DynamicActivationInt8WeightConfig()
+    quantize_(transformer, config, filter_fn=_lossy_linear_filter, device="cuda")
+
+
+def compile_problem(offload_mode: str, quantization: str | None = None) -> str | None:
+    """Why the transformer blocks cannot be compiled with these settings (None: they can)."""
+    if offload_mode == "sequential":
+        return ("--compile does not apply with --offload sequential: accelerate's hooks on every layer inside a "
+                "block would break the compiled graph at each weight copy")
+    if quantization == "fp8_storage":
+        return ("--compile does not apply with --quantization fp8_storage: its casting hooks on every layer inside "
+                "a block would be traced into the compiled graph")
+    return None
+
+
+def compile_transformer_blocks(transformer: torch.nn.Module) -> int:
+    """torch.compile each transformer block's own forward (regional compilation); returns how many blocks.
+
+    diffusers' `compile_repeated_blocks` compiles the module call, which runs the forward that offload and
+    FirstBlockCache hooks replace: their Python would be traced and break the graph. Compiling the block's forward
+    before any hook is installed keeps the hooks outside (they wrap the compiled forward) and the graph whole.
+    Inductor caches the compiled kernels on disk (TORCHINDUCTOR_CACHE_DIR, set at the top of this file).
+    """
+    blocks = transformer.transformer_blocks
+    for block in blocks:
+        block.forward = torch.compile(block.forward, **COMPILE_OPTIONS)
+    return len(blocks)
+
+
 def apply_memory_optimizations(pipe, settings: Settings, offload_mode: str) -> list[str]:
     """Apply offload, VAE, cache and attention features, one line each; return what was applied by name.
 
@@ -718,13 +804,30 @@ def apply_memory_optimizations(pipe, settings: Settings, offload_mode: str) -> l
     """
     applied: list[str] = []
     on_cuda = torch.cuda.is_available()
+    compile_blocks = settings.compile
 
     # 1. Weight storage (before offloading, so offload hooks move the smaller tensors).
     if settings.quantization == "fp8_storage":
         pipe.transformer.enable_layerwise_casting(storage_dtype=torch.float8_e4m3fn, compute_dtype=pipe.transformer.dtype)
         applied.append("fp8_storage (LOSSY: transformer weights stored in float8)")
+    elif settings.quantization in LOSSY_COMPUTE_MODES:
+        capability = torch.cuda.get_device_capability() if on_cuda else None
+        problem = lossy_compute_problem(settings.quantization, offload_mode, capability, _version("torchao"))
+        if problem:
+            logger.warning("%s. Running bf16 compute instead (not lossy).", problem)
+        else:
+            apply_lossy_compute(pipe.transformer, settings.quantization)
+            applied.append(f"{settings.quantization} (LOSSY: transformer matmuls in {settings.quantization[:4]}, torchao)")
+            compile_blocks = True  # torchao's dynamic quantization pays only compiled (LOSSY_COMPUTE_MODES)
     elif settings.quantization is not None:
         raise ValueError(f"quantization {settings.quantization!r} is not one of {QUANTIZATION_MODES}")
+
+    # 1b. Regional compilation, before any hook: the offload and cache hooks then wrap the compiled forward.
+    if compile_blocks and compile_problem(offload_mode, settings.quantization):
+        logger.warning("%s. Running the blocks eagerly.", compile_problem(offload_mode, settings.quantization))
+    elif compile_blocks:
+        count = compile_transformer_blocks(pipe.transformer)
+        applied.append(f"compiled_transformer_blocks({count})")
 
     # 2. Where the weights live.
     if offload_mode == "off":
@@ -1939,6 +2042,25 @@ def check_params(**values: Any) -> dict[str, Any]:
     return {name: check_param(name, value) for name, value in values.items()}
 
 
+def caption_attention():
+    """The SDPA kernels the caption's decode may use (CAPTION_SDPA_BACKENDS: no cuDNN plan per new length)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    if not CAPTION_SDPA_BACKENDS:
+        return contextlib.nullcontext()
+    return sdpa_kernel([getattr(SDPBackend, name) for name in CAPTION_SDPA_BACKENDS])
+
+
+def caption_image(pipe, rgba: Image.Image, resolution: int, use_en_prompt: bool = True) -> str:
+    """The pipeline's own `get_image_caption` on the image resized as the pipeline resizes it (greedy decoding)."""
+    from diffusers.pipelines.qwenimage.pipeline_qwenimage_layered import calculate_dimensions
+
+    width, height = calculate_dimensions(resolution * resolution, rgba.width / rgba.height)
+    prompt_image = pipe.image_processor.resize(rgba, height, width)
+    with caption_attention():
+        return pipe.get_image_caption(prompt_image, use_en_prompt=use_en_prompt, device=pipe._execution_device)
+
+
 def infer(
     pipe,
     image: Any,
@@ -1984,11 +2106,7 @@ def infer(
         #    `get_image_caption` on the same resized image first so the caption can be shown and saved.
         caption = prompt
         if auto_caption:
-            from diffusers.pipelines.qwenimage.pipeline_qwenimage_layered import calculate_dimensions
-
-            width, height = calculate_dimensions(resolution * resolution, rgba.width / rgba.height)
-            prompt_image = pipe.image_processor.resize(rgba, height, width)
-            caption = pipe.get_image_caption(prompt_image, use_en_prompt=use_en_prompt, device=pipe._execution_device)
+            caption = caption_image(pipe, rgba, resolution, use_en_prompt)
         # 3. Denoise and decode. A CPU generator: the same seed gives the same noise in every offload
         #    mode and on every device (diffusers moves CPU noise to the execution device).
         generator = torch.Generator(device="cpu").manual_seed(seed)
@@ -2877,6 +2995,8 @@ def find_ground_truth(paths: list[Path | str]) -> list[Path]:
 # ----------------------------------------------------------------------------------------------------
 DEMO_BANNER = ("**Demo model in use** — tiny random weights built offline. Everything runs, but the layers are "
                "noise. Put the real weights in `models/Qwen-Image-Layered` (or pass `--model`) for real results.")
+# Shown while a LOSSY setting (fp8_storage, fp8_dynamic, int8_dynamic) is applied: outputs differ from bf16.
+LOSSY_BANNER = "**Lossy compute in use** ({}) — the layers differ from the model's bf16 output. Restart without `--quantization` for bf16."
 
 
 # Under the recomposition score on the demo model: why it is poor.
@@ -3242,6 +3362,9 @@ def build_ui(pipe, settings: Settings, environment: dict[str, Any] | None = None
         gr.Markdown("# Qwen-Image-Layered studio\nSplit an image into editable RGBA layers.")
         if run_info.get("demo"):
             gr.Markdown(DEMO_BANNER)
+        lossy = [name for name in run_info.get("optimizations", []) if "LOSSY" in name]
+        if lossy:
+            gr.Markdown(LOSSY_BANNER.format("; ".join(lossy)))
         with gr.Row():
             with gr.Column():
                 image = gr.Image(label="Input image", type="filepath", image_mode=None)

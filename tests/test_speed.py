@@ -1,0 +1,126 @@
+"""Speed features (issue 13): the caption's attention kernels, --compile, and the lossy compute modes' refusals.
+
+Speed itself is measured by bench/bench_speed.py (bench/results/speed.json), never by a test. These tests check that
+the features change nothing they should not: the same caption and layers, the same layers compiled, no recompiles.
+"""
+
+import logging
+
+import numpy as np
+import pytest
+import torch
+
+import app
+from conftest import demo_settings
+
+CAPTION_TOKENS = 24  # the demo's caption is 512 random tokens (~30 s on 2 cores); these tests need only a few
+
+
+@pytest.fixture
+def short_captions(demo_pipe, monkeypatch):
+    """Cap the caption's length (speed only: generate itself runs unchanged) and record, for every text-encoder
+    forward, whether cuDNN attention was allowed."""
+    generate = demo_pipe.text_encoder.generate
+    monkeypatch.setattr(demo_pipe.text_encoder, "generate",
+                        lambda **kwargs: generate(**dict(kwargs, max_new_tokens=CAPTION_TOKENS)))
+    cudnn_allowed: list[bool] = []
+    handle = demo_pipe.text_encoder.register_forward_pre_hook(
+        lambda *_: cudnn_allowed.append(torch.backends.cuda.cudnn_sdp_enabled()))
+    yield cudnn_allowed
+    handle.remove()
+
+
+def test_caption_runs_without_cudnn_attention_and_the_layers_stay_the_same(demo_pipe, rgba_image, short_captions, monkeypatch):
+    run = dict(prompt="", layers=2, num_inference_steps=2, seed=5)
+    cudnn_before = torch.backends.cuda.cudnn_sdp_enabled()
+    new = app.infer(demo_pipe, rgba_image, **run)
+    # Caption: CAPTION_TOKENS decode forwards without cuDNN; then the prompt and negative prompt encodings with it.
+    assert short_captions[:CAPTION_TOKENS] == [False] * CAPTION_TOKENS
+    assert short_captions[CAPTION_TOKENS:] == [cudnn_before] * 2
+    assert torch.backends.cuda.cudnn_sdp_enabled() == cudnn_before  # the setting is given back after the caption
+    short_captions.clear()
+    monkeypatch.setattr(app, "CAPTION_SDPA_BACKENDS", ())  # the behaviour before the change
+    old = app.infer(demo_pipe, rgba_image, **run)
+    assert short_captions[:CAPTION_TOKENS] == [cudnn_before] * CAPTION_TOKENS
+    assert new.auto_caption and len(new.caption) > 0
+    assert new.caption == old.caption
+    for a, b in zip(new.layers, old.layers, strict=True):
+        assert np.array_equal(np.asarray(a), np.asarray(b))
+
+
+def unique_graphs() -> int:
+    from torch._dynamo.utils import counters
+
+    return int(counters["stats"]["unique_graphs"])
+
+
+def test_compiled_blocks_under_budget_hooks_and_first_block_cache_match_eager_without_recompiling(models_dir, rgba_image,
+                                                                                               monkeypatch):
+    # Dynamo traces the real blocks with fullgraph=True (a graph break would raise); the "eager" backend runs the
+    # traced graph without Inductor, so no C++ toolchain is needed on the CPU.
+    monkeypatch.setattr(app, "COMPILE_OPTIONS", dict(app.COMPILE_OPTIONS, backend="eager"))
+    settings = dict(offload="budget", first_block_cache=True)
+    eager_pipe = app.load_pipeline(demo_settings(models_dir, **settings))
+    compiled_pipe = app.load_pipeline(demo_settings(models_dir, compile=True, **settings))
+    blocks = len(compiled_pipe.transformer.transformer_blocks)
+    assert f"compiled_transformer_blocks({blocks})" in compiled_pipe._studio_info["optimizations"]
+    assert "compiled_transformer_blocks" not in " ".join(eager_pipe._studio_info["optimizations"])
+    graphs = unique_graphs()
+    for layers, prompt in ((2, "shapes"), (3, "red circle on blue")):  # a new layer count and prompt length
+        run = dict(prompt=prompt, layers=layers, num_inference_steps=2, seed=3)
+        compiled = app.infer(compiled_pipe, rgba_image, **run)
+        eager = app.infer(eager_pipe, rgba_image, **run)
+        assert len(compiled.layers) == layers
+        for a, b in zip(compiled.layers, eager.layers, strict=True):
+            assert np.abs(np.asarray(a, dtype=np.int16) - np.asarray(b, dtype=np.int16)).max() <= 1
+    # One graph serves every block, both jobs and both prompt lengths: the hooks stay outside it (fullgraph held).
+    assert unique_graphs() - graphs == 1
+
+
+def test_lossy_compute_on_a_cpu_machine_is_refused_with_the_reason_and_bf16_runs(models_dir, caplog):
+    with caplog.at_level(logging.WARNING, logger=app.logger.name):
+        pipe = app.load_pipeline(demo_settings(models_dir, quantization="fp8_dynamic"))
+    assert ("--quantization fp8_dynamic needs a CUDA GPU and this machine has none. Running bf16 compute instead "
+            "(not lossy).") in caplog.text
+    assert not [name for name in pipe._studio_info["optimizations"] if "LOSSY" in name or "compiled" in name]
+    linear = pipe.transformer.transformer_blocks[0].attn.to_q
+    assert type(linear.weight) is torch.nn.Parameter and linear.weight.dtype == torch.float32  # not quantized
+
+
+@pytest.mark.parametrize("mode, offload, capability, torchao, expected", [
+    ("fp8_dynamic", "off", (8, 6), "0.18.0", "compute capability 8.9 or newer for its fp8 matmuls; this one is 8.6"),
+    ("int8_dynamic", "off", (7, 5), "0.18.0", "compute capability 8.0 or newer for its int8 matmuls; this one is 7.5"),
+    ("int8_dynamic", "off", (8, 6), None, "needs the torchao package (pip install torchao)"),
+    ("fp8_dynamic", "budget", (8, 9), "0.18.0", "every weight resident (--offload off; now: budget)"),
+    ("fp8_dynamic", "sequential", (9, 0), "0.18.0", "(--offload off; now: sequential)"),
+])
+def test_lossy_compute_problem_names_the_reason(mode, offload, capability, torchao, expected):
+    assert expected in app.lossy_compute_problem(mode, offload, capability, torchao)
+
+
+def test_lossy_compute_runs_where_it_can():
+    assert app.lossy_compute_problem("fp8_dynamic", "off", (8, 9), "0.18.0") is None
+    assert app.lossy_compute_problem("int8_dynamic", "off", (8, 0), "0.18.0") is None
+
+
+def test_lossy_filter_keeps_the_one_row_linears_in_bf16(demo_pipe):
+    names = [name for name, module in demo_pipe.transformer.named_modules()
+             if app._lossy_linear_filter(module, name)]
+    assert "transformer_blocks.0.attn.to_q" in names and "transformer_blocks.0.img_mlp.net.2" in names
+    assert not [name for name in names if "_mod." in name or not name.startswith("transformer_blocks.")]
+    assert "transformer_blocks.0.img_mod.1" not in names  # modulation: one row per image
+
+
+def test_compile_is_refused_where_hooks_sit_inside_the_blocks():
+    assert "accelerate's hooks" in app.compile_problem("sequential")
+    assert "fp8_storage" in app.compile_problem("budget", "fp8_storage")
+    assert app.compile_problem("budget") is None and app.compile_problem("off") is None
+
+
+def test_compile_and_lossy_flags_from_the_command_line_and_environment(monkeypatch):
+    assert app.parse_args([])[1].compile is False
+    assert app.parse_args(["--compile", "--quantization", "int8_dynamic"])[1].compile is True
+    monkeypatch.setenv("QIL_COMPILE", "1")
+    assert app.parse_args([])[1].compile is True
+    with pytest.raises(SystemExit):  # an unknown mode is refused by the parser, naming the choices
+        app.parse_args(["--quantization", "int4_dynamic"])
