@@ -894,7 +894,7 @@ def load_pipeline(settings: Settings, spec: ModelSpec = LAYERED_MODEL):
                                         budget_minimum_gb(sizes) if sizes else BUDGET_AUTO_MIN_VRAM_GB)
     if sizes is not None and (cuda or offload_mode == "budget"):
         check_machine_fits(offload_mode, sizes, vram_gb if cuda else default_vram_budget_gb(settings),
-                           ram_gb=available_ram_gb() if cuda else None)
+                           ram_gb=available_ram_gb())  # every mode loads the weights into RAM first
     setup_cuda_optimizations()
     # 4. Load through from_pretrained, the same path for the real and the demo weights.
     start = time.perf_counter()
@@ -3500,8 +3500,8 @@ def batch_summary(items: list[BatchItem]) -> str:
     failed = [item for item in items if item.error is not None]
     lines = [f"{len(done)} of {len(items)} images decomposed, {len(failed)} failed"]
     scored = [item for item in done if item.score]
-    if scored:  # before the count line, so the list of run folders stays last
-        lines.insert(0, "recomposition PSNR: " + ", ".join(f"{item.image.name} {item.score['psnr_db']:.2f} dB"
+    if scored:  # after the count line, before the list of run folders (which stays last)
+        lines.append("recomposition PSNR: " + ", ".join(f"{item.image.name} {item.score['psnr_db']:.2f} dB"
                                                            for item in scored)
                      + f"; mean {np.mean([item.score['psnr_db'] for item in scored]):.2f} dB (params.json: recomposition)")
     for item in done:

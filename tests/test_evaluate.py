@@ -336,13 +336,13 @@ def test_ui_shows_the_score_next_to_input_and_composite(demo_run):
     assert app.recomposition_view(str(image_path), None) == (None, "")
 
 
-def test_decompose_summary_lists_each_recomposition_psnr_before_the_count():
+def test_decompose_summary_lists_each_recomposition_psnr_after_the_count():
     items = [app.BatchItem(Path("a.png"), folder=Path("runs/a"), score={"psnr_db": 12.0}),
              app.BatchItem(Path("b.png"), folder=Path("runs/b"), score={"psnr_db": 18.5}),
              app.BatchItem(Path("c.png"), error="ValueError: bad")]
     lines = app.batch_summary(items).splitlines()
-    assert lines[0] == "recomposition PSNR: a.png 12.00 dB, b.png 18.50 dB; mean 15.25 dB (params.json: recomposition)"
-    assert lines[1] == "2 of 3 images decomposed, 1 failed" and lines[2] == "  ok      a.png -> runs/a"
+    assert lines[0] == "2 of 3 images decomposed, 1 failed" and lines[2] == "  ok      a.png -> runs/a"
+    assert lines[1] == "recomposition PSNR: a.png 12.00 dB, b.png 18.50 dB; mean 15.25 dB (params.json: recomposition)"
 
 
 def test_cli_max_merges_flag_reaches_the_alignment(tmp_path):
