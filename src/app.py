@@ -349,6 +349,48 @@ def print_environment_info(print_it: bool = True) -> dict[str, Any]:
     return info
 
 
+# The CUDA build of torch for this project's torch version, from PyTorch's own wheel index (pip's default wheel
+# on Windows is CPU-only). cu128 covers every card from the GTX 10 series to the RTX 50 series.
+TORCH_CUDA_INDEX_URL = "https://download.pytorch.org/whl/cu128"
+
+
+def nvidia_driver_answers() -> bool:
+    """True when an NVIDIA driver lists a GPU (`nvidia-smi -L`), whatever torch can see."""
+    import subprocess
+
+    exe = shutil.which("nvidia-smi")
+    if exe is None:
+        return False
+    try:
+        listed = subprocess.run([exe, "-L"], capture_output=True, text=True, timeout=15, check=False)
+    except (OSError, subprocess.SubprocessError):
+        return False
+    return listed.returncode == 0 and "GPU" in listed.stdout
+
+
+def torch_without_cuda_message(driver_answers: bool, cuda_available: bool, torch_cuda: str | None) -> str | None:
+    """What to do when the machine has an NVIDIA GPU but torch cannot use it; None when there is nothing to fix."""
+    if not driver_answers or cuda_available:
+        return None
+    if torch_cuda is None:
+        return (f"An NVIDIA GPU is present (nvidia-smi answers), but this torch {torch.__version__} was built without "
+                f"CUDA (pip's default torch wheel on Windows is CPU-only), so the model would run on the CPU, about "
+                f"1000x slower. Install torch's CUDA build in this environment:\n"
+                f"  pip uninstall -y torch torchvision\n"
+                f"  pip install torch=={torch.__version__.split('+')[0]} torchvision --index-url {TORCH_CUDA_INDEX_URL}")
+    return (f"An NVIDIA GPU is present (nvidia-smi answers), but torch {torch.__version__} (CUDA {torch_cuda}) cannot "
+            f"use it, so the model would run on the CPU. Update the NVIDIA driver to one that supports CUDA "
+            f"{torch_cuda}, and check that CUDA_VISIBLE_DEVICES does not hide the GPU.")
+
+
+def triton_available() -> bool:
+    """Triton (the `triton` module; `triton-windows` on Windows) is what SageAttention's and torch.compile's GPU
+    kernels are built with: features that need it stay off where it is missing."""
+    import importlib.util
+
+    return importlib.util.find_spec("triton") is not None
+
+
 def clear_memory() -> None:
     """Free Python garbage and, when there is a GPU, the CUDA caching allocator's unused blocks."""
     gc.collect()
@@ -486,6 +528,27 @@ LAYERED_MODEL = ModelSpec(model_id=MODEL_ID, local_dir_name=LOCAL_MODEL_DIR.name
 
 class ModelNotAvailableError(RuntimeError):
     """No local weights and the hub could not provide them. The message says what to do."""
+
+
+class TorchWithoutCudaError(ModelNotAvailableError):
+    """The machine has an NVIDIA GPU that torch cannot use; the message gives the fix (`main` prints it, exit 2)."""
+
+
+def check_torch_sees_gpu(demo: bool, driver_answers: bool | None = None) -> None:
+    """Refuse to load the real model on the CPU when an NVIDIA GPU is there but torch cannot use it.
+
+    The demo model still runs (it is tiny), with the fix in a warning. `driver_answers` None: ask `nvidia-smi`.
+    """
+    if torch.cuda.is_available():
+        return
+    driver_answers = nvidia_driver_answers() if driver_answers is None else driver_answers
+    message = torch_without_cuda_message(driver_answers, False, torch.version.cuda)
+    if message is None:
+        return
+    if demo:
+        logger.warning(message)
+        return
+    raise TorchWithoutCudaError(message)
 
 
 def setup_cuda_optimizations() -> list[str]:
@@ -626,6 +689,9 @@ def apply_memory_optimizations(pipe, settings: Settings, offload_mode: str) -> l
             logger.warning("SageAttention not applied: it needs a CUDA GPU.")
         elif _version("sageattention") is None:
             logger.warning("SageAttention not applied: the `sageattention` package is not installed (pip install sageattention).")
+        elif not triton_available():  # its kernels are Triton kernels (on Windows: pip install triton-windows)
+            logger.warning("SageAttention not applied: it needs Triton, which is not installed (pip install triton; on "
+                           "Windows pip install triton-windows).")
         else:
             pipe.transformer.set_attention_backend("sage")
             applied.append("sage_attention")
@@ -636,6 +702,8 @@ def load_pipeline(settings: Settings, spec: ModelSpec = LAYERED_MODEL):
     """Load `spec`'s pipeline (bf16 on CUDA, float32 on CPU) and apply the memory features."""
     import diffusers
 
+    # 0. A GPU that torch cannot use is said with the fix, not silently replaced by the CPU.
+    check_torch_sees_gpu(settings.demo)
     # 1. Find the weights (raises ModelNotAvailableError with what to do).
     model_path = get_model_path(settings, spec)
     # 2. Pick the dtype: bf16 is the model's dtype; PyTorch's CPU bf16 convolutions are ~20x slower than
@@ -1198,6 +1266,60 @@ def to_rgba(image: Any, notes: list[str] | None = None) -> Image.Image:
     return image.convert("RGBA")
 
 
+# The pipeline's `get_image_caption` writes at most this many tokens (its `generate(max_new_tokens=512)`).
+CAPTION_MAX_NEW_TOKENS = 512
+
+
+@contextlib.contextmanager
+def caption_progress(pipe, max_new_tokens: int = CAPTION_MAX_NEW_TOKENS):
+    """Report the caption's tokens as they are written, on a tqdm bar of "caption tokens" (Gradio's track_tqdm
+    shows it like the steps). Yields the transformers streamer; its `written` counts the tokens.
+
+    The pipeline's `get_image_caption` calls `text_encoder.generate` without a streamer argument, so for the
+    duration of the block the text encoder's `generate` gets one (transformers' streamer interface: `put` is
+    called with the prompt, then with each new token; `end` when done). This keeps the pipeline's own caption
+    code instead of a copy of it.
+    """
+    from tqdm.auto import tqdm
+    from transformers.generation.streamers import BaseStreamer
+
+    class TokenCounter(BaseStreamer):
+        def __init__(self):
+            self.written, self._prompt_seen = 0, False
+            # No desc: Gradio then shows "12/512 caption tokens" (with a desc it shows only a percentage).
+            self.bar = tqdm(total=max_new_tokens, unit="caption tokens", leave=False)
+
+        def put(self, value):
+            if not self._prompt_seen:  # generate's first call hands over the prompt
+                self._prompt_seen = True
+                return
+            self.written += value.numel()
+            self.bar.update(value.numel())
+
+        def end(self):
+            self.bar.close()
+
+    encoder = pipe.text_encoder
+    counter = TokenCounter()
+    encoder.generate = functools.partial(type(encoder).generate, encoder, streamer=counter)
+    try:
+        yield counter
+    finally:
+        del encoder.generate  # the class's own generate again
+        counter.bar.close()
+
+
+def noise_generator(pipe, seed: int) -> torch.Generator:
+    """The generator the initial noise is drawn with, seeded.
+
+    On CUDA it is a CUDA generator, as in the official app (`torch.Generator(device="cuda")`), in every offload
+    mode: the pipeline's execution device is the GPU in all of them, so a seed found on the official demo gives
+    the same noise here. On a machine without CUDA, a CPU generator.
+    """
+    device = pipe._execution_device
+    return torch.Generator(device=device if device.type == "cuda" else "cpu").manual_seed(int(seed))
+
+
 def check_params(layers: int, num_inference_steps: int, true_cfg_scale: float, resolution: int) -> None:
     """Reject out-of-range values with the accepted range (the pipeline itself would assert or misbehave)."""
     if not (isinstance(layers, (int, np.integer)) and LAYERS_RANGE[0] <= layers <= LAYERS_RANGE[1]):
@@ -1252,10 +1374,11 @@ def infer(
 
                 width, height = calculate_dimensions(resolution * resolution, rgba.width / rgba.height)
                 prompt_image = pipe.image_processor.resize(rgba, height, width)
-                prompt = pipe.get_image_caption(prompt_image, use_en_prompt=use_en_prompt, device=pipe._execution_device)
-            # 3. Denoise and decode. A CPU generator: the same seed gives the same noise in every offload
-            #    mode and on every device (diffusers moves CPU noise to the execution device).
-            generator = torch.Generator(device="cpu").manual_seed(seed)
+                with caption_progress(pipe):  # a bar of the caption's tokens, like the steps' bar
+                    prompt = pipe.get_image_caption(prompt_image, use_en_prompt=use_en_prompt,
+                                                    device=pipe._execution_device)
+            # 3. Denoise and decode, with the official app's noise (`noise_generator`).
+            generator = noise_generator(pipe, seed)
             output = pipe(
                 image=rgba,
                 prompt=prompt,
@@ -1298,6 +1421,7 @@ def infer(
         input_size=list(rgba.size),
         output_size=list(result_layers[0].size),
         input_notes=notes,
+        generator_device=generator.device.type,  # "cuda": the official app's noise; "cpu": a machine without CUDA
     )
     return DecomposeResult(layers=result_layers, caption=prompt, auto_caption=auto_caption, seed=seed,
                            params=params, duration_s=time.perf_counter() - start, notes=notes)
@@ -1571,6 +1695,8 @@ class LayerStack:
     files: dict[str, Any] = dataclasses.field(default_factory=dict)  # save_run's paths for exactly these layers
     previous: "LayerStack | None" = None  # the stack before the last sub-run (one step of undo)
     original_size: tuple[int, int] | None = None  # also export at the input's size (exports' original-size option)
+    caption: str | None = None  # the caption and seed of the run that made these layers (shown after an undo too)
+    seed: int | None = None
 
 
 def fit_to_canvas(layers: list[Image.Image], size: tuple[int, int]) -> list[Image.Image]:
@@ -1586,12 +1712,12 @@ def fit_to_canvas(layers: list[Image.Image], size: tuple[int, int]) -> list[Imag
 
 
 def check_layer_index(index: int, count: int) -> None:
-    """Reject an index outside a stack of `count` layers, saying which indices (and gallery numbers) exist."""
+    """Reject an index outside a stack of `count` layers; the message counts layers from 1, as the gallery does."""
     if not isinstance(index, (int, np.integer)):
-        raise ValueError(f"layer index {index!r} is not an integer: use 0 to {count - 1}")
+        raise ValueError(f"layer index {index!r} is not a whole number: choose a layer from 1 (bottom) to {count}")
     if not 0 <= index < count:
-        raise ValueError(f"layer index {index} (layer {index + 1} in the gallery) is not in the stack: use 0 to "
-                         f"{count - 1} (gallery layers 1 to {count}, 1 = bottom)")
+        raise ValueError(f"layer {index + 1} is not in the stack: choose a layer from 1 (bottom) to {count} "
+                         f"(layer index {index}; indices run from 0)")
 
 
 def replace_layer(layers: list[Image.Image], index: int, sub_layers: list[Image.Image]) -> list[Image.Image]:
@@ -1650,7 +1776,7 @@ def decompose_layer(pipe, stack: LayerStack, index: int, run_info: dict[str, Any
     # 5. The old stack, without its own undo, is the one step back.
     previous = dataclasses.replace(stack, previous=None)
     return (LayerStack(layers=new_layers, run_folder=stack.run_folder, files=files, previous=previous,
-                       original_size=stack.original_size), result)
+                       original_size=stack.original_size, caption=result.caption, seed=result.seed), result)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -1658,6 +1784,11 @@ def decompose_layer(pipe, stack: LayerStack, index: int, run_info: dict[str, Any
 # ----------------------------------------------------------------------------------------------------
 DEMO_BANNER = ("**Demo model in use** — tiny random weights built offline. Everything runs, but the layers are "
                "noise. Put the real weights in `models/Qwen-Image-Layered` (or pass `--model`) for real results.")
+
+
+# The page's own CSS (given to `launch`): Gradio's file box cuts a long file name to "...p"; the downloads'
+# names wrap instead, so the whole name is read.
+UI_CSS = ".downloads .filename .stem { white-space: normal; overflow-wrap: anywhere; }"
 
 
 def example_images() -> list[str]:
@@ -1685,7 +1816,8 @@ def launch_options(settings: Settings) -> dict[str, Any]:
     an --outputs folder elsewhere (or a start from another directory) needs it named there.
     """
     return dict(server_name=settings.host, server_port=settings.port, auth=settings.auth,
-                max_file_size=settings.max_upload_size, allowed_paths=[str(settings.outputs)], show_error=True)
+                max_file_size=settings.max_upload_size, allowed_paths=[str(settings.outputs)], show_error=True,
+                css=UI_CSS)
 
 
 def network_warning(settings: Settings) -> str | None:
@@ -1715,14 +1847,14 @@ def build_ui(pipe, settings: Settings, environment: dict[str, Any] | None = None
                   resolution=DEFAULTS["resolution"], cfg_normalize=DEFAULTS["cfg_normalize"],
                   use_en_prompt=DEFAULTS["use_en_prompt"], original_size=False, progress=gr.Progress(track_tqdm=True)):
         if image is None:
-            raise gr.Error("No image: upload an image (PNG, JPEG, WebP) first.")
+            raise gr.Error("No image: upload an image (PNG, JPEG, WebP) first.", duration=None)
         try:
             result = infer(pipe, image, prompt=prompt, negative_prompt=negative_prompt, seed=seed,
                            randomize_seed=randomize_seed, true_cfg_scale=true_cfg_scale,
                            num_inference_steps=num_inference_steps, layers=layers, resolution=resolution,
                            cfg_normalize=cfg_normalize, use_en_prompt=use_en_prompt)
         except (ValueError, OutOfMemoryError) as err:
-            raise gr.Error(str(err)) from err
+            raise gr.Error(str(err), duration=None) from err
         for note in result.notes:
             gr.Warning(note, duration=None)  # stays on the page until closed
         paths = save_run(result, settings.outputs, run_info,
@@ -1733,7 +1865,8 @@ def build_ui(pipe, settings: Settings, environment: dict[str, Any] | None = None
         if deleted:
             logger.info("Deleted %d old run folder(s) (--outputs-max-gb / --outputs-max-age-hours)", len(deleted))
         stack = LayerStack(layers=result.layers, run_folder=paths["folder"], files=paths,
-                           original_size=tuple(result.params["input_size"]) if original_size else None)
+                           original_size=tuple(result.params["input_size"]) if original_size else None,
+                           caption=result.caption, seed=result.seed)
         return (*stack_view(stack), result.caption, result.seed, stack)
 
     def stack_view(stack: LayerStack):
@@ -1751,9 +1884,11 @@ def build_ui(pipe, settings: Settings, environment: dict[str, Any] | None = None
         # (`prompt=None`, like `decompose`'s: an empty Textbox has no value, and a None default is what makes
         # the parameter optional for gradio_client.)
         if stack is None:
-            raise gr.Error("No layers yet: decompose an image first, then select one of its layers in the gallery.")
+            raise gr.Error("No layers yet: decompose an image first, then select one of its layers in the gallery.",
+                           duration=None)
         if layer_number is None:
-            raise gr.Error("No layer selected: click a layer in the gallery (or type its number, 1 = bottom).")
+            raise gr.Error("No layer selected: click a layer in the gallery (or type its number, 1 = bottom).",
+                           duration=None)
         try:
             new_stack, result = decompose_layer(
                 pipe, stack, int(layer_number) - 1, run_info, prompt=prompt, negative_prompt=negative_prompt,
@@ -1761,19 +1896,19 @@ def build_ui(pipe, settings: Settings, environment: dict[str, Any] | None = None
                 num_inference_steps=num_inference_steps, layers=layers, resolution=resolution,
                 cfg_normalize=cfg_normalize, use_en_prompt=use_en_prompt)
         except (ValueError, OutOfMemoryError) as err:
-            raise gr.Error(str(err)) from err
+            raise gr.Error(str(err), duration=None) from err
         logger.info("Layer %d replaced by %d sub-layers; saved in %s", layer_number, len(result.layers),
                     new_stack.files["folder"])
         return (*stack_view(new_stack), result.caption, result.seed, new_stack)
 
     def undo_last(stack=None):
         if stack is None:
-            raise gr.Error("Nothing to undo: decompose an image first.")
+            raise gr.Error("Nothing to undo: decompose an image first.", duration=None)
         try:
             restored = undo(stack)
         except ValueError as err:
-            raise gr.Error(str(err)) from err
-        return (*stack_view(restored), restored)
+            raise gr.Error(str(err), duration=None) from err
+        return (*stack_view(restored), restored.caption, restored.seed, restored)  # the restored run's caption, seed
 
     def select_layer(evt: gr.SelectData):
         return evt.index + 1  # the gallery counts from 0, its captions (and "Selected layer") from 1
@@ -1806,7 +1941,10 @@ def build_ui(pipe, settings: Settings, environment: dict[str, Any] | None = None
                                      object_fit="contain", format="png")
                 with gr.Group():
                     with gr.Row():
-                        layer_number = gr.Number(label="Selected layer (1 = bottom)", precision=0, minimum=1)
+                        # Empty until a layer is clicked. A plain None start is drawn as 0, red under minimum=1 (Gradio
+                        # 6.31 leaves a None value out of the page's config); a value from a function is sent at load.
+                        layer_number = gr.Number(lambda: None, label="Selected layer (1 = bottom)", precision=0,
+                                                 minimum=1, placeholder="click a layer in the gallery")
                         sub_layers = gr.Slider(*LAYERS_RANGE, value=SUB_RUN_LAYERS, step=1, label="Its layers")
                     sub_prompt = gr.Textbox(label="Prompt for this layer (empty: the model captions the layer)")
                     with gr.Row():
@@ -1814,7 +1952,8 @@ def build_ui(pipe, settings: Settings, environment: dict[str, Any] | None = None
                         undo_button = gr.Button("Undo last layer decomposition")
                 caption = gr.Textbox(label="Caption used", interactive=False)
                 used_seed = gr.Number(label="Seed used", interactive=False, precision=0)
-                with gr.Row():
+                # One under the other, full width, so the file names can be read whole (UI_CSS wraps long ones).
+                with gr.Column(elem_classes="downloads"):
                     pptx_file = gr.File(label="PPTX")
                     zip_file = gr.File(label="ZIP")
                     psd_file = gr.File(label="PSD")
@@ -1847,7 +1986,7 @@ def build_ui(pipe, settings: Settings, environment: dict[str, Any] | None = None
             concurrency_limit=1,
             concurrency_id="gpu",
         )
-        undo_button.click(undo_last, inputs=[stack], outputs=[*view, stack], api_name="undo")
+        undo_button.click(undo_last, inputs=[stack], outputs=[*view, caption, used_seed, stack], api_name="undo")
     demo.queue(default_concurrency_limit=1)
     return demo
 
