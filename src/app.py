@@ -1230,7 +1230,7 @@ def check_image_size(width: int, height: int, name: str = "the image") -> None:
                          f"{MAX_INPUT_PIXELS / 1e6:.0f} megapixels. Scale it down first (the model works at about "
                          f"{RESOLUTIONS[-1]} px a side anyway).")
     if min(width, height) < MIN_INPUT_SIDE:
-        raise ValueError(f"{name} is {width}x{height} px: too small to split into layers. Use an image at least "
+        raise ValueError(f"{name} is {width}x{height} px: too small for the model. Use an image at least "
                          f"{MIN_INPUT_SIDE} px on each side.")
     if max(width, height) > MAX_ASPECT_RATIO * min(width, height):
         raise ValueError(f"{name} is {width}x{height} px, longer than {MAX_ASPECT_RATIO}:1: the model needs a "

@@ -245,13 +245,14 @@ def edit_layer(
     start = time.perf_counter()
     # 2. Put the layer on the flat green.
     flat = flatten_on_background(rgba)
-    # 3. Edit at the pipeline's own size (~1024x1024 area, the model's), with CPU noise as in the app.
+    # 3. Edit at the pipeline's own size (~1024x1024 area, the model's), with the app's noise (CUDA on a GPU).
+    generator = app.noise_generator(pipe, seed)
     out_of_memory = False
     try:
         with torch.inference_mode(), torch.autocast("cuda", dtype=torch.bfloat16, enabled=torch.cuda.is_available()):
             edited = pipe(image=flat, prompt=prompt, negative_prompt=negative_prompt, true_cfg_scale=true_cfg_scale,
                           num_inference_steps=num_inference_steps, num_images_per_prompt=1,
-                          generator=torch.Generator(device="cpu").manual_seed(seed)).images[0]
+                          generator=generator).images[0]
     except torch.OutOfMemoryError:
         out_of_memory = True  # raised below: the traceback holds the run's tensors until this block is left
     finally:
@@ -266,7 +267,7 @@ def edit_layer(
     params = dict(prompt=prompt, negative_prompt=negative_prompt, true_cfg_scale=float(true_cfg_scale),
                   num_inference_steps=num_inference_steps, seed=seed, randomize_seed=bool(randomize_seed),
                   matte=matte, matte_used=matte_used, background_color=list(BACKGROUND_COLOR),
-                  input_size=list(rgba.size), model_size=list(edited.size))
+                  input_size=list(rgba.size), model_size=list(edited.size), generator_device=generator.device.type)
     return EditResult(image=image, edited=edited, matte=matte_used, seed=seed, params=params,
                       duration_s=time.perf_counter() - start)
 
@@ -300,14 +301,15 @@ def build_ui(pipe, settings: app.Settings, rmbg=None, matte: str = DEFAULTS["mat
              true_cfg_scale=DEFAULTS["true_cfg_scale"], num_inference_steps=DEFAULTS["num_inference_steps"],
              negative_prompt=DEFAULTS["negative_prompt"], matte=matte, progress=gr.Progress(track_tqdm=True)):
         if image is None:
-            raise gr.Error("No layer: upload an RGBA image (a PNG with transparency) first.")
+            raise gr.Error("No layer: upload an RGBA image (a PNG with transparency) first.", duration=None)
         try:
-            result = edit_layer(pipe, image, prompt, negative_prompt=negative_prompt, true_cfg_scale=true_cfg_scale,
+            layer = app.to_rgba(image)  # the app's reader: size checked before decoding, messages that name the file
+            result = edit_layer(pipe, layer, prompt, negative_prompt=negative_prompt, true_cfg_scale=true_cfg_scale,
                                 num_inference_steps=num_inference_steps, seed=seed, randomize_seed=randomize_seed,
                                 matte=matte, rmbg=rmbg)
         except (ValueError, app.OutOfMemoryError) as err:
-            raise gr.Error(str(err)) from err
-        folder = save_edit(result, image, settings.outputs, run_info)
+            raise gr.Error(str(err), duration=None) from err  # stays on the page until closed
+        folder = save_edit(result, layer, settings.outputs, run_info)
         logger.info("Edit saved in %s (%.1f s, matte %s)", folder, result.duration_s, result.matte)
         return result.image, result.seed, f"Alpha recovered by **{result.matte}**. Saved in `{folder}`."
 
@@ -342,7 +344,10 @@ def build_ui(pipe, settings: app.Settings, rmbg=None, matte: str = DEFAULTS["mat
               inputs=[image, prompt, seed, randomize_seed, true_cfg_scale, num_inference_steps, negative_prompt,
                       matte_choice],
               outputs=[result, used_seed, info], api_name="edit",
-              concurrency_limit=1)  # one GPU job at a time; others wait in Gradio's queue
+              concurrency_limit=1,  # one GPU job at a time; others wait in Gradio's queue
+              # As in the app: the handler gets Gradio's raw file value and `app.to_rgba` reads it with the app's
+              # checks and messages (Gradio's preprocess would open it with Pillow first and fail with its own dump).
+              preprocess=False)
     demo.queue(default_concurrency_limit=1)
     return demo
 
