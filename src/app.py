@@ -146,6 +146,12 @@ ORIGINAL_SIZE_RESAMPLE = Image.Resampling.LANCZOS
 # Prompt text in file names is cut to this many UTF-8 bytes: readable, and far under the 255-byte name
 # limit of ext4, NTFS and APFS (a Hangul or Han character takes 3 bytes).
 FILE_NAME_TEXT_MAX_BYTES = 60
+# The longest path the app writes inside the outputs folder, in characters: a sub-run's original-size PPTX,
+# <stamp>_seed<10 digits> (37) / sub_runs / <stamp>_seed<10> (37) / original_size / <60-char text>_seed<10>_<32000x2000>.pptx
+# (91), with separators: 190 (Gradio's cached copies, .gradio-cache/<64 hex>/<name>, stay under 160). Windows
+# without long paths enabled stops at 259 characters, which leaves 68 for the outputs folder (`windows_path_warning`).
+RUN_PATH_MAX_CHARS = 190
+WINDOWS_MAX_PATH_CHARS = 259  # MAX_PATH (260) less the terminating NUL
 
 # Low-VRAM engine ("budget" mode) planning figures. Sizes in GiB (2**30 bytes), like torch's memory stats.
 # Left free inside the budget: the allocator's cache above its allocated peak (up to 1.2 GB measured), the CUDA
@@ -349,9 +355,10 @@ def print_environment_info(print_it: bool = True) -> dict[str, Any]:
     return info
 
 
-# The CUDA build of torch for this project's torch version, from PyTorch's own wheel index (pip's default wheel
-# on Windows is CPU-only). cu128 covers every card from the GTX 10 series to the RTX 50 series.
-TORCH_CUDA_INDEX_URL = "https://download.pytorch.org/whl/cu128"
+# The CUDA build of torch, from PyTorch's own wheel index (pip's default wheel on Windows is CPU-only). CUDA 13.0
+# builds (what this project's torch 2.14.1+cu130 is) run the RTX 20 series to the RTX 50 series; other builds are
+# listed at https://pytorch.org/get-started/locally/.
+TORCH_CUDA_INDEX_URL = "https://download.pytorch.org/whl/cu130"
 
 
 def nvidia_driver_answers() -> bool:
@@ -377,7 +384,8 @@ def torch_without_cuda_message(driver_answers: bool, cuda_available: bool, torch
                 f"CUDA (pip's default torch wheel on Windows is CPU-only), so the model would run on the CPU, about "
                 f"1000x slower. Install torch's CUDA build in this environment:\n"
                 f"  pip uninstall -y torch torchvision\n"
-                f"  pip install torch=={torch.__version__.split('+')[0]} torchvision --index-url {TORCH_CUDA_INDEX_URL}")
+                f"  pip install torch=={torch.__version__.split('+')[0]} torchvision --index-url {TORCH_CUDA_INDEX_URL}\n"
+                f"(other CUDA builds: https://pytorch.org/get-started/locally/)")
     return (f"An NVIDIA GPU is present (nvidia-smi answers), but torch {torch.__version__} (CUDA {torch_cuda}) cannot "
             f"use it, so the model would run on the CPU. Update the NVIDIA driver to one that supports CUDA "
             f"{torch_cuda}, and check that CUDA_VISIBLE_DEVICES does not hide the GPU.")
@@ -685,17 +693,24 @@ def apply_memory_optimizations(pipe, settings: Settings, offload_mode: str) -> l
 
     # 5. Attention kernels.
     if settings.sage_attention:
-        if not on_cuda:
-            logger.warning("SageAttention not applied: it needs a CUDA GPU.")
-        elif _version("sageattention") is None:
-            logger.warning("SageAttention not applied: the `sageattention` package is not installed (pip install sageattention).")
-        elif not triton_available():  # its kernels are Triton kernels (on Windows: pip install triton-windows)
-            logger.warning("SageAttention not applied: it needs Triton, which is not installed (pip install triton; on "
-                           "Windows pip install triton-windows).")
+        if sage_attention_unavailable(on_cuda):
+            logger.warning(sage_attention_unavailable(on_cuda))
         else:
             pipe.transformer.set_attention_backend("sage")
             applied.append("sage_attention")
     return applied
+
+
+def sage_attention_unavailable(on_cuda: bool) -> str | None:
+    """Why SageAttention cannot apply on this machine; None when it can."""
+    if not on_cuda:
+        return "SageAttention not applied: it needs a CUDA GPU."
+    if _version("sageattention") is None:
+        return "SageAttention not applied: the `sageattention` package is not installed (pip install sageattention)."
+    if not triton_available():  # its kernels are Triton kernels
+        return ("SageAttention not applied: it needs Triton, which is not installed (pip install triton; on Windows "
+                "pip install triton-windows).")
+    return None
 
 
 def load_pipeline(settings: Settings, spec: ModelSpec = LAYERED_MODEL):
@@ -1503,6 +1518,20 @@ def safe_file_text(text: str, max_bytes: int = FILE_NAME_TEXT_MAX_BYTES) -> str:
     return kept.encode("utf-8")[:max_bytes].decode("utf-8", errors="ignore").strip("-")
 
 
+def windows_path_warning(outputs: Path, windows: bool = os.name == "nt") -> str | None:
+    """On Windows, the start-up warning for an outputs folder too deep for the longest path a run writes
+    (RUN_PATH_MAX_CHARS) under the 260-character limit; None elsewhere, or when it fits."""
+    if not windows:
+        return None
+    outputs = Path(outputs).absolute()
+    if len(str(outputs)) + 1 + RUN_PATH_MAX_CHARS <= WINDOWS_MAX_PATH_CHARS:
+        return None
+    return (f"The outputs folder {outputs} is {len(str(outputs))} characters long: a run writes paths up to "
+            f"{RUN_PATH_MAX_CHARS} characters inside it, past Windows' 260-character limit. Pass a shorter --outputs "
+            f"(at most {WINDOWS_MAX_PATH_CHARS - 1 - RUN_PATH_MAX_CHARS} characters, e.g. C:\\qil-outputs), or enable "
+            f"long paths (LongPathsEnabled, see Microsoft's 'Maximum Path Length Limitation').")
+
+
 def export_stem(caption: str, seed: int) -> str:
     """`<caption>_seed<seed>`, the name of a run's ZIP, PPTX and PSD; `layers_seed<seed>` without text.
 
@@ -2057,6 +2086,8 @@ def main(argv: list[str] | None = None) -> int:
     command, settings, ns = parse_args(argv)
     if command == "ui" and network_warning(settings):
         logger.warning(network_warning(settings))
+    if windows_path_warning(settings.outputs):
+        logger.warning(windows_path_warning(settings.outputs))
     if command == "decompose":
         # Mistakes that would fail every image are caught before the model loads.
         images = find_images(ns.images)
