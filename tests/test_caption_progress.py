@@ -7,7 +7,9 @@ import app
 
 
 def test_the_caption_bar_counts_every_token_the_text_encoder_writes(demo_pipe):
-    from diffusers.pipelines.qwenimage.pipeline_qwenimage_layered import calculate_dimensions
+    from diffusers.pipelines.qwenimage.pipeline_qwenimage_layered import (
+        calculate_dimensions,
+    )
 
     image = Image.new("RGBA", (96, 64), (30, 90, 200, 255))
     width, height = calculate_dimensions(640 * 640, image.width / image.height)

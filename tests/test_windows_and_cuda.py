@@ -8,10 +8,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import ROOT
 from PIL import Image
 
 import app
-from conftest import ROOT
 
 # Windows' rules for a file or folder name (Microsoft, "Naming Files, Paths, and Namespaces").
 WINDOWS_RESERVED = {"CON", "PRN", "AUX", "NUL", *(f"COM{i}" for i in "123456789¹²³"), *(f"LPT{i}" for i in "123456789¹²³")}
