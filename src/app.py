@@ -381,8 +381,8 @@ def torch_without_cuda_message(driver_answers: bool, cuda_available: bool, torch
         return None
     if torch_cuda is None:
         return (f"An NVIDIA GPU is present (nvidia-smi answers), but this torch {torch.__version__} was built without "
-                f"CUDA (pip's default torch wheel on Windows is CPU-only), so the model would run on the CPU, about "
-                f"1000x slower. Install torch's CUDA build in this environment:\n"
+                f"CUDA (pip's default torch wheel on Windows is CPU-only), so the model would run on the CPU, orders of "
+                f"magnitude slower. Install torch's CUDA build in this environment:\n"
                 f"  pip uninstall -y torch torchvision\n"
                 f"  pip install torch=={torch.__version__.split('+')[0]} torchvision --index-url {TORCH_CUDA_INDEX_URL}\n"
                 f"(other CUDA builds: https://pytorch.org/get-started/locally/)")
