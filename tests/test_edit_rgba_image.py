@@ -163,3 +163,29 @@ def test_a_bad_file_gets_the_apps_message_not_gradios_dump(edit_server, tmp_path
     text = str(refused.value)
     assert text == message  # the app's reader's message, whole: the file's name, the fix
     assert "preprocess" not in text and str(tmp_path) not in text and "gradio" not in text.lower()
+
+
+@pytest.mark.parametrize("with_meta", [False, True])
+def test_a_server_file_named_in_a_raw_value_is_never_read(edit_server, tmp_path, with_meta):
+    """Over HTTP, as an attacker would: a value naming a PNG elsewhere on the server, with and without Gradio's
+    `meta`, is refused before the file is read, with the same message whether the file exists or not."""
+    import httpx
+
+    url, outputs = edit_server
+    secret = tmp_path / "secret.png"
+    Image.new("RGBA", (64, 64), (1, 2, 3, 255)).save(secret)
+    runs_before = set((outputs / "edits").glob("*")) if (outputs / "edits").exists() else set()
+
+    def call(path):
+        value = {"path": str(path), **({"meta": {"_type": "gradio.FileData"}} if with_meta else {})}
+        event = httpx.post(f"{url}gradio_api/call/edit", json={"data": [value, "make it red", 7, False, 2.0, 2, " ",
+                                                                       "chroma_key"]}).json()["event_id"]
+        return httpx.get(f"{url}gradio_api/call/edit/{event}", timeout=300).text
+
+    answer, answer_missing = call(secret), call(tmp_path / "missing.png")
+
+    assert "event: error" in answer and "event: complete" not in answer
+    assert str(tmp_path) not in answer
+    assert answer == answer_missing  # nothing tells whether the file exists
+    runs_after = set((outputs / "edits").glob("*")) if (outputs / "edits").exists() else set()
+    assert runs_after == runs_before  # no edit ran on it

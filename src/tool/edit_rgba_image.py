@@ -290,6 +290,20 @@ MATTE_CHOICES = [("Auto: RMBG-2.0 when loaded, else chroma key", "auto"), ("RMBG
                  ("Chroma key on the green (no model; green parts of the layer turn partly transparent)", "chroma_key")]
 
 
+def uploaded_file(value: Any) -> Path:
+    """The file of Gradio's raw upload value (the event has preprocess=False), refused unless it lies in Gradio's
+    upload folder: a raw value can name any file on the server ({"path": ...} without Gradio's `meta` is not checked
+    by Gradio). Checked before the file is touched, so the message is the same whether it exists or not.
+    (Issue 10 item 1 gives the app a per-session check; the tool should take that one when it lands.)
+    """
+    from gradio.utils import get_upload_folder
+
+    path = value.get("path") if isinstance(value, dict) else None
+    if not isinstance(path, str) or not Path(path).resolve().is_relative_to(Path(get_upload_folder()).resolve()):
+        raise ValueError("The layer is not a file uploaded to this page: upload the layer (a PNG) again.")
+    return Path(path)
+
+
 def build_ui(pipe, settings: app.Settings, rmbg=None, matte: str = DEFAULTS["matte"], environment=None):
     """The Gradio Blocks app. The handler only maps widget values to `edit_layer`/`save_edit` arguments."""
     os.environ.setdefault("GRADIO_TEMP_DIR", str(Path(settings.outputs) / ".gradio-cache"))
@@ -303,7 +317,8 @@ def build_ui(pipe, settings: app.Settings, rmbg=None, matte: str = DEFAULTS["mat
         if image is None:
             raise gr.Error("No layer: upload an RGBA image (a PNG with transparency) first.", duration=None)
         try:
-            layer = app.to_rgba(image)  # the app's reader: size checked before decoding, messages that name the file
+            # The app's reader: size checked before decoding, messages that name the file.
+            layer = app.to_rgba(uploaded_file(image))
             result = edit_layer(pipe, layer, prompt, negative_prompt=negative_prompt, true_cfg_scale=true_cfg_scale,
                                 num_inference_steps=num_inference_steps, seed=seed, randomize_seed=randomize_seed,
                                 matte=matte, rmbg=rmbg)
