@@ -231,13 +231,14 @@ def edit_layer(
     start = time.perf_counter()
     # 2. Put the layer on the flat green.
     flat = flatten_on_background(rgba)
-    # 3. Edit at the pipeline's own size (~1024x1024 area, the model's), with CPU noise as in the app.
+    # 3. Edit at the pipeline's own size (~1024x1024 area, the model's), with the app's noise (CUDA on a GPU).
     #    The app's guarded run: memory freed after it (budget release, FirstBlockCache reset), OOM -> a message.
     #    (The pipeline resizes to its own ~1 MP whatever the layer's size, so a smaller layer would not help.)
+    generator = app.noise_generator(pipe, seed)
     edited = app.run_pipeline(
         pipe, lambda: pipe(image=flat, prompt=prompt, negative_prompt=negative_prompt, true_cfg_scale=true_cfg_scale,
                            num_inference_steps=num_inference_steps, num_images_per_prompt=1,
-                           generator=torch.Generator(device="cpu").manual_seed(seed)).images[0],
+                           generator=generator).images[0],
         app.out_of_memory_message(pipe, job="edit", program="tool"))
     # 4. Back to the layer's size, then the alpha: matted at the size it is delivered at.
     resized = edited.convert("RGB").resize(rgba.size, Image.LANCZOS)
@@ -246,7 +247,7 @@ def edit_layer(
     params = dict(prompt=prompt, negative_prompt=negative_prompt, true_cfg_scale=float(true_cfg_scale),
                   num_inference_steps=num_inference_steps, seed=seed, randomize_seed=bool(randomize_seed),
                   matte=matte, matte_used=matte_used, background_color=list(BACKGROUND_COLOR),
-                  input_size=list(rgba.size), model_size=list(edited.size))
+                  input_size=list(rgba.size), model_size=list(edited.size), generator_device=generator.device.type)
     return EditResult(image=image, edited=edited, matte=matte_used, seed=seed, params=params,
                       duration_s=time.perf_counter() - start)
 
@@ -269,6 +270,20 @@ MATTE_CHOICES = [("Auto: RMBG-2.0 when loaded, else chroma key", "auto"), ("RMBG
                  ("Chroma key on the green (no model; green parts of the layer turn partly transparent)", "chroma_key")]
 
 
+def uploaded_file(value: Any) -> Path:
+    """The file of Gradio's raw upload value (the event has preprocess=False), refused unless it lies in Gradio's
+    upload folder: a raw value can name any file on the server ({"path": ...} without Gradio's `meta` is not checked
+    by Gradio). Checked before the file is touched, so the message is the same whether it exists or not.
+    (Issue 10 item 1 gives the app a per-session check; the tool should take that one when it lands.)
+    """
+    from gradio.utils import get_upload_folder
+
+    path = value.get("path") if isinstance(value, dict) else None
+    if not isinstance(path, str) or not Path(path).resolve().is_relative_to(Path(get_upload_folder()).resolve()):
+        raise ValueError("The layer is not a file uploaded to this page: upload the layer (a PNG) again.")
+    return Path(path)
+
+
 def build_ui(pipe, settings: app.Settings, rmbg=None, matte: str = DEFAULTS["matte"], environment=None):
     """The Gradio Blocks app. The handler only maps widget values to `edit_layer`/`save_edit` arguments."""
     os.environ.setdefault("GRADIO_TEMP_DIR", str(Path(settings.outputs) / ".gradio-cache"))
@@ -280,14 +295,16 @@ def build_ui(pipe, settings: app.Settings, rmbg=None, matte: str = DEFAULTS["mat
              true_cfg_scale=DEFAULTS["true_cfg_scale"], num_inference_steps=DEFAULTS["num_inference_steps"],
              negative_prompt=DEFAULTS["negative_prompt"], matte=matte, progress=gr.Progress(track_tqdm=True)):
         if image is None:
-            raise gr.Error("No layer: upload an RGBA image (a PNG with transparency) first.")
+            raise gr.Error("No layer: upload an RGBA image (a PNG with transparency) first.", duration=None)
         try:
-            result = edit_layer(pipe, image, prompt, negative_prompt=negative_prompt, true_cfg_scale=true_cfg_scale,
+            # The app's reader: size checked before decoding, messages that name the file.
+            layer = app.to_rgba(uploaded_file(image))
+            result = edit_layer(pipe, layer, prompt, negative_prompt=negative_prompt, true_cfg_scale=true_cfg_scale,
                                 num_inference_steps=num_inference_steps, seed=seed, randomize_seed=randomize_seed,
                                 matte=matte, rmbg=rmbg)
         except (ValueError, app.OutOfMemoryError) as err:
-            raise gr.Error(str(err)) from err
-        folder = save_edit(result, image, settings.outputs, run_info)
+            raise gr.Error(str(err), duration=None) from err  # stays on the page until closed
+        folder = save_edit(result, layer, settings.outputs, run_info)
         logger.info("Edit saved in %s (%.1f s, matte %s)", folder, result.duration_s, result.matte)
         return result.image, result.seed, f"Alpha recovered by **{result.matte}**. Saved in `{folder}`."
 
@@ -322,7 +339,10 @@ def build_ui(pipe, settings: app.Settings, rmbg=None, matte: str = DEFAULTS["mat
               inputs=[image, prompt, seed, randomize_seed, true_cfg_scale, num_inference_steps, negative_prompt,
                       matte_choice],
               outputs=[result, used_seed, info], api_name="edit",
-              concurrency_limit=1)  # one GPU job at a time; others wait in Gradio's queue
+              concurrency_limit=1,  # one GPU job at a time; others wait in Gradio's queue
+              # As in the app: the handler gets Gradio's raw file value and `app.to_rgba` reads it with the app's
+              # checks and messages (Gradio's preprocess would open it with Pillow first and fail with its own dump).
+              preprocess=False)
     demo.queue(default_concurrency_limit=1)
     return demo
 
