@@ -174,6 +174,12 @@ ORIGINAL_SIZE_RESAMPLE = Image.Resampling.LANCZOS
 # Prompt text in file names is cut to this many UTF-8 bytes: readable, and far under the 255-byte name
 # limit of ext4, NTFS and APFS (a Hangul or Han character takes 3 bytes).
 FILE_NAME_TEXT_MAX_BYTES = 60
+# The longest path the app writes inside the outputs folder, in characters: a sub-run's original-size PPTX,
+# <stamp>_seed<10 digits> (37) / sub_runs / <stamp>_seed<10> (37) / original_size / <60-char text>_seed<10>_<32000x2000>.pptx
+# (91), with separators: 190 (Gradio's cached copies, .gradio-cache/<64 hex>/<name>, stay under 160). Windows
+# without long paths enabled stops at 259 characters, which leaves 68 for the outputs folder (`windows_path_warning`).
+RUN_PATH_MAX_CHARS = 190
+WINDOWS_MAX_PATH_CHARS = 259  # MAX_PATH (260) less the terminating NUL
 
 # Text inputs are capped: the pipeline keeps the first 512 prompt tokens (its max_sequence_length), about 2,000
 # English characters, so nothing longer reaches the model; a 10 MB prompt once held the only job slot for 17
@@ -518,6 +524,50 @@ def print_environment_info(print_it: bool = True) -> dict[str, Any]:
     return info
 
 
+# The CUDA build of torch, from PyTorch's own wheel index (pip's default wheel on Windows is CPU-only). CUDA 13.0
+# builds (what this project's torch 2.14.1+cu130 is) run the RTX 20 series to the RTX 50 series; other builds are
+# listed at https://pytorch.org/get-started/locally/.
+TORCH_CUDA_INDEX_URL = "https://download.pytorch.org/whl/cu130"
+
+
+def nvidia_driver_answers() -> bool:
+    """True when an NVIDIA driver lists a GPU (`nvidia-smi -L`), whatever torch can see."""
+    import subprocess
+
+    exe = shutil.which("nvidia-smi")
+    if exe is None:
+        return False
+    try:
+        listed = subprocess.run([exe, "-L"], capture_output=True, text=True, timeout=15, check=False)
+    except (OSError, subprocess.SubprocessError):
+        return False
+    return listed.returncode == 0 and "GPU" in listed.stdout
+
+
+def torch_without_cuda_message(driver_answers: bool, cuda_available: bool, torch_cuda: str | None) -> str | None:
+    """What to do when the machine has an NVIDIA GPU but torch cannot use it; None when there is nothing to fix."""
+    if not driver_answers or cuda_available:
+        return None
+    if torch_cuda is None:
+        return (f"An NVIDIA GPU is present (nvidia-smi answers), but this torch {torch.__version__} was built without "
+                f"CUDA (pip's default torch wheel on Windows is CPU-only), so the model would run on the CPU, orders of "
+                f"magnitude slower. Install torch's CUDA build in this environment:\n"
+                f"  pip uninstall -y torch torchvision\n"
+                f"  pip install torch=={torch.__version__.split('+')[0]} torchvision --index-url {TORCH_CUDA_INDEX_URL}\n"
+                f"(other CUDA builds: https://pytorch.org/get-started/locally/)")
+    return (f"An NVIDIA GPU is present (nvidia-smi answers), but torch {torch.__version__} (CUDA {torch_cuda}) cannot "
+            f"use it, so the model would run on the CPU. Update the NVIDIA driver to one that supports CUDA "
+            f"{torch_cuda}, and check that CUDA_VISIBLE_DEVICES does not hide the GPU.")
+
+
+def triton_available() -> bool:
+    """Triton (the `triton` module; `triton-windows` on Windows) is what SageAttention's and torch.compile's GPU
+    kernels are built with: features that need it stay off where it is missing."""
+    import importlib.util
+
+    return importlib.util.find_spec("triton") is not None
+
+
 def clear_memory() -> None:
     """Free Python garbage and, when there is a GPU, the CUDA caching allocator's unused blocks."""
     gc.collect()
@@ -655,6 +705,27 @@ LAYERED_MODEL = ModelSpec(model_id=MODEL_ID, local_dir_name=LOCAL_MODEL_DIR.name
 
 class ModelNotAvailableError(RuntimeError):
     """No local weights and the hub could not provide them. The message says what to do."""
+
+
+class TorchWithoutCudaError(ModelNotAvailableError):
+    """The machine has an NVIDIA GPU that torch cannot use; the message gives the fix (`main` prints it, exit 2)."""
+
+
+def check_torch_sees_gpu(demo: bool, driver_answers: bool | None = None) -> None:
+    """Refuse to load the real model on the CPU when an NVIDIA GPU is there but torch cannot use it.
+
+    The demo model still runs (it is tiny), with the fix in a warning. `driver_answers` None: ask `nvidia-smi`.
+    """
+    if torch.cuda.is_available():
+        return
+    driver_answers = nvidia_driver_answers() if driver_answers is None else driver_answers
+    message = torch_without_cuda_message(driver_answers, False, torch.version.cuda)
+    if message is None:
+        return
+    if demo:
+        logger.warning(message)
+        return
+    raise TorchWithoutCudaError(message)
 
 
 def setup_cuda_optimizations() -> list[str]:
@@ -866,20 +937,32 @@ def apply_memory_optimizations(pipe, settings: Settings, offload_mode: str) -> l
 
     # 5. Attention kernels.
     if settings.sage_attention:
-        if not on_cuda:
-            logger.warning("SageAttention not applied: it needs a CUDA GPU.")
-        elif _version("sageattention") is None:
-            logger.warning("SageAttention not applied: the `sageattention` package is not installed (pip install sageattention).")
+        if sage_attention_unavailable(on_cuda):
+            logger.warning(sage_attention_unavailable(on_cuda))
         else:
             pipe.transformer.set_attention_backend("sage")
             applied.append("sage_attention")
     return applied
 
 
+def sage_attention_unavailable(on_cuda: bool) -> str | None:
+    """Why SageAttention cannot apply on this machine; None when it can."""
+    if not on_cuda:
+        return "SageAttention not applied: it needs a CUDA GPU."
+    if _version("sageattention") is None:
+        return "SageAttention not applied: the `sageattention` package is not installed (pip install sageattention)."
+    if not triton_available():  # its kernels are Triton kernels
+        return ("SageAttention not applied: it needs Triton, which is not installed (pip install triton; on Windows "
+                "pip install triton-windows).")
+    return None
+
+
 def load_pipeline(settings: Settings, spec: ModelSpec = LAYERED_MODEL):
     """Load `spec`'s pipeline (bf16 on CUDA, float32 on CPU) and apply the memory features."""
     import diffusers
 
+    # 0. A GPU that torch cannot use is said with the fix, not silently replaced by the CPU.
+    check_torch_sees_gpu(settings.demo)
     # 1. Find the weights (raises ModelNotAvailableError with what to do).
     model_path = get_model_path(settings, spec)
     # 2. Pick the dtype: bf16 is the model's dtype; PyTorch's CPU bf16 convolutions are ~20x slower than
@@ -1954,7 +2037,7 @@ def check_image_size(width: int, height: int, name: str = "the image") -> None:
                          f"{MAX_INPUT_PIXELS / 1e6:.0f} megapixels. Scale it down first (the model works at about "
                          f"{RESOLUTIONS[-1]} px a side anyway).")
     if min(width, height) < MIN_INPUT_SIDE:
-        raise ValueError(f"{name} is {width}x{height} px: too small to split into layers. Use an image at least "
+        raise ValueError(f"{name} is {width}x{height} px: too small for the model. Use an image at least "
                          f"{MIN_INPUT_SIDE} px on each side.")
     if max(width, height) > MAX_ASPECT_RATIO * min(width, height):
         raise ValueError(f"{name} is {width}x{height} px, longer than {MAX_ASPECT_RATIO}:1: the model needs a "
@@ -1988,6 +2071,60 @@ def to_rgba(image: Any, notes: list[str] | None = None) -> Image.Image:
     # Pillow's own conversion covers the rest: a palette's transparency (tRNS) becomes alpha, CMYK becomes RGB
     # (Adobe's inverted CMYK JPEGs included); tests/test_hardening.py checks the pixels of each.
     return image.convert("RGBA")
+
+
+# The pipeline's `get_image_caption` writes at most this many tokens (its `generate(max_new_tokens=512)`).
+CAPTION_MAX_NEW_TOKENS = 512
+
+
+@contextlib.contextmanager
+def caption_progress(pipe, max_new_tokens: int = CAPTION_MAX_NEW_TOKENS):
+    """Report the caption's tokens as they are written, on a tqdm bar of "caption tokens" (Gradio's track_tqdm
+    shows it like the steps). Yields the transformers streamer; its `written` counts the tokens.
+
+    The pipeline's `get_image_caption` calls `text_encoder.generate` without a streamer argument, so for the
+    duration of the block the text encoder's `generate` gets one (transformers' streamer interface: `put` is
+    called with the prompt, then with each new token; `end` when done). This keeps the pipeline's own caption
+    code instead of a copy of it.
+    """
+    from tqdm.auto import tqdm
+    from transformers.generation.streamers import BaseStreamer
+
+    class TokenCounter(BaseStreamer):
+        def __init__(self):
+            self.written, self._prompt_seen = 0, False
+            # No desc: Gradio then shows "12/512 caption tokens" (with a desc it shows only a percentage).
+            self.bar = tqdm(total=max_new_tokens, unit="caption tokens", leave=False)
+
+        def put(self, value):
+            if not self._prompt_seen:  # generate's first call hands over the prompt
+                self._prompt_seen = True
+                return
+            self.written += value.numel()
+            self.bar.update(value.numel())
+
+        def end(self):
+            self.bar.close()
+
+    encoder = pipe.text_encoder
+    counter = TokenCounter()
+    encoder.generate = functools.partial(type(encoder).generate, encoder, streamer=counter)
+    try:
+        yield counter
+    finally:
+        del encoder.generate  # the class's own generate again
+        counter.bar.close()
+
+
+def noise_generator(pipe, seed: int) -> torch.Generator:
+    """The generator the initial noise is drawn with, seeded.
+
+    On CUDA it is a CUDA generator, as in the official app (`torch.Generator(device="cuda")`), in every offload
+    mode: the pipeline's execution device is the GPU in all of them, so a seed found on the official demo gives
+    the same noise here. On a machine without CUDA, a CPU generator.
+    """
+    device = pipe._execution_device
+    return torch.Generator(device=device if device.type == "cuda" else "cpu").manual_seed(int(seed))
 
 
 def check_param(name: str, value: Any) -> Any:
@@ -2057,7 +2194,7 @@ def caption_image(pipe, rgba: Image.Image, resolution: int, use_en_prompt: bool 
 
     width, height = calculate_dimensions(resolution * resolution, rgba.width / rgba.height)
     prompt_image = pipe.image_processor.resize(rgba, height, width)
-    with caption_attention():
+    with caption_attention(), caption_progress(pipe):  # caption_progress: a bar of its tokens, like the steps'
         return pipe.get_image_caption(prompt_image, use_en_prompt=use_en_prompt, device=pipe._execution_device)
 
 
@@ -2107,9 +2244,8 @@ def infer(
         caption = prompt
         if auto_caption:
             caption = caption_image(pipe, rgba, resolution, use_en_prompt)
-        # 3. Denoise and decode. A CPU generator: the same seed gives the same noise in every offload
-        #    mode and on every device (diffusers moves CPU noise to the execution device).
-        generator = torch.Generator(device="cpu").manual_seed(seed)
+        # 3. Denoise and decode, with the official app's noise (`noise_generator`).
+        generator = noise_generator(pipe, seed)
         output = pipe(
             image=rgba,
             prompt=caption,
@@ -2124,16 +2260,17 @@ def infer(
             num_images_per_prompt=1,
             callback_on_step_end=stop_callback(stop),
         )
-        return caption, output
+        return caption, output, generator.device.type
 
     # 4. One guarded run: memory freed after it, also after an error; out of memory says what to change.
-    prompt, output = run_pipeline(pipe, job, out_of_memory_message(pipe, changes=decomposition_changes(layers, resolution)),
-                                  stop=stop)
+    prompt, output, generator_device = run_pipeline(
+        pipe, job, out_of_memory_message(pipe, changes=decomposition_changes(layers, resolution)), stop=stop)
     result_layers = [layer.convert("RGBA") for layer in output.images[0]]
     # Every PARAMS value as checked (the prompt as "prompt_given"), the seed used, and what the input needed.
     params = {("prompt_given" if name == "prompt" else name): value for name, value in checked.items()}
     params.update(prompt_given=prompt if not auto_caption else "", seed=seed, input_size=list(rgba.size),
-                  output_size=list(result_layers[0].size), input_notes=notes)
+                  output_size=list(result_layers[0].size), input_notes=notes,
+                  generator_device=generator_device)  # "cuda": the official app's noise; "cpu": no CUDA here
     duration_s = time.perf_counter() - start
     params["recomposition"] = recomposition_score(rgba, result_layers)  # section 6c; not part of duration_s
     return DecomposeResult(layers=result_layers, caption=prompt, auto_caption=auto_caption, seed=seed,
@@ -2214,6 +2351,20 @@ def safe_file_text(text: str, max_bytes: int = FILE_NAME_TEXT_MAX_BYTES) -> str:
     kept = "".join(c if unicodedata.category(c)[0] in "LNM" else "-" for c in text)
     kept = re.sub(r"-+", "-", kept).strip("-")
     return kept.encode("utf-8")[:max_bytes].decode("utf-8", errors="ignore").strip("-")
+
+
+def windows_path_warning(outputs: Path, windows: bool = os.name == "nt") -> str | None:
+    """On Windows, the start-up warning for an outputs folder too deep for the longest path a run writes
+    (RUN_PATH_MAX_CHARS) under the 260-character limit; None elsewhere, or when it fits."""
+    if not windows:
+        return None
+    outputs = Path(outputs).absolute()
+    if len(str(outputs)) + 1 + RUN_PATH_MAX_CHARS <= WINDOWS_MAX_PATH_CHARS:
+        return None
+    return (f"The outputs folder {outputs} is {len(str(outputs))} characters long: a run writes paths up to "
+            f"{RUN_PATH_MAX_CHARS} characters inside it, past Windows' 260-character limit. Pass a shorter --outputs "
+            f"(at most {WINDOWS_MAX_PATH_CHARS - 1 - RUN_PATH_MAX_CHARS} characters, e.g. C:\\qil-outputs), or enable "
+            f"long paths (LongPathsEnabled, see Microsoft's 'Maximum Path Length Limitation').")
 
 
 def export_stem(caption: str, seed: int) -> str:
@@ -2528,6 +2679,8 @@ class LayerStack:
     files: dict[str, Any] = dataclasses.field(default_factory=dict)  # save_run's paths for exactly these layers
     previous: "LayerStack | None" = None  # the stack before the last sub-run (one step of undo)
     original_size: tuple[int, int] | None = None  # also export at the input's size (exports' original-size option)
+    caption: str | None = None  # the caption and seed of the run that made these layers (shown after an undo too)
+    seed: int | None = None
 
 
 def fit_to_canvas(layers: list[Image.Image], size: tuple[int, int]) -> list[Image.Image]:
@@ -2543,12 +2696,12 @@ def fit_to_canvas(layers: list[Image.Image], size: tuple[int, int]) -> list[Imag
 
 
 def check_layer_index(index: int, count: int) -> None:
-    """Reject an index outside a stack of `count` layers, saying which indices (and gallery numbers) exist."""
+    """Reject an index outside a stack of `count` layers; the message counts layers from 1, as the gallery does."""
     if not isinstance(index, (int, np.integer)):
-        raise ValueError(f"layer index {index!r} is not an integer: use 0 to {count - 1}")
+        raise ValueError(f"layer index {index!r} is not a whole number: choose a layer from 1 (bottom) to {count}")
     if not 0 <= index < count:
-        raise ValueError(f"layer index {index} (layer {index + 1} in the gallery) is not in the stack: use 0 to "
-                         f"{count - 1} (gallery layers 1 to {count}, 1 = bottom)")
+        raise ValueError(f"layer {index + 1} is not in the stack: choose a layer from 1 (bottom) to {count} "
+                         f"(layer index {index}; indices run from 0)")
 
 
 def replace_layer(layers: list[Image.Image], index: int, sub_layers: list[Image.Image]) -> list[Image.Image]:
@@ -2619,7 +2772,7 @@ def decompose_layer(pipe, stack: LayerStack, index: int, run_info: dict[str, Any
     # 5. The old stack, without its own undo, is the one step back.
     previous = dataclasses.replace(stack, previous=None)
     return (LayerStack(layers=new_layers, run_folder=stack.run_folder, files=files, previous=previous,
-                       original_size=stack.original_size), result)
+                       original_size=stack.original_size, caption=result.caption, seed=result.seed), result)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -3023,6 +3176,11 @@ def recomposition_view(image: Any, stack: "LayerStack | None", demo: bool = Fals
     return (before, composite), text
 
 
+# The page's own CSS (given to `launch`): Gradio's file box cuts a long file name to "...p"; the downloads'
+# names wrap instead, so the whole name is read.
+UI_CSS = ".downloads .filename .stem { white-space: normal; overflow-wrap: anywhere; }"
+
+
 def example_images() -> list[str]:
     return sorted(str(p) for p in ASSETS_DIR.glob("*.png"))
 
@@ -3137,7 +3295,8 @@ def launch_options(settings: Settings) -> dict[str, Any]:
     an --outputs folder elsewhere (or a start from another directory) needs it named there.
     """
     return dict(server_name=settings.host, server_port=settings.port, auth=settings.auth,
-                max_file_size=settings.max_upload_size, allowed_paths=[str(settings.outputs)], show_error=True)
+                max_file_size=settings.max_upload_size, allowed_paths=[str(settings.outputs)], show_error=True,
+                css=UI_CSS)
 
 
 def network_warning(settings: Settings) -> str | None:
@@ -3166,7 +3325,7 @@ def _user_error(message: str):
     """Gradio's error for the page and the API, shown until closed (gradio is imported late: see `build_ui`)."""
     import gradio as gr
 
-    return gr.Error(message, duration=None)
+    return gr.Error(message, duration=None)  # stays on the page until closed
 
 
 def prune_runs(settings: Settings, sessions: "Sessions | None", just_saved: Path) -> None:
@@ -3223,7 +3382,8 @@ def decompose_handler(pipe, settings: Settings, run_info: dict[str, Any], image,
         sessions.show(request.session_hash, paths["folder"])
     prune_runs(settings, sessions, paths["folder"])
     stack = LayerStack(layers=result.layers, run_folder=paths["folder"], files=paths,
-                       original_size=tuple(result.params["input_size"]) if original_size else None)
+                       original_size=tuple(result.params["input_size"]) if original_size else None,
+                       caption=result.caption, seed=result.seed)
     return (*stack_view(stack), result.caption, result.seed, stack)
 
 
@@ -3250,7 +3410,8 @@ def decompose_layer_handler(pipe, settings: Settings, run_info: dict[str, Any], 
 
 
 def undo_handler(stack: LayerStack | None = None) -> tuple:
-    """"Undo": returns (*StackView, stack) of the stack before the last sub-run."""
+    """"Undo": returns (*StackView, caption, seed, stack) of the stack before the last sub-run (its run's caption
+    and seed, shown again)."""
     if stack is None:
         raise _user_error("Nothing to undo: decompose an image first.")
     try:
@@ -3258,7 +3419,7 @@ def undo_handler(stack: LayerStack | None = None) -> tuple:
         check_stack_files(restored)
     except ValueError as err:
         raise _user_error(str(err)) from err
-    return (*stack_view(restored), restored)
+    return (*stack_view(restored), restored.caption, restored.seed, restored)
 
 
 def stop_handler(sessions: "Sessions", request=None) -> None:
@@ -3281,7 +3442,9 @@ def gradio_handler(handler: Callable, names: list[str], defaults: dict[str, Any]
     """
     import gradio as gr
 
-    slots = list(names) + (["request"] if request else []) + (["progress"] if progress is not None else [])
+    # (`is not None`: a gr.Progress is falsy, its len() is that of its tracked iterables, 0 before a run.)
+    tracked = ["progress"] if progress is not None else []
+    slots = list(names) + (["request"] if request else []) + tracked
 
     def call(*args):
         values = dict(zip(slots, args))
@@ -3294,7 +3457,7 @@ def gradio_handler(handler: Callable, names: list[str], defaults: dict[str, Any]
         # `__annotations__`, so the annotation goes there too.
         + ([inspect.Parameter("request", inspect.Parameter.POSITIONAL_OR_KEYWORD, default=None,
                               annotation=gr.Request)] if request else [])
-        + ([inspect.Parameter("progress", inspect.Parameter.POSITIONAL_OR_KEYWORD, default=progress)] if progress else []))
+        + [inspect.Parameter(name, inspect.Parameter.POSITIONAL_OR_KEYWORD, default=progress) for name in tracked])
     call.__annotations__ = {"request": gr.Request} if request else {}
     call.__name__ = getattr(handler, "__name__", getattr(getattr(handler, "func", None), "__name__", "handler"))
     call.handler = handler  # what it calls (tests check the binding)
@@ -3381,7 +3544,10 @@ def build_ui(pipe, settings: Settings, environment: dict[str, Any] | None = None
                                      object_fit="contain", format="png")
                 with gr.Group():
                     with gr.Row():
-                        layer_number = gr.Number(label="Selected layer (1 = bottom)", precision=0, minimum=1)
+                        # Empty until a layer is clicked. A plain None start is drawn as 0, red under minimum=1 (Gradio
+                        # 6.31 leaves a None value out of the page's config); a value from a function is sent at load.
+                        layer_number = gr.Number(lambda: None, label="Selected layer (1 = bottom)", precision=0,
+                                                 minimum=1, placeholder="click a layer in the gallery")
                         sub_layers = param_widget(gr, PARAM["layers"], value=SUB_RUN_LAYERS, label="Its layers")
                     sub_prompt = param_widget(gr, PARAM["prompt"],
                                               label="Prompt for this layer (empty: the model captions the layer)")
@@ -3390,7 +3556,8 @@ def build_ui(pipe, settings: Settings, environment: dict[str, Any] | None = None
                         undo_button = gr.Button("Undo last layer decomposition")
                 caption = gr.Textbox(label="Caption used", interactive=False)
                 used_seed = gr.Number(label="Seed used", interactive=False, precision=0)
-                with gr.Row():
+                # One under the other, full width, so the file names can be read whole (UI_CSS wraps long ones).
+                with gr.Column(elem_classes="downloads"):
                     downloads = [gr.File(label=export.key.upper()) for export in EXPORTS]
                 comparison = gr.ImageSlider(label="Input | composite of the layers", type="pil", image_mode="RGBA",
                                             format="png", interactive=False)
@@ -3427,7 +3594,7 @@ def build_ui(pipe, settings: Settings, environment: dict[str, Any] | None = None
             concurrency_limit=1,
             concurrency_id="gpu",
         )
-        undo_button.click(undo_last, inputs=[stack], outputs=[*view, stack], api_name="undo")
+        undo_button.click(undo_last, inputs=[stack], outputs=[*view, caption, used_seed, stack], api_name="undo")
         # Stop: Gradio cancels the event on the page; `stop_job` makes the pipeline itself stop at its next step
         # (a cancelled event's thread would otherwise run to the end). Not in the "gpu" queue: it must not wait.
         stop_button.click(stop_job, cancels=[run_event, layer_event], api_name="stop", concurrency_limit=None)
@@ -3857,6 +4024,8 @@ def main(argv: list[str] | None = None) -> int:
     command, settings, ns = parse_args(argv)
     if command == "ui" and network_warning(settings):
         logger.warning(network_warning(settings))
+    if windows_path_warning(settings.outputs):
+        logger.warning(windows_path_warning(settings.outputs))
     if command == "evaluate":
         return evaluate_main(settings, ns)
     if command == "decompose":

@@ -106,25 +106,30 @@ def test_missing_edit_weights_fail_offline_with_the_apps_message(tmp_path, monke
 
 
 
-def test_edit_api_keeps_the_layer_size_and_gives_alpha_back(edit_pipe, models_dir, tmp_path):
+@pytest.fixture(scope="module")
+def edit_server(edit_pipe, models_dir, tmp_path_factory):
+    """The tool's UI on the demo edit pipeline, in this process: (url, outputs folder)."""
+    outputs = tmp_path_factory.mktemp("edit-outputs")
+    demo = edit.build_ui(edit_pipe, demo_settings(models_dir, outputs=outputs), rmbg=None, matte="chroma_key")
+    port = free_port()
+    demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True)
+    yield f"http://127.0.0.1:{port}/", outputs
+    demo.close()
+
+
+def test_edit_api_keeps_the_layer_size_and_gives_alpha_back(edit_server, tmp_path):
     from gradio_client import Client, handle_file
 
+    url, outputs = edit_server
     layer = synthetic_layer()
     layer_path = tmp_path / "layer.png"
     layer.save(layer_path)
-    settings = demo_settings(models_dir, outputs=tmp_path / "outputs")
-    demo = edit.build_ui(edit_pipe, settings, rmbg=None, matte="chroma_key")
-    port = free_port()
-    demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True)
-    try:
-        client = Client(f"http://127.0.0.1:{port}/", verbose=False)
-        result_path, seed, info = client.predict(handle_file(layer_path), "make the ellipse green", 7, False, 2.0,
-                                                 2, " ", "chroma_key", api_name="/edit")
-    finally:
-        demo.close()
+    client = Client(url, verbose=False)
+    result_path, seed, info = client.predict(handle_file(layer_path), "make the ellipse green", 7, False, 2.0,
+                                             2, " ", "chroma_key", api_name="/edit")
 
     result = Image.open(result_path)
-    run = next((tmp_path / "outputs" / "edits").iterdir())
+    (run,) = [p for p in (outputs / "edits").iterdir() if p.name.endswith("_seed7")]
     params = json.loads((run / "params.json").read_text())
     model_output = Image.open(run / "edited_on_green.png")
     expected_alpha = edit.chroma_key_matte(model_output.resize(layer.size, Image.LANCZOS))
@@ -135,3 +140,52 @@ def test_edit_api_keeps_the_layer_size_and_gives_alpha_back(edit_pipe, models_di
     assert not np.array_equal(np.asarray(result.getchannel("A")), np.asarray(layer.getchannel("A")))
     assert seed == 7 and params["seed"] == 7 and params["matte_used"] == "chroma_key" and "chroma_key" in info
     assert params["input_size"] == [150, 100] and params["demo"] is True
+    assert params["generator_device"] == "cpu"  # no CUDA here: the CPU generator, and params.json says so
+
+
+@pytest.mark.parametrize("make, message", [
+    (lambda p: p.write_text("Meeting notes, not a picture.\n"),
+     "notes.png is not an image: its content is no image format this app reads. Upload a PNG, JPEG or WebP file."),
+    (lambda p: Image.new("RGBA", (1, 1), (200, 30, 30, 255)).save(p),
+     "notes.png is 1x1 px: too small for the model. Use an image at least 16 px on each side."),
+])
+def test_a_bad_file_gets_the_apps_message_not_gradios_dump(edit_server, tmp_path, make, message):
+    from gradio_client import Client, handle_file
+    from gradio_client.exceptions import AppError
+
+    url, _ = edit_server
+    bad = tmp_path / "notes.png"
+    make(bad)
+    client = Client(url, verbose=False)
+    with pytest.raises(AppError) as refused:
+        client.predict(handle_file(bad), "make it red", 7, False, 2.0, 2, " ", "chroma_key", api_name="/edit")
+
+    text = str(refused.value)
+    assert text == message  # the app's reader's message, whole: the file's name, the fix
+    assert "preprocess" not in text and str(tmp_path) not in text and "gradio" not in text.lower()
+
+
+@pytest.mark.parametrize("with_meta", [False, True])
+def test_a_server_file_named_in_a_raw_value_is_never_read(edit_server, tmp_path, with_meta):
+    """Over HTTP, as an attacker would: a value naming a PNG elsewhere on the server, with and without Gradio's
+    `meta`, is refused before the file is read, with the same message whether the file exists or not."""
+    import httpx
+
+    url, outputs = edit_server
+    secret = tmp_path / "secret.png"
+    Image.new("RGBA", (64, 64), (1, 2, 3, 255)).save(secret)
+    runs_before = set((outputs / "edits").glob("*")) if (outputs / "edits").exists() else set()
+
+    def call(path):
+        value = {"path": str(path), **({"meta": {"_type": "gradio.FileData"}} if with_meta else {})}
+        event = httpx.post(f"{url}gradio_api/call/edit", json={"data": [value, "make it red", 7, False, 2.0, 2, " ",
+                                                                       "chroma_key"]}).json()["event_id"]
+        return httpx.get(f"{url}gradio_api/call/edit/{event}", timeout=300).text
+
+    answer, answer_missing = call(secret), call(tmp_path / "missing.png")
+
+    assert "event: error" in answer and "event: complete" not in answer
+    assert str(tmp_path) not in answer
+    assert answer == answer_missing  # nothing tells whether the file exists
+    runs_after = set((outputs / "edits").glob("*")) if (outputs / "edits").exists() else set()
+    assert runs_after == runs_before  # no edit ran on it

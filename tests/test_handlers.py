@@ -44,11 +44,13 @@ def test_decompose_layer_and_undo_handlers_replace_and_restore_the_stack(demo_pi
                                                                **FAST)
     assert (len(view[0]), seed, len(bigger.layers)) == (3, 4, 3)
     assert bigger.layers[0] is stack.layers[0]  # the bottom layer is untouched
-    *view, restored = app.undo_handler(bigger)
-    assert restored.layers == stack.layers and len(view[0]) == 2
-    with pytest.raises(gr.Error, match="nothing to undo"):
+    *view, caption, seed, restored = app.undo_handler(bigger)
+    assert restored.layers == stack.layers and len(view) == len(app.StackView._fields) and len(view[0]) == 2
+    assert (caption, seed) == (FAST["prompt"], 3)  # the restored run's caption and seed
+    with pytest.raises(gr.Error, match="nothing to undo") as refused:
         app.undo_handler(restored)
-    with pytest.raises(gr.Error, match=r"layer 5 in the gallery\) is not in the stack"):
+    assert refused.value.duration is None  # an error stays on the page until closed
+    with pytest.raises(gr.Error, match=r"layer 5 is not in the stack: choose a layer from 1 \(bottom\) to 2 "):
         app.decompose_layer_handler(demo_pipe, settings, {}, 5, stack, layers=2, **FAST)
 
 
@@ -70,6 +72,9 @@ def test_handlers_are_bound_with_partial_in_build_ui(demo_pipe, models_dir, tmp_
     for name, module_function in (("decompose", app.decompose_handler), ("decompose_layer", app.decompose_layer_handler)):
         called = bound[name].handler
         assert isinstance(called, functools.partial) and called.func is module_function
+    # The GPU events report progress (the pipeline's tqdm bars: caption tokens, steps) to the page.
+    assert {fn.api_name: fn.tracks_progress for fn in demo.fns.values() if fn.api_name in bound} == \
+        {"decompose": True, "decompose_layer": True, "undo": False}
 
 
 def test_the_pages_score_view_reads_only_uploads(demo_pipe, models_dir, tmp_path, first_run):

@@ -199,7 +199,7 @@ REFUSED_THEN_GOOD = [
     ("corrupt_png", corrupt_png, r"corrupt_png\.png is damaged: its pixels could not be decoded", cmyk_jpeg),
     ("text_renamed_png", text_as_png, r"text_renamed_png\.png is not an image", grey_16_bit_png),
     ("zero_bytes", empty_file, r"zero_bytes\.png is empty \(0 bytes\)", palette_png_with_transparency),
-    ("one_pixel", one_pixel_png, r"one_pixel\.png is 1x1 px: too small to split into layers", exif_rotated_jpeg),
+    ("one_pixel", one_pixel_png, r"one_pixel\.png is 1x1 px: too small for the model", exif_rotated_jpeg),
     ("20000x20000", huge_png, r"20000x20000\.png is too large: over 179 megapixels", animated_gif),
 ]
 SUFFIX = {cmyk_jpeg: ".jpg", exif_rotated_jpeg: ".jpg", animated_gif: ".gif"}

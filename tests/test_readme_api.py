@@ -39,7 +39,7 @@ def readme_run(server):
             if paragraph not in calls:
                 continue
             returned.append(dict(gallery=namespace["gallery"], zip=namespace["zip_path"], pptx=namespace["pptx"],
-                                 psd=namespace["psd"]))
+                                 psd=namespace["psd"], caption=namespace["caption"], seed=namespace["seed"]))
     return namespace, returned, outputs
 
 
@@ -79,6 +79,7 @@ def test_undo_returns_the_stack_before(readme_run):
     assert len(undone["gallery"]) == 3
     assert Path(undone["zip"]).read_bytes() == Path(first["zip"]).read_bytes()
     assert Path(undone["psd"]).read_bytes() == Path(first["psd"]).read_bytes()
+    assert (undone["caption"], undone["seed"]) == (first["caption"], first["seed"])  # the restored run's
 
 
 def test_undo_goes_back_one_step_only(readme_run):
@@ -93,7 +94,7 @@ def test_a_layer_outside_the_stack_is_refused_with_the_range(readme_run):
     from gradio_client.exceptions import AppError
 
     namespace, _, _ = readme_run  # after the README's undo, the stack has 3 layers
-    with pytest.raises(AppError, match=r"layer 7 in the gallery\) is not in the stack: .*gallery layers 1 to 3"):
+    with pytest.raises(AppError, match=r"^layer 7 is not in the stack: choose a layer from 1 \(bottom\) to 3 "):
         namespace["client"].predict(layer_number=7, layers=2, api_name="/decompose_layer")
 
 

@@ -253,3 +253,101 @@ def test_runs_leave_outputs_within_limits_gradio_cache_cleaned_and_temp_dir_unto
     assert max(now - folder.stat().st_mtime for folder in runs()) < OUTPUTS_MAX_AGE_HOURS * 3600 + 30
     # 4. The server's system temp dir holds what it held before the runs.
     assert files_under(served["system_tmp"]) == temp_before
+
+
+# ---- the page's rough edges (issue 10: 9-13) ----------------------------------------------------------------
+def test_selected_layer_starts_empty_and_decompose_this_layer_on_a_fresh_page_says_what_to_do(served, page):
+    from playwright.sync_api import expect
+
+    page.goto(served["url"])
+    box = page.get_by_label("Selected layer (1 = bottom)")
+    expect(box).to_have_value("")  # not 0, which the page would mark red (the minimum is 1)
+    assert not box.evaluate("e => e.matches(':invalid')")
+    page.get_by_role("button", name="Decompose this layer").click()
+    expect(page.get_by_test_id("toast-text")).to_have_text(
+        "No layers yet: decompose an image first, then select one of its layers in the gallery.", timeout=30_000)
+
+
+def test_an_error_stays_on_the_page_until_it_is_closed(served, page):
+    from playwright.sync_api import expect
+
+    page.goto(served["url"])
+    page.get_by_role("button", name="Undo last layer decomposition").click()
+    message = page.get_by_test_id("toast-text")
+    expect(message).to_have_text("Nothing to undo: decompose an image first.", timeout=30_000)
+    page.wait_for_timeout(15_000)  # Gradio's toasts leave after 10 s unless told to stay
+    expect(message).to_be_visible()
+    page.get_by_test_id("toast-close").click()
+    expect(message).to_have_count(0)
+
+
+def decompose_in_page(page, served, prompt: str, layers: int = 2) -> None:
+    from playwright.sync_api import expect
+
+    page.goto(served["url"])
+    page.locator("input[type=file]").first.set_input_files(str(EXAMPLE))
+    fill_settings(page, prompt, Layers=str(layers), Steps="2", **{"True CFG scale": "1"})
+    page.get_by_role("button", name="Decompose", exact=True).click()
+    expect(page.locator(".thumbnail-item")).to_have_count(layers, timeout=RUN_TIMEOUT_MS)
+
+
+def test_undo_shows_the_caption_and_seed_of_the_run_it_restores(served, page):
+    from playwright.sync_api import expect
+
+    decompose_in_page(page, served, "a sticker")
+    caption, used_seed = page.get_by_label("Caption used"), page.get_by_label("Seed used")
+    expect(caption).to_have_value("a sticker")
+    expect(used_seed).to_have_value("777")
+    # Layer 2 again, with its own prompt and another seed.
+    page.locator(".thumbnail-item").nth(1).click()
+    expect(page.get_by_label("Selected layer (1 = bottom)")).to_have_value("2")
+    page.get_by_label("Seed", exact=True).fill("4242")
+    page.get_by_label("Prompt for this layer (empty: the model captions the layer)").fill("the top layer")
+    page.get_by_role("button", name="Decompose this layer").click()
+    expect(caption).to_have_value("the top layer", timeout=RUN_TIMEOUT_MS)
+    expect(used_seed).to_have_value("4242")
+    grid = page.locator(".thumbnail-item.thumbnail-lg")  # the gallery's grid (a click also opened its preview strip)
+    expect(grid).to_have_count(3)
+
+    page.get_by_role("button", name="Undo last layer decomposition").click()
+    expect(grid).to_have_count(2, timeout=60_000)
+    expect(caption).to_have_value("a sticker")
+    expect(used_seed).to_have_value("777")
+
+
+def test_the_downloads_show_their_whole_file_names(served, page):
+    from playwright.sync_api import expect
+
+    prompt = "a round sticker with a yellow pentagon on an orange disc"
+    decompose_in_page(page, served, prompt)
+    stem = app_stem(prompt)
+    names = page.locator(".file-preview td.filename")
+    expect(names).to_have_count(3)
+    for index, suffix in enumerate([".pptx", ".zip", ".psd"]):  # the PPTX, ZIP and PSD boxes
+        name = names.nth(index)
+        expect(name).to_have_attribute("aria-label", stem + suffix)
+        # Every character is laid out inside the box: the name wraps instead of being cut to "...p".
+        assert name.locator(".stem").evaluate("e => e.scrollWidth <= e.clientWidth && e.scrollHeight <= e.clientHeight")
+        assert name.inner_text().replace("\n", "") == stem + suffix
+        assert name.bounding_box()["width"] >= 300
+
+
+def app_stem(prompt: str, seed: int = 777) -> str:
+    sys.path.insert(0, str(ROOT / "src"))
+    import app
+
+    return app.export_stem(prompt, seed)
+
+
+def test_the_caption_shows_its_progress_in_tokens(served, page):
+    import re
+
+    from playwright.sync_api import expect
+
+    page.goto(served["url"])
+    page.locator("input[type=file]").first.set_input_files(str(EXAMPLE))
+    fill_settings(page, "", Layers="2", Steps="2", **{"True CFG scale": "1"})
+    page.get_by_role("button", name="Decompose", exact=True).click()
+    expect(page.locator(".progress-text").first).to_have_text(re.compile(r"^\d+/512 caption tokens"), timeout=60_000)
+    expect(page.locator(".progress-text").first).to_have_text(re.compile(r"^\d+/2 steps"), timeout=RUN_TIMEOUT_MS)
+    expect(page.locator(".thumbnail-item")).to_have_count(2, timeout=RUN_TIMEOUT_MS)

@@ -231,13 +231,14 @@ def edit_layer(
     start = time.perf_counter()
     # 2. Put the layer on the flat green.
     flat = flatten_on_background(rgba)
-    # 3. Edit at the pipeline's own size (~1024x1024 area, the model's), with CPU noise as in the app.
+    # 3. Edit at the pipeline's own size (~1024x1024 area, the model's), with the app's noise (CUDA on a GPU).
     #    The app's guarded run: memory freed after it (budget release, FirstBlockCache reset), OOM -> a message.
     #    (The pipeline resizes to its own ~1 MP whatever the layer's size, so a smaller layer would not help.)
+    generator = app.noise_generator(pipe, seed)
     edited = app.run_pipeline(
         pipe, lambda: pipe(image=flat, prompt=prompt, negative_prompt=negative_prompt, true_cfg_scale=true_cfg_scale,
                            num_inference_steps=num_inference_steps, num_images_per_prompt=1,
-                           generator=torch.Generator(device="cpu").manual_seed(seed)).images[0],
+                           generator=generator).images[0],
         app.out_of_memory_message(pipe, job="edit", program="tool"))
     # 4. Back to the layer's size, then the alpha: matted at the size it is delivered at.
     resized = edited.convert("RGB").resize(rgba.size, Image.LANCZOS)
@@ -246,7 +247,7 @@ def edit_layer(
     params = dict(prompt=prompt, negative_prompt=negative_prompt, true_cfg_scale=float(true_cfg_scale),
                   num_inference_steps=num_inference_steps, seed=seed, randomize_seed=bool(randomize_seed),
                   matte=matte, matte_used=matte_used, background_color=list(BACKGROUND_COLOR),
-                  input_size=list(rgba.size), model_size=list(edited.size))
+                  input_size=list(rgba.size), model_size=list(edited.size), generator_device=generator.device.type)
     return EditResult(image=image, edited=edited, matte=matte_used, seed=seed, params=params,
                       duration_s=time.perf_counter() - start)
 
@@ -281,17 +282,19 @@ def build_ui(pipe, settings: app.Settings, rmbg=None, matte: str = DEFAULTS["mat
              true_cfg_scale=DEFAULTS["true_cfg_scale"], num_inference_steps=DEFAULTS["num_inference_steps"],
              negative_prompt=DEFAULTS["negative_prompt"], matte=matte, progress=gr.Progress(track_tqdm=True)):
         if image is None:
-            raise gr.Error("No layer: upload an RGBA image (a PNG with transparency) first.")
+            raise gr.Error("No layer: upload an RGBA image (a PNG with transparency) first.", duration=None)
         try:
-            image = app.readable_upload(image, demo.upload_file_set, get_upload_folder())  # uploads only
-            result = edit_layer(pipe, image, prompt, negative_prompt=negative_prompt, true_cfg_scale=true_cfg_scale,
+            # Uploads only (`app.readable_upload`), then the app's reader: size checked before decoding, messages
+            # that name the file.
+            layer = app.to_rgba(app.readable_upload(image, demo.upload_file_set, get_upload_folder()))
+            result = edit_layer(pipe, layer, prompt, negative_prompt=negative_prompt, true_cfg_scale=true_cfg_scale,
                                 num_inference_steps=num_inference_steps, seed=seed, randomize_seed=randomize_seed,
                                 matte=matte, rmbg=rmbg)
-            folder = save_edit(result, image, settings.outputs, run_info)
+            folder = save_edit(result, layer, settings.outputs, run_info)
         except (ValueError, app.OutOfMemoryError) as err:
-            raise gr.Error(str(err)) from err
+            raise gr.Error(str(err), duration=None) from err  # stays on the page until closed
         except Exception as err:  # a bug or the machine: the details stay in the server log
-            raise gr.Error(app.client_error(err, "editing the layer")) from err
+            raise gr.Error(app.client_error(err, "editing the layer"), duration=None) from err
         logger.info("Edit saved in %s (%.1f s, matte %s)", folder, result.duration_s, result.matte)
         # The folder's name only: the page is no place for the server's paths.
         return result.image, result.seed, f"Alpha recovered by **{result.matte}**. Saved as `edits/{folder.name}`."
@@ -327,8 +330,9 @@ def build_ui(pipe, settings: app.Settings, rmbg=None, matte: str = DEFAULTS["mat
               inputs=[image, prompt, seed, randomize_seed, true_cfg_scale, num_inference_steps, negative_prompt,
                       matte_choice],
               outputs=[result, used_seed, info], api_name="edit",
-              # The handler takes Gradio's raw file value and `app.readable_upload` checks it: Gradio checks a
-              # value's path only when it carries its `meta` key, and its cache holds more than uploads.
+              # The handler takes Gradio's raw file value: `app.readable_upload` checks it (Gradio checks a value's
+              # path only when it carries its `meta` key, and its cache holds more than uploads), and `app.to_rgba`
+              # reads it with the app's checks and messages (Gradio's preprocess would fail with its own dump).
               preprocess=False,
               concurrency_limit=1)  # one GPU job at a time; others wait in Gradio's queue
     demo.queue(default_concurrency_limit=1)
