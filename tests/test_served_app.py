@@ -107,7 +107,7 @@ def test_browser_decomposes_an_example_into_3_layers_and_downloads_psd_pptx_zip(
     shot = screenshot(page, "browser_decompose.png")
     assert Image.open(shot).width == 1280
 
-    links = page.get_by_test_id("download-link")
+    links = page.locator(".downloads").get_by_test_id("download-link")  # the three export boxes' links
     expect(links).to_have_count(3)
     downloaded = {}
     for index in range(3):
