@@ -94,7 +94,8 @@ class HostRamSampler(threading.Thread):
 
 
 def sync() -> None:
-    torch.cuda.synchronize()
+    if torch.cuda.is_available():  # bench_speed's --tiny runs on the CPU
+        torch.cuda.synchronize()
 
 
 def timed(fn, *args, **kwargs):

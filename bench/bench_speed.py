@@ -69,17 +69,7 @@ def use_tiny() -> None:
     app.COMPILE_OPTIONS = dict(app.COMPILE_OPTIONS, backend="eager")  # no C++ toolchain needed for the smoke test
 
 
-def sync() -> None:
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-
-
-def timed(fn, *args, **kwargs):
-    sync()
-    start = time.perf_counter()
-    out = fn(*args, **kwargs)
-    sync()
-    return time.perf_counter() - start, out
+timed = base.timed  # one owner: bench_24gb's (it synchronises CUDA where there is one)
 
 
 # ----------------------------------------------------------------------------------------------------
