@@ -1962,6 +1962,7 @@ def run_pipeline(pipe, job: Callable[[], Any], out_of_memory: str, stop: threadi
 
     stop_hook = pipe.text_encoder.register_forward_pre_hook(check_stop) if stop is not None else None
     failed = stopped = False
+    start = time.perf_counter()
     with _PIPELINE_LOCK:
         try:
             with torch.inference_mode(), torch.autocast("cuda", dtype=torch.bfloat16, enabled=torch.cuda.is_available()):
@@ -1982,7 +1983,7 @@ def run_pipeline(pipe, job: Callable[[], Any], out_of_memory: str, stop: threadi
         logger.warning("Out of GPU memory; memory freed. %s", out_of_memory)
         raise OutOfMemoryError(out_of_memory)
     if stopped:
-        logger.info("Run stopped at the next step; memory freed.")
+        logger.info("Run stopped after %.1f s; memory freed.", time.perf_counter() - start)
         raise RunStopped(STOPPED_MESSAGE)
 
 
@@ -2108,11 +2109,15 @@ def caption_progress(pipe, max_new_tokens: int = CAPTION_MAX_NEW_TOKENS):
 
     encoder = pipe.text_encoder
     counter = TokenCounter()
-    encoder.generate = functools.partial(type(encoder).generate, encoder, streamer=counter)
+    previous = encoder.__dict__.get("generate")  # an instance's own generate (a wrapper someone set), else None
+    encoder.generate = functools.partial(encoder.generate, streamer=counter)
     try:
         yield counter
     finally:
-        del encoder.generate  # the class's own generate again
+        if previous is None:
+            del encoder.generate  # the class's own generate again
+        else:
+            encoder.generate = previous
         counter.bar.close()
 
 

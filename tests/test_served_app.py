@@ -75,13 +75,27 @@ def page():
 
 
 def fill_settings(page, prompt: str, **numbers: str) -> None:
-    """Type the prompt, open the advanced settings and type into the sliders' number boxes."""
+    """Type the prompt, open the advanced settings and type into the sliders' number boxes.
+
+    Each value is checked on the slider itself, and typed again if the accordion's first render took it back
+    (seen on a busy machine: the first box typed into kept the default).
+    """
+    from playwright.sync_api import expect
+
     page.get_by_label("Prompt (empty: the model writes a caption)").fill(prompt)
     page.get_by_text("Advanced settings").click()
     for label, value in numbers.items():
-        box = page.get_by_label(f"number input for {label}")
-        box.fill(value)
-        box.press("Enter")
+        box, slider = page.get_by_label(f"number input for {label}"), page.get_by_label(f"range slider for {label}")
+        for _ in range(3):
+            box.fill(value)
+            box.press("Enter")
+            try:
+                expect(slider).to_have_value(value, timeout=2_000)
+                break
+            except AssertionError:
+                continue
+    for label, value in numbers.items():  # all still as typed when the run starts
+        expect(page.get_by_label(f"range slider for {label}")).to_have_value(value)
 
 
 def screenshot(page, name: str, full_page: bool = True) -> Path:

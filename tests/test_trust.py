@@ -386,7 +386,8 @@ def test_batch_takes_a_gif_from_a_folder_prints_its_note_and_names_a_failed_expo
     assert "  note: blink.gif is animated (2 frames): the first frame was used." in capsys.readouterr().err
     summary = app.batch_summary(items).splitlines()
     assert summary[0] == "1 of 1 images decomposed, 0 failed"
-    assert summary[2:] == ["          note: blink.gif is animated (2 frames): the first frame was used.",
+    assert summary[1].startswith("recomposition PSNR: blink.gif ")
+    assert summary[3:] == ["          note: blink.gif is animated (2 frames): the first frame was used.",
                            "          note: zip export failed: RuntimeError: the ZIP writer broke"]
 
 
