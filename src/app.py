@@ -1671,7 +1671,11 @@ def disable_budget_offload(pipe) -> None:
 #                     diffusers' own Ulysses attention (`ContextParallelConfig`, QwenImageTransformer2DModel's
 #                     `_cp_plan`). Measured only on 2 GPUs, where it is not used.
 # The layers equal one process's: the same CPU-generator noise and the same two predictions every step.
-# The caption is written on every rank (the text encoder is not split): it costs what it costs on one GPU.
+# The caption is written by rank 0 alone and sent to the others (`caption_from_rank0`): decoding is one token after
+# another, so other GPUs could only repeat it; it costs what it costs on one GPU.
+# The ranks stay in step, or a rank would wait in a collective for one that left: a Stop is rank 0's answer sent to
+# every rank at each step end (`rank0_says`), a caption rank 0 did not finish stops them all, and an out-of-memory
+# error in one rank's CFG half is agreed on before the swap (`CfgParallelHook`), so every rank raises it.
 MULTI_GPU_JOB_TIMEOUT = datetime.timedelta(days=365)  # how long ranks 1.. wait for rank 0's next job (UI idle time)
 
 
@@ -1769,30 +1773,46 @@ class CfgParallelHook(ModelHook):
 
     _is_stateful = True
 
-    def __init__(self, group, half: int):
+    def __init__(self, group, half: int, flag_group):
         super().__init__()
-        self.group, self.half = group, half
+        self.group, self.half, self.flag_group = group, half, flag_group
         self.state_manager = StateManager(_NoState)
         self.enabled = False  # per job (`share_job`): only true CFG makes the uncond call
         self.predictions: list = [None, None]
+        self.out_of_memory = False  # this rank's half ran out of GPU memory this step
+
+    @staticmethod
+    def empty_prediction(module, args, kwargs) -> torch.Tensor:
+        """The uninitialized prediction of the shape and dtype the transformer's forward returns."""
+        hidden_states = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
+        channels = module.config.out_channels * module.config.patch_size**2
+        # The dtype the pair's forward returns: autocast's (bf16 on CUDA) where it is on, else the weights'.
+        device_type = hidden_states.device.type
+        dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else module.dtype
+        return hidden_states.new_empty((*hidden_states.shape[:2], channels), dtype=dtype)
 
     def new_forward(self, module, *args, **kwargs):
         if not self.enabled:
             return self.fn_ref.original_forward(*args, **kwargs)
         branch = 0 if self.state_manager.context.name == "cond" else 1
+        prediction = None
         if branch == self.half:
-            output = self.fn_ref.original_forward(*args, **kwargs)
-            prediction = output[0] if isinstance(output, tuple) else output.sample
-        else:
-            hidden_states = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
-            channels = module.config.out_channels * module.config.patch_size**2
-            # The dtype the pair's forward returns: autocast's (bf16 on CUDA) where it is on, else the weights'.
-            device_type = hidden_states.device.type
-            dtype = (torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type)
-                     else module.dtype)
-            prediction = hidden_states.new_empty((*hidden_states.shape[:2], channels), dtype=dtype)
+            try:
+                output = self.fn_ref.original_forward(*args, **kwargs)
+                prediction = output[0] if isinstance(output, tuple) else output.sample
+            except torch.OutOfMemoryError:  # raised below on every rank, once they agree (else the pair would wait)
+                self.out_of_memory = True
+        if prediction is None:
+            prediction = self.empty_prediction(module, args, kwargs)
         self.predictions[branch] = prediction
         if branch == 1:
+            # 1. Every rank says whether its half ran out of memory: all raise it, or none.
+            failed = torch.tensor([int(self.out_of_memory)])
+            torch.distributed.all_reduce(failed, op=torch.distributed.ReduceOp.MAX, group=self.flag_group)
+            if failed.item():
+                self.reset_state(module)
+                raise torch.OutOfMemoryError("CFG-parallel: a rank ran out of GPU memory")
+            # 2. The swap.
             mine, other = self.predictions[self.half], self.predictions[1 - self.half]
             if (mine.shape, mine.dtype) != (other.shape, other.dtype):  # a swap of unequal sizes would hang NCCL
                 raise RuntimeError(f"CFG-parallel: the prediction is {tuple(mine.shape)} {mine.dtype}, the empty one "
@@ -1807,7 +1827,7 @@ class CfgParallelHook(ModelHook):
         return (prediction,)
 
     def reset_state(self, module):
-        self.predictions = [None, None]
+        self.predictions, self.out_of_memory = [None, None], False
         return module
 
 
@@ -1826,9 +1846,12 @@ def enable_multi_gpu(pipe, state: ParallelState) -> list[str]:
     # 2. CFG-parallel across the halves.
     if state.cfg_size == 2:
         group, half = (None, state.rank) if state.mesh is None else (state.mesh.get_group("cfg"), state.mesh.get_local_rank("cfg"))
-        hook = CfgParallelHook(group, half)
+        hook = CfgParallelHook(group, half, flag_group=state.job_group)
         HookRegistry.check_if_exists_or_initialize(transformer).register_hook(hook, "cfg_parallel")
         pipe._cfg_parallel_hook = hook
+        # NCCL builds a communicator at a group's first collective (seconds): here, not in the first image's steps.
+        warm = torch.zeros(1, device="cuda" if torch.cuda.is_available() else "cpu")
+        torch.distributed.all_reduce(warm, group=group)
         applied.append("cfg_parallel(2 halves)")
     pipe._parallel = state
     return applied
@@ -1851,6 +1874,38 @@ def share_job(pipe, job: dict[str, Any]) -> None:
         hook.enabled = job["true_cfg_scale"] > 1 and job["negative_prompt"] is not None
 
 
+def rank0_says(pipe, flag: bool) -> bool:
+    """Rank 0's `flag` on every rank (one number over the CPU job group), so that all ranks act on it at the same
+    point of a job; alone, `flag`."""
+    state = getattr(pipe, "_parallel", None)
+    if state is None:
+        return flag
+    value = torch.tensor([int(flag)])
+    torch.distributed.broadcast(value, src=0, group=state.job_group)
+    return bool(value.item())
+
+
+def caption_from_rank0(pipe, write: Callable[[], str], stop: threading.Event | None) -> str:
+    """The caption every rank conditions on: alone, `write()`. With several GPUs rank 0 writes it (stoppable, as
+    `run_pipeline` stops a caption alone) and sends it to the other ranks, which wait; a caption rank 0 did not
+    finish (stopped, out of memory, an error) ends the job on every rank with `RunStopped`."""
+    state = getattr(pipe, "_parallel", None)
+    if state is None:
+        return write()
+    message = [None]
+    if state.rank == 0:
+        try:
+            with text_encoder_stop(pipe, stop):
+                message = [write()]
+        finally:  # sent also when `write` raised: [None] then
+            torch.distributed.broadcast_object_list(message, src=0, group=state.job_group)
+        return message[0]
+    torch.distributed.broadcast_object_list(message, src=0, group=state.job_group)
+    if message[0] is None:
+        raise RunStopped("rank 0 did not finish the caption")
+    return message[0]
+
+
 def serve_rank(pipe) -> None:
     """Ranks 1..N-1: run each job rank 0 sends (the same `infer`), until it sends None (`stop_ranks`)."""
     import torch.distributed as dist
@@ -1863,7 +1918,7 @@ def serve_rank(pipe) -> None:
             return
         try:
             infer(pipe, **message[0])
-        except (ValueError, OutOfMemoryError) as err:  # rank 0 reports the same failure to the user
+        except (ValueError, OutOfMemoryError, RunStopped) as err:  # rank 0 reports the same failure to the user
             logger.error("Rank %d: %s", state.rank, err)
 
 
@@ -1908,18 +1963,35 @@ STOPPED_MESSAGE = "Stopped: the run ended at the next step and its memory was fr
 _PIPELINE_LOCK = threading.Lock()
 
 
-def stop_callback(stop: threading.Event | None) -> Callable | None:
+def stop_callback(stop: threading.Event | None, pipe=None) -> Callable | None:
     """The pipeline's `callback_on_step_end` for a `stop` event: it raises `RunStopped` after the step during which
-    `stop` was set (the pipeline's own callback, so no step is cut in half). `run_pipeline` covers the caption."""
-    if stop is None:
+    `stop` was set (the pipeline's own callback, so no step is cut in half). `run_pipeline` covers the caption.
+    With several GPUs (`pipe`'s ranks) every rank gets it and acts on rank 0's `stop` (`rank0_says`)."""
+    if stop is None and getattr(pipe, "_parallel", None) is None:
         return None
 
     def callback(_pipe, _step, _timestep, callback_kwargs):
-        if stop.is_set():
+        if rank0_says(pipe, stop is not None and stop.is_set()):
             raise RunStopped("stopped")
         return callback_kwargs
 
     return callback
+
+
+@contextlib.contextmanager
+def text_encoder_stop(pipe, stop: threading.Event | None):
+    """Within the block, a set `stop` raises `RunStopped` before the text encoder's next forward: the caption (up to
+    512 tokens, minutes on a 4090) has no step callback."""
+    def check_stop(*_):
+        if stop.is_set():
+            raise RunStopped("stopped")
+
+    hook = pipe.text_encoder.register_forward_pre_hook(check_stop) if stop is not None else None
+    try:
+        yield
+    finally:
+        if hook is not None:
+            hook.remove()
 
 
 def out_of_memory_message(pipe, job: str = "decomposition", changes: list[str] = (), program: str = "app") -> str:
@@ -1953,19 +2025,16 @@ def run_pipeline(pipe, job: Callable[[], Any], out_of_memory: str, stop: threadi
     cached first-block residual without the tail residuals it needs), and `clear_memory`. CUDA out of memory
     becomes `OutOfMemoryError(out_of_memory)`, raised only after the run's tensors are freed.
     Setting `stop` ends the run with `RunStopped`: the job passes `stop_callback(stop)` to the pipeline's steps,
-    and the caption (the text encoder's `generate`, up to 512 tokens, minutes on a 4090), which has no step
-    callback, is stopped here by a forward pre-hook on the text encoder, before its next token.
+    and the caption is stopped before its next token (`text_encoder_stop`). With several GPUs the ranks stop
+    together, so only the caption is stopped that way there (`caption_from_rank0`), not rank 0's prompt encoding.
     """
-    def check_stop(*_):
-        if stop.is_set():
-            raise RunStopped("stopped")
-
-    stop_hook = pipe.text_encoder.register_forward_pre_hook(check_stop) if stop is not None else None
+    caption_stop = stop if getattr(pipe, "_parallel", None) is None else None
     failed = stopped = False
     start = time.perf_counter()
     with _PIPELINE_LOCK:
         try:
-            with torch.inference_mode(), torch.autocast("cuda", dtype=torch.bfloat16, enabled=torch.cuda.is_available()):
+            with torch.inference_mode(), torch.autocast("cuda", dtype=torch.bfloat16, enabled=torch.cuda.is_available()), \
+                    text_encoder_stop(pipe, caption_stop):
                 return job()
         except torch.OutOfMemoryError:
             # Not re-raised here: the exception's traceback holds the run's tensors, so it must be gone before
@@ -1977,8 +2046,6 @@ def run_pipeline(pipe, job: Callable[[], Any], out_of_memory: str, stop: threadi
             release_budget_vram(pipe)
             pipe.transformer._reset_stateful_cache()
             clear_memory()
-            if stop_hook is not None:
-                stop_hook.remove()
     if failed:
         logger.warning("Out of GPU memory; memory freed. %s", out_of_memory)
         raise OutOfMemoryError(out_of_memory)
@@ -2246,9 +2313,9 @@ def infer(
     def job():
         # 2. Caption. An empty prompt makes the pipeline caption the image itself; we call its own
         #    `get_image_caption` on the same resized image first so the caption can be shown and saved.
-        caption = prompt
-        if auto_caption:
-            caption = caption_image(pipe, rgba, resolution, use_en_prompt)
+        #    With several GPUs rank 0 writes it and sends it to the others (section 4c).
+        caption = caption_from_rank0(
+            pipe, lambda: caption_image(pipe, rgba, resolution, use_en_prompt) if auto_caption else prompt, stop)
         # 3. Denoise and decode, with the official app's noise (`noise_generator`).
         generator = noise_generator(pipe, seed)
         output = pipe(
@@ -2263,7 +2330,7 @@ def infer(
             use_en_prompt=use_en_prompt,
             generator=generator,
             num_images_per_prompt=1,
-            callback_on_step_end=stop_callback(stop),
+            callback_on_step_end=stop_callback(stop, pipe),
         )
         return caption, output, generator.device.type
 

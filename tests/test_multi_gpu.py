@@ -91,3 +91,35 @@ def test_launch_ranks_starts_the_ranks_itself_and_they_give_the_same_layers(one_
     assert "cfg_parallel(2 halves)" in json.loads((folder / "params.json").read_text())["optimizations"]
     for a, b in zip(layers_one, layers):
         np.testing.assert_array_equal(a, b)
+
+
+def test_the_ranks_stop_and_fail_together_and_then_run_the_next_job(models_dir, tmp_path):
+    """Rank 0 stopped in the steps or in its caption, rank 1 out of memory: every rank leaves the job at the same
+    point (none waits in a collective for one that left), and the next job runs on both, as one process runs it."""
+    out_json, out_npz = tmp_path / "results.json", tmp_path / "layers.npz"
+    app.get_model_path(app.Settings(demo=True, models_dir=models_dir))  # built once, before the ranks look
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+         str(ROOT / "tests" / "ranks_agree.py"), str(models_dir), str(out_json), str(out_npz)],
+        capture_output=True, text=True, env=dict(os.environ, **ONE_THREAD), timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = json.loads(out_json.read_text())
+    assert results["stop_in_steps"] == f"RunStopped: {app.STOPPED_MESSAGE}"
+    assert results["rank1_out_of_memory"].startswith("OutOfMemoryError: Out of GPU memory during the decomposition")
+    assert results["stop_in_caption"] == f"RunStopped: {app.STOPPED_MESSAGE}"
+    assert results["caption_forwards_before_stop"] == 2  # stopped before its third token
+    assert proc.stderr.count(f"Rank 1: {app.STOPPED_MESSAGE}") == 2  # rank 1 left both stopped jobs too
+    assert "Rank 1: Out of GPU memory" in proc.stderr
+    # The last job: rank 0's caption on both ranks, the layers one process gives.
+    torch_threads = app.torch.get_num_threads()
+    app.torch.set_num_threads(1)  # the ranks ran one thread each: the same float32 summation order
+    try:
+        pipe = app.load_pipeline(app.Settings(demo=True, models_dir=models_dir, offload="off", first_block_cache=False))
+        alone = app.infer(pipe, Image.new("RGBA", (90, 60), (250, 120, 0, 255)), prompt="", layers=2,
+                          num_inference_steps=3, true_cfg_scale=4.0, seed=3, randomize_seed=False)
+    finally:
+        app.torch.set_num_threads(torch_threads)
+    assert results["last_caption"] == alone.caption and alone.caption
+    with np.load(out_npz) as two:
+        for i, layer in enumerate(alone.layers):
+            np.testing.assert_array_equal(two[f"arr_{i}"], np.asarray(layer))
