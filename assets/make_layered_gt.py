@@ -17,6 +17,7 @@ from PIL import Image, ImageDraw, ImageFilter, ImageFont
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "src"))
 import app  # noqa: E402  (loads no model)
+import make_test_images  # noqa: E402  (this folder: python puts the script's folder on sys.path)
 
 OUT = Path(__file__).resolve().parent / "layered_gt"
 
@@ -26,14 +27,8 @@ def blank(size):
 
 
 def gradient(size, top, bottom):
-    """An opaque vertical gradient between two RGB colours."""
-    width, height = size
-    image = Image.new("RGBA", size)
-    draw = ImageDraw.Draw(image)
-    for y in range(height):
-        t = y / max(height - 1, 1)
-        draw.line([(0, y), (width, y)], fill=tuple(round(a + (b - a) * t) for a, b in zip(top, bottom)) + (255,))
-    return image
+    """An opaque vertical gradient between two RGB colours (the example images' own, with alpha)."""
+    return make_test_images.gradient(size, top, bottom).convert("RGBA")
 
 
 def solid(size, colour):

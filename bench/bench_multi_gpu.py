@@ -233,6 +233,13 @@ def main(argv=None) -> int:
     def max_abs_diff(a, b):
         return int(max(np.abs(np.asarray(x, dtype=np.int16) - np.asarray(y, dtype=np.int16)).max() for x, y in zip(a, b)))
 
+    def compare(suffix, one, two, layers_one, layers_two):
+        """2 GPUs against 1: the measured run, the 50-step image, one denoising step; the layers' difference."""
+        results["two_vs_one" + suffix] = round(two["total_s"] / one["total_s"], 3)
+        results[f"two_vs_one{suffix}_50_steps"] = round(two["whole_image_50_steps_s"] / one["whole_image_50_steps_s"], 3)
+        results["denoise_step_two_vs_one" + suffix] = round(two["per_step_median_s"] / one["per_step_median_s"], 3)
+        results["max_abs_diff" + suffix] = max_abs_diff(layers_one, layers_two)
+
     if cuda:
         pipe.to("cuda")
     run(2)  # warm-up on both ranks at once: kernels and the caption's sequence lengths (bench_24gb: caption_first_lengths)
@@ -248,10 +255,7 @@ def main(argv=None) -> int:
     two, layers_two = together(args.steps)
     if rank == 0:
         results["two_gpu"], results["two_gpu_s"] = two, two["whole_image_50_steps_s"]
-        results["two_vs_one"] = round(two["total_s"] / one["total_s"], 3)
-        results["two_vs_one_50_steps"] = round(two["whole_image_50_steps_s"] / one["whole_image_50_steps_s"], 3)
-        results["denoise_step_two_vs_one"] = round(two["per_step_median_s"] / one["per_step_median_s"], 3)
-        results["max_abs_diff"] = max_abs_diff(layers_one, layers_two)
+        compare("", one, two, layers_one, layers_two)
         results["max_abs_diff_unit"] = "RGBA levels 0-255 of the output layers, 1 GPU vs 2 GPUs, same seed"
         log(f"two_gpu {two}; ratio {results['two_vs_one']}; max_abs_diff {results['max_abs_diff']}")
     save()
@@ -276,10 +280,7 @@ def main(argv=None) -> int:
         one24, layers_one24 = alone(budget_steps)
         if rank == 0:
             results["one_gpu_24gb"], results["one_gpu_24gb_s"] = one24, one24["whole_image_50_steps_s"]
-            results["two_vs_one_24gb"] = round(two24["total_s"] / one24["total_s"], 3)
-            results["two_vs_one_24gb_50_steps"] = round(two24["whole_image_50_steps_s"] / one24["whole_image_50_steps_s"], 3)
-            results["denoise_step_two_vs_one_24gb"] = round(two24["per_step_median_s"] / one24["per_step_median_s"], 3)
-            results["max_abs_diff_24gb"] = max_abs_diff(layers_one24, layers_two24)
+            compare("_24gb", one24, two24, layers_one24, layers_two24)
             log(f"one_gpu_24gb {one24}; ratio {results['two_vs_one_24gb']}; max_abs_diff {results['max_abs_diff_24gb']}")
     results["wall_s"] = round(time.perf_counter() - start, 1)
     save()
