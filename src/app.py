@@ -1034,7 +1034,7 @@ def sage_attention_unavailable(on_cuda: bool) -> str | None:
     return None
 
 
-def warm_up(pipe) -> float:
+def warm_up(pipe, resolution: int = DEFAULTS["resolution"], layers: int = DEFAULTS["layers"]) -> float:
     """One short decomposition at the default job's shapes (ENABLE_WARM_UP); returns its seconds.
 
     A caption of WARM_UP_CAPTION_TOKENS tokens (the vision tower and the prompt's prefill at this shape, the compiled
@@ -1042,20 +1042,20 @@ def warm_up(pipe) -> float:
     transformer and its cuDNN plans, --compile's blocks). The user's first image at these shapes then costs what a
     repeat costs; another shape still pays its own plans once (the caption's decode does not: one static cache size).
     """
-    image = Image.new("RGBA", (DEFAULTS["resolution"],) * 2, (128, 128, 128, 255))
+    image = Image.new("RGBA", (resolution, resolution), (128, 128, 128, 255))
     start = time.perf_counter()
     encoder = pipe.text_encoder
     own = encoder.__dict__.get("generate")  # an instance's own generate (the budget engine's), else None
     generate = encoder.generate
     encoder.generate = lambda **kwargs: generate(**dict(kwargs, max_new_tokens=WARM_UP_CAPTION_TOKENS))
     try:
-        caption_image(pipe, image, DEFAULTS["resolution"])
+        caption_image(pipe, image, resolution)
     finally:
         if own is None:
             del encoder.generate
         else:
             encoder.generate = own
-    infer(pipe, image, prompt="warm-up", num_inference_steps=STEPS_RANGE[0], seed=0)
+    infer(pipe, image, prompt="warm-up", num_inference_steps=STEPS_RANGE[0], layers=layers, resolution=resolution, seed=0)
     return time.perf_counter() - start
 
 
