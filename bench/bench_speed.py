@@ -352,6 +352,7 @@ def main(argv=None) -> int:
                 entry[name] = round(seconds, 3)
                 entry[name.replace("_s", "_same_text_as_eager")] = text == first.caption
                 entry[name.replace("_s", "_first_differing_word")] = first_difference(text, first.caption)
+                save()  # a run cut short keeps each caption
             if backend == "static":
                 raise StopIteration  # nothing compiled: one caption tells its text
             entry.update(ms_per_token=round(1000 * entry["repeat_s"] / caption_tokens, 2),
