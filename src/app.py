@@ -125,15 +125,17 @@ COMPILE_OPTIONS = dict(fullgraph=True, dynamic=True)
 # new length (H100: 81 ms per token on lengths new to the process, 23 ms on a repeat), so the first image and every new
 # image shape paid ~20 s more. The caption runs with these SDPA kernels instead (24 ms per token on new lengths). The
 # transformer keeps cuDNN: one plan per job shape, and its forward is 16% slower without it (bench/RESULTS.md).
-# Not flash either: the compiled decode's static cache needs a mask (flash takes none), so eager and compiled decoding
-# both use the memory-efficient kernel, the same arithmetic for the same keys (masked keys add exact zeros).
-CAPTION_SDPA_BACKENDS = ("EFFICIENT_ATTENTION", "MATH")
-# The caption's decode runs one forward of the 8.3B text encoder per token; eager, it is bound by kernel launches (H200:
-# ~21 ms per token against a ~3 ms weight-read floor). A static KV cache gives every decode step the same shapes, so
-# transformers' `generate` compiles the step and replays it as CUDA graphs (torch.compile "reduce-overhead"; the
-# prompt's prefill stays eager). Only where the whole text encoder stays on the GPU: `caption_compile_problem` says
-# why not elsewhere. Not tied to --compile: it does not change the caption (greedy decoding, checked against eager in
-# bench/bench_speed.py and tests/test_speed.py) and its compile is paid once at start-up (`warm_up`), then cached.
+CAPTION_SDPA_BACKENDS = ("FLASH_ATTENTION", "EFFICIENT_ATTENTION", "MATH")
+# The caption's decode runs one forward of the 8.3B text encoder per token; eager, it is bound by kernel launches and
+# Python (H200: ~24-30 ms per token against a ~3 ms weight-read floor). A static KV cache gives every decode step the
+# same shapes, so transformers' `generate` compiles the step (Inductor) and replays it as CUDA graphs ("reduce-overhead";
+# the prompt's prefill stays eager). H200, full-size random weights, 512 tokens: 5.4 s instead of 14-15 s eager, one
+# graph for every image shape; the first caption of a process compiles for ~55 s (at load, in `warm_up`).
+# OFF by default because it is not exact: its text left eager greedy decoding's at the 7th word on the random weights
+# (fused kernels round differently, and random weights' top logits nearly tie). CUDA graphs of the eager kernels
+# (backend "cudagraphs") were no better: different from the 21st word, and only 0.86x the eager time
+# (bench/results/caption_probe.json, speed.json). Not tied to --compile, which changes only the transformer's speed.
+# Only where the whole text encoder stays on the GPU: `caption_compile_problem` says why not elsewhere.
 ENABLE_CAPTION_COMPILE = False
 # One static cache length for every caption (prompt with image tokens, ~1,400 at 1024 px, + 512 new tokens): every
 # image shape then shares one compiled graph. 2048 tokens of KV cache cost 0.1 GB; a longer prompt grows it (recompiles).
@@ -141,7 +143,8 @@ CAPTION_CACHE_TOKENS = 2048
 CAPTION_COMPILE_OPTIONS = dict(mode="reduce-overhead", fullgraph=False, dynamic=False)
 # One short run at the default job's shapes when the model loads (`warm_up`, CUDA only): the user's first image then
 # costs what a repeat costs instead of paying the process's one-time work (cuDNN/cuBLAS plans, CUDA's lazy kernel
-# loading, compiled code). H200, resident, 640/4: the first image was 1.22x a repeat without it (bench/bench_speed.py).
+# loading, compiled code). H200, resident, 640/4, 2 steps: first image 15.7 s vs repeat 16.1 s after a 12.6 s warm-up
+# (without it: 31.1 s vs 16.5 s, 1.22x at 50 steps; bench/results/speed.json). --compile adds its ~19 s compile here.
 ENABLE_WARM_UP = True
 WARM_UP_CAPTION_TOKENS = 8  # enough decode steps for the compiled decode to compile, warm up and record its CUDA graph
 # SageAttention kernels through diffusers' attention dispatcher; needs the `sageattention` package.
@@ -356,10 +359,9 @@ def _add_common_args(parser: argparse.ArgumentParser) -> None:
                              "float8 / int8 (torchao, CUDA, --offload off)")
     parser.add_argument("--compile", action="store_true", default=_env("COMPILE", ENABLE_COMPILE),
                         help="torch.compile the transformer blocks (faster steps; the first run compiles ~25 s)")
-    parser.add_argument("--no-caption-compile", dest="caption_compile", action="store_false",
-                        default=_env("CAPTION_COMPILE", ENABLE_CAPTION_COMPILE),
-                        help="decode the auto-caption eagerly (default: static KV cache + CUDA graphs where the text "
-                             "encoder is whole on the GPU)")
+    parser.add_argument("--caption-compile", action="store_true", default=_env("CAPTION_COMPILE", ENABLE_CAPTION_COMPILE),
+                        help="decode the auto-caption with a static KV cache and CUDA graphs (~2.7x faster; not exact: "
+                             "its greedy text can differ from eager's; the first start compiles ~1 min)")
     parser.add_argument("--no-warm-up", dest="warm_up", action="store_false", default=_env("WARM_UP", ENABLE_WARM_UP),
                         help="skip the short run at load time (the first image then pays CUDA's one-time work)")
     parser.add_argument("--sage-attention", action="store_true", default=_env("SAGE_ATTENTION", ENABLE_SAGE_ATTENTION))

@@ -133,7 +133,8 @@ def test_static_cache_compiled_caption_gives_the_eager_text_with_one_graph_for_e
                                                                                          monkeypatch):
     # Dynamo traces the real decode step of the demo's Qwen2.5-VL (mrope) over a static cache; the "eager" backend
     # runs the traced graph without Inductor or CUDA graphs (the CPU has neither), so the static cache's arithmetic
-    # and the traced step are what is checked here against transformers' default dynamic cache.
+    # and the traced step are what is checked here against transformers' default dynamic cache. (On the GPU, Inductor's
+    # fused kernels in bf16 do change the random full-size model's text: ENABLE_CAPTION_COMPILE says so.)
     encoder = demo_pipe.text_encoder
     generate = encoder.generate  # captions of CAPTION_TOKENS tokens (speed only; no hook: it would be traced)
     monkeypatch.setattr(encoder, "generate", lambda **kwargs: generate(**dict(kwargs, max_new_tokens=CAPTION_TOKENS)))
@@ -201,9 +202,9 @@ def test_warm_up_runs_a_short_caption_and_the_fewest_steps_then_gives_generate_b
 
 def test_caption_compile_and_warm_up_flags_from_the_command_line_and_environment(monkeypatch):
     settings = app.parse_args([])[1]
-    assert settings.caption_compile is app.ENABLE_CAPTION_COMPILE and settings.warm_up is True
-    settings = app.parse_args(["--no-caption-compile", "--no-warm-up"])[1]
-    assert settings.caption_compile is False and settings.warm_up is False
+    assert settings.caption_compile is False and settings.warm_up is True  # opt-in: not exact on the GPU
+    settings = app.parse_args(["--caption-compile", "--no-warm-up"])[1]
+    assert settings.caption_compile is True and settings.warm_up is False
     monkeypatch.setenv("QIL_WARM_UP", "0")
     monkeypatch.setenv("QIL_CAPTION_COMPILE", "1")
     settings = app.parse_args([])[1]
