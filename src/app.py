@@ -1062,7 +1062,7 @@ def warm_up(pipe, resolution: int = DEFAULTS["resolution"], layers: int = DEFAUL
 
 
 def load_pipeline(settings: Settings, spec: ModelSpec = LAYERED_MODEL):
-    """Load `spec`'s pipeline (bf16 on CUDA, float32 on CPU) and apply the memory features."""
+    """Load `spec`'s pipeline (bf16 on CUDA, float32 on CPU), apply the memory features and, on CUDA, warm it up."""
     import diffusers
 
     # 0. A GPU that torch cannot use is said with the fix, not silently replaced by the CPU.
