@@ -126,6 +126,27 @@ COMPILE_OPTIONS = dict(fullgraph=True, dynamic=True)
 # image shape paid ~20 s more. The caption runs with these SDPA kernels instead (24 ms per token on new lengths). The
 # transformer keeps cuDNN: one plan per job shape, and its forward is 16% slower without it (bench/RESULTS.md).
 CAPTION_SDPA_BACKENDS = ("FLASH_ATTENTION", "EFFICIENT_ATTENTION", "MATH")
+# The caption's decode runs one forward of the 8.3B text encoder per token; eager, it is bound by kernel launches and
+# Python (H200: ~24-30 ms per token against a ~3 ms weight-read floor). A static KV cache gives every decode step the
+# same shapes, so transformers' `generate` compiles the step (Inductor) and replays it as CUDA graphs ("reduce-overhead";
+# the prompt's prefill stays eager). H200, full-size random weights, 512 tokens: 5.4 s instead of 14-15 s eager, one
+# graph for every image shape; the first caption of a process compiles for ~55 s (at load, in `warm_up`).
+# OFF by default because it is not exact: its text left eager greedy decoding's at the 7th word on the random weights
+# (fused kernels round differently, and random weights' top logits nearly tie). CUDA graphs of the eager kernels
+# (backend "cudagraphs") were no better: different from the 21st word, and only 0.86x the eager time
+# (bench/results/caption_probe.json, speed.json). Not tied to --compile, which changes only the transformer's speed.
+# Only where the whole text encoder stays on the GPU: `caption_compile_problem` says why not elsewhere.
+ENABLE_CAPTION_COMPILE = False
+# One static cache length for every caption (prompt with image tokens, ~1,400 at 1024 px, + 512 new tokens): every
+# image shape then shares one compiled graph. 2048 tokens of KV cache cost 0.1 GB; a longer prompt grows it (recompiles).
+CAPTION_CACHE_TOKENS = 2048
+CAPTION_COMPILE_OPTIONS = dict(mode="reduce-overhead", fullgraph=False, dynamic=False)
+# One short run at the default job's shapes when the model loads (`warm_up`, CUDA only): the user's first image then
+# costs what a repeat costs instead of paying the process's one-time work (cuDNN/cuBLAS plans, CUDA's lazy kernel
+# loading, compiled code). H200, resident, 640/4, 2 steps: first image 15.7 s vs repeat 16.1 s after a 12.6 s warm-up
+# (without it: 31.1 s vs 16.5 s, 1.22x at 50 steps; bench/results/speed.json). --compile adds its ~19 s compile here.
+ENABLE_WARM_UP = True
+WARM_UP_CAPTION_TOKENS = 8  # enough decode steps for the compiled decode to compile, warm up and record its CUDA graph
 # SageAttention kernels through diffusers' attention dispatcher; needs the `sageattention` package.
 ENABLE_SAGE_ATTENTION = False
 # The VAE decodes N layers at up to 1024 px: one layer at a time (slicing) and in tiles keeps its peak low.
@@ -295,6 +316,8 @@ class Settings:
     quantization: str | None = QUANTIZATION_MODE
     sage_attention: bool = ENABLE_SAGE_ATTENTION
     compile: bool = ENABLE_COMPILE
+    caption_compile: bool = ENABLE_CAPTION_COMPILE
+    warm_up: bool = ENABLE_WARM_UP
     auth: tuple[str, str] | None = None  # (user, password) for Gradio's login; None: no login
     max_upload_size: str | int = MAX_UPLOAD_SIZE  # Gradio's max_file_size: "50mb", or bytes
     outputs_max_gb: float = OUTPUTS_MAX_GB  # 0: no size limit
@@ -336,6 +359,11 @@ def _add_common_args(parser: argparse.ArgumentParser) -> None:
                              "float8 / int8 (torchao, CUDA, --offload off)")
     parser.add_argument("--compile", action="store_true", default=_env("COMPILE", ENABLE_COMPILE),
                         help="torch.compile the transformer blocks (faster steps; the first run compiles ~25 s)")
+    parser.add_argument("--caption-compile", action="store_true", default=_env("CAPTION_COMPILE", ENABLE_CAPTION_COMPILE),
+                        help="decode the auto-caption with a static KV cache and CUDA graphs (~2.7x faster; not exact: "
+                             "its greedy text can differ from eager's; the first start compiles ~1 min)")
+    parser.add_argument("--no-warm-up", dest="warm_up", action="store_false", default=_env("WARM_UP", ENABLE_WARM_UP),
+                        help="skip the short run at load time (the first image then pays CUDA's one-time work)")
     parser.add_argument("--sage-attention", action="store_true", default=_env("SAGE_ATTENTION", ENABLE_SAGE_ATTENTION))
     parser.add_argument("--vram-budget", dest="vram_budget_gb", type=float, metavar="GB",
                         default=_env("VRAM_BUDGET", VRAM_BUDGET_GB),
@@ -470,6 +498,8 @@ def settings_from_args(ns: argparse.Namespace) -> Settings:
         quantization=ns.quantization,
         sage_attention=ns.sage_attention,
         compile=ns.compile,
+        caption_compile=ns.caption_compile,
+        warm_up=ns.warm_up,
         auth=getattr(ns, "auth", None),  # parse_args has turned USER:PASSWORD into (user, password)
         max_upload_size=getattr(ns, "max_upload_size", MAX_UPLOAD_SIZE),
         outputs_max_gb=getattr(ns, "outputs_max_gb", OUTPUTS_MAX_GB),
@@ -868,6 +898,45 @@ def compile_transformer_blocks(transformer: torch.nn.Module) -> int:
     return len(blocks)
 
 
+def caption_compile_problem(offload_mode: str, on_cuda: bool, text_encoder_split: bool = False) -> str | None:
+    """Why the caption's decode is not compiled with these settings (None: it is; ENABLE_CAPTION_COMPILE)."""
+    if not on_cuda:
+        return "caption decode not compiled: its CUDA graphs need a CUDA GPU (the CPU decodes eagerly)"
+    if not triton_available():
+        return ("caption decode not compiled: torch.compile's GPU kernels need Triton, which is not installed "
+                "(pip install triton; on Windows pip install triton-windows)")
+    if offload_mode not in ("off", "budget"):
+        return (f"caption decode not compiled with --offload {offload_mode}: accelerate's hooks move the text encoder's "
+                f"weights inside its forward, which the compiled step would trace and a CUDA graph cannot replay")
+    if text_encoder_split:
+        return ("caption decode not compiled: the text encoder is split on this card (16/12 GB), its streamed layers' "
+                "weights are copied in by hooks for every token, which a CUDA graph cannot replay")
+    return None
+
+
+def compile_caption_decode(text_encoder, **options: Any) -> None:
+    """A static KV cache and a compiled decode step for the text encoder's `generate` (ENABLE_CAPTION_COMPILE).
+
+    Set on its generation config, so the pipeline's own `get_image_caption` stays the caller: transformers compiles
+    the decode step (`get_compiled_call`) when the cache is static; the prefill stays eager. `options` override
+    CAPTION_COMPILE_OPTIONS (tests: backend "eager" on the CPU).
+    """
+    from transformers import CompileConfig
+
+    config = text_encoder.generation_config
+    config.cache_implementation = "static"
+    config.max_cache_len = CAPTION_CACHE_TOKENS
+    config.compile_config = CompileConfig(**{**CAPTION_COMPILE_OPTIONS, **options})
+    if text_encoder.device.type == "cpu":  # transformers compiles only on accelerators unless told (tests)
+        config.compile_config._compile_all_devices = True
+
+
+def eager_caption_decode(text_encoder) -> None:
+    """Undo `compile_caption_decode`: transformers' default dynamic cache and eager decoding again."""
+    config = text_encoder.generation_config
+    config.cache_implementation = config.max_cache_len = config.compile_config = None
+
+
 def apply_memory_optimizations(pipe, settings: Settings, offload_mode: str) -> list[str]:
     """Apply offload, VAE, cache and attention features, one line each; return what was applied by name.
 
@@ -942,6 +1011,16 @@ def apply_memory_optimizations(pipe, settings: Settings, offload_mode: str) -> l
         else:
             pipe.transformer.set_attention_backend("sage")
             applied.append("sage_attention")
+
+    # 6. The caption's decode: a static KV cache and CUDA graphs, where the whole text encoder stays on the GPU.
+    if settings.caption_compile:
+        stages = getattr(pipe, "_budget_stages", None)
+        problem = caption_compile_problem(offload_mode, on_cuda, bool(stages and stages.weights["text_encoder_streamed"]))
+        if problem:
+            logger.info(problem)
+        else:
+            compile_caption_decode(pipe.text_encoder)
+            applied.append(f"caption_compiled_decode(static cache {CAPTION_CACHE_TOKENS} tokens)")
     return applied
 
 
@@ -957,8 +1036,33 @@ def sage_attention_unavailable(on_cuda: bool) -> str | None:
     return None
 
 
+def warm_up(pipe, resolution: int = DEFAULTS["resolution"], layers: int = DEFAULTS["layers"]) -> float:
+    """One short decomposition at the default job's shapes (ENABLE_WARM_UP); returns its seconds.
+
+    A caption of WARM_UP_CAPTION_TOKENS tokens (the vision tower and the prompt's prefill at this shape, the compiled
+    decode's compile and CUDA graph), then a run of the fewest steps with a given prompt (VAE, text encoding, the
+    transformer and its cuDNN plans, --compile's blocks). The user's first image at these shapes then costs what a
+    repeat costs; another shape still pays its own plans once (the caption's decode does not: one static cache size).
+    """
+    image = Image.new("RGBA", (resolution, resolution), (128, 128, 128, 255))
+    start = time.perf_counter()
+    encoder = pipe.text_encoder
+    own = encoder.__dict__.get("generate")  # an instance's own generate (the budget engine's), else None
+    generate = encoder.generate
+    encoder.generate = lambda **kwargs: generate(**dict(kwargs, max_new_tokens=WARM_UP_CAPTION_TOKENS))
+    try:
+        caption_image(pipe, image, resolution)
+    finally:
+        if own is None:
+            del encoder.generate
+        else:
+            encoder.generate = own
+    infer(pipe, image, prompt="warm-up", num_inference_steps=STEPS_RANGE[0], layers=layers, resolution=resolution, seed=0)
+    return time.perf_counter() - start
+
+
 def load_pipeline(settings: Settings, spec: ModelSpec = LAYERED_MODEL):
-    """Load `spec`'s pipeline (bf16 on CUDA, float32 on CPU) and apply the memory features."""
+    """Load `spec`'s pipeline (bf16 on CUDA, float32 on CPU), apply the memory features and, on CUDA, warm it up."""
     import diffusers
 
     # 0. A GPU that torch cannot use is said with the fix, not silently replaced by the CPU.
@@ -983,6 +1087,10 @@ def load_pipeline(settings: Settings, spec: ModelSpec = LAYERED_MODEL):
     start = time.perf_counter()
     pipe = getattr(diffusers, spec.pipeline_class).from_pretrained(model_path, dtype=dtype)
     applied = apply_memory_optimizations(pipe, settings, offload_mode)
+    # 5. Warm-up on CUDA (ENABLE_WARM_UP): the CPU has no plans or graphs to build, and the edit tool's pipeline has
+    #    no layered job to run.
+    if settings.warm_up and cuda and spec is LAYERED_MODEL:
+        applied.append(f"warm_up({warm_up(pipe):.1f} s)")
     # Attach what the run folders record.
     pipe._studio_info = dict(model_path=str(model_path), offload_mode=offload_mode, dtype=str(dtype).replace("torch.", ""),
                              optimizations=applied, demo=is_demo_model(model_path))

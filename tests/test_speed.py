@@ -124,3 +124,88 @@ def test_compile_and_lossy_flags_from_the_command_line_and_environment(monkeypat
     assert app.parse_args([])[1].compile is True
     with pytest.raises(SystemExit):  # an unknown mode is refused by the parser, naming the choices
         app.parse_args(["--quantization", "int4_dynamic"])
+
+
+# ----------------------------------------------------------------------------------------------------
+# The caption's compiled decode (static KV cache) and the warm-up at load time
+# ----------------------------------------------------------------------------------------------------
+def test_static_cache_compiled_caption_gives_the_eager_text_with_one_graph_for_every_shape(demo_pipe, rgba_image,
+                                                                                         monkeypatch):
+    # Dynamo traces the real decode step of the demo's Qwen2.5-VL (mrope) over a static cache; the "eager" backend
+    # runs the traced graph without Inductor or CUDA graphs (the CPU has neither), so the static cache's arithmetic
+    # and the traced step are what is checked here against transformers' default dynamic cache. (On the GPU, Inductor's
+    # fused kernels in bf16 do change the random full-size model's text: ENABLE_CAPTION_COMPILE says so.)
+    encoder = demo_pipe.text_encoder
+    generate = encoder.generate  # captions of CAPTION_TOKENS tokens (speed only; no hook: it would be traced)
+    monkeypatch.setattr(encoder, "generate", lambda **kwargs: generate(**dict(kwargs, max_new_tokens=CAPTION_TOKENS)))
+    eager = app.caption_image(demo_pipe, rgba_image, 640)
+    wide = rgba_image.resize((600, 200))
+    eager_wide = app.caption_image(demo_pipe, wide, 640)
+    graphs = unique_graphs()
+    app.compile_caption_decode(encoder, backend="eager", mode=None)
+    try:
+        assert encoder.generation_config.cache_implementation == "static"
+        assert encoder.generation_config.max_cache_len == app.CAPTION_CACHE_TOKENS
+        compiled = app.caption_image(demo_pipe, rgba_image, 640)
+        assert unique_graphs() == graphs + 1  # the decode step was traced and run compiled
+        compiled_wide = app.caption_image(demo_pipe, wide, 640)  # another prompt length, the same cache size
+        assert unique_graphs() == graphs + 1  # no recompile for a new image shape
+    finally:
+        app.eager_caption_decode(encoder)
+    assert len(eager) > 10  # a text of CAPTION_TOKENS tokens to match (the wide image has more image tokens)
+    assert compiled == eager and compiled_wide == eager_wide
+    assert encoder.generation_config.cache_implementation is None  # undone: the next caption decodes eagerly
+    assert app.caption_image(demo_pipe, rgba_image, 640) == eager
+
+
+@pytest.mark.parametrize("offload, on_cuda, triton, split, expected", [
+    ("off", False, True, False, "need a CUDA GPU"),
+    ("off", True, False, False, "need Triton"),
+    ("model", True, True, False, "--offload model"),
+    ("sequential", True, True, False, "--offload sequential"),
+    ("budget", True, True, True, "split on this card"),
+    ("budget", True, True, False, None),
+    ("off", True, True, False, None),
+])
+def test_caption_compile_problem_names_the_reason(offload, on_cuda, triton, split, expected, monkeypatch):
+    monkeypatch.setattr(app, "triton_available", lambda: triton)
+    problem = app.caption_compile_problem(offload, on_cuda, split)
+    assert problem == expected if expected is None else expected in problem
+
+
+def test_on_the_cpu_the_caption_decodes_eagerly_and_nothing_warms_up(models_dir):
+    settings = demo_settings(models_dir, caption_compile=True, warm_up=True)
+    pipe = app.load_pipeline(settings)
+    assert pipe.text_encoder.generation_config.cache_implementation is None
+    assert pipe.text_encoder.generation_config.compile_config is None
+    assert not [name for name in pipe._studio_info["optimizations"] if "caption_compiled" in name or "warm_up" in name]
+
+
+def test_warm_up_runs_a_short_caption_and_the_fewest_steps_then_gives_generate_back(demo_pipe):
+    encoder, transformer = demo_pipe.text_encoder, demo_pipe.transformer
+    assert "generate" not in encoder.__dict__
+    calls = {"text_encoder": 0, "transformer": 0}
+    handles = [encoder.register_forward_pre_hook(lambda *_: calls.__setitem__("text_encoder", calls["text_encoder"] + 1)),
+               transformer.register_forward_pre_hook(lambda *_: calls.__setitem__("transformer", calls["transformer"] + 1))]
+    try:
+        seconds = app.warm_up(demo_pipe, resolution=640, layers=2)
+    finally:
+        for handle in handles:
+            handle.remove()
+    assert seconds > 0
+    # The caption: WARM_UP_CAPTION_TOKENS forwards (prefill + one per further token); then the prompt and the negative
+    # prompt encoded once each. The transformer: the fewest steps, each with true CFG (two calls).
+    assert calls["text_encoder"] == app.WARM_UP_CAPTION_TOKENS + 2
+    assert calls["transformer"] == app.STEPS_RANGE[0] * 2
+    assert "generate" not in encoder.__dict__  # the class's own generate again: the user's caption is whole
+
+
+def test_caption_compile_and_warm_up_flags_from_the_command_line_and_environment(monkeypatch):
+    settings = app.parse_args([])[1]
+    assert settings.caption_compile is False and settings.warm_up is True  # opt-in: not exact on the GPU
+    settings = app.parse_args(["--caption-compile", "--no-warm-up"])[1]
+    assert settings.caption_compile is True and settings.warm_up is False
+    monkeypatch.setenv("QIL_WARM_UP", "0")
+    monkeypatch.setenv("QIL_CAPTION_COMPILE", "1")
+    settings = app.parse_args([])[1]
+    assert settings.warm_up is False and settings.caption_compile is True
