@@ -1215,6 +1215,10 @@ class HostRamPlan:
     safetensors files (diffusers and transformers map the files and copy nothing while the dtype matches), held by
     the OS page cache while it has room and read from disk again when evicted; copies from them to the GPU go at
     pageable speed. A cgroup's memory.max counts that cache but reclaims it, so it never kills the process.
+    Not diffusers' `offload_to_disk_path` (group offloading): it writes a second copy of each group's weights to its
+    own folder when applied (~40 GB at every start) and reads it back through safetensors' load_file per onload; the
+    files from_pretrained already mapped serve as they are. accelerate's disk offload feeds its per-layer hooks (the
+    sequential mode), not the engine's block groups.
     """
 
     ram_gb: float  # host RAM the plan was made for (available to the app, before the reserve)
