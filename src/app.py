@@ -5,7 +5,7 @@ The whole runtime lives in this file, top to bottom:
     2. environment      `print_environment_info`, `clear_memory`
     3. demo model       a tiny random pipeline of the real classes, for machines without the 57 GB of weights
     4. loading          `ModelSpec`, `get_model_path`, `load_pipeline`, `apply_memory_optimizations`
-    4b. low-VRAM engine offload mode "budget": `plan_budget`, `check_machine_fits`, `enable_budget_offload` (bench/RESULTS.md)
+    4b. low-VRAM engine offload mode "budget": `plan_budget`, `plan_host_ram`, `check_machine_fits`, `enable_budget_offload` (bench/RESULTS.md)
     4c. several GPUs    `--gpus N` / torchrun: `init_distributed`, `enable_multi_gpu` (CFG-parallel), `share_job`
     5. infer            `infer` (one decomposition)
     6. exports          pure functions `layers -> file`: PNG, ZIP, PPTX, PSD; `save_run` (a run folder)
