@@ -139,6 +139,7 @@ def run_row(args) -> dict:
         marks["loaded"] = read_bytes()
         if not args.tiny:
             pipe.tokenizer, pipe.processor = bench_machines.word_level_processor()
+            pipe.vl_processor = pipe.processor  # the caption's processor: the pipeline keeps its own reference
             prefix = pipe.prompt_template_encode.split("{}")[0]
             pipe.prompt_template_encode_start_idx = len(pipe.tokenizer(prefix).input_ids)
 
