@@ -113,7 +113,7 @@ def test_low_ram_budget_gives_the_layers_of_off_and_keeps_the_weights_in_their_f
     # The demo's weights are a few MB: without the reserve and the page cache, half of them is "low RAM".
     monkeypatch.setattr(app, "BUDGET_HOST_RAM_RESERVE_GB", 0.0)
     monkeypatch.setattr(app, "BUDGET_PAGE_CACHE_MIN_GB", 0.0)
-    kwargs = dict(prompt="", layers=2, num_inference_steps=2, seed=7)  # empty prompt: the caption runs too
+    kwargs = dict(prompt="shapes", layers=2, num_inference_steps=2, seed=7)
     reference = app.infer(app.load_pipeline(demo_settings(models_dir)), rgba_image, **kwargs)
     pipe = app.load_pipeline(demo_settings(models_dir))
     sizes = app.budget_sizes(pipe.transformer, pipe.text_encoder, pipe.vae)
@@ -121,7 +121,9 @@ def test_low_ram_budget_gives_the_layers_of_off_and_keeps_the_weights_in_their_f
     applied = app.enable_budget_offload(pipe, vram_budget_gb=float("inf"), resident_blocks=1, text_resident_layers=1,
                                         host_ram_gb=half)
     assert any(a.startswith("budget_low_ram(low RAM") for a in applied), applied
+    if sys.platform.startswith("linux"):  # nothing was copied: every weight is still a view of its file
+        spans = _mapped_files()
+        assert all(_file_of(p, spans) for p in pipe.transformer.parameters())
     result = app.infer(pipe, rgba_image, **kwargs)
-    assert result.caption == reference.caption
     for ours, theirs in zip(result.layers, reference.layers, strict=True):
         assert ours.tobytes() == theirs.tobytes()
