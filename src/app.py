@@ -5,7 +5,7 @@ The whole runtime lives in this file, top to bottom:
     2. environment      `print_environment_info`, `clear_memory`
     3. demo model       a tiny random pipeline of the real classes, for machines without the 57 GB of weights
     4. loading          `ModelSpec`, `get_model_path`, `load_pipeline`, `apply_memory_optimizations`
-    4b. low-VRAM engine offload mode "budget": `plan_budget`, `check_machine_fits`, `enable_budget_offload` (bench/RESULTS.md)
+    4b. low-VRAM engine offload mode "budget": `plan_budget`, `plan_host_ram`, `check_machine_fits`, `enable_budget_offload` (bench/RESULTS.md)
     4c. several GPUs    `--gpus N` / torchrun: `init_distributed`, `enable_multi_gpu` (CFG-parallel), `share_job`
     5. infer            `infer` (one decomposition)
     6. exports          pure functions `layers -> file`: PNG, ZIP, PPTX, PSD; `save_run` (a run folder)
@@ -98,6 +98,9 @@ BUDGET_AUTO_MIN_VRAM_GB = 7.0
 OFFLOAD_MODES = ("auto", "off", "model", "sequential", "budget")
 # GB of VRAM the "budget" mode may plan for; None: the card's free memory when the model loads.
 VRAM_BUDGET_GB = None
+# GB of host RAM the "budget" mode may plan for; None: what is available (psutil, within the process's cgroup
+# memory.max) before the model loads. Below the weights' size it reads the rest from the files (section 4b).
+RAM_BUDGET_GB = None
 # Skip the remaining transformer blocks on a step whose first block changed less than the threshold
 # (diffusers' FirstBlockCache). Trades a little fidelity for speed; 0.1 follows the seed.
 ENABLE_FIRST_BLOCK_CACHE = True
@@ -280,6 +283,17 @@ BUDGET_STREAM_BUFFERS = 2
 BUDGET_TEXT_ENCODER_ACTIVATION_GB = 1.5
 # Host RAM left to the OS, Python and Gradio beside the page-locked weight copies.
 BUDGET_HOST_RAM_RESERVE_GB = 4.0
+# Host RAM below the weights (32 GB machines): the budget mode page-locks what moves most often and leaves the rest
+# as views of the safetensors files (`plan_host_ram`); those are read through the OS page cache, which needs this
+# much room of its own.
+BUDGET_PAGE_CACHE_MIN_GB = 2.0
+# Transformer calls of the default image (50 steps, two with true CFG) and decoded tokens of a full caption: how often
+# a streamed weight is copied per image, for `plan_host_ram`'s disk figure.
+BUDGET_FORWARDS_PER_IMAGE = 100
+BUDGET_CAPTION_TOKENS = 512
+# Beyond this many GB read from disk per image (~6 min at a desktop NVMe's 7 GB/s, more than `sequential` costs) the
+# budget mode refuses a machine whose RAM is too small, with the figures, rather than run for hours.
+BUDGET_MAX_DISK_READ_GB_PER_IMAGE = 2500.0
 # Text encoder on cards where its 15.4 GB do not fit whole (16 and 12 GB): the caption's decode activations are
 # small and steady (KV cache of ~1,100 tokens: 0.06 GB), so it is planned with a smaller margin than denoising's.
 BUDGET_TEXT_ENCODER_MARGIN_GB = 1.0
@@ -323,6 +337,7 @@ class Settings:
     outputs_max_gb: float = OUTPUTS_MAX_GB  # 0: no size limit
     outputs_max_age_hours: float = OUTPUTS_MAX_AGE_HOURS  # 0: no age limit
     vram_budget_gb: float | None = VRAM_BUDGET_GB  # "budget" mode only
+    ram_budget_gb: float | None = RAM_BUDGET_GB  # "budget" mode only; None: the RAM available before loading
 
 
 def _env(name: str, default: Any) -> Any:
@@ -368,6 +383,9 @@ def _add_common_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--vram-budget", dest="vram_budget_gb", type=float, metavar="GB",
                         default=_env("VRAM_BUDGET", VRAM_BUDGET_GB),
                         help="VRAM the budget offload mode may use (default: the GPU's free memory)")
+    parser.add_argument("--ram-budget", dest="ram_budget_gb", type=float, metavar="GB",
+                        default=_env("RAM_BUDGET", RAM_BUDGET_GB),
+                        help="host RAM the budget offload mode may use (default: what is available before loading)")
 
 
 def _add_param_args(parser: argparse.ArgumentParser, defaults: dict[str, Any] | None = None) -> None:
@@ -505,6 +523,7 @@ def settings_from_args(ns: argparse.Namespace) -> Settings:
         outputs_max_gb=getattr(ns, "outputs_max_gb", OUTPUTS_MAX_GB),
         outputs_max_age_hours=getattr(ns, "outputs_max_age_hours", OUTPUTS_MAX_AGE_HOURS),
         vram_budget_gb=ns.vram_budget_gb,
+        ram_budget_gb=getattr(ns, "ram_budget_gb", RAM_BUDGET_GB),
     )
 
 
@@ -980,7 +999,7 @@ def apply_memory_optimizations(pipe, settings: Settings, offload_mode: str) -> l
         pipe.enable_sequential_cpu_offload()  # accelerate hooks stream each layer's weights
         applied.append("sequential_cpu_offload")
     elif offload_mode == "budget":
-        applied += enable_budget_offload(pipe, default_vram_budget_gb(settings))  # section 4b
+        applied += enable_budget_offload(pipe, default_vram_budget_gb(settings), host_ram_gb=settings.ram_budget_gb)  # 4b
     else:
         raise ValueError(f"offload mode {offload_mode!r} is not one of {OFFLOAD_MODES[1:]}")
 
@@ -1079,11 +1098,15 @@ def load_pipeline(settings: Settings, spec: ModelSpec = LAYERED_MODEL):
     sizes = budget_sizes_from_files(model_path, torch.finfo(dtype).bits // 8)
     offload_mode = resolve_offload_mode(settings.offload, cuda, vram_gb,
                                         budget_minimum_gb(sizes) if sizes else BUDGET_AUTO_MIN_VRAM_GB)
+    ram_gb = settings.ram_budget_gb if settings.ram_budget_gb is not None else available_ram_gb()
     if sizes is not None and (cuda or offload_mode == "budget"):
-        check_machine_fits(offload_mode, sizes, vram_gb if cuda else default_vram_budget_gb(settings),
-                           ram_gb=available_ram_gb())  # every mode loads the weights into RAM first
+        check_machine_fits(offload_mode, sizes, vram_gb if cuda else default_vram_budget_gb(settings), ram_gb=ram_gb)
+    if offload_mode == "budget":  # the RAM measured before loading: the budget mode plans its host copies in it
+        settings = dataclasses.replace(settings, ram_budget_gb=ram_gb)
     setup_cuda_optimizations()
-    # 4. Load through from_pretrained, the same path for the real and the demo weights.
+    # 4. Load through from_pretrained, the same path for the real and the demo weights. Where the files' dtype is the
+    #    one asked for, diffusers and transformers map the safetensors files and copy nothing: the weights are page
+    #    cache until a mode copies them (the budget mode with little RAM keeps part of them so: `HostRamPlan`).
     start = time.perf_counter()
     pipe = getattr(diffusers, spec.pipeline_class).from_pretrained(model_path, dtype=dtype)
     applied = apply_memory_optimizations(pipe, settings, offload_mode)
@@ -1289,6 +1312,113 @@ def plan_text_encoder(vram_budget_gb: float, *, text_encoder_gb: float, layer_gb
                            len(streamed) * layer_gb)
 
 
+@dataclasses.dataclass(frozen=True)
+class HostRamPlan:
+    """Which weights the budget mode page-locks in host RAM; `plan_host_ram` computes it. Sizes in GiB.
+
+    Where RAM holds every weight, all are page-locked (one buffer per model, `_host_copies`). Where it does not
+    (32 GB machines), the weights copied most often per image are: the text encoder's streamed language layers (every
+    caption token), then the transformer blocks that stream at the default job (every transformer call), then the
+    resident blocks and the rest (once per image). The others stay what from_pretrained made them: views of the
+    safetensors files (diffusers and transformers map the files and copy nothing while the dtype matches), held by
+    the OS page cache while it has room and read from disk again when evicted; copies from them to the GPU go at
+    pageable speed. A cgroup's memory.max counts that cache but reclaims it, so it never kills the process.
+    Not diffusers' `offload_to_disk_path` (group offloading): it writes a second copy of each group's weights to its
+    own folder when applied (~40 GB at every start) and reads it back through safetensors' load_file per onload; the
+    files from_pretrained already mapped serve as they are. accelerate's disk offload feeds its per-layer hooks (the
+    sequential mode), not the engine's block groups.
+    """
+
+    ram_gb: float  # host RAM the plan was made for (available to the app, before the reserve)
+    pinned_blocks: tuple[int, ...]  # transformer blocks with a page-locked host copy
+    pinned_text_layers: tuple[int, ...]  # text encoder language layers with one (its streamed ones, at least)
+    pin_text_encoder: bool  # the rest of the text encoder page-locked too
+    pin_transformer_rest: bool  # the transformer's weights outside its blocks page-locked
+    pinned_gb: float
+    file_backed_gb: float
+    disk_read_gb_per_image: float  # upper bound: each copy of a file-backed weight read from disk again
+
+    @property
+    def low_ram(self) -> bool:
+        return self.file_backed_gb > 0
+
+    def describe(self) -> str:
+        if not self.low_ram:
+            return f"{self.pinned_gb:.1f} GB of page-locked host RAM"
+        return (f"low RAM ({self.ram_gb:.1f} GB): {self.pinned_gb:.1f} GB page-locked ({len(self.pinned_blocks)} "
+                f"transformer blocks, {len(self.pinned_text_layers)} text encoder layers"
+                f"{', the rest of the text encoder' if self.pin_text_encoder else ''}), {self.file_backed_gb:.1f} GB "
+                f"left in the weight files (read through the page cache): up to {self.disk_read_gb_per_image:.0f} GB "
+                f"from disk per image")
+
+
+def plan_host_ram(plan: BudgetPlan, sizes: dict[str, Any], ram_gb: float,
+                  forwards: int = BUDGET_FORWARDS_PER_IMAGE) -> HostRamPlan:
+    """Which weights get a page-locked host copy within `ram_gb` of host RAM (see HostRamPlan). Pure arithmetic on
+    `plan` (the default job's) and `sizes` (`budget_sizes`). Raises ValueError naming the figures when the text
+    encoder's streamed layers do not fit, or when the disk would read more than BUDGET_MAX_DISK_READ_GB_PER_IMAGE."""
+    if not ram_gb > 0:  # NaN too
+        raise ValueError(f"--ram-budget {ram_gb} GB: pass a positive number of GB (the host RAM the app may use)")
+    blocks = range(sizes["num_blocks"])
+    text = plan.text_encoder
+    text_streamed = text.streamed_layers if text is not None and text.split else ()
+    layer_gb, block_gb = sizes.get("text_layer_gb", 0.0), sizes["block_gb"]
+    text_rest_gb = sizes["text_encoder_gb"] - len(text_streamed) * layer_gb
+    weights_gb = sizes["text_encoder_gb"] + sizes["other_transformer_gb"] + sizes["num_blocks"] * block_gb
+    if weights_gb + BUDGET_HOST_RAM_RESERVE_GB <= ram_gb:  # every weight page-locked: nothing read from the files
+        return HostRamPlan(ram_gb, tuple(blocks), text_streamed, True, True, weights_gb, 0.0, 0.0)
+
+    # 1. The text encoder's streamed layers are copied every caption token: page-locked, or no plan.
+    left = ram_gb - BUDGET_HOST_RAM_RESERVE_GB - BUDGET_PAGE_CACHE_MIN_GB - len(text_streamed) * layer_gb
+    if left < 0:
+        streamed = (f", and the text encoder's {len(text_streamed)} streamed layers page-locked (copied every caption "
+                    f"token): {len(text_streamed) * layer_gb:.1f} GB" if text_streamed else "")
+        raise ValueError(
+            f"Not enough host RAM for the budget mode at {plan.vram_budget_gb:g} GB of VRAM: it needs at least "
+            f"{ram_gb - left:.1f} GB ({BUDGET_HOST_RAM_RESERVE_GB:g} GB for the system, {BUDGET_PAGE_CACHE_MIN_GB:g} GB "
+            f"of page cache{streamed}) and {ram_gb:.1f} GB is available.")
+    # 2. Then the blocks streamed at the default job (every call), the resident ones and the rest (once per image).
+    pinned_blocks = []
+    for index in [*plan.streamed_blocks, *plan.resident_blocks]:
+        if block_gb <= left:
+            pinned_blocks.append(index)
+            left -= block_gb
+    pin_rest = sizes["other_transformer_gb"] <= left
+    left -= sizes["other_transformer_gb"] if pin_rest else 0.0
+    pin_text = text_rest_gb <= left
+    # 3. What is read from the files per image: each copy of an unpinned weight, at worst from disk.
+    file_streamed = len(set(plan.streamed_blocks) - set(pinned_blocks))
+    file_resident = len(set(plan.resident_blocks) - set(pinned_blocks))
+    file_gb = ((file_streamed + file_resident) * block_gb + (0.0 if pin_rest else sizes["other_transformer_gb"])
+               + (0.0 if pin_text else text_rest_gb))
+    disk_gb = (file_streamed * block_gb * forwards + file_resident * block_gb
+               + (0.0 if pin_rest else sizes["other_transformer_gb"]) + (0.0 if pin_text else text_rest_gb))
+    if disk_gb > BUDGET_MAX_DISK_READ_GB_PER_IMAGE:
+        raise ValueError(
+            f"Not enough host RAM for the budget mode at {plan.vram_budget_gb:g} GB of VRAM: with {ram_gb:.1f} GB "
+            f"available, {file_streamed} of the {len(plan.streamed_blocks)} streamed transformer blocks would be read "
+            f"from the weight files at every transformer call, {disk_gb:.0f} GB from disk per image (the limit is "
+            f"{BUDGET_MAX_DISK_READ_GB_PER_IMAGE:g} GB).")
+    return HostRamPlan(ram_gb, tuple(sorted(pinned_blocks)), text_streamed, pin_text, pin_rest, weights_gb - file_gb,
+                       file_gb, disk_gb)
+
+
+def budget_minimum_ram_gb(sizes: dict[str, Any], vram_gb: float) -> float | None:
+    """The least host RAM (GiB, in steps of 0.5) the budget mode accepts at `vram_gb` (`plan_host_ram`) for the
+    default job; None when `vram_gb` is too small for it."""
+    try:
+        plan = plan_budget(vram_gb, image_tokens=BUDGET_DEFAULT_JOB_IMAGE_TOKENS, **sizes)
+    except ValueError:
+        return None
+    ram = BUDGET_HOST_RAM_RESERVE_GB
+    while True:
+        try:
+            plan_host_ram(plan, sizes, ram)
+            return ram
+        except ValueError:
+            ram += 0.5
+
+
 def budget_sizes(transformer: torch.nn.Module, text_encoder: torch.nn.Module, vae: torch.nn.Module) -> dict[str, Any]:
     """The sizes `plan_budget` takes (GiB), from loaded models."""
     blocks = transformer.transformer_blocks
@@ -1349,24 +1479,52 @@ def _text_encoder_parts(text_encoder: torch.nn.Module) -> tuple[torch.nn.ModuleL
 
 
 def available_ram_gb() -> float:
+    """Host RAM this process may still use (GiB): the system's available memory (psutil), or less where the process's
+    cgroup v2 memory.max leaves less (a container's limit; the benchmark's emulated machines)."""
     import psutil
 
-    return psutil.virtual_memory().available / GIB
+    return min(psutil.virtual_memory().available, _cgroup_available_bytes()) / GIB
+
+
+def _cgroup_available_bytes() -> float:
+    """memory.max of this process's cgroup v2 minus what it holds that cannot be reclaimed (all but its file pages,
+    i.e. the page cache); inf where there is no such limit (no cgroup v2, "max", Windows, macOS)."""
+    if sys.platform.startswith("linux"):
+        try:
+            group = Path("/proc/self/cgroup").read_text().split("0::", 1)[1].splitlines()[0].strip("/")
+            folder = Path("/sys/fs/cgroup") / group
+            limit = (folder / "memory.max").read_text().strip()
+            if limit != "max":
+                stat = dict(line.split() for line in (folder / "memory.stat").read_text().splitlines())
+                return int(limit) - (int((folder / "memory.current").read_text()) - int(stat.get("file", 0)))
+        except (OSError, IndexError, ValueError):
+            pass
+    return float("inf")
 
 
 def check_host_ram(needed_gb: float, available_gb: float | None = None) -> None:
-    """Raise before loading when host RAM cannot hold the weights (every offload mode loads them into RAM first;
-    the budget mode keeps them there, page-locked)."""
+    """Raise before loading when host RAM cannot hold the weights (the offload modes other than budget keep them all
+    in RAM; the budget mode below this reads part of them from the files: `plan_host_ram`)."""
     if available_gb is None:
         available_gb = available_ram_gb()
     if needed_gb + BUDGET_HOST_RAM_RESERVE_GB > available_gb:
         raise ValueError(
-            f"Not enough host RAM: every offload mode loads the transformer and text encoder weights into RAM (the "
-            f"budget mode keeps them there, page-locked): it needs {needed_gb:.1f} GB plus "
-            f"{BUDGET_HOST_RAM_RESERVE_GB:g} GB for the system, and {available_gb:.1f} GB is available. Close other "
-            f"programs or add RAM. Loading with less RAM (weights read from disk on demand) is not implemented yet "
-            f"(todo/optimize4090.md), and --quantization fp8_storage (lossy) does not lower it: the weights are "
-            f"loaded in bf16 before they are cast.")
+            f"Not enough host RAM: this offload mode keeps the transformer and text encoder weights in RAM: it needs "
+            f"{needed_gb:.1f} GB plus {BUDGET_HOST_RAM_RESERVE_GB:g} GB for the system, and {available_gb:.1f} GB is "
+            f"available. Close other programs or add RAM, or use --offload budget (or auto), which reads what does "
+            f"not fit from the weight files.")
+
+
+def low_ram_advice(sizes: dict[str, Any], vram_gb: float) -> str:
+    """What each mode needs in host RAM, for a machine the budget mode refuses (`check_machine_fits`)."""
+    weights_gb = sizes["text_encoder_gb"] + sizes["other_transformer_gb"] + sizes["num_blocks"] * sizes["block_gb"]
+    here, at_24 = budget_minimum_ram_gb(sizes, vram_gb), budget_minimum_ram_gb(sizes, 23.0)
+    needs = f"at {vram_gb:.1f} GB of VRAM it needs {here:.1f} GB of RAM available" if here is not None else ""
+    return (f"The budget mode reads what does not fit in RAM from the weight files: {needs}"
+            f"{'; ' if needs else ''}with a 24 GB card {at_24:.1f} GB; every other mode keeps all the weights in RAM "
+            f"({weights_gb + BUDGET_HOST_RAM_RESERVE_GB:.1f} GB). The lossy option, --quantization fp8_storage, "
+            f"stores the transformer in float8 (half its {sizes['num_blocks'] * sizes['block_gb']:.0f} GB, held in "
+            f"RAM after the cast) and keeps the text encoder in bf16; it is not planned by this check.")
 
 
 def check_machine_fits(offload_mode: str, sizes: dict[str, Any], vram_gb: float, ram_gb: float | None) -> None:
@@ -1375,13 +1533,21 @@ def check_machine_fits(offload_mode: str, sizes: dict[str, Any], vram_gb: float,
     Pure arithmetic on `sizes` (`budget_sizes_from_files`)."""
     weights_gb = sizes["text_encoder_gb"] + sizes["other_transformer_gb"] + sizes["num_blocks"] * sizes["block_gb"]
     minimum = budget_minimum_gb(sizes)
-    if ram_gb is not None:
+    machine = f"This machine: {vram_gb:.1f} GB of VRAM, {ram_gb or 0:.1f} GB of RAM available."
+    if ram_gb is not None and offload_mode == "budget" and vram_gb >= minimum:
+        try:  # with less RAM than the weights, it keeps what moves most in RAM and reads the rest from the files
+            plan_host_ram(plan_budget(vram_gb, image_tokens=BUDGET_DEFAULT_JOB_IMAGE_TOKENS, **sizes), sizes, ram_gb)
+        except ValueError as err:
+            raise ValueError(f"{machine} {err} {low_ram_advice(sizes, vram_gb)}") from None
+    elif ram_gb is not None and offload_mode != "budget":
         try:
             check_host_ram(weights_gb, ram_gb)
         except ValueError as err:
-            raise ValueError(f"This machine: {vram_gb:.1f} GB of VRAM, {ram_gb:.1f} GB of RAM available. {err} "
-                             f"With the RAM, the budget mode needs {minimum:.1f} GB of VRAM; the sequential mode "
-                             f"~1 GB.") from None
+            low_ram = budget_minimum_ram_gb(sizes, vram_gb)
+            budget = (f"here it needs {low_ram:.1f} GB of RAM" if low_ram is not None
+                      else f"it needs {minimum:.1f} GB of VRAM")
+            raise ValueError(f"{machine} {err} (The budget mode: {budget}; the sequential mode ~1 GB of VRAM and "
+                             f"all the weights in RAM.)") from None
     largest = activation_gb(BUDGET_PLAN_IMAGE_TOKENS + BUDGET_PLAN_TEXT_TOKENS) + BUDGET_SAFETY_MARGIN_GB
     needs = {"off": weights_gb + sizes["vae_gb"] + largest,
              "model": sizes["other_transformer_gb"] + sizes["num_blocks"] * sizes["block_gb"] + sizes["vae_gb"] + largest}
@@ -1408,8 +1574,10 @@ def _page_lock(flat: torch.Tensor) -> bool:
     return error == 0
 
 
-def _host_copies(module: torch.nn.Module, on_cuda: bool) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """Move every parameter and buffer of `module` into one page-locked host buffer; return (tensor, host) pairs.
+def _host_copies(module: torch.nn.Module, on_cuda: bool, pin: set[int] | None = None) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Move every parameter and buffer of `module` (those whose id is in `pin`, when given; the others in host RAM
+    stay where they are, views of the weight files: `HostRamPlan`) into one page-locked host buffer; return (tensor,
+    host) pairs.
 
     Not `tensor.pin_memory()` per tensor, as diffusers' group offloading does: PyTorch's pinned allocator rounds
     each request up to a power of two, ~1.6x the RAM for this model's 19-113 MB weights (a 75 MB MLP weight
@@ -1421,10 +1589,15 @@ def _host_copies(module: torch.nn.Module, on_cuda: bool) -> list[tuple[torch.Ten
     tensors = list({id(t): t for t in itertools.chain(module.parameters(), module.buffers())}.values())
     if not on_cuda:
         return [(t, t.data) for t in tensors]
+    unpinned = [(t, t.data) for t in tensors if pin is not None and id(t) not in pin and not t.is_cuda]
+    tensors = [t for t in tensors if pin is None or id(t) in pin or t.is_cuda]
     existing = getattr(module, "_budget_host_copies", None)
-    if existing is not None and len(existing["pairs"]) == len(tensors) and all(
+    if existing is not None and len(existing["pairs"]) == len(tensors) + len(unpinned) and all(
             t is old and t.data_ptr() == host.data_ptr() for (old, host), t in zip(existing["pairs"], tensors)):
         return existing["pairs"]
+    if not tensors:  # nothing to page-lock
+        module._budget_host_copies = dict(pairs=unpinned, flat=None, locked=True)
+        return unpinned
 
     # 1. One buffer, each tensor at an aligned offset, the start page-aligned for cudaHostRegister.
     offsets, total = [], 0
@@ -1448,6 +1621,7 @@ def _host_copies(module: torch.nn.Module, on_cuda: bool) -> list[tuple[torch.Ten
         locked = _page_lock(flat)
     if locked:  # unlock before the memory goes back to the system
         weakref.finalize(flat, torch.cuda.cudart().cudaHostUnregister, flat.data_ptr())
+    pairs += unpinned
     module._budget_host_copies = dict(pairs=pairs, flat=flat, locked=locked)
     return pairs
 
@@ -1658,7 +1832,7 @@ def install_stage_hooks(pipe, stages: _BudgetStages) -> None:
 
 
 def enable_budget_offload(pipe, vram_budget_gb: float, resident_blocks: int | None = None,
-                          text_resident_layers: int | None = None) -> list[str]:
+                          text_resident_layers: int | None = None, host_ram_gb: float | None = None) -> list[str]:
     """Offload mode "budget" (see the comment above): plan, then apply. Returns what was applied, by name.
 
     Without CUDA the same hooks run with every weight on the CPU: nothing moves and the outputs equal "off"
@@ -1666,7 +1840,8 @@ def enable_budget_offload(pipe, vram_budget_gb: float, resident_blocks: int | No
     FirstBlockCache, if enabled before, is put back outside our hooks. `resident_blocks` fixes the number of
     resident transformer blocks for every job (tests, tuning); by default each job gets as many as fit.
     `text_resident_layers` splits the text encoder (`TextEncoderPlan`) with that many language layers resident;
-    by default it is split only when it does not fit whole.
+    by default it is split only when it does not fit whole. `host_ram_gb`: the host RAM the weights may take
+    (`HostRamPlan`; None: every weight page-locked).
     """
     transformer, text_encoder, vae = pipe.transformer, pipe.text_encoder, pipe.vae
     blocks = transformer.transformer_blocks
@@ -1698,9 +1873,24 @@ def enable_budget_offload(pipe, vram_budget_gb: float, resident_blocks: int | No
     if cache_config is not None:
         transformer.disable_cache()
 
-    # 3. Each model's weights move into its host buffer; the VAE stays on the GPU.
-    transformer_weights = _host_copies(transformer, on_cuda)
-    text_encoder_weights = _host_copies(text_encoder, on_cuda)
+    # 3. Each model's weights move into its host buffer (where host RAM is short, only those `plan_host_ram` picks:
+    #    the others stay views of the weight files); the VAE stays on the GPU.
+    ram = plan_host_ram(default, sizes, float("inf") if host_ram_gb is None else host_ram_gb)
+    transformer_pin = text_encoder_pin = None
+    if ram.low_ram:
+        layers = _text_encoder_parts(text_encoder)[0]
+        transformer_pin = {id(t) for i in ram.pinned_blocks for t in itertools.chain(blocks[i].parameters(), blocks[i].buffers())}
+        if ram.pin_transformer_rest:
+            in_blocks = {id(t) for b in blocks for t in itertools.chain(b.parameters(), b.buffers())}
+            transformer_pin |= {id(t) for t in itertools.chain(transformer.parameters(), transformer.buffers())
+                                if id(t) not in in_blocks}
+        text_encoder_pin = ({id(t) for t in itertools.chain(text_encoder.parameters(), text_encoder.buffers())}
+                            if ram.pin_text_encoder else
+                            {id(t) for i in ram.pinned_text_layers for t in itertools.chain(layers[i].parameters(),
+                                                                                             layers[i].buffers())})
+        logger.info("Low-VRAM engine, host RAM: %s", ram.describe())
+    transformer_weights = _host_copies(transformer, on_cuda, transformer_pin)
+    text_encoder_weights = _host_copies(text_encoder, on_cuda, text_encoder_pin)
     vae.to(device)
 
     # 4. Block hooks: blocks 1.. get one diffusers ModuleGroup each; per job, the streamed ones are chained in block
@@ -1743,6 +1933,8 @@ def enable_budget_offload(pipe, vram_budget_gb: float, resident_blocks: int | No
     applied = [f"budget_offload({largest.describe()}; {len(default.resident_blocks)} blocks resident at the default job)"]
     if text_plan.split:
         applied.append(f"budget_text_encoder_split({text_plan.describe()})")
+    if ram.low_ram:
+        applied.append(f"budget_low_ram({ram.describe()})")
     if on_cuda and not all(m._budget_host_copies["locked"] for m in (transformer, text_encoder)):
         applied.append("host_copies_not_page_locked")
     return applied

@@ -1,0 +1,356 @@
+"""Machines with 32 GB of host RAM (issue 12) through the app's real path: weights read from the files on demand.
+
+Sibling of bench_machines.py (its helpers are reused), for the rows whose RAM is below the weights (~54 GB):
+    1. full-size Qwen-Image-Layered models with random weights (speed and memory depend on shapes, not values;
+       quality is never measured: ../shared/PERF_METHOD.md), built on the GPU by a child process and written with
+       `save_pretrained` to --pipe (~54 GB; outside $OUT);
+    2. per row, after `sync` and `echo 3 > /proc/sys/vm/drop_caches` (every weight starts on disk), a child process
+       inside a cgroup v2 with memory.max = the row's RAM (page cache counts: an honest small machine), holding
+       --os-gb of touched ballast for what a desktop uses besides the app. It caps the allocator at the card's size
+       (`set_per_process_memory_fraction`), calls `app.load_pipeline` with `auto` and `Settings(vram_budget_gb=...)`
+       (the app measures the cgroup's RAM itself: `available_ram_gb`), then `app.infer` on a 640 px / 4-layer job,
+       empty prompt (a 512-token caption), at --steps steps; 50-step figures are extrapolated from the per-step time.
+Reported per row: whole_image_s, caption_s, denoise_s, peak_vram_gb, peak_ram_gb (the cgroup's memory.peak: page cache
+included), disk_read_gb (the child's /proc/self/io read_bytes) split by phase, bytes copied to the GPU, and a
+PROJECTION for a desktop: disk reads at 7 GB/s instead of the rate measured here, host->GPU copies at PCIe 4's
+~25 GB/s instead of the H200 host's ~54 GB/s (compute as measured here: a 4090 computes ~3-4x slower).
+
+    PYTHONUNBUFFERED=1 python bench/bench_low_ram.py --pipe /root/pipe --out $OUT/low_ram.json --rows 24x32,16x32 --steps 2
+    python bench/bench_low_ram.py --tiny --pipe /tmp/low_ram_pipe --out /tmp/low_ram_tiny.json   # CPU, the script only
+    python bench/bench_low_ram.py --merge low_ram.json --into bench/results/machines.json        # rows into the table
+"""
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+GIB = 2**30
+# Desktop figures for the projection (not measured here): a PCIe 4 x16 card's copies and a fast NVMe's reads.
+DESKTOP_PCIE_GB_S, DESKTOP_DISK_GB_S, HOST_PCIE_GB_S = 25.0, 7.0, 54.0
+
+
+def read_bytes() -> int:
+    """Bytes this process made the block layer read (page-cache misses, mmap faults included)."""
+    with open("/proc/self/io") as f:
+        return int(dict(line.split(": ") for line in f.read().splitlines())["read_bytes"])
+
+
+def drop_page_cache(pipe_dir: Path | None = None) -> str:
+    """Every cached page of the machine out (root), else at least the pipeline's files' (posix_fadvise DONTNEED)."""
+    subprocess.run(["sync"], check=False)
+    try:
+        Path("/proc/sys/vm/drop_caches").write_text("3\n")
+        return "dropped"
+    except OSError as err:
+        for file in (f for f in (pipe_dir.rglob("*") if pipe_dir else ()) if f.is_file()):
+            with open(file, "rb") as f:
+                os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
+        return f"drop_caches refused ({type(err).__name__}); the pipeline's files evicted with posix_fadvise"
+
+
+def disk_rate_gb_s(pipe_dir: Path, gb: float = 3.0) -> float | None:
+    """Sequential read rate of the disk the weights are on (after a cache drop), 16 MB reads of one shard."""
+    files = sorted((pipe_dir / "transformer").glob("*.safetensors"), key=lambda f: -f.stat().st_size)
+    if not files:
+        return None
+    drop_page_cache(pipe_dir)
+    start, done = time.perf_counter(), 0
+    with open(files[0], "rb", buffering=0) as f:
+        while done < gb * GIB and (chunk := f.read(16 << 20)):
+            done += len(chunk)
+    return round(done / GIB / (time.perf_counter() - start), 2)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Child 1: build and save the pipeline
+# ----------------------------------------------------------------------------------------------------
+def build(pipe_dir: Path, tiny: bool) -> None:
+    sys.path[:0] = [str(ROOT / "src"), str(ROOT / "bench")]
+    import app  # noqa: I001  (first: it sets PYTORCH_CUDA_ALLOC_CONF before torch loads)
+    import torch
+
+    if tiny:
+        app.build_demo_pipeline(pipe_dir)
+        return
+    import bench_24gb
+    import bench_machines
+    from diffusers import QwenImageLayeredPipeline
+
+    models = bench_24gb.build_models()
+    with torch.no_grad():  # the caption always runs to its 512 tokens: no end-of-text logit can win
+        ids = bench_machines.SPECIAL_IDS
+        models.text_encoder.lm_head.weight[[ids["<|im_end|>"], ids["<|endoftext|>"]]] = 0
+    # Saved with the demo's tokenizer and processor (they round-trip through from_pretrained); each row puts the
+    # word-level ones in after loading (bench_machines.word_level_processor).
+    components = app.build_demo_components(app.LAYERED_DEMO_CORPUS)
+    pipe = QwenImageLayeredPipeline(vae=models.vae, transformer=models.transformer, text_encoder=models.text_encoder,
+                                    tokenizer=components["tokenizer"], processor=components["processor"],
+                                    scheduler=components["scheduler"])
+    app.save_demo_pipeline(pipe, pipe_dir, "Full-size random Qwen-Image-Layered weights (bench/bench_low_ram.py)")
+    (pipe_dir / "DEMO_MODEL.txt").unlink()  # not the demo: the app must treat it as the real model
+
+
+# ----------------------------------------------------------------------------------------------------
+# Child 2: one machine row, inside its cgroup
+# ----------------------------------------------------------------------------------------------------
+def run_row(args) -> dict:
+    ballast = bytearray(b"\1") * int(args.os_gb * GIB)  # touched: what a desktop holds besides the app
+    sys.path[:0] = [str(ROOT / "src"), str(ROOT / "bench")]
+    import app  # noqa: I001
+    import bench_machines
+    import torch
+    from diffusers.hooks.group_offloading import ModuleGroup
+    from PIL import Image
+
+    vram_gb, ram_gb = (float(x) for x in args.row.split("x"))
+    cuda = torch.cuda.is_available()
+    cap_gb, budget_gb = vram_gb - 0.5, vram_gb - 1.0  # as bench_machines: 24 -> cap 23.5, budget 23
+    row = dict(vram_gb=vram_gb, ram_gb=ram_gb, cap_gb=cap_gb, vram_budget_gb=budget_gb, os_ballast_gb=args.os_gb,
+               card=torch.cuda.get_device_name(0) if cuda else "cpu",
+               versions=dict(torch=torch.__version__, diffusers=app._version("diffusers"),
+                             transformers=app._version("transformers"), safetensors=app._version("safetensors")),
+               ok=False, available_ram_gb_seen=round(app.available_ram_gb(), 2))
+    if cuda:
+        torch.cuda.set_per_process_memory_fraction(cap_gb * GIB / torch.cuda.get_device_properties(0).total_memory)
+    marks = {"start": read_bytes()}
+    group = Path("/sys/fs/cgroup") / args.cgroup if args.cgroup else None
+    sampled = {"peak": 0}
+
+    def sample():  # the cgroup's memory.current (page cache included), where the kernel has no memory.peak
+        while group is not None:
+            sampled["peak"] = max(sampled["peak"], int((group / "memory.current").read_text()))
+            time.sleep(0.1)
+
+    threading.Thread(target=sample, daemon=True).start()
+    try:
+        # 1. Load as the app does (`auto`, the RAM it measures itself), then the word-level tokenizer (PERF_METHOD.md).
+        start = time.perf_counter()
+        settings = app.Settings(model=str(args.pipe), offload="auto" if cuda else "budget",
+                                vram_budget_gb=budget_gb if cuda else None, first_block_cache=False)
+        pipe = app.load_pipeline(settings)
+        row.update(load_s=round(time.perf_counter() - start, 2), mode=pipe._studio_info["offload_mode"],
+                   applied=pipe._studio_info["optimizations"])
+        marks["loaded"] = read_bytes()
+        if not args.tiny:
+            pipe.tokenizer, pipe.processor = bench_machines.word_level_processor()
+            pipe.vl_processor = pipe.processor  # the caption's processor: the pipeline keeps its own reference
+            prefix = pipe.prompt_template_encode.split("{}")[0]
+            pipe.prompt_template_encode_start_idx = len(pipe.tokenizer(prefix).input_ids)
+
+        # 2. Where the time goes: stage entries (whole models to the GPU) and streamed groups, bytes and seconds.
+        copies = dict(stage_s=0.0, stage_gb=0.0, streamed_gb=0.0)
+        stages = getattr(pipe, "_budget_stages", None)
+        if stages is not None:
+            enter = stages.enter
+
+            def timed_enter(*a, **k):
+                bench_machines.sync()
+                t, before = time.perf_counter(), stages.stage_bytes
+                enter(*a, **k)
+                bench_machines.sync()
+                copies["stage_s"] += time.perf_counter() - t
+                copies["stage_gb"] += (stages.stage_bytes - before) / GIB
+
+            stages.enter = timed_enter
+        onload = ModuleGroup.onload_
+
+        def counted_onload(group):
+            copies["streamed_gb"] += sum(t.numel() * t.element_size() for t in group.cpu_param_dict.values()) / GIB
+            return onload(group)
+
+        ModuleGroup.onload_ = counted_onload
+        clock = bench_machines.StageClock(pipe)
+        caption = pipe.get_image_caption  # StageClock's timing wrapper: mark the disk reads after it too
+
+        def caption_marked(*a, **k):
+            out = caption(*a, **k)
+            marks["caption"] = read_bytes()
+            return out
+
+        pipe.get_image_caption = caption_marked
+        pre = clock._pre
+        clock._pre = lambda module, a: (marks.setdefault("denoise_start", read_bytes()), pre(module, a))[1]
+        post = clock._post
+        clock._post = lambda module, a, o: (marks.__setitem__("denoise_end", read_bytes()), post(module, a, o))[1]
+        for handle in clock.handles:
+            handle.remove()
+        clock.handles = [pipe.transformer.register_forward_pre_hook(clock._pre),
+                         pipe.transformer.register_forward_hook(clock._post)]
+
+        # 3. One image: 640 px, 4 layers, empty prompt, --steps steps.
+        image = Image.open(ROOT / "assets" / "test_images" / sorted(os.listdir(ROOT / "assets" / "test_images"))[0])
+        if cuda:
+            torch.cuda.reset_peak_memory_stats()
+        marks["infer"] = read_bytes()
+        result = app.infer(pipe, image, prompt="", layers=4, resolution=640, num_inference_steps=args.steps,
+                           true_cfg_scale=4.0, seed=1)
+        marks["end"] = read_bytes()
+        pipe.get_image_caption = caption
+        clock.close()
+        denoise, scale = clock.denoise_s(), 50 / args.steps
+        gb = {k: (marks[b] - marks[a]) / GIB for k, (a, b) in dict(
+            load=("start", "loaded"), caption=("infer", "caption"), denoise=("denoise_start", "denoise_end"),
+            image=("infer", "end")).items() if a in marks and b in marks}
+        other_gb = gb["image"] - gb.get("caption", 0.0) - gb.get("denoise", 0.0)
+        whole = result.duration_s - denoise + denoise * scale
+        disk_gb = gb["image"] - gb.get("denoise", 0.0) + gb.get("denoise", 0.0) * scale
+        streamed_denoise_gb = copies["streamed_gb"]  # measured at --steps; the caption's split layers included
+        row.update(
+            ok=True, steps_run=args.steps, whole_image_measured_s=round(result.duration_s, 2),
+            caption_s=round(clock.caption_s, 2), caption_words=clock.caption_words,
+            denoise_measured_s=round(denoise, 2), transformer_calls=clock.calls, per_step_s=round(denoise / args.steps, 3),
+            denoise_s=round(denoise * scale, 1), whole_image_s=round(whole, 1), whole_image_is_extrapolated=args.steps != 50,
+            peak_vram_gb=round(torch.cuda.max_memory_allocated() / GIB, 2) if cuda else None,
+            peak_reserved_gb=round(torch.cuda.max_memory_reserved() / GIB, 2) if cuda else None,
+            disk_read_load_gb=round(gb["load"], 2), disk_read_measured_gb=round(gb["image"], 2),
+            disk_read_caption_gb=round(gb.get("caption", 0.0), 2), disk_read_denoise_measured_gb=round(gb.get("denoise", 0.0), 2),
+            disk_read_other_gb=round(other_gb, 2), disk_read_gb=round(disk_gb, 1),
+            stage_copies_s=round(copies["stage_s"], 2), stage_copies_gb=round(copies["stage_gb"], 2),
+            streamed_copies_measured_gb=round(streamed_denoise_gb, 1))
+        if args.disk_gb_s:  # PROJECTION (not measured): the same parts on a desktop's disk and PCIe 4
+            rate = args.disk_gb_s
+            copied_gb = copies["stage_gb"] + streamed_denoise_gb * scale  # upper bound: the caption's part scaled too
+            row["projection_desktop"] = dict(
+                assumes=f"disk {DESKTOP_DISK_GB_S:g} GB/s instead of the {rate:g} GB/s measured here, host->GPU "
+                        f"{DESKTOP_PCIE_GB_S:g} GB/s instead of ~{HOST_PCIE_GB_S:g}; compute as on this H200",
+                whole_image_s=round(whole - disk_gb / rate + disk_gb / DESKTOP_DISK_GB_S
+                                    + copied_gb * (1 / DESKTOP_PCIE_GB_S - 1 / HOST_PCIE_GB_S), 1),
+                disk_s=round(disk_gb / DESKTOP_DISK_GB_S, 1), is_projection=True)
+    except Exception as err:  # noqa: BLE001  (a row that fails is data: recorded)
+        row["error"] = f"{type(err).__name__}: {err}"[:3000]
+    finally:
+        peak = group / "memory.peak" if group else None
+        if peak is not None and peak.is_file():
+            row["peak_ram_gb"] = round(int(peak.read_text()) / GIB, 2)
+        elif group is not None:
+            row["peak_ram_gb"] = round(sampled["peak"] / GIB, 2)
+        row["peak_ram_is"] = "the cgroup's memory.peak: anonymous + page-locked + page cache (the ballast included)"
+        with open("/proc/self/status") as f:
+            status = dict(line.split(":", 1) for line in f.read().splitlines())
+        row["peak_rss_gb"] = round(int(status["VmHWM"].split()[0]) / 2**20, 2)
+        row["rss_anon_end_gb"] = round(int(status["RssAnon"].split()[0]) / 2**20, 2)
+        del ballast
+    return row
+
+
+# ----------------------------------------------------------------------------------------------------
+# Parent: build, then one child per row in its cgroup
+# ----------------------------------------------------------------------------------------------------
+def cgroup_for(ram_gb: float, name: str) -> tuple[str | None, str]:
+    group = Path("/sys/fs/cgroup") / name
+    try:
+        group.mkdir(exist_ok=True)
+        if not (group / "cgroup.controllers").is_file():  # a plain folder: /sys/fs/cgroup is no cgroup v2 here
+            group.rmdir()
+            return None, "not limited (/sys/fs/cgroup is not a cgroup v2 hierarchy)"
+        (group / "memory.max").write_text(f"{int(ram_gb * GIB)}\n")
+        (group / "memory.swap.max").write_text("0\n") if (group / "memory.swap.max").exists() else None
+        return name, f"cgroup v2 memory.max {ram_gb:g} GiB (/sys/fs/cgroup/{name})"
+    except OSError as err:
+        return None, f"not limited ({type(err).__name__}: {err})"
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--pipe", type=Path, help="the saved pipeline's folder (built there when missing)")
+    parser.add_argument("--out", type=Path)
+    parser.add_argument("--rows", default="24x32,16x32", help="VRAMxRAM in GB, comma separated")
+    parser.add_argument("--steps", type=int, default=2, help="steps of the 640 job (per-step time extrapolated to 50)")
+    parser.add_argument("--os-gb", type=float, default=2.0, help="RAM a desktop uses besides the app (ballast)")
+    parser.add_argument("--deadline-s", type=float, default=1e9, help="start no row after this many seconds")
+    parser.add_argument("--tiny", action="store_true", help="the demo pipeline on the CPU: checks the script only")
+    parser.add_argument("--merge", type=Path, help="merge this output's rows into --into (machines.json)")
+    parser.add_argument("--into", type=Path)
+    parser.add_argument("--row", help=argparse.SUPPRESS)  # child: run this row
+    parser.add_argument("--build", action="store_true", help=argparse.SUPPRESS)  # child: build the pipeline
+    parser.add_argument("--cgroup", help=argparse.SUPPRESS)
+    parser.add_argument("--disk-gb-s", type=float, default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+
+    if args.merge:
+        return merge(args.merge, args.into)
+    if args.build:
+        build(args.pipe, args.tiny)
+        return 0
+    if args.row:
+        print("ROW " + json.dumps(run_row(args)), flush=True)
+        return 0
+
+    start = time.perf_counter()
+    results = dict(command="python " + " ".join([sys.argv[0], *(argv if argv is not None else sys.argv[1:])]),
+                   weights="random, full size (bench_24gb.build_models), save_pretrained to disk" if not args.tiny
+                   else "the tiny demo pipeline", rows=[])
+
+    def save():
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(results, indent=1))
+
+    me = [sys.executable, str(Path(__file__).resolve())]
+    if not (args.pipe / "model_index.json").is_file():
+        t = time.perf_counter()
+        subprocess.run([*me, "--build", "--pipe", str(args.pipe), *(["--tiny"] if args.tiny else [])], check=True)
+        results["save_pretrained_s"] = round(time.perf_counter() - t, 1)
+    t = time.perf_counter()
+    results["sync_s"] = round((subprocess.run(["sync"], check=False), time.perf_counter() - t)[1], 1)
+    results["pipe_gb"] = round(sum(f.stat().st_size for f in args.pipe.rglob("*") if f.is_file()) / GIB, 2)
+    results["disk_read_gb_s"] = disk_rate_gb_s(args.pipe)
+    save()
+    print(json.dumps(results), flush=True)
+    for spec in args.rows.split(","):
+        if time.perf_counter() - start > args.deadline_s:
+            results["rows"].append(dict(row=spec, skipped=f"past --deadline-s {args.deadline_s:g}"))
+            save()
+            break
+        ram_gb = float(spec.split("x")[1])
+        name, limit = cgroup_for(ram_gb, f"qil_low_ram_{spec}_{os.getpid()}")
+        cache = drop_page_cache(args.pipe)
+
+        def join_cgroup(name=name):
+            if name:
+                (Path("/sys/fs/cgroup") / name / "cgroup.procs").write_text(f"{os.getpid()}\n")
+
+        child = [*me, "--row", spec, "--pipe", str(args.pipe), "--steps", str(args.steps), "--os-gb", str(args.os_gb),
+                 *(["--cgroup", name] if name else []), *(["--tiny"] if args.tiny else []),
+                 *(["--disk-gb-s", str(results["disk_read_gb_s"])] if results["disk_read_gb_s"] else [])]
+        t = time.perf_counter()
+        proc = subprocess.run(child, preexec_fn=join_cgroup, capture_output=True, text=True)
+        sys.stderr.write(proc.stderr[-6000:])
+        rows = [json.loads(line[4:]) for line in proc.stdout.splitlines() if line.startswith("ROW ")]
+        row = rows[0] if rows else dict(vram_gb=float(spec.split("x")[0]), ram_gb=ram_gb, ok=False,
+                                        error=f"the row's process ended with code {proc.returncode} (137: killed, "
+                                              f"e.g. by the cgroup's memory.max)", stderr_tail=proc.stderr[-1500:])
+        row.update(ram_limit=limit, page_cache=cache, process_s=round(time.perf_counter() - t, 1))
+        if name:
+            (Path("/sys/fs/cgroup") / name).rmdir()  # empty: its one process has ended
+        results["rows"].append(row)
+        save()
+        print(json.dumps(row), flush=True)
+    return 0
+
+
+def merge(source: Path, into: Path) -> int:
+    """Put `source`'s rows into machines.json (rows of the same VRAM and RAM replaced, the others kept)."""
+    new, table = json.loads(source.read_text()), json.loads(into.read_text())
+    keys = {(r["vram_gb"], r["ram_gb"]) for r in new["rows"] if "vram_gb" in r}
+    reference = table.get("reference_whole_image_s")
+    for row in new["rows"]:
+        if reference and row.get("ok"):
+            row["vs_reference"] = round(row["whole_image_s"] / reference, 3)
+        row["source"] = dict(command=new["command"], card=new.get("card"), weights=new["weights"],
+                             disk_read_gb_s=new.get("disk_read_gb_s"), save_pretrained_s=new.get("save_pretrained_s"))
+    table["rows"] = [r for r in table["rows"] if (r["vram_gb"], r["ram_gb"]) not in keys] + new["rows"]
+    table.setdefault("commands", [table["command"]])
+    if new["command"] not in table["commands"]:
+        table["commands"].append(new["command"])
+    into.write_text(json.dumps(table, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
