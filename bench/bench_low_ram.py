@@ -131,8 +131,9 @@ def run_row(args) -> dict:
     try:
         # 1. Load as the app does (`auto`, the RAM it measures itself), then the word-level tokenizer (PERF_METHOD.md).
         start = time.perf_counter()
+        # No warm-up at load (ENABLE_WARM_UP): here it would be a second image's disk reads inside load_s.
         settings = app.Settings(model=str(args.pipe), offload="auto" if cuda else "budget",
-                                vram_budget_gb=budget_gb if cuda else None, first_block_cache=False)
+                                vram_budget_gb=budget_gb if cuda else None, first_block_cache=False, warm_up=False)
         pipe = app.load_pipeline(settings)
         row.update(load_s=round(time.perf_counter() - start, 2), mode=pipe._studio_info["offload_mode"],
                    applied=pipe._studio_info["optimizations"])
