@@ -172,6 +172,7 @@ def run_row(args) -> dict:
         def caption_marked(*a, **k):
             out = caption(*a, **k)
             marks["caption"] = read_bytes()
+            copies["caption_streamed_gb"] = copies["streamed_gb"]  # the split text encoder's layers, per token
             return out
 
         pipe.get_image_caption = caption_marked
@@ -201,7 +202,8 @@ def run_row(args) -> dict:
         other_gb = gb["image"] - gb.get("caption", 0.0) - gb.get("denoise", 0.0)
         whole = result.duration_s - denoise + denoise * scale
         disk_gb = gb["image"] - gb.get("denoise", 0.0) + gb.get("denoise", 0.0) * scale
-        streamed_denoise_gb = copies["streamed_gb"]  # measured at --steps; the caption's split layers included
+        caption_streamed_gb = copies.get("caption_streamed_gb", 0.0)  # the caption's: not scaled with the steps
+        streamed_denoise_gb = copies["streamed_gb"] - caption_streamed_gb  # measured at --steps
         row.update(
             ok=True, steps_run=args.steps, whole_image_measured_s=round(result.duration_s, 2),
             caption_s=round(clock.caption_s, 2), caption_words=clock.caption_words,
@@ -213,10 +215,10 @@ def run_row(args) -> dict:
             disk_read_caption_gb=round(gb.get("caption", 0.0), 2), disk_read_denoise_measured_gb=round(gb.get("denoise", 0.0), 2),
             disk_read_other_gb=round(other_gb, 2), disk_read_gb=round(disk_gb, 1),
             stage_copies_s=round(copies["stage_s"], 2), stage_copies_gb=round(copies["stage_gb"], 2),
-            streamed_copies_measured_gb=round(streamed_denoise_gb, 1))
+            streamed_copies_measured_gb=round(copies["streamed_gb"], 1), streamed_caption_gb=round(caption_streamed_gb, 1))
         if args.disk_gb_s:  # PROJECTION (not measured): the same parts on a desktop's disk and PCIe 4
             rate = args.disk_gb_s
-            copied_gb = copies["stage_gb"] + streamed_denoise_gb * scale  # upper bound: the caption's part scaled too
+            copied_gb = copies["stage_gb"] + caption_streamed_gb + streamed_denoise_gb * scale
             row["projection_desktop"] = dict(
                 assumes=f"disk {DESKTOP_DISK_GB_S:g} GB/s instead of the {rate:g} GB/s measured here, host->GPU "
                         f"{DESKTOP_PCIE_GB_S:g} GB/s instead of ~{HOST_PCIE_GB_S:g}; compute as on this H200",
