@@ -1098,9 +1098,18 @@ def load_pipeline(settings: Settings, spec: ModelSpec = LAYERED_MODEL):
     sizes = budget_sizes_from_files(model_path, torch.finfo(dtype).bits // 8)
     offload_mode = resolve_offload_mode(settings.offload, cuda, vram_gb,
                                         budget_minimum_gb(sizes) if sizes else BUDGET_AUTO_MIN_VRAM_GB)
-    ram_gb = settings.ram_budget_gb if settings.ram_budget_gb is not None else available_ram_gb()
+    #    Several GPUs of one machine (section 4c): each rank loads its own pipeline at the same time, so each plans
+    #    with its share of the RAM; what a rank leaves in the weight files is page cache that the ranks share.
+    ram_gb = (settings.ram_budget_gb if settings.ram_budget_gb is not None
+              else available_ram_gb() / ranks_on_this_machine())
     if sizes is not None and (cuda or offload_mode == "budget"):
-        check_machine_fits(offload_mode, sizes, vram_gb if cuda else default_vram_budget_gb(settings), ram_gb=ram_gb)
+        try:
+            check_machine_fits(offload_mode, sizes, vram_gb if cuda else default_vram_budget_gb(settings), ram_gb=ram_gb)
+        except ValueError as err:
+            if ranks_on_this_machine() == 1:
+                raise
+            raise ValueError(f"{ranks_on_this_machine()} GPUs of this machine each load the pipeline, so each has 1/"
+                             f"{ranks_on_this_machine()} of its RAM. {err}") from None
     if offload_mode == "budget":  # the RAM measured before loading: the budget mode plans its host copies in it
         settings = dataclasses.replace(settings, ram_budget_gb=ram_gb)
     setup_cuda_optimizations()
@@ -1991,6 +2000,11 @@ class ParallelState:
     cp_size: int  # ranks per half that split each transformer call (context parallel); 1: none
 
 
+def ranks_on_this_machine() -> int:
+    """How many ranks of `--gpus N` / torchrun run on this machine (LOCAL_WORLD_SIZE); 1 alone."""
+    return int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+
+
 def check_gpus(gpus: int, available: int) -> None:
     """`--gpus N` needs N GPUs on this machine."""
     if gpus < 1:
@@ -2038,7 +2052,7 @@ def init_distributed() -> ParallelState | None:
 
     rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", os.environ["RANK"]))
     if torch.cuda.is_available():
-        check_gpus(int(os.environ.get("LOCAL_WORLD_SIZE", world_size)), torch.cuda.device_count())
+        check_gpus(ranks_on_this_machine(), torch.cuda.device_count())
         torch.cuda.set_device(local_rank)  # "cuda" means this rank's GPU from here on
         # No `device_id=` (eager NCCL init): with it, torch 2.11 creates sub-groups by ncclCommSplit at their first
         # collective, which hung the first CFG swap on 2 H200s (NCCL 2.28.9; the same hang: NVIDIA-NeMo/RL#3189).

@@ -127,3 +127,20 @@ def test_low_ram_budget_gives_the_layers_of_off_and_keeps_the_weights_in_their_f
     result = app.infer(pipe, rgba_image, **kwargs)
     for ours, theirs in zip(result.layers, reference.layers, strict=True):
         assert ours.tobytes() == theirs.tobytes()
+
+
+def test_each_rank_of_several_gpus_plans_with_its_share_of_the_ram(models_dir, tmp_path, rgba_image, monkeypatch,
+                                                                     capsys):
+    """`--gpus N` / torchrun: the N ranks of a machine load at once, so each plans with 1/N of the RAM it sees."""
+    rgba_image.save(tmp_path / "in.png")
+    monkeypatch.setattr(app, "available_ram_gb", lambda: 6.0)  # the demo's MBs fit 6 GB with the 4 GB reserve...
+    args = ["decompose", str(tmp_path / "in.png"), "--demo", "--models-dir", str(models_dir), "--offload", "budget",
+            "--layers", "2", "--steps", "2", "--prompt", "shapes"]
+    assert app.main([*args, "--out", str(tmp_path / "alone")]) == 0
+    capsys.readouterr()
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")  # ...but not 3 GB each (checked before any rank joins the others)
+    assert app.main([*args, "--out", str(tmp_path / "two")]) == 2
+    err = capsys.readouterr().err
+    assert ("error: 2 GPUs of this machine each load the pipeline, so each has 1/2 of its RAM. This machine: "
+            "inf GB of VRAM, 3.0 GB of RAM available.") in err
+    assert "Traceback" not in err and not (tmp_path / "two").exists()
