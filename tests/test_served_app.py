@@ -9,7 +9,6 @@ import io
 import os
 import subprocess
 import sys
-import tempfile
 import time
 import zipfile
 from pathlib import Path
@@ -62,16 +61,23 @@ def served(models_dir, tmp_path_factory):
     proc.wait(timeout=60)
 
 
-@pytest.fixture()
-def page():
+@pytest.fixture(scope="module")
+def browser():
+    """One Chromium for the module (it starts in seconds on a busy machine); each test gets a context of its own."""
     from playwright.sync_api import sync_playwright
 
-    with sync_playwright() as playwright, tempfile.TemporaryDirectory() as profile:
-        context = playwright.chromium.launch_persistent_context(
-            profile, executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS, accept_downloads=True,
-            viewport={"width": 1280, "height": 1000})
-        yield context.new_page()
-        context.close()
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
+        yield browser
+        browser.close()
+
+
+@pytest.fixture()
+def page(browser):
+    """A fresh page in a new browser context (its own cookies, storage and cache, like a new profile)."""
+    context = browser.new_context(accept_downloads=True, viewport={"width": 1280, "height": 1000})
+    yield context.new_page()
+    context.close()
 
 
 def fill_settings(page, prompt: str, **numbers: str) -> None:
@@ -289,7 +295,7 @@ def test_an_error_stays_on_the_page_until_it_is_closed(served, page):
     page.get_by_role("button", name="Undo last layer decomposition").click()
     message = page.get_by_test_id("toast-text")
     expect(message).to_have_text("Nothing to undo: decompose an image first.", timeout=30_000)
-    page.wait_for_timeout(15_000)  # Gradio's toasts leave after 10 s unless told to stay
+    page.wait_for_timeout(12_000)  # Gradio's toasts leave 10 s after they appear unless told to stay
     expect(message).to_be_visible()
     page.get_by_test_id("toast-close").click()
     expect(message).to_have_count(0)
