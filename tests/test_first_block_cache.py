@@ -38,20 +38,16 @@ def test_without_cache_every_block_runs_every_pass(models_dir, rgba_image):
     assert counter[0] == STEPS * 2 * blocks
 
 
-def test_huge_threshold_skips_all_but_the_first_block_with_separate_cond_uncond_state(pipe_cache_huge, rgba_image):
+def test_huge_threshold_skips_all_but_the_first_block_with_separate_cond_uncond_state_and_resets_between_runs(
+        pipe_cache_huge, rgba_image):
     blocks = len(pipe_cache_huge.transformer.transformer_blocks)
-    counter = count_block_work(pipe_cache_huge)
-    run(pipe_cache_huge, rgba_image)
-    # Step 1: cond and uncond each compute all blocks (each context starts with an empty cache; a shared
-    # state would let uncond reuse cond's residuals and skip). Later steps: only the first block, twice.
-    assert counter[0] == 2 * blocks + 2 * (STEPS - 1)
-    assert counter[0] < STEPS * 2 * blocks / 2
-
-
-def test_cache_state_is_reset_between_runs(pipe_cache_huge, rgba_image):
     counter = count_block_work(pipe_cache_huge)
     first = run(pipe_cache_huge, rgba_image, seed=11)
     calls_first = counter[0]
+    # Step 1: cond and uncond each compute all blocks (each context starts with an empty cache; a shared
+    # state would let uncond reuse cond's residuals and skip). Later steps: only the first block, twice.
+    assert calls_first == 2 * blocks + 2 * (STEPS - 1)
+    assert calls_first < STEPS * 2 * blocks / 2
     second = run(pipe_cache_huge, rgba_image, seed=11)
     assert counter[0] - calls_first == calls_first  # the second run starts from an empty cache again
     for a, b in zip(first.layers, second.layers):

@@ -7,15 +7,17 @@ import sys
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 import app
-from conftest import ROOT, run_app
+from conftest import ROOT
 
 # One thread per process in both runs: the same float32 summation order, so the layers can be compared exactly.
 ONE_THREAD = {"OMP_NUM_THREADS": "1"}
 JOB = ["--layers", "2", "--steps", "2", "--prompt", "a card", "--seed", "3", "--true-cfg-scale", "4",
        "--no-first-block-cache"]
+JOB_KWARGS = dict(layers=2, num_inference_steps=2, prompt="a card", seed=3, true_cfg_scale=4.0)  # JOB, for `infer`
 
 
 def layer_arrays(out):
@@ -24,18 +26,25 @@ def layer_arrays(out):
 
 
 @pytest.fixture(scope="module")
-def one_and_two_processes(models_dir, tmp_path_factory):
+def one_and_two_processes(demo_pipe, models_dir, tmp_path_factory):
+    """One process: the local batch (what `decompose` runs) on this process's demo pipeline, one thread (as each
+    rank), so the floats match exactly (tests/test_ray_batch.py compares Ray's worker processes the same way)."""
     image = tmp_path_factory.mktemp("in") / "a.png"
     Image.new("RGBA", (90, 60), (250, 120, 0, 255)).save(image)
     one, two = tmp_path_factory.mktemp("one"), tmp_path_factory.mktemp("two")
-    proc_one = run_app("decompose", str(image), *JOB, "--out", str(one), "--demo", "--models-dir", str(models_dir),
-                       env_extra=ONE_THREAD)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        [item] = app.decompose_batch(demo_pipe, [image], one, app.run_info_for(demo_pipe, app.print_environment_info(False)),
+                                     **JOB_KWARGS)
+    finally:
+        torch.set_num_threads(threads)
+    assert item.error is None
     proc_two = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
          str(ROOT / "src" / "app.py"), "decompose", str(image), *JOB, "--out", str(two), "--demo",
          "--models-dir", str(models_dir)],
         capture_output=True, text=True, env=dict(os.environ, **ONE_THREAD), timeout=600)
-    assert proc_one.returncode == 0, proc_one.stderr[-3000:]
     assert proc_two.returncode == 0, proc_two.stderr[-3000:]
     return proc_two, layer_arrays(one), layer_arrays(two)
 

@@ -7,9 +7,9 @@ Screenshots go to test-artifacts/ (ignored by git) for a person to look at.
 
 import io
 import os
+import signal
 import subprocess
 import sys
-import tempfile
 import time
 import zipfile
 from pathlib import Path
@@ -25,9 +25,9 @@ EXAMPLE = ROOT / "assets" / "test_images" / "sticker_square_rgba.png"
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
                  "--no-first-run"]
-# The disk limits the server runs with: ~3 two-layer demo runs (~10 MB each) fit; Gradio's cache and run
+# The disk limits the server runs with: ~3 two-layer demo runs (~14 MB each) fit; Gradio's cache and run
 # folders older than 36 s go (Gradio checks its cache every 9 s).
-OUTPUTS_MAX_GB = 0.035
+OUTPUTS_MAX_GB = 0.045
 OUTPUTS_MAX_AGE_HOURS = 0.01
 RUN_TIMEOUT_MS = JOB_TIMEOUT_S * 1000
 
@@ -57,21 +57,28 @@ def served(models_dir, tmp_path_factory):
                 break
         except httpx.TransportError:
             time.sleep(1)
-    yield dict(url=url, outputs=outputs, system_tmp=system_tmp, log=log)
+    yield dict(url=url, outputs=outputs, system_tmp=system_tmp, log=log, proc=proc)
     proc.terminate()
     proc.wait(timeout=60)
 
 
-@pytest.fixture()
-def page():
+@pytest.fixture(scope="module")
+def browser():
+    """One Chromium for the module (it starts in seconds on a busy machine); each test gets a context of its own."""
     from playwright.sync_api import sync_playwright
 
-    with sync_playwright() as playwright, tempfile.TemporaryDirectory() as profile:
-        context = playwright.chromium.launch_persistent_context(
-            profile, executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS, accept_downloads=True,
-            viewport={"width": 1280, "height": 1000})
-        yield context.new_page()
-        context.close()
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
+        yield browser
+        browser.close()
+
+
+@pytest.fixture()
+def page(browser):
+    """A fresh page in a new browser context (its own cookies, storage and cache, like a new profile)."""
+    context = browser.new_context(accept_downloads=True, viewport={"width": 1280, "height": 1000})
+    yield context.new_page()
+    context.close()
 
 
 def fill_settings(page, prompt: str, **numbers: str) -> None:
@@ -103,6 +110,62 @@ def screenshot(page, name: str, full_page: bool = True) -> Path:
     path = ARTIFACTS / name
     page.screenshot(path=path, full_page=full_page)
     return path
+
+
+def files_under(folder: Path) -> list[Path]:
+    return [p for p in folder.rglob("*") if p.is_file()]
+
+
+def wait_until(condition, timeout_s: float, what: str) -> None:
+    """Poll `condition()` until it holds; fail naming `what` after `timeout_s`."""
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, f"{what}: not within {timeout_s:.0f} s"
+        time.sleep(1)
+
+
+RUNS = 5  # more than the ~3 that fit the size limit
+
+
+@pytest.fixture(scope="module")
+def api_runs(served, tmp_path_factory):
+    """RUNS API runs from one client session, made when the module's first test asks for them. The age checks come
+    later (`test_old_runs_and_gradio_s_cache_go_after_the_age_limit_and_the_temp_dir_is_untouched`): the browser tests
+    in between take longer than the age limit, so those checks find it passed instead of sleeping through it. The
+    session stays open until then, so its page's run (the newest of them) is kept and has aged too."""
+    from gradio_client import Client, handle_file
+
+    folder = tmp_path_factory.mktemp("api-runs")
+    client = Client(served["url"], verbose=False, download_files=str(folder / "downloads"))
+    temp_before = files_under(served["system_tmp"])
+    cache = served["outputs"] / ".gradio-cache"
+    examples = {p.name for p in EXAMPLE.parent.glob("*.png")}
+
+    def run(seed: int) -> None:
+        image = folder / f"in{seed}.png"  # an upload of its own (Gradio's cache names files by their content)
+        Image.new("RGBA", (96, 64), (30, 90, 200 - seed, 255)).save(image)
+        gallery, *_ = client.predict(handle_file(str(image)), prompt="a blue card", layers=2, num_inference_steps=2,
+                                     true_cfg_scale=1.0, seed=seed, api_name="/decompose")
+        assert len(gallery) == 2
+
+    run(0)
+    first_run_cache = {p for p in files_under(cache) if p.name not in examples}
+    for seed in range(1, RUNS):
+        run(seed)
+    yield dict(run=run, client=client, temp_before=temp_before, first_run_cache=first_run_cache)
+    client.close()
+
+
+def run_folders(served) -> list[Path]:
+    return [p for p in served["outputs"].iterdir() if (p / "params.json").is_file()]
+
+
+def test_runs_over_the_size_limit_leave_the_newest_within_it(served, api_runs):
+    # 1. The size limit: after more runs than fit, the oldest run folders are gone; the newest stays.
+    assert api_runs["first_run_cache"]  # the upload and the result copies Gradio serves
+    sizes = [sum(f.stat().st_size for f in files_under(folder)) for folder in run_folders(served)]
+    assert 1 <= len(sizes) < RUNS
+    assert sum(sizes) <= OUTPUTS_MAX_GB * 1e9 or len(sizes) == 1
 
 
 def test_browser_decomposes_an_example_into_3_layers_and_downloads_psd_pptx_zip(served, page, tmp_path):
@@ -209,66 +272,6 @@ def test_browser_stop_button_stops_the_run_on_the_server_and_the_app_stays_ready
     expect(page.locator(".thumbnail-item")).to_have_count(2, timeout=RUN_TIMEOUT_MS)
 
 
-def files_under(folder: Path) -> list[Path]:
-    return [p for p in folder.rglob("*") if p.is_file()]
-
-
-def wait_until(condition, timeout_s: float, what: str) -> None:
-    """Poll `condition()` until it holds; fail naming `what` after `timeout_s`."""
-    deadline = time.monotonic() + timeout_s
-    while not condition():
-        assert time.monotonic() < deadline, f"{what}: not within {timeout_s:.0f} s"
-        time.sleep(1)
-
-
-RUNS = 5  # more than the ~3 that fit the size limit
-
-
-@pytest.mark.timeout(900)
-def test_runs_leave_outputs_within_limits_gradio_cache_cleaned_and_temp_dir_untouched(served, tmp_path):
-    from gradio_client import Client, handle_file
-
-    client = Client(served["url"], verbose=False, download_files=str(tmp_path / "downloads"))
-    temp_before = files_under(served["system_tmp"])
-    cache = served["outputs"] / ".gradio-cache"
-    examples = {p.name for p in EXAMPLE.parent.glob("*.png")}
-
-    def run(seed: int) -> None:
-        image = tmp_path / f"in{seed}.png"  # an upload of its own (Gradio's cache names files by their content)
-        Image.new("RGBA", (96, 64), (30, 90, 200 - seed, 255)).save(image)
-        gallery, *_ = client.predict(handle_file(str(image)), prompt="a blue card", layers=2, num_inference_steps=2,
-                                     true_cfg_scale=1.0, seed=seed, api_name="/decompose")
-        assert len(gallery) == 2
-
-    def runs() -> list[Path]:
-        return [p for p in served["outputs"].iterdir() if (p / "params.json").is_file()]
-
-    # 1. The size limit: after more runs than fit, the oldest run folders are gone; the newest stays.
-    run(0)
-    first_run_cache = {p for p in files_under(cache) if p.name not in examples}
-    assert first_run_cache  # the upload and the result copies Gradio serves
-    for seed in range(1, RUNS):
-        run(seed)
-    sizes = [sum(f.stat().st_size for f in files_under(folder)) for folder in runs()]
-    assert 1 <= len(sizes) < RUNS
-    assert sum(sizes) <= OUTPUTS_MAX_GB * 1e9 or len(sizes) == 1
-    # 2. Gradio's cache: the first run's files go once they are older than the age limit (36 s; Gradio checks
-    #    every 9 s). Waited for, not assumed from a number of runs.
-    wait_until(lambda: not any(p.exists() for p in first_run_cache), OUTPUTS_MAX_AGE_HOURS * 3600 + 9 + 120,
-               "Gradio's cache kept the first run's files past the age limit")
-    # 3. The age limit on run folders (applied after each run): one more run, and every folder older than
-    #    the limit is gone.
-    oldest = min(runs(), key=lambda p: p.stat().st_mtime)
-    wait_until(lambda: time.time() - oldest.stat().st_mtime > OUTPUTS_MAX_AGE_HOURS * 3600, 120,
-               "the oldest run never grew older than the age limit")
-    run(RUNS)
-    now = time.time()
-    assert not oldest.exists()
-    assert max(now - folder.stat().st_mtime for folder in runs()) < OUTPUTS_MAX_AGE_HOURS * 3600 + 30
-    # 4. The server's system temp dir holds what it held before the runs.
-    assert files_under(served["system_tmp"]) == temp_before
-
-
 # ---- the page's rough edges (issue 10: 9-13) ----------------------------------------------------------------
 def test_selected_layer_starts_empty_and_decompose_this_layer_on_a_fresh_page_says_what_to_do(served, page):
     from playwright.sync_api import expect
@@ -289,10 +292,32 @@ def test_an_error_stays_on_the_page_until_it_is_closed(served, page):
     page.get_by_role("button", name="Undo last layer decomposition").click()
     message = page.get_by_test_id("toast-text")
     expect(message).to_have_text("Nothing to undo: decompose an image first.", timeout=30_000)
-    page.wait_for_timeout(15_000)  # Gradio's toasts leave after 10 s unless told to stay
+    page.wait_for_timeout(12_000)  # Gradio's toasts leave 10 s after they appear unless told to stay
     expect(message).to_be_visible()
     page.get_by_test_id("toast-close").click()
     expect(message).to_have_count(0)
+
+
+@pytest.mark.timeout(900)
+def test_old_runs_and_gradio_s_cache_go_after_the_age_limit_and_the_temp_dir_is_untouched(served, api_runs):
+    # 2. Gradio's cache: the first API run's files go once they are older than the age limit (36 s; Gradio checks
+    #    every 9 s). Waited for, not assumed from a number of runs (the browser tests since took longer than that).
+    wait_until(lambda: not any(p.exists() for p in api_runs["first_run_cache"]),
+               OUTPUTS_MAX_AGE_HOURS * 3600 + 9 + 120, "Gradio's cache kept the first run's files past the age limit")
+    # 3. The age limit on run folders (applied after each run): one more run, and every folder older than
+    #    the limit is gone.
+    oldest = min(run_folders(served), key=lambda p: p.stat().st_mtime)
+    wait_until(lambda: time.time() - oldest.stat().st_mtime > OUTPUTS_MAX_AGE_HOURS * 3600, 120,
+               "the oldest run never grew older than the age limit")
+    try:
+        api_runs["run"](RUNS)  # the same session: its page now shows this run, not the one it kept
+    finally:
+        api_runs["client"].close()  # ended well before the SIGTERM test (an open client connection delays it)
+    now = time.time()
+    assert not oldest.exists()
+    assert max(now - folder.stat().st_mtime for folder in run_folders(served)) < OUTPUTS_MAX_AGE_HOURS * 3600 + 30
+    # 4. The server's system temp dir holds what it held before the API runs (the browser tests' runs came between).
+    assert files_under(served["system_tmp"]) == api_runs["temp_before"]
 
 
 def decompose_in_page(page, served, prompt: str, layers: int = 2) -> None:
@@ -365,3 +390,23 @@ def test_the_caption_shows_its_progress_in_tokens(served, page):
     expect(page.locator(".progress-text").first).to_have_text(re.compile(r"^\d+/512 caption tokens"), timeout=60_000)
     expect(page.locator(".progress-text").first).to_have_text(re.compile(r"^\d+/2 steps"), timeout=RUN_TIMEOUT_MS)
     expect(page.locator(".thumbnail-item")).to_have_count(2, timeout=RUN_TIMEOUT_MS)
+
+
+# ---- last, as it ends the served app: SIGTERM (issue 10) ----------------------------------------------------------
+def test_sigterm_stops_the_app_and_clears_gradio_s_cache(served, tmp_path):
+    """On this module's own `src/app.py --demo` process: a second start of the app costs seconds of a 2-core CPU."""
+    sys.path.insert(0, str(ROOT / "src"))
+    import app
+
+    proc, cache = served["proc"], served["outputs"] / ".gradio-cache"
+    image = tmp_path / "in.png"
+    Image.new("RGBA", (96, 64), (20, 160, 90, 255)).save(image)
+    upload = httpx.post(f"{served['url']}gradio_api/upload",
+                        files={"files": ("in.png", image.read_bytes(), "image/png")}).json()
+    assert Path(upload[0]).is_file() and Path(upload[0]).is_relative_to(cache)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=60) == 0, served["log"].read_text()[-3000:]
+    assert not Path(upload[0]).exists()
+    # All that stays are Gradio's copies of the example images, which it keeps for the page (keep_in_cache).
+    left = {p.name for p in cache.rglob("*") if p.is_file()}
+    assert left <= {Path(example).name for example in app.example_images()}
