@@ -16,8 +16,9 @@ from PIL import Image, ImageDraw, ImageFilter, ImageFont
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "src"))
+sys.path.insert(0, str(ROOT / "assets"))
 import app  # noqa: E402  (loads no model)
-import make_test_images  # noqa: E402  (this folder: python puts the script's folder on sys.path)
+import make_test_images  # noqa: E402  (the example images' script: its gradient)
 
 OUT = Path(__file__).resolve().parent / "layered_gt"
 
