@@ -4078,6 +4078,19 @@ def stop_on_sigterm() -> None:
     signal.signal(signal.SIGTERM, interrupt)
 
 
+def delete_gradio_files(demo) -> None:
+    """After the server closed: delete the files this app put in Gradio's cache (uploads, result copies).
+
+    Gradio does this in its server's shutdown, but it waits only 5 s for the server thread, and a client still
+    connected (an open API client, a browser tab) holds uvicorn's shutdown past that: the process then ended first
+    and the uploads stayed on disk. This runs Gradio's own clean-up function once more (files already gone are
+    skipped; the example images it keeps for the page stay).
+    """
+    from gradio.route_utils import delete_files_created_by_app
+
+    delete_files_created_by_app(demo, None)
+
+
 # A library over a cluster: `decompose DIR --ray [ADDRESS]`. Each worker is a Ray actor holding one pipeline
 # (one GPU each where the cluster has GPUs); `ray.util.ActorPool` gives each image to a free worker. A worker
 # that dies is restarted by Ray, which retries the image it was on (max_restarts / max_task_retries): only that
@@ -4461,6 +4474,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"Serving on http://{settings.host}:{settings.port}")
         stop_on_sigterm()
         demo.launch(**launch_options(settings))
+        delete_gradio_files(demo)
         return 0
     finally:
         stop_ranks(pipe)

@@ -397,6 +397,7 @@ def test_sigterm_stops_the_app_and_clears_gradio_s_cache(served, tmp_path):
     """On this module's own `src/app.py --demo` process: a second start of the app costs seconds of a 2-core CPU."""
     sys.path.insert(0, str(ROOT / "src"))
     import app
+    from gradio_client import Client
 
     proc, cache = served["proc"], served["outputs"] / ".gradio-cache"
     image = tmp_path / "in.png"
@@ -404,8 +405,10 @@ def test_sigterm_stops_the_app_and_clears_gradio_s_cache(served, tmp_path):
     upload = httpx.post(f"{served['url']}gradio_api/upload",
                         files={"files": ("in.png", image.read_bytes(), "image/png")}).json()
     assert Path(upload[0]).is_file() and Path(upload[0]).is_relative_to(cache)
+    client = Client(served["url"], verbose=False)  # still connected at SIGTERM: Gradio's own shutdown is cut short
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(timeout=60) == 0, served["log"].read_text()[-3000:]
+    client.close()
     assert not Path(upload[0]).exists()
     # All that stays are Gradio's copies of the example images, which it keeps for the page (keep_in_cache).
     left = {p.name for p in cache.rglob("*") if p.is_file()}
