@@ -41,7 +41,7 @@ def main(models_dir: str, out_json: str, out_npz: str) -> None:
         app.stop_ranks(pipe)
         return
     image = Image.new("RGBA", (90, 60), (250, 120, 0, 255))
-    job = dict(prompt="", layers=2, num_inference_steps=3, true_cfg_scale=4.0, seed=3, randomize_seed=False)
+    job = dict(prompt="", layers=2, num_inference_steps=2, true_cfg_scale=4.0, seed=3, randomize_seed=False)
     results = {}
 
     def attempt(name, stop=None, **changes):

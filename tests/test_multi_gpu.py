@@ -102,7 +102,7 @@ def test_launch_ranks_starts_the_ranks_itself_and_they_give_the_same_layers(one_
         np.testing.assert_array_equal(a, b)
 
 
-def test_the_ranks_stop_and_fail_together_and_then_run_the_next_job(models_dir, tmp_path):
+def test_the_ranks_stop_and_fail_together_and_then_run_the_next_job(models_dir, demo_pipe, tmp_path):
     """Rank 0 stopped in the steps or in its caption, rank 1 out of memory: every rank leaves the job at the same
     point (none waits in a collective for one that left), and the next job runs on both, as one process runs it."""
     out_json, out_npz = tmp_path / "results.json", tmp_path / "layers.npz"
@@ -123,9 +123,8 @@ def test_the_ranks_stop_and_fail_together_and_then_run_the_next_job(models_dir, 
     torch_threads = app.torch.get_num_threads()
     app.torch.set_num_threads(1)  # the ranks ran one thread each: the same float32 summation order
     try:
-        pipe = app.load_pipeline(app.Settings(demo=True, models_dir=models_dir, offload="off", first_block_cache=False))
-        alone = app.infer(pipe, Image.new("RGBA", (90, 60), (250, 120, 0, 255)), prompt="", layers=2,
-                          num_inference_steps=3, true_cfg_scale=4.0, seed=3, randomize_seed=False)
+        alone = app.infer(demo_pipe, Image.new("RGBA", (90, 60), (250, 120, 0, 255)), prompt="", layers=2,
+                          num_inference_steps=2, true_cfg_scale=4.0, seed=3, randomize_seed=False)
     finally:
         app.torch.set_num_threads(torch_threads)
     assert results["last_caption"] == alone.caption and alone.caption
