@@ -2313,6 +2313,8 @@ def text_encoder_stop(pipe, stop: threading.Event | None):
 def out_of_memory_message(pipe, job: str = "decomposition", changes: list[str] = (), program: str = "app") -> str:
     """What to change after a CUDA out-of-memory error: the job's own `changes` first, then the offload mode's."""
     offload = getattr(pipe, "_studio_info", {}).get("offload_mode", "?")
+    if getattr(pipe, "_budget_stages", None) is not None:  # the engine in effect (also where it was enabled by hand)
+        offload = "budget"
     changes = list(changes)
     if offload == "budget":
         changes.append(f"restart the {program} with a smaller --vram-budget (GB; fewer transformer blocks stay resident)")

@@ -127,6 +127,25 @@ def test_low_ram_budget_gives_the_layers_of_off_and_keeps_the_weights_in_their_f
     result = app.infer(pipe, rgba_image, **kwargs)
     for ours, theirs in zip(result.layers, reference.layers, strict=True):
         assert ours.tobytes() == theirs.tobytes()
+    # Out of memory in a block read from the files: freed, advice given, the weights still the files', the next run
+    # the same.
+    block = pipe.transformer.transformer_blocks[-1]
+    forward = block.forward
+
+    def out_of_memory(*args, **kwargs):
+        raise app.torch.OutOfMemoryError("CUDA out of memory (simulated)")
+
+    monkeypatch.setattr(block, "forward", out_of_memory)
+    with pytest.raises(app.OutOfMemoryError, match="the memory was freed. Try: .*smaller --vram-budget"):
+        app.infer(pipe, rgba_image, **kwargs)
+    monkeypatch.setattr(block, "forward", forward)
+    assert pipe._budget_stages.current is None  # everything went back to its host copy or its file
+    if sys.platform.startswith("linux"):
+        spans = _mapped_files()
+        assert all(_file_of(p, spans) for p in pipe.transformer.parameters())
+    again = app.infer(pipe, rgba_image, **kwargs)
+    for ours, theirs in zip(again.layers, reference.layers, strict=True):
+        assert ours.tobytes() == theirs.tobytes()
 
 
 def test_each_rank_of_several_gpus_plans_with_its_share_of_the_ram(models_dir, tmp_path, rgba_image, monkeypatch,
