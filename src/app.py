@@ -1067,17 +1067,8 @@ def warm_up(pipe, resolution: int = DEFAULTS["resolution"], layers: int = DEFAUL
     """
     image = Image.new("RGBA", (resolution, resolution), (128, 128, 128, 255))
     start = time.perf_counter()
-    encoder = pipe.text_encoder
-    own = encoder.__dict__.get("generate")  # an instance's own generate (the budget engine's), else None
-    generate = encoder.generate
-    encoder.generate = lambda **kwargs: generate(**dict(kwargs, max_new_tokens=WARM_UP_CAPTION_TOKENS))
-    try:
+    with generate_with(pipe.text_encoder, max_new_tokens=WARM_UP_CAPTION_TOKENS):
         caption_image(pipe, image, resolution)
-    finally:
-        if own is None:
-            del encoder.generate
-        else:
-            encoder.generate = own
     infer(pipe, image, prompt="warm-up", num_inference_steps=STEPS_RANGE[0], layers=layers, resolution=resolution, seed=0)
     return time.perf_counter() - start
 
@@ -1375,9 +1366,9 @@ def plan_host_ram(plan: BudgetPlan, sizes: dict[str, Any], ram_gb: float,
     text_streamed = text.streamed_layers if text is not None and text.split else ()
     layer_gb, block_gb = sizes.get("text_layer_gb", 0.0), sizes["block_gb"]
     text_rest_gb = sizes["text_encoder_gb"] - len(text_streamed) * layer_gb
-    weights_gb = sizes["text_encoder_gb"] + sizes["other_transformer_gb"] + sizes["num_blocks"] * block_gb
-    if weights_gb + BUDGET_HOST_RAM_RESERVE_GB <= ram_gb:  # every weight page-locked: nothing read from the files
-        return HostRamPlan(ram_gb, tuple(blocks), text_streamed, True, True, weights_gb, 0.0, 0.0)
+    all_gb = weights_gb(sizes)
+    if all_gb + BUDGET_HOST_RAM_RESERVE_GB <= ram_gb:  # every weight page-locked: nothing read from the files
+        return HostRamPlan(ram_gb, tuple(blocks), text_streamed, True, True, all_gb, 0.0, 0.0)
 
     # 1. The text encoder's streamed layers are copied every caption token: page-locked, or no plan.
     left = ram_gb - BUDGET_HOST_RAM_RESERVE_GB - BUDGET_PAGE_CACHE_MIN_GB - len(text_streamed) * layer_gb
@@ -1410,7 +1401,7 @@ def plan_host_ram(plan: BudgetPlan, sizes: dict[str, Any], ram_gb: float,
             f"available, {file_streamed} of the {len(plan.streamed_blocks)} streamed transformer blocks would be read "
             f"from the weight files at every transformer call, {disk_gb:.0f} GB from disk per image (the limit is "
             f"{BUDGET_MAX_DISK_READ_GB_PER_IMAGE:g} GB).")
-    return HostRamPlan(ram_gb, tuple(sorted(pinned_blocks)), text_streamed, pin_text, pin_rest, weights_gb - file_gb,
+    return HostRamPlan(ram_gb, tuple(sorted(pinned_blocks)), text_streamed, pin_text, pin_rest, all_gb - file_gb,
                        file_gb, disk_gb)
 
 
@@ -1477,6 +1468,11 @@ def budget_sizes_from_files(model_path: Path | str, element_size: int) -> dict[s
                 text_vision_gb=numels["text_encoder"]["vision"] * gb, text_embed_gb=numels["text_encoder"]["embed"] * gb)
 
 
+def weights_gb(sizes: dict[str, Any]) -> float:
+    """The transformer's and the text encoder's weights together (GiB), from `budget_sizes`."""
+    return sizes["text_encoder_gb"] + sizes["other_transformer_gb"] + sizes["num_blocks"] * sizes["block_gb"]
+
+
 def budget_minimum_gb(sizes: dict[str, Any], image_tokens: int = BUDGET_DEFAULT_JOB_IMAGE_TOKENS) -> float:
     """The smallest VRAM budget (GiB) in which the budget mode runs a job of `image_tokens` (default: the default job)."""
     return plan_budget(float("inf"), image_tokens=image_tokens, **sizes).minimum_gb
@@ -1528,12 +1524,12 @@ def check_host_ram(needed_gb: float, available_gb: float | None = None) -> None:
 
 def low_ram_advice(sizes: dict[str, Any], vram_gb: float) -> str:
     """What each mode needs in host RAM, for a machine the budget mode refuses (`check_machine_fits`)."""
-    weights_gb = sizes["text_encoder_gb"] + sizes["other_transformer_gb"] + sizes["num_blocks"] * sizes["block_gb"]
+    all_gb = weights_gb(sizes)
     here, at_24 = budget_minimum_ram_gb(sizes, vram_gb), budget_minimum_ram_gb(sizes, 23.0)
     needs = f"at {vram_gb:.1f} GB of VRAM it needs {here:.1f} GB of RAM available" if here is not None else ""
     return (f"The budget mode reads what does not fit in RAM from the weight files: {needs}"
             f"{'; ' if needs else ''}with a 24 GB card {at_24:.1f} GB; every other mode keeps all the weights in RAM "
-            f"({weights_gb + BUDGET_HOST_RAM_RESERVE_GB:.1f} GB). The lossy option, --quantization fp8_storage, "
+            f"({all_gb + BUDGET_HOST_RAM_RESERVE_GB:.1f} GB). The lossy option, --quantization fp8_storage, "
             f"stores the transformer in float8 (half its {sizes['num_blocks'] * sizes['block_gb']:.0f} GB, held in "
             f"RAM after the cast) and keeps the text encoder in bf16; it is not planned by this check.")
 
@@ -1542,7 +1538,7 @@ def check_machine_fits(offload_mode: str, sizes: dict[str, Any], vram_gb: float,
     """Before loading: raise ValueError when `offload_mode` cannot run with `vram_gb` of VRAM and `ram_gb` of
     available host RAM (None: not checked, no GPU), naming the machine's figures and the mode that would fit.
     Pure arithmetic on `sizes` (`budget_sizes_from_files`)."""
-    weights_gb = sizes["text_encoder_gb"] + sizes["other_transformer_gb"] + sizes["num_blocks"] * sizes["block_gb"]
+    all_gb = weights_gb(sizes)
     minimum = budget_minimum_gb(sizes)
     machine = f"This machine: {vram_gb:.1f} GB of VRAM, {ram_gb or 0:.1f} GB of RAM available."
     if ram_gb is not None and offload_mode == "budget" and vram_gb >= minimum:
@@ -1552,7 +1548,7 @@ def check_machine_fits(offload_mode: str, sizes: dict[str, Any], vram_gb: float,
             raise ValueError(f"{machine} {err} {low_ram_advice(sizes, vram_gb)}") from None
     elif ram_gb is not None and offload_mode != "budget":
         try:
-            check_host_ram(weights_gb, ram_gb)
+            check_host_ram(all_gb, ram_gb)
         except ValueError as err:
             low_ram = budget_minimum_ram_gb(sizes, vram_gb)
             budget = (f"here it needs {low_ram:.1f} GB of RAM" if low_ram is not None
@@ -1560,7 +1556,7 @@ def check_machine_fits(offload_mode: str, sizes: dict[str, Any], vram_gb: float,
             raise ValueError(f"{machine} {err} (The budget mode: {budget}; the sequential mode ~1 GB of VRAM and "
                              f"all the weights in RAM.)") from None
     largest = activation_gb(BUDGET_PLAN_IMAGE_TOKENS + BUDGET_PLAN_TEXT_TOKENS) + BUDGET_SAFETY_MARGIN_GB
-    needs = {"off": weights_gb + sizes["vae_gb"] + largest,
+    needs = {"off": all_gb + sizes["vae_gb"] + largest,
              "model": sizes["other_transformer_gb"] + sizes["num_blocks"] * sizes["block_gb"] + sizes["vae_gb"] + largest}
     if offload_mode in needs and vram_gb < needs[offload_mode]:
         fits = "budget" if vram_gb >= minimum else "sequential"
@@ -2492,18 +2488,29 @@ def caption_progress(pipe, max_new_tokens: int = CAPTION_MAX_NEW_TOKENS):
         def end(self):
             self.bar.close()
 
-    encoder = pipe.text_encoder
     counter = TokenCounter()
-    previous = encoder.__dict__.get("generate")  # an instance's own generate (a wrapper someone set), else None
-    encoder.generate = functools.partial(encoder.generate, streamer=counter)
     try:
-        yield counter
+        with generate_with(pipe.text_encoder, streamer=counter):
+            yield counter
+    finally:
+        counter.bar.close()
+
+
+@contextlib.contextmanager
+def generate_with(encoder, **forced: Any):
+    """Within the block, the text encoder's `generate` is called with `forced` keyword arguments on top of its
+    caller's (the pipeline's `get_image_caption` passes its own), then it is given back: the class's, or the
+    instance's own wrapper (the budget engine's) where one was set."""
+    previous = encoder.__dict__.get("generate")
+    generate = encoder.generate
+    encoder.generate = lambda *args, **kwargs: generate(*args, **{**kwargs, **forced})
+    try:
+        yield
     finally:
         if previous is None:
-            del encoder.generate  # the class's own generate again
+            del encoder.generate
         else:
             encoder.generate = previous
-        counter.bar.close()
 
 
 def noise_generator(pipe, seed: int) -> torch.Generator:
