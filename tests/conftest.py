@@ -14,6 +14,17 @@ sys.path.insert(0, str(ROOT / "src"))
 import app  # noqa: E402
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _own_temp_dir(tmp_path_factory):
+    """The test process's temp files go under pytest's own folder: gradio_client 1.x leaves an empty
+    /tmp/<40 hex> folder behind for every file it downloads (client.py, `_download_file`)."""
+    import tempfile
+
+    before, tempfile.tempdir = tempfile.tempdir, str(tmp_path_factory.mktemp("tempdir"))
+    yield
+    tempfile.tempdir = before
+
+
 @pytest.fixture(scope="session")
 def models_dir(tmp_path_factory) -> Path:
     """A models/ folder of the session's own, so tests never touch the user's weight cache."""
