@@ -35,7 +35,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 PHASES = ("local", "ray")
-TIMING_KEYS = ("created", "duration_s")  # params.json entries that differ between two runs of one job
+TIMING_KEYS = ("created", "duration_s")
+RAY_START_S = 30.0  # the Ray phase's own costs besides imports, loads and images: instance, workers, shutdown (a guess)  # params.json entries that differ between two runs of one job
 
 
 def job(args) -> dict:
@@ -131,9 +132,13 @@ def child(args) -> None:
         timer = CallTimer(pipe.transformer, cuda)
         res.update(per_image_s=[], errors=[])
         batch_start = time.time()
-        for image in images:
-            if time.time() > args.deadline_at:
-                res["cut"] = f"deadline: {len(res['per_image_s'])} of {len(images)} images"
+        for k, image in enumerate(images):
+            # Start image k+1 only if Ray can then do the same k+1 images before the deadline (its start, two loads
+            # at once, half the images each, its shutdown), with this run's mean image time so far.
+            mean = statistics.mean(res["per_image_s"]) if res["per_image_s"] else 0.0
+            ray_need = RAY_START_S + res["import_s"] + res["load_s"] + math.ceil((k + 1) / 2) * mean
+            if k and time.time() + mean + ray_need > args.deadline_at:
+                res["cut"] = f"deadline: {k} of {len(images)} images (the rest would leave Ray too little time)"
                 break
             t = time.time()
             [item] = app.decompose_batch(pipe, [image], settings.outputs, run_info, **job(args))
@@ -142,6 +147,8 @@ def child(args) -> None:
                 res["errors"].append(f"{image.name}: {item.error}")
             res.update(batch_s=round(time.time() - batch_start, 2), images_done=len(res["per_image_s"]))
             save()
+        res["infer_s"] = [round(json.loads(p.read_text())["duration_s"], 3)  # each image's `infer`, as Ray's
+                          for p in sorted(settings.outputs.glob("*/params.json"), key=lambda p: p.stat().st_mtime)]
         steps = app.check_params(num_inference_steps=args.steps)["num_inference_steps"]
         step_s = timer.step_seconds(steps)
         res.update(step_median_s=round(statistics.median(step_s), 4) if step_s else None, steps_timed=len(step_s),
@@ -151,22 +158,32 @@ def child(args) -> None:
 
         ready = args.work / "ray_ready.jsonl"
         ready.unlink(missing_ok=True)
-        start = time.time()
+        res["call_start"] = start = time.time()
+        save()  # the call's start: a cut run's progress is read from the run folders (`ray_progress`)
         items, skipped = app.decompose_ray(images, settings, workers=2,
                                            worker_setup=functools.partial(mark_ready, str(ready)), **job(args))
         end = time.time()
-        workers = [json.loads(line) for line in ready.read_text().splitlines()] if ready.is_file() else []
-        res.update(decompose_ray_s=round(end - start, 2), images_done=sum(item.error is None for item in items),
-                   skipped=len(skipped), errors=[f"{item.image.name}: {item.error}" for item in items if item.error],
-                   workers=[dict(w, ready_s=round(w["t"] - start, 2)) for w in workers])
-        if workers:
-            res["batch_after_first_ready_s"] = round(end - min(w["t"] for w in workers), 2)
-            res["batch_after_last_ready_s"] = round(end - max(w["t"] for w in workers), 2)
-        done = [json.loads(p.read_text()) | {"mtime": p.stat().st_mtime} for p in settings.outputs.glob("*/params.json")]
-        res["infer_s"] = sorted(round(p["duration_s"], 3) for p in done)  # each image's `infer`, in a worker
-        res["done_at_s"] = sorted(round(p["mtime"] - start, 2) for p in done)  # its run folder written (from the call)
+        res.update(decompose_ray_s=round(end - start, 2), skipped=len(skipped),
+                   errors=[f"{item.image.name}: {item.error}" for item in items if item.error],
+                   **ray_progress(settings.outputs, ready, start, end))
     res["ok"] = True
     save()
+
+
+def ray_progress(outputs: Path, ready: Path, start: float, end: float | None = None) -> dict:
+    """What the Ray phase did, from its files: the workers' ready times, each complete run folder's time (its
+    params.json written) and `infer` seconds, from the call's start `start` (wall clock)."""
+    workers = [json.loads(line) for line in ready.read_text().splitlines()] if ready.is_file() else []
+    folders = [p for p in outputs.glob("*/params.json") if p.parent.name != ".incomplete"]
+    done = [json.loads(p.read_text()) | {"mtime": p.stat().st_mtime} for p in folders]
+    res = dict(workers=[dict(w, ready_s=round(w["t"] - start, 2)) for w in workers], images_done=len(done),
+               infer_s=[round(p["duration_s"], 3) for p in sorted(done, key=lambda p: p["mtime"])],
+               done_at_s=sorted(round(p["mtime"] - start, 2) for p in done))
+    end = end or (max(p["mtime"] for p in done) if done else None)
+    if workers and end:
+        res["batch_after_first_ready_s"] = round(end - min(w["t"] for w in workers), 2)
+        res["batch_after_last_ready_s"] = round(end - max(w["t"] for w in workers), 2)
+    return res
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -249,8 +266,10 @@ def compare(local: Path, ray: Path) -> dict:
                 if zipfile.is_zipfile(fa / name):  # ZIP, PPTX: each entry's time differs; their contents must not
                     res["exports_content_differ"] += [f"{Path(key).name}/{name}/{member}"
                                                       for member in zip_members_differ(fa / name, fb / name)]
-    res["identical"] = (not res["missing_in_ray"] and not res["file_sets_differ"] and not res["params_differ"]
-                        and not res["exports_content_differ"] and res["max_abs_diff"] == 0 and len(a) == len(b) > 0)
+    res["compared"] = len(set(a) & set(b))
+    res["identical_compared"] = (res["compared"] > 0 and not res["file_sets_differ"] and not res["params_differ"]
+                                 and not res["exports_content_differ"] and res["max_abs_diff"] == 0)
+    res["identical"] = res["identical_compared"] and not res["missing_in_ray"] and len(a) == len(b)
     res["identical_means"] = ("the same images, the same file names in each run folder, every PNG's pixels equal, "
                               f"params.json equal except {', '.join(TIMING_KEYS)}, the ZIP's and PPTX's entries equal "
                               "(their params.json likewise) apart from each entry's time stamp")
@@ -258,16 +277,23 @@ def compare(local: Path, ray: Path) -> dict:
 
 
 def figures(results: dict, steps: int) -> dict:
-    """The issue's keys, and the 50-step extrapolations (marked)."""
+    """The issue's keys, and the 50-step extrapolations (marked). Both phases whole: each child's wall time, from its
+    start to its exit (imports, load, batch; Ray: its instance, the workers and their loads, shutdown). A Ray phase cut
+    at the deadline after k images: both up to their k-th image (from the child's start)."""
     local, ray = results.get("local", {}), results.get("ray", {})
     n = ray.get("images_done")
-    if not (local.get("ok") or local.get("images_done")) or not ray.get("ok") or not n:
+    if not local.get("images_done") or not n or not ray.get("done_at_s"):
         return {}
-    out = dict(ray_batch_images=n, ray_batch_1gpu_s=local["wall_s"], ray_batch_2gpu_s=ray["wall_s"],
+    whole = ray.get("ok") and n == local["images_done"] and ray.get("exit") == 0 and local.get("exit") == 0
+    out = dict(ray_batch_images=n,
+               ray_batch_1gpu_s=local["wall_s"] if whole else
+               round(local["import_s"] + local["load_s"] + sum(local["per_image_s"][:n]), 2),
+               ray_batch_2gpu_s=ray["wall_s"] if whole else round(ray["import_s"] + ray["done_at_s"][n - 1], 2),
                ray_batch_1gpu_no_load_s=round(sum(local["per_image_s"][:n]), 2),
                ray_batch_2gpu_no_load_s=ray.get("batch_after_first_ready_s"))
-    if local.get("images_done", 0) != n:
-        out["ray_batch_note"] = f"the local batch did {local.get('images_done')} images, Ray {n}: the figures differ in n"
+    out["ray_batch_method"] = (f"each phase's process wall time, {n} images" if whole else
+                               f"the Ray phase was cut after {n} of {local['images_done']} images: both up to their "
+                               f"image {n}, from the process's start")
     out["ray_batch_2gpu_vs_1gpu"] = round(out["ray_batch_2gpu_s"] / out["ray_batch_1gpu_s"], 3)
     if out["ray_batch_2gpu_no_load_s"]:
         out["ray_batch_2gpu_vs_1gpu_no_load"] = round(out["ray_batch_2gpu_no_load_s"] / out["ray_batch_1gpu_no_load_s"], 3)
@@ -360,11 +386,13 @@ def main(argv=None) -> int:
     finished = results["local"].get("images_done") or 0
     if finished and time.time() < deadline_at - 20:
         images_file.write_text("\n".join(str(p.resolve()) for p in images[:finished]))
-        results["ray"] = run_phase("ray", args, pipe_dir, images_file, deadline_at, log)
+        results["ray"] = ray = run_phase("ray", args, pipe_dir, images_file, deadline_at, log)
+        if not ray.get("ok") and ray.get("call_start"):  # cut: what it finished, from its files
+            ray.update(ray_progress(args.work / "ray", args.work / "ray_ready.jsonl", ray["call_start"]), cut=True)
         try:
             import ray
 
-            results["versions"]["ray"] = ray.__version__
+            results["versions"]["ray"] = f"{ray.__version__} ({Path(ray.__file__).parent})"
         except ImportError:
             pass
         save()
