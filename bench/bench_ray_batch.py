@@ -82,13 +82,12 @@ class CallTimer:
         event.record()
         return event
 
-    def step_seconds(self, steps: int) -> list[float]:
-        """Seconds of each denoising step (its transformer calls, first start to last end); `steps` per image."""
+    def step_seconds(self, images: int, steps: int) -> list[float]:
+        """Seconds of each denoising step (its transformer calls, first start to last end) of `images` x `steps`."""
         import torch
 
         if self.cuda:
             torch.cuda.synchronize()
-        images = len(self.marks) // max(1, steps)
         per_step = max(1, len(self.marks) // max(1, images * steps))  # 2 with true CFG: cond and uncond calls
         groups = [self.marks[i:i + per_step] for i in range(0, len(self.marks) - per_step + 1, per_step)]
         if self.cuda:
@@ -150,8 +149,9 @@ def child(args) -> None:
         res["infer_s"] = [round(json.loads(p.read_text())["duration_s"], 3)  # each image's `infer`, as Ray's
                           for p in sorted(settings.outputs.glob("*/params.json"), key=lambda p: p.stat().st_mtime)]
         steps = app.check_params(num_inference_steps=args.steps)["num_inference_steps"]
-        step_s = timer.step_seconds(steps)
+        step_s = timer.step_seconds(len(res["per_image_s"]), steps)
         res.update(step_median_s=round(statistics.median(step_s), 4) if step_s else None, steps_timed=len(step_s),
+                   transformer_calls=len(timer.marks),
                    peak_alloc_gb=round(torch.cuda.max_memory_allocated() / 2**30, 2) if cuda else None)
     else:
         import functools
@@ -365,11 +365,16 @@ def main(argv=None) -> int:
     pipe_dir = (args.work / "pipe") if args.tiny else args.pipe
     args.out.parent.mkdir(parents=True, exist_ok=True)
     log = open(args.out.with_suffix(".log"), "a")
+    save()
     if not (pipe_dir / "model_index.json").is_file():
         t = time.time()
-        subprocess.run([sys.executable, str(ROOT / "bench" / "bench_low_ram.py"), "--build", "--pipe", str(pipe_dir),
-                        *(["--tiny"] if args.tiny else [])], check=True, stdout=log, stderr=subprocess.STDOUT)
+        built = subprocess.run([sys.executable, str(ROOT / "bench" / "bench_low_ram.py"), "--build", "--pipe",
+                                str(pipe_dir), *(["--tiny"] if args.tiny else [])], stdout=log, stderr=subprocess.STDOUT)
         results["build_s"] = round(time.time() - t, 1)
+        if built.returncode:
+            results["error"] = f"the pipeline's build failed (exit {built.returncode}): see the .log"
+            save()
+            return 1
     for phase in PHASES:
         subprocess.run(["rm", "-rf", str(args.work / phase)], check=True)
     images = make_images(args.work / "images", args.images, 640)
