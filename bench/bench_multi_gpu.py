@@ -15,7 +15,7 @@ Phases (the JSON is rewritten after each):
     2. two_gpu     both ranks (`enable_multi_gpu`: cond on rank 0, uncond on rank 1), resident; layers vs phase 1
     3. two_gpu_24gb  the budget engine on each rank at a --cap-gb allocator cap and --vram-budget
     4. one_gpu_24gb  rank 0 alone, the same cap and budget
-Ray: the Ray wheel is too large to carry to the GPU machine (> 64 MiB), so ray_batch_* stay null.
+Ray: bench/bench_ray_batch.py measures ray_batch_* (its --merge writes them into this JSON).
 """
 
 import argparse

@@ -4042,7 +4042,8 @@ def decompose_batch(pipe, images: list[Path], outputs: Path, run_info: dict[str,
         #    a decompression bomb (Pillow's own error). Anything else is a bug or the machine: it stops the batch.
         try:
             result = infer(pipe, image, **infer_kwargs)
-            paths = save_run(result, outputs, dict(run_info or {}, input_file=str(image)),
+            # The absolute path, as Ray's workers record it: `completed_images` (resume) matches on it.
+            paths = save_run(result, outputs, dict(run_info or {}, input_file=str(Path(image).resolve())),
                              original_size=result.params["input_size"] if original_size else None)
         except (ValueError, OSError, Image.DecompressionBombError, OutOfMemoryError) as err:
             items.append(BatchItem(image, error=f"{type(err).__name__}: {err}"))

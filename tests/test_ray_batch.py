@@ -5,6 +5,7 @@ import json
 import os
 import shutil
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -114,6 +115,19 @@ def test_a_second_run_skips_every_image_with_a_complete_run_folder(ray_run, imag
     assert f"2 image(s) skipped: a complete run folder for each is already in {out}" in stdout
     assert "0 of 0 images decomposed, 0 failed" in stdout
     assert sorted(p.name for p in out.iterdir()) == before
+
+
+def test_a_library_begun_by_the_local_batch_with_a_relative_path_is_resumed_by_ray(demo_pipe, images, models_dir,
+                                                                                     tmp_path, monkeypatch):
+    """`decompose library/` (relative) then `decompose library/ --ray`: the local batch recorded the image's absolute
+    path, as the Ray workers do, so the Ray run finds the run folder complete and skips the image (no Ray start)."""
+    folder = images[0].resolve()
+    monkeypatch.chdir(folder.parent)
+    out = tmp_path / "out"
+    [item] = app.decompose_batch(demo_pipe, [Path(folder.name) / "a.png"], out, None, **JOB)
+    assert json.loads((item.folder / "params.json").read_text())["input_file"] == str(folder / "a.png")
+    items, skipped = app.decompose_ray([Path(folder.name) / "a.png"], demo_settings(models_dir, outputs=out), **JOB)
+    assert (items, skipped) == ([], [folder / "a.png"])
 
 
 def test_a_run_folder_missing_any_export_is_not_complete(ray_run, tmp_path):
