@@ -938,11 +938,13 @@ def load_compile_cache() -> bool:
     if not path.is_file():
         return False
     try:
-        torch.compiler.load_cache_artifacts(path.read_bytes())
+        problem = None if torch.compiler.load_cache_artifacts(path.read_bytes()) else "no cache in it, or a damaged one"
     except Exception as err:  # noqa: BLE001 - any failure only costs the compile time; said, not swallowed
-        logger.warning("Compile cache %s not loaded (%s: %s); compiling anew.", path, type(err).__name__, err)
-        return False
-    return True
+        problem = f"{type(err).__name__}: {err}"
+    if problem:
+        logger.warning("Compile cache %s not loaded (%s); compiling anew. Delete the file to stop this warning.",
+                       path, problem)
+    return problem is None
 
 
 def save_compile_cache() -> Path | None:
