@@ -681,6 +681,7 @@ def main(argv=None) -> int:
                                       new_shape_first_fwd_s=round(new_first_s, 3), new_shape_repeat_fwd_s=round(new_again_s, 3),
                                       dynamo_graphs=dynamo_graphs() - graphs_before, cache_counters=compile_cache_counters())
             results["compile_warmup_s"] = round(call_s + first_s - compiled["median_s"], 2)
+            results["compile"]["mega_cache_saved"] = bool(app.save_compile_cache())  # as the app does: phase 6 loads it
             log(f"compile {results['compile']}")
             save()
             compiled_run = app.infer(pipe, image_a, prompt=again.caption, **run)  # same conditioning as the eager repeat
