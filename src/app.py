@@ -931,8 +931,10 @@ def load_compile_cache() -> bool:
     H200 (bench/results/speed_previous.json, as much as the cold compile). `torch.compiler.save_cache_artifacts`
     gathers in one file everything the compile used (Inductor's FX graphs, AOTAutograd's graphs, the Triton kernels'
     binaries, the autotuning results and the automatic-dynamic profile) and `load_cache_artifacts` puts them all back
-    in place before the first compile, so no part is missing or re-tuned; the bench's second start measures the gain.
-    A file that does not load (another torch, a damaged file) is said and the blocks compile anew.
+    in place before the first compile. On the CPU a process with an empty cache directory and this file alone hit
+    Inductor's and AOTAutograd's caches; whether it pays on a GPU's second start is bench_speed.py's B4 (pending a
+    run). With --caption-compile the file holds the caption decode's compile too. A file that does not load (another
+    torch, a damaged file) is said and the blocks compile anew.
     """
     path = compile_cache_file()
     if not path.is_file():
