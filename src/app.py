@@ -919,6 +919,49 @@ def compile_transformer_blocks(transformer: torch.nn.Module) -> int:
     return len(blocks)
 
 
+def compile_cache_file() -> Path:
+    """torch's portable compile cache ("mega-cache") for --compile, beside Inductor's on-disk caches."""
+    return Path(os.environ["TORCHINDUCTOR_CACHE_DIR"]) / f"mega_cache_torch{torch.__version__}.bin"
+
+
+def load_compile_cache() -> bool:
+    """Before compiling: load the mega-cache a previous start saved (`save_compile_cache`); False when there is none.
+
+    Why, beside TORCHINDUCTOR_CACHE_DIR: a second start of the app with that directory alone still paid ~18 s on an
+    H200 (bench/results/speed_previous.json, as much as the cold compile). `torch.compiler.save_cache_artifacts`
+    gathers in one file everything the compile used (Inductor's FX graphs, AOTAutograd's graphs, the Triton kernels'
+    binaries, the autotuning results and the automatic-dynamic profile) and `load_cache_artifacts` puts them all back
+    in place before the first compile. On the CPU a process with an empty cache directory and this file alone hit
+    Inductor's and AOTAutograd's caches; whether it pays on a GPU's second start is bench_speed.py's B4 (pending a
+    run). With --caption-compile the file holds the caption decode's compile too. A file that does not load (another
+    torch, a damaged file) is said and the blocks compile anew.
+    """
+    path = compile_cache_file()
+    if not path.is_file():
+        return False
+    try:
+        problem = None if torch.compiler.load_cache_artifacts(path.read_bytes()) else "no cache in it, or a damaged one"
+    except Exception as err:  # noqa: BLE001 - any failure only costs the compile time; said, not swallowed
+        problem = f"{type(err).__name__}: {err}"
+    if problem:
+        logger.warning("Compile cache %s not loaded (%s); compiling anew. Delete the file to stop this warning.",
+                       path, problem)
+    return problem is None
+
+
+def save_compile_cache() -> Path | None:
+    """After the first compiled run (the warm-up): save the mega-cache for the next start; None when nothing compiled."""
+    artifacts = torch.compiler.save_cache_artifacts()
+    if artifacts is None or not artifacts[0]:
+        return None
+    path = compile_cache_file()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(path.name + ".partial")  # a start cut while writing leaves no half file to load
+    partial.write_bytes(artifacts[0])
+    partial.replace(path)
+    return path
+
+
 def caption_compile_problem(offload_mode: str, on_cuda: bool, text_encoder_split: bool = False) -> str | None:
     """Why the caption's decode is not compiled with these settings (None: it is; ENABLE_CAPTION_COMPILE)."""
     if not on_cuda:
@@ -987,8 +1030,9 @@ def apply_memory_optimizations(pipe, settings: Settings, offload_mode: str) -> l
     if compile_blocks and compile_problem(offload_mode, settings.quantization):
         logger.warning("%s. Running the blocks eagerly.", compile_problem(offload_mode, settings.quantization))
     elif compile_blocks:
+        cached = load_compile_cache()  # a previous start's compile (see the function)
         count = compile_transformer_blocks(pipe.transformer)
-        applied.append(f"compiled_transformer_blocks({count})")
+        applied.append(f"compiled_transformer_blocks({count}{', cache loaded' if cached else ''})")
 
     # 2. Where the weights live.
     if offload_mode == "off":
@@ -1116,6 +1160,8 @@ def load_pipeline(settings: Settings, spec: ModelSpec = LAYERED_MODEL):
     #    no layered job to run.
     if settings.warm_up and cuda and spec is LAYERED_MODEL:
         applied.append(f"warm_up({warm_up(pipe):.1f} s)")
+        if any(name.startswith("compiled_transformer_blocks") for name in applied) and save_compile_cache():
+            applied.append("compile_cache_saved")  # the next start loads it (`load_compile_cache`)
     # Attach what the run folders record.
     pipe._studio_info = dict(model_path=str(model_path), offload_mode=offload_mode, dtype=str(dtype).replace("torch.", ""),
                              optimizations=applied, demo=is_demo_model(model_path))

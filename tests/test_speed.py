@@ -209,3 +209,26 @@ def test_caption_compile_and_warm_up_flags_from_the_command_line_and_environment
     monkeypatch.setenv("QIL_CAPTION_COMPILE", "1")
     settings = app.parse_args([])[1]
     assert settings.warm_up is False and settings.caption_compile is True
+
+
+# ----------------------------------------------------------------------------------------------------
+# --compile's mega-cache (a second start loads what the first one compiled)
+# ----------------------------------------------------------------------------------------------------
+def test_compile_cache_file_sits_in_the_inductor_cache_dir_and_names_the_torch_version(tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path))
+    assert app.compile_cache_file() == tmp_path / f"mega_cache_torch{torch.__version__}.bin"
+    assert app.load_compile_cache() is False  # none saved yet: nothing loaded, nothing said
+
+
+def test_a_damaged_compile_cache_is_said_and_the_blocks_compile_anyway(models_dir, tmp_path, monkeypatch, caplog):
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(app, "COMPILE_OPTIONS", dict(app.COMPILE_OPTIONS, backend="eager"))  # no C++ toolchain needed
+    damaged = app.compile_cache_file()
+    damaged.write_bytes(b"half a file" * 100)
+    with caplog.at_level(logging.WARNING, logger=app.logger.name):
+        pipe = app.load_pipeline(demo_settings(models_dir, compile=True))
+    assert f"Compile cache {damaged} not loaded" in caplog.text and "compiling anew" in caplog.text
+    blocks = len(pipe.transformer.transformer_blocks)
+    assert f"compiled_transformer_blocks({blocks})" in pipe._studio_info["optimizations"]  # not "cache loaded"
+    assert "compile_cache_saved" not in pipe._studio_info["optimizations"]  # the CPU has no warm-up to save after
+    assert damaged.read_bytes() == b"half a file" * 100  # left for the user to delete, not overwritten half-read
