@@ -997,12 +997,13 @@ def planner_sizes(model_path: Path | str, element_size: int, quantization: str |
                   ) -> tuple[dict[str, Any] | None, dict[str, Any] | None]:
     """The sizes `load_pipeline` checks the machine with before loading (`budget_sizes_from_files`): (the weights as
     they will be held, fp8_storage's float8 figures for it; for a bf16 run the float8 figures too, so that a refusal
-    says what the lossy option needs, else None). (None, None) where the files cannot say."""
+    says what the lossy option needs; for an fp8_storage run the bf16 ones, to say what bf16 needs; else None).
+    (None, None) where the files cannot say."""
     sizes = budget_sizes_from_files(model_path, element_size)
     if sizes is None or quantization not in (None, "fp8_storage"):
         return sizes, None
     lossy = budget_sizes_from_files(model_path, element_size, fp8_storage_element_sizes(model_path))
-    return (lossy, None) if quantization == "fp8_storage" else (sizes, lossy)
+    return (lossy, sizes) if quantization == "fp8_storage" else (sizes, lossy)
 
 
 def apply_memory_optimizations(pipe, settings: Settings, offload_mode: str) -> list[str]:
@@ -1135,7 +1136,8 @@ def load_pipeline(settings: Settings, spec: ModelSpec = LAYERED_MODEL):
     # 3. Pick the offload mode from what this machine has (the VRAM `--vram-budget` names, else the GPU's free
     #    memory), and say before loading when it cannot fit, with the figures and what would (ValueError).
     vram_gb = default_vram_budget_gb(settings) if cuda else None
-    sizes, lossy_sizes = planner_sizes(model_path, torch.finfo(dtype).bits // 8, settings.quantization)
+    sizes, other_sizes = planner_sizes(model_path, torch.finfo(dtype).bits // 8, settings.quantization)
+    fp8_storage = settings.quantization == "fp8_storage"
     offload_mode = resolve_offload_mode(settings.offload, cuda, vram_gb,
                                         budget_minimum_gb(sizes) if sizes else BUDGET_AUTO_MIN_VRAM_GB)
     #    Several GPUs of one machine (section 4c): each rank loads its own pipeline at the same time, so each plans
@@ -1145,12 +1147,17 @@ def load_pipeline(settings: Settings, spec: ModelSpec = LAYERED_MODEL):
     if sizes is not None and (cuda or offload_mode == "budget"):
         try:
             check_machine_fits(offload_mode, sizes, vram_gb if cuda else default_vram_budget_gb(settings), ram_gb=ram_gb,
-                               fp8_storage=settings.quantization == "fp8_storage", lossy_sizes=lossy_sizes)
+                               fp8_storage=fp8_storage, lossy_sizes=None if fp8_storage else other_sizes,
+                               exact_sizes=other_sizes if fp8_storage else None)
         except ValueError as err:
             if ranks_on_this_machine() == 1:
                 raise
             raise ValueError(f"{ranks_on_this_machine()} GPUs of this machine each load the pipeline, so each has 1/"
                              f"{ranks_on_this_machine()} of its RAM. {err}") from None
+        hint = None if fp8_storage or offload_mode != "budget" else fp8_storage_hint(
+            sizes, other_sizes, vram_gb if cuda else default_vram_budget_gb(settings), ram_gb)
+        if hint:  # bf16 fits by reading blocks from disk at every call: say what the lossy option would do
+            logger.warning(hint)
     if offload_mode == "budget":  # the RAM measured before loading: the budget mode plans its host copies in it
         settings = dataclasses.replace(settings, ram_budget_gb=ram_gb)
     setup_cuda_optimizations()
@@ -1619,11 +1626,13 @@ def low_ram_advice(sizes: dict[str, Any], vram_gb: float, fp8_storage: bool = Fa
 
 
 def check_machine_fits(offload_mode: str, sizes: dict[str, Any], vram_gb: float, ram_gb: float | None,
-                       fp8_storage: bool = False, lossy_sizes: dict[str, Any] | None = None) -> None:
+                       fp8_storage: bool = False, lossy_sizes: dict[str, Any] | None = None,
+                       exact_sizes: dict[str, Any] | None = None) -> None:
     """Before loading: raise ValueError when `offload_mode` cannot run with `vram_gb` of VRAM and `ram_gb` of
     available host RAM (None: not checked, no GPU), naming the machine's figures and the mode that would fit.
     Pure arithmetic on `sizes` (`budget_sizes_from_files`; `fp8_storage`: its float8 figures). `lossy_sizes`: the
-    float8 figures of a bf16 run, for the refusal to say what the lossy option needs (`fp8_storage_advice`)."""
+    float8 figures of a bf16 run, for the refusal to say what the lossy option needs (`fp8_storage_advice`);
+    `exact_sizes`: the bf16 figures of an fp8_storage run, for it to say what bf16 needs in the budget mode."""
     all_gb = weights_gb(sizes)
     minimum = budget_minimum_gb(sizes)
     machine = f"This machine: {vram_gb:.1f} GB of VRAM, {ram_gb or 0:.1f} GB of RAM available."
@@ -1632,8 +1641,11 @@ def check_machine_fits(offload_mode: str, sizes: dict[str, Any], vram_gb: float,
             plan_host_ram(plan_budget(vram_gb, image_tokens=BUDGET_DEFAULT_JOB_IMAGE_TOKENS, **sizes), sizes, ram_gb,
                           transformer_in_ram=fp8_storage)
         except ValueError as err:
+            exact = budget_minimum_ram_gb(exact_sizes, vram_gb) if exact_sizes else None
             raise ValueError(f"{machine} {err} {low_ram_advice(sizes, vram_gb, fp8_storage)}"
-                             f"{fp8_storage_advice(lossy_sizes, vram_gb, ram_gb)}") from None
+                             f"{fp8_storage_advice(lossy_sizes, vram_gb, ram_gb)}"
+                             + (f" Without --quantization (bf16, exact) the budget mode leaves the transformer in its "
+                                f"files and needs {exact:.1f} GB of RAM here." if exact is not None else "")) from None
     elif ram_gb is not None and offload_mode != "budget":
         try:
             check_host_ram(all_gb, ram_gb)
@@ -1655,6 +1667,27 @@ def check_machine_fits(offload_mode: str, sizes: dict[str, Any], vram_gb: float,
             plan_budget(vram_gb, image_tokens=BUDGET_DEFAULT_JOB_IMAGE_TOKENS, **sizes)  # raises naming the minimum and the fix
         except ValueError as err:
             raise ValueError(f"{err}{fp8_storage_advice(lossy_sizes, vram_gb, ram_gb)}") from None
+
+
+def fp8_storage_hint(sizes: dict[str, Any], lossy_sizes: dict[str, Any] | None, vram_gb: float,
+                     ram_gb: float) -> str | None:
+    """For a bf16 budget run that fits only by reading transformer blocks from disk at every call (16 GB of VRAM with
+    32 GB of RAM: 845 GB per image planned, 950 s measured): the lossy option's figures where it fits and reads
+    less (a log line at load; `auto` stays bf16). None where bf16 reads less than the weights' size per image."""
+    if lossy_sizes is None:
+        return None
+    try:
+        exact = plan_host_ram(plan_budget(vram_gb, image_tokens=BUDGET_DEFAULT_JOB_IMAGE_TOKENS, **sizes), sizes, ram_gb)
+        lossy = plan_host_ram(plan_budget(vram_gb, image_tokens=BUDGET_DEFAULT_JOB_IMAGE_TOKENS, **lossy_sizes),
+                              lossy_sizes, ram_gb, transformer_in_ram=True)
+    except ValueError:
+        return None
+    if exact.disk_read_gb_per_image <= weights_gb(sizes):
+        return None
+    return (f"Low RAM: bf16 reads up to {exact.disk_read_gb_per_image:.0f} GB from disk per image here (transformer "
+            f"blocks at every call). The opt-in lossy option --quantization fp8_storage (LOSSY: the transformer in "
+            f"float8, {lossy.pinned_gb:.1f} GB page-locked) fits this machine and reads up to "
+            f"{lossy.disk_read_gb_per_image:.0f} GB per image.")
 
 
 def fp8_storage_advice(lossy_sizes: dict[str, Any] | None, vram_gb: float, ram_gb: float | None) -> str:

@@ -66,6 +66,21 @@ def test_fp8_never_leaves_transformer_blocks_in_the_files_it_refuses_with_the_fi
     assert app.budget_minimum_ram_gb(FP8, 23.0, fp8_storage=True) == 25.5  # 25.05 up to the planner's 0.5 GB step
 
 
+def test_an_fp8_refusal_says_what_bf16_needs_and_a_disk_bound_bf16_plan_names_fp8():
+    # 24 GB of VRAM, 24 GB of RAM: fp8 needs 25.05 GB (above); bf16 fits from 6 GB: 4 for the system and 2 of page
+    # cache, every block in the files: 34 streamed at the default job x 0.633 GB x 100 calls + 26 resident + the text
+    # encoder = 2,184 GB from disk per image, under the 2,500 GB limit.
+    assert 34 * 0.633 * 100 + 26 * 0.633 + REAL["other_transformer_gb"] + REAL["text_encoder_gb"] < 2500
+    with pytest.raises(ValueError, match=r"Without --quantization \(bf16, exact\) the budget mode leaves the "
+                                         r"transformer in its files and needs 6\.0 GB of RAM here\."):
+        app.check_machine_fits("budget", FP8, vram_gb=23.0, ram_gb=24.0, fp8_storage=True, exact_sizes=REAL)
+    # 16 GB / 32 GB in bf16 reads blocks at every call (845 GB per image): the load log names fp8's figures.
+    hint = app.fp8_storage_hint(REAL, FP8, 15.0, 29.4)
+    assert "--quantization fp8_storage (LOSSY" in hint
+    assert f"reads up to {REAL['text_encoder_gb'] - 5 * REAL['text_layer_gb']:.0f} GB per image" in hint  # 13 GB
+    assert app.fp8_storage_hint(REAL, FP8, 23.0, 29.4) is None  # 24 / 32: bf16 reads 31 GB, less than its weights
+
+
 def test_the_fp8_sizes_read_from_the_files_are_those_of_the_cast_model(models_dir):
     pipe = app.load_pipeline(demo_settings(models_dir, quantization="fp8_storage"))
     path = pipe._studio_info["model_path"]
@@ -78,7 +93,7 @@ def test_the_fp8_sizes_read_from_the_files_are_those_of_the_cast_model(models_di
         assert from_files[key] == pytest.approx(value, abs=2**-20), key
     bf16 = app.budget_sizes_from_files(path, 4)
     assert from_files["block_gb"] < bf16["block_gb"] / 3  # float32 -> float8, the norms excepted
-    assert app.planner_sizes(path, 4, "fp8_storage") == (from_files, None)
+    assert app.planner_sizes(path, 4, "fp8_storage") == (from_files, bf16)  # bf16's, for an fp8 refusal's advice
     assert app.planner_sizes(path, 4, None) == (bf16, from_files)  # the lossy figures, for a bf16 refusal's advice
 
 
@@ -121,6 +136,7 @@ def test_too_little_ram_for_fp8_exits_2_naming_the_float8_transformer(models_dir
     assert code == 2 and "Traceback" not in err and not (tmp_path / "o").exists()
     assert "Not enough host RAM for --quantization fp8_storage in the budget mode" in err
     assert "The budget mode with --quantization fp8_storage (LOSSY: the transformer in float8, held in RAM)" in err
+    assert "Without --quantization (bf16, exact) the budget mode leaves the transformer in its files and needs" in err
 
 
 def test_fp8_budget_with_little_ram_gives_the_layers_of_fp8_off_and_reads_the_text_encoder_from_its_files(
