@@ -978,8 +978,11 @@ def fp8_storage_element_sizes(model_path: Path | str) -> dict[str, int]:
     import diffusers
 
     folder = Path(model_path) / "transformer"
-    config = json.loads((folder / "config.json").read_text())
-    model_class = getattr(diffusers, config["_class_name"])
+    name = json.loads((folder / "config.json").read_text()).get("_class_name")
+    model_class = getattr(diffusers, str(name), None)
+    if not (isinstance(model_class, type) and issubclass(model_class, diffusers.ModelMixin)):
+        raise ValueError(f"{folder / 'config.json'} names no diffusers model class ({name!r}): --quantization "
+                         f"fp8_storage cannot size its float8 weights; pass the folder of a diffusers pipeline")
     with torch.device("meta"):
         transformer = model_class.from_config(model_class.load_config(folder))
     apply_fp8_storage(transformer)
@@ -1002,8 +1005,13 @@ def planner_sizes(model_path: Path | str, element_size: int, quantization: str |
     sizes = budget_sizes_from_files(model_path, element_size)
     if sizes is None or quantization not in (None, "fp8_storage"):
         return sizes, None
-    lossy = budget_sizes_from_files(model_path, element_size, fp8_storage_element_sizes(model_path))
-    return (lossy, sizes) if quantization == "fp8_storage" else (sizes, lossy)
+    if quantization == "fp8_storage":
+        return budget_sizes_from_files(model_path, element_size, fp8_storage_element_sizes(model_path)), sizes
+    try:  # only for a refusal's advice: never a reason for a bf16 load to fail
+        return sizes, budget_sizes_from_files(model_path, element_size, fp8_storage_element_sizes(model_path))
+    except (OSError, ValueError) as err:
+        logger.info("The lossy option's sizes could not be read (%s): refusals will not name its figures.", err)
+        return sizes, None
 
 
 def apply_memory_optimizations(pipe, settings: Settings, offload_mode: str) -> list[str]:

@@ -172,3 +172,18 @@ def test_fp8_budget_with_little_ram_gives_the_layers_of_fp8_off_and_reads_the_te
     paths = app.save_run(result, tmp_path, app.run_info_for(reference_pipe, {}))
     params = json.loads(paths["params"].read_text())
     assert params["lossy"] is True and any("LOSSY" in name for name in params["optimizations"])
+
+
+def test_a_transformer_config_naming_no_diffusers_model_is_refused_for_fp8_and_only_drops_the_advice_for_bf16(
+        models_dir, tmp_path):
+    import shutil
+
+    folder = tmp_path / "pipe"
+    shutil.copytree(app.get_model_path(demo_settings(models_dir)), folder)
+    config = folder / "transformer" / "config.json"
+    for name in ("os", "NoSuchModel", None):  # a module attribute that is no model class, an unknown name, none
+        config.write_text(json.dumps(dict(json.loads(config.read_text()), _class_name=name)))
+        with pytest.raises(ValueError, match=r"names no diffusers model class .*: --quantization fp8_storage cannot"):
+            app.planner_sizes(folder, 4, "fp8_storage")
+        sizes, lossy = app.planner_sizes(folder, 4, None)
+        assert sizes == app.budget_sizes_from_files(folder, 4) and lossy is None
