@@ -16,6 +16,8 @@ PROJECTION for a desktop: disk reads at 7 GB/s instead of the rate measured here
 ~25 GB/s instead of the H200 host's ~54 GB/s (compute as measured here: a 4090 computes ~3-4x slower).
 
     PYTHONUNBUFFERED=1 python bench/bench_low_ram.py --pipe /root/pipe --out $OUT/low_ram.json --rows 24x32,16x32 --steps 2
+    # the opt-in LOSSY weights (issue 12): the same rows through `--quantization fp8_storage`, keyed apart in machines.json
+    PYTHONUNBUFFERED=1 python bench/bench_low_ram.py --pipe /root/pipe --out $OUT/lossy.json --quantization fp8_storage
     python bench/bench_low_ram.py --tiny --pipe /tmp/low_ram_pipe --out /tmp/low_ram_tiny.json   # CPU, the script only
     python bench/bench_low_ram.py --merge low_ram.json --into bench/results/machines.json        # rows into the table
 """
@@ -33,6 +35,17 @@ ROOT = Path(__file__).resolve().parent.parent
 GIB = 2**30
 # Desktop figures for the projection (not measured here): a PCIe 4 x16 card's copies and a fast NVMe's reads.
 DESKTOP_PCIE_GB_S, DESKTOP_DISK_GB_S, HOST_PCIE_GB_S = 25.0, 7.0, 54.0
+
+
+def row_key(quantization: str | None) -> dict:
+    """What tells a row's weight format apart in machines.json: bf16 rows carry quantization None, lossy: false."""
+    return dict(quantization=quantization, lossy=quantization is not None)
+
+
+def rss_anon_gb() -> float:
+    """This process's anonymous memory (what a cgroup cannot reclaim; page cache excluded), GiB."""
+    with open("/proc/self/status") as f:
+        return int(dict(line.split(":", 1) for line in f.read().splitlines())["RssAnon"].split()[0]) / 2**20
 
 
 def read_bytes() -> int:
@@ -111,7 +124,8 @@ def run_row(args) -> dict:
     vram_gb, ram_gb = (float(x) for x in args.row.split("x"))
     cuda = torch.cuda.is_available()
     cap_gb, budget_gb = vram_gb - 0.5, vram_gb - 1.0  # as bench_machines: 24 -> cap 23.5, budget 23
-    row = dict(vram_gb=vram_gb, ram_gb=ram_gb, cap_gb=cap_gb, vram_budget_gb=budget_gb, os_ballast_gb=args.os_gb,
+    row = dict(vram_gb=vram_gb, ram_gb=ram_gb, **row_key(args.quantization), cap_gb=cap_gb, vram_budget_gb=budget_gb,
+               os_ballast_gb=args.os_gb,
                card=torch.cuda.get_device_name(0) if cuda else "cpu",
                versions=dict(torch=torch.__version__, diffusers=app._version("diffusers"),
                              transformers=app._version("transformers"), safetensors=app._version("safetensors")),
@@ -133,10 +147,12 @@ def run_row(args) -> dict:
         start = time.perf_counter()
         # No warm-up at load (ENABLE_WARM_UP): here it would be a second image's disk reads inside load_s.
         settings = app.Settings(model=str(args.pipe), offload="auto" if cuda else "budget",
-                                vram_budget_gb=budget_gb if cuda else None, first_block_cache=False, warm_up=False)
+                                vram_budget_gb=budget_gb if cuda else None, first_block_cache=False, warm_up=False,
+                                quantization=args.quantization)
         pipe = app.load_pipeline(settings)
         row.update(load_s=round(time.perf_counter() - start, 2), mode=pipe._studio_info["offload_mode"],
-                   applied=pipe._studio_info["optimizations"])
+                   applied=pipe._studio_info["optimizations"], lossy=pipe._studio_info["lossy"],
+                   rss_anon_loaded_gb=round(rss_anon_gb(), 2))
         marks["loaded"] = read_bytes()
         if not args.tiny:
             pipe.tokenizer, pipe.processor = bench_machines.word_level_processor()
@@ -268,6 +284,8 @@ def main(argv=None) -> int:
     parser.add_argument("--os-gb", type=float, default=2.0, help="RAM a desktop uses besides the app (ballast)")
     parser.add_argument("--deadline-s", type=float, default=1e9, help="start no row after this many seconds")
     parser.add_argument("--tiny", action="store_true", help="the demo pipeline on the CPU: checks the script only")
+    parser.add_argument("--quantization", choices=["fp8_storage"], default=None,
+                        help="the opt-in LOSSY weights, as the app's --quantization (rows keyed quantization/lossy)")
     parser.add_argument("--merge", type=Path, help="merge this output's rows into --into (machines.json)")
     parser.add_argument("--into", type=Path)
     parser.add_argument("--row", help=argparse.SUPPRESS)  # child: run this row
@@ -287,6 +305,7 @@ def main(argv=None) -> int:
 
     start = time.perf_counter()
     results = dict(command="python " + " ".join([sys.argv[0], *(argv if argv is not None else sys.argv[1:])]),
+                   **row_key(args.quantization),
                    weights="random, full size (bench_24gb.build_models), save_pretrained to disk" if not args.tiny
                    else "the tiny demo pipeline", rows=[])
 
@@ -307,7 +326,8 @@ def main(argv=None) -> int:
     print(json.dumps(results), flush=True)
     for spec in args.rows.split(","):
         if time.perf_counter() - start > args.deadline_s:
-            results["rows"].append(dict(row=spec, skipped=f"past --deadline-s {args.deadline_s:g}"))
+            results["rows"].append(dict(row=spec, **row_key(args.quantization),
+                                        skipped=f"past --deadline-s {args.deadline_s:g}"))
             save()
             break
         ram_gb = float(spec.split("x")[1])
@@ -319,13 +339,15 @@ def main(argv=None) -> int:
                 (Path("/sys/fs/cgroup") / name / "cgroup.procs").write_text(f"{os.getpid()}\n")
 
         child = [*me, "--row", spec, "--pipe", str(args.pipe), "--steps", str(args.steps), "--os-gb", str(args.os_gb),
+                 *(["--quantization", args.quantization] if args.quantization else []),
                  *(["--cgroup", name] if name else []), *(["--tiny"] if args.tiny else []),
                  *(["--disk-gb-s", str(results["disk_read_gb_s"])] if results["disk_read_gb_s"] else [])]
         t = time.perf_counter()
         proc = subprocess.run(child, preexec_fn=join_cgroup, capture_output=True, text=True)
         sys.stderr.write(proc.stderr[-6000:])
         rows = [json.loads(line[4:]) for line in proc.stdout.splitlines() if line.startswith("ROW ")]
-        row = rows[0] if rows else dict(vram_gb=float(spec.split("x")[0]), ram_gb=ram_gb, ok=False,
+        row = rows[0] if rows else dict(vram_gb=float(spec.split("x")[0]), ram_gb=ram_gb, **row_key(args.quantization),
+                                        ok=False,
                                         error=f"the row's process ended with code {proc.returncode} (137: killed, "
                                               f"e.g. by the cgroup's memory.max)", stderr_tail=proc.stderr[-1500:])
         row.update(ram_limit=limit, page_cache=cache, process_s=round(time.perf_counter() - t, 1))
@@ -338,16 +360,21 @@ def main(argv=None) -> int:
 
 
 def merge(source: Path, into: Path) -> int:
-    """Put `source`'s rows into machines.json (rows of the same VRAM and RAM replaced, the others kept)."""
+    """Put `source`'s rows into machines.json (rows of the same VRAM, RAM and weight format replaced, the others
+    kept; a lossy row never replaces a bf16 one)."""
     new, table = json.loads(source.read_text()), json.loads(into.read_text())
-    keys = {(r["vram_gb"], r["ram_gb"]) for r in new["rows"] if "vram_gb" in r}
+
+    def key(r: dict) -> tuple:
+        return r["vram_gb"], r["ram_gb"], r.get("quantization")
+
+    keys = {key(r) for r in new["rows"] if "vram_gb" in r}
     reference = table.get("reference_whole_image_s")
     for row in new["rows"]:
         if reference and row.get("ok"):
             row["vs_reference"] = round(row["whole_image_s"] / reference, 3)
         row["source"] = dict(command=new["command"], card=new.get("card"), weights=new["weights"],
                              disk_read_gb_s=new.get("disk_read_gb_s"), save_pretrained_s=new.get("save_pretrained_s"))
-    table["rows"] = [r for r in table["rows"] if (r["vram_gb"], r["ram_gb"]) not in keys] + new["rows"]
+    table["rows"] = [r for r in table["rows"] if key(r) not in keys] + new["rows"]
     table.setdefault("commands", [table["command"]])
     if new["command"] not in table["commands"]:
         table["commands"].append(new["command"])

@@ -1001,6 +1001,62 @@ def eager_caption_decode(text_encoder) -> None:
     config.cache_implementation = config.max_cache_len = config.compile_config = None
 
 
+def apply_fp8_storage(transformer: torch.nn.Module) -> None:
+    """--quantization fp8_storage (LOSSY): diffusers' layerwise casting stores the transformer's Linear weights in
+    float8 and casts each layer to the compute dtype for its own forward. What it skips (norms, positional embedding,
+    proj_out, the model's `_skip_layerwise_casting_patterns`: 0.04 GB of the real model) keeps the loaded dtype.
+
+    It casts leaf by leaf: each layer's float8 copy is made from the bf16 weights that from_pretrained left as views of
+    the mapped safetensors files, so loading holds the float8 transformer (19 GB) in anonymous RAM and the bf16 one
+    (38 GB) only as page cache, which the OS evicts as it goes (measured on the CPU: todo/optimize4090.md).
+    """
+    transformer.enable_layerwise_casting(storage_dtype=torch.float8_e4m3fn, compute_dtype=transformer.dtype)
+
+
+def fp8_storage_element_sizes(model_path: Path | str) -> dict[str, int]:
+    """Bytes per element of each transformer weight that fp8_storage stores in float8, by name (the others keep the
+    loaded dtype), for the planner before loading (`budget_sizes_from_files`). The cast's own rule decides: the
+    transformer is built from its config on the meta device (no memory; 0.3 s for the real one) and cast as
+    `apply_fp8_storage` does."""
+    import diffusers
+
+    folder = Path(model_path) / "transformer"
+    name = json.loads((folder / "config.json").read_text()).get("_class_name")
+    model_class = getattr(diffusers, str(name), None)
+    if not (isinstance(model_class, type) and issubclass(model_class, diffusers.ModelMixin)):
+        raise ValueError(f"{folder / 'config.json'} names no diffusers model class ({name!r}): --quantization "
+                         f"fp8_storage cannot size its float8 weights; pass the folder of a diffusers pipeline")
+    with torch.device("meta"):
+        transformer = model_class.from_config(model_class.load_config(folder))
+    apply_fp8_storage(transformer)
+    return {name: t.element_size() for name, t in itertools.chain(transformer.named_parameters(),
+                                                                   transformer.named_buffers())
+            if t.dtype == torch.float8_e4m3fn}
+
+
+def fp8_stored(transformer: torch.nn.Module) -> bool:
+    """Whether `apply_fp8_storage` cast this transformer (its weights are then float8 copies in RAM, not file views)."""
+    return any(p.dtype == torch.float8_e4m3fn for p in transformer.parameters())
+
+
+def planner_sizes(model_path: Path | str, element_size: int, quantization: str | None
+                  ) -> tuple[dict[str, Any] | None, dict[str, Any] | None]:
+    """The sizes `load_pipeline` checks the machine with before loading (`budget_sizes_from_files`): (the weights as
+    they will be held, fp8_storage's float8 figures for it; for a bf16 run the float8 figures too, so that a refusal
+    says what the lossy option needs; for an fp8_storage run the bf16 ones, to say what bf16 needs; else None).
+    (None, None) where the files cannot say."""
+    sizes = budget_sizes_from_files(model_path, element_size)
+    if sizes is None or quantization not in (None, "fp8_storage"):
+        return sizes, None
+    if quantization == "fp8_storage":
+        return budget_sizes_from_files(model_path, element_size, fp8_storage_element_sizes(model_path)), sizes
+    try:  # only for a refusal's advice: never a reason for a bf16 load to fail
+        return sizes, budget_sizes_from_files(model_path, element_size, fp8_storage_element_sizes(model_path))
+    except (OSError, ValueError) as err:
+        logger.info("The lossy option's sizes could not be read (%s): refusals will not name its figures.", err)
+        return sizes, None
+
+
 def apply_memory_optimizations(pipe, settings: Settings, offload_mode: str) -> list[str]:
     """Apply offload, VAE, cache and attention features, one line each; return what was applied by name.
 
@@ -1012,7 +1068,7 @@ def apply_memory_optimizations(pipe, settings: Settings, offload_mode: str) -> l
 
     # 1. Weight storage (before offloading, so offload hooks move the smaller tensors).
     if settings.quantization == "fp8_storage":
-        pipe.transformer.enable_layerwise_casting(storage_dtype=torch.float8_e4m3fn, compute_dtype=pipe.transformer.dtype)
+        apply_fp8_storage(pipe.transformer)
         applied.append("fp8_storage (LOSSY: transformer weights stored in float8)")
     elif settings.quantization in LOSSY_COMPUTE_MODES:
         capability = torch.cuda.get_device_capability() if on_cuda else None
@@ -1132,7 +1188,8 @@ def load_pipeline(settings: Settings, spec: ModelSpec = LAYERED_MODEL):
     # 3. Pick the offload mode from what this machine has (the VRAM `--vram-budget` names, else the GPU's free
     #    memory), and say before loading when it cannot fit, with the figures and what would (ValueError).
     vram_gb = default_vram_budget_gb(settings) if cuda else None
-    sizes = budget_sizes_from_files(model_path, torch.finfo(dtype).bits // 8)
+    sizes, other_sizes = planner_sizes(model_path, torch.finfo(dtype).bits // 8, settings.quantization)
+    fp8_storage = settings.quantization == "fp8_storage"
     offload_mode = resolve_offload_mode(settings.offload, cuda, vram_gb,
                                         budget_minimum_gb(sizes) if sizes else BUDGET_AUTO_MIN_VRAM_GB)
     #    Several GPUs of one machine (section 4c): each rank loads its own pipeline at the same time, so each plans
@@ -1141,12 +1198,18 @@ def load_pipeline(settings: Settings, spec: ModelSpec = LAYERED_MODEL):
               else available_ram_gb() / ranks_on_this_machine())
     if sizes is not None and (cuda or offload_mode == "budget"):
         try:
-            check_machine_fits(offload_mode, sizes, vram_gb if cuda else default_vram_budget_gb(settings), ram_gb=ram_gb)
+            check_machine_fits(offload_mode, sizes, vram_gb if cuda else default_vram_budget_gb(settings), ram_gb=ram_gb,
+                               fp8_storage=fp8_storage, lossy_sizes=None if fp8_storage else other_sizes,
+                               exact_sizes=other_sizes if fp8_storage else None)
         except ValueError as err:
             if ranks_on_this_machine() == 1:
                 raise
             raise ValueError(f"{ranks_on_this_machine()} GPUs of this machine each load the pipeline, so each has 1/"
                              f"{ranks_on_this_machine()} of its RAM. {err}") from None
+        hint = None if fp8_storage or offload_mode != "budget" else fp8_storage_hint(
+            sizes, other_sizes, vram_gb if cuda else default_vram_budget_gb(settings), ram_gb)
+        if hint:  # bf16 fits by reading blocks from disk at every call: say what the lossy option would do
+            logger.warning(hint)
     if offload_mode == "budget":  # the RAM measured before loading: the budget mode plans its host copies in it
         settings = dataclasses.replace(settings, ram_budget_gb=ram_gb)
     setup_cuda_optimizations()
@@ -1164,7 +1227,8 @@ def load_pipeline(settings: Settings, spec: ModelSpec = LAYERED_MODEL):
             applied.append("compile_cache_saved")  # the next start loads it (`load_compile_cache`)
     # Attach what the run folders record.
     pipe._studio_info = dict(model_path=str(model_path), offload_mode=offload_mode, dtype=str(dtype).replace("torch.", ""),
-                             optimizations=applied, demo=is_demo_model(model_path))
+                             optimizations=applied, demo=is_demo_model(model_path),
+                             lossy=any("LOSSY" in name for name in applied))
     logger.info("Loaded %s in %.1f s (offload=%s, dtype=%s)", model_path, time.perf_counter() - start, offload_mode, dtype)
     for name in applied:
         logger.info("  applied: %s", name)
@@ -1401,10 +1465,12 @@ class HostRamPlan:
 
 
 def plan_host_ram(plan: BudgetPlan, sizes: dict[str, Any], ram_gb: float,
-                  forwards: int = BUDGET_FORWARDS_PER_IMAGE) -> HostRamPlan:
+                  forwards: int = BUDGET_FORWARDS_PER_IMAGE, transformer_in_ram: bool = False) -> HostRamPlan:
     """Which weights get a page-locked host copy within `ram_gb` of host RAM (see HostRamPlan). Pure arithmetic on
     `plan` (the default job's) and `sizes` (`budget_sizes`). Raises ValueError naming the figures when the text
-    encoder's streamed layers do not fit, or when the disk would read more than BUDGET_MAX_DISK_READ_GB_PER_IMAGE."""
+    encoder's streamed layers do not fit, or when the disk would read more than BUDGET_MAX_DISK_READ_GB_PER_IMAGE.
+    `transformer_in_ram` (fp8_storage; `sizes` then hold its float8 figures): the whole transformer is page-locked,
+    or the machine refused; see `fp8_storage_host_ram`."""
     if not ram_gb > 0:  # NaN too
         raise ValueError(f"--ram-budget {ram_gb} GB: pass a positive number of GB (the host RAM the app may use)")
     blocks = range(sizes["num_blocks"])
@@ -1427,11 +1493,13 @@ def plan_host_ram(plan: BudgetPlan, sizes: dict[str, Any], ram_gb: float,
             f"of page cache{streamed}) and {ram_gb:.1f} GB is available.")
     # 2. Then the blocks streamed at the default job (every call), the resident ones and the rest (once per image).
     pinned_blocks = []
-    for index in [*plan.streamed_blocks, *plan.resident_blocks]:
+    for index in [] if transformer_in_ram else [*plan.streamed_blocks, *plan.resident_blocks]:
         if block_gb <= left:
             pinned_blocks.append(index)
             left -= block_gb
-    pin_rest = sizes["other_transformer_gb"] <= left
+    if transformer_in_ram:
+        pinned_blocks, left = fp8_storage_host_ram(plan, sizes, ram_gb, left, text_streamed)
+    pin_rest = transformer_in_ram or sizes["other_transformer_gb"] <= left
     left -= sizes["other_transformer_gb"] if pin_rest else 0.0
     pin_text = text_rest_gb <= left
     # 3. What is read from the files per image: each copy of an unpinned weight, at worst from disk.
@@ -1451,9 +1519,37 @@ def plan_host_ram(plan: BudgetPlan, sizes: dict[str, Any], ram_gb: float,
                        file_gb, disk_gb)
 
 
-def budget_minimum_ram_gb(sizes: dict[str, Any], vram_gb: float) -> float | None:
+def fp8_storage_host_ram(plan: BudgetPlan, sizes: dict[str, Any], ram_gb: float, left: float,
+                         text_streamed: tuple[int, ...]) -> tuple[list[int], float]:
+    """`plan_host_ram`'s step for --quantization fp8_storage: every transformer block page-locked; returns (the blocks,
+    the RAM left for the text encoder). Raises ValueError naming the figures when the transformer does not fit.
+
+    The float8 copies are made in RAM when the model loads (`apply_fp8_storage`) and no file holds them: unlike bf16
+    weights they cannot be left in the files and read back, so the transformer (19.0 GB for the real model, every
+    block at 1 byte a weight, its norms and proj_out in bf16) must fit whole; page-locking it costs no more RAM.
+    Where the text encoder lives at 32 GB (29.4 GB available, measured, with a desktop's 2 GB): 29.4 - 4 (system)
+    - 2 (page cache) - 19.0 leaves 4.4 GB, and its bf16 weights are 15.4 GB, so it stays in the weight files and is
+    read through the page cache (at worst 15.4 GB from disk per caption: ~2 s at 7 GB/s, 12 s at this H200 host's
+    1.3 GB/s), exact. Its language layers in float8 instead (12.2 GB -> 6.1 GB; with its bf16 rest 9.4 GB) would not
+    fit either (19.0 + 9.4 > 23.4), would cast every layer back to bf16 for every caption token (18 GB of GPU memory
+    traffic a token, 512 tokens: ~9 s on a 4090's ~1 TB/s, against one ~2 s read from a desktop NVMe) and would make
+    the caption lossy: not offered.
+    """
+    held = sizes["num_blocks"] * sizes["block_gb"] + sizes["other_transformer_gb"]
+    if held > left:
+        streamed = (f", the text encoder's {len(text_streamed)} streamed layers "
+                    f"{len(text_streamed) * sizes.get('text_layer_gb', 0.0):.1f} GB" if text_streamed else "")
+        raise ValueError(
+            f"Not enough host RAM for --quantization fp8_storage in the budget mode at {plan.vram_budget_gb:g} GB of "
+            f"VRAM: its transformer is held in RAM in float8 ({held:.1f} GB; no file holds those copies), so it needs "
+            f"at least {ram_gb - left + held:.1f} GB ({BUDGET_HOST_RAM_RESERVE_GB:g} GB for the system, "
+            f"{BUDGET_PAGE_CACHE_MIN_GB:g} GB of page cache{streamed}) and {ram_gb:.1f} GB is available.")
+    return list(range(sizes["num_blocks"])), left - held
+
+
+def budget_minimum_ram_gb(sizes: dict[str, Any], vram_gb: float, fp8_storage: bool = False) -> float | None:
     """The least host RAM (GiB, in steps of 0.5) the budget mode accepts at `vram_gb` (`plan_host_ram`) for the
-    default job; None when `vram_gb` is too small for it."""
+    default job; None when `vram_gb` is too small for it. `fp8_storage`: `sizes` are its float8 figures."""
     try:
         plan = plan_budget(vram_gb, image_tokens=BUDGET_DEFAULT_JOB_IMAGE_TOKENS, **sizes)
     except ValueError:
@@ -1461,7 +1557,7 @@ def budget_minimum_ram_gb(sizes: dict[str, Any], vram_gb: float) -> float | None
     ram = BUDGET_HOST_RAM_RESERVE_GB
     while True:
         try:
-            plan_host_ram(plan, sizes, ram)
+            plan_host_ram(plan, sizes, ram, transformer_in_ram=fp8_storage)
             return ram
         except ValueError:
             ram += 0.5
@@ -1478,9 +1574,11 @@ def budget_sizes(transformer: torch.nn.Module, text_encoder: torch.nn.Module, va
                 text_vision_gb=_module_gb(vision), text_embed_gb=_module_gb(embed))
 
 
-def budget_sizes_from_files(model_path: Path | str, element_size: int) -> dict[str, Any] | None:
+def budget_sizes_from_files(model_path: Path | str, element_size: int,
+                            stored: dict[str, int] | None = None) -> dict[str, Any] | None:
     """The same sizes read from the safetensors headers of a diffusers folder (no weights loaded), for weights held
-    in a dtype of `element_size` bytes. None when a model's files are missing (the loader will say so)."""
+    in a dtype of `element_size` bytes; `stored`: the transformer weights held in another, {name: bytes per element}
+    (fp8_storage: `fp8_storage_element_sizes`). None when a model's files are missing (the loader will say so)."""
     from safetensors import safe_open
 
     numels: dict[str, dict] = {"transformer": collections.Counter(), "text_encoder": collections.Counter(),
@@ -1492,7 +1590,8 @@ def budget_sizes_from_files(model_path: Path | str, element_size: int) -> dict[s
         for file in files:
             with safe_open(file, framework="pt") as f:
                 for name in f.keys():
-                    numel = math.prod(f.get_slice(name).get_shape())
+                    numel = math.prod(f.get_slice(name).get_shape()) * (
+                        (stored or {}).get(name, element_size) if model == "transformer" else element_size)  # bytes
                     if model == "transformer":
                         block = re.match(r"transformer_blocks\.(\d+)\.", name)
                         counter[f"block{block[1]}" if block else "other"] += numel
@@ -1503,7 +1602,7 @@ def budget_sizes_from_files(model_path: Path | str, element_size: int) -> dict[s
                         counter[part] += numel
                     else:
                         counter["vae"] += numel
-    gb = element_size / GIB
+    gb = 1 / GIB
     blocks = [v for k, v in numels["transformer"].items() if k.startswith("block")]
     layers = [v for k, v in numels["text_encoder"].items() if k.startswith("layer")]
     if not blocks or not layers:  # not the Qwen-Image layout: nothing to plan from (the loader says what is wrong)
@@ -1568,30 +1667,39 @@ def check_host_ram(needed_gb: float, available_gb: float | None = None) -> None:
             f"not fit from the weight files.")
 
 
-def low_ram_advice(sizes: dict[str, Any], vram_gb: float) -> str:
-    """What each mode needs in host RAM, for a machine the budget mode refuses (`check_machine_fits`)."""
+def low_ram_advice(sizes: dict[str, Any], vram_gb: float, fp8_storage: bool = False) -> str:
+    """What each mode needs in host RAM, for a machine the budget mode refuses (`check_machine_fits`).
+    `fp8_storage`: `sizes` are its float8 figures (the transformer held in RAM)."""
     all_gb = weights_gb(sizes)
-    here, at_24 = budget_minimum_ram_gb(sizes, vram_gb), budget_minimum_ram_gb(sizes, 23.0)
+    here, at_24 = budget_minimum_ram_gb(sizes, vram_gb, fp8_storage), budget_minimum_ram_gb(sizes, 23.0, fp8_storage)
     needs = f"at {vram_gb:.1f} GB of VRAM it needs {here:.1f} GB of RAM available" if here is not None else ""
-    return (f"The budget mode reads what does not fit in RAM from the weight files: {needs}"
+    lossy = " with --quantization fp8_storage (LOSSY: the transformer in float8, held in RAM)" if fp8_storage else ""
+    return (f"The budget mode{lossy} reads what does not fit in RAM from the weight files: {needs}"
             f"{'; ' if needs else ''}with a 24 GB card {at_24:.1f} GB; every other mode keeps all the weights in RAM "
-            f"({all_gb + BUDGET_HOST_RAM_RESERVE_GB:.1f} GB). The lossy option, --quantization fp8_storage, "
-            f"stores the transformer in float8 (half its {sizes['num_blocks'] * sizes['block_gb']:.0f} GB, held in "
-            f"RAM after the cast) and keeps the text encoder in bf16; it is not planned by this check.")
+            f"({all_gb + BUDGET_HOST_RAM_RESERVE_GB:.1f} GB).")
 
 
-def check_machine_fits(offload_mode: str, sizes: dict[str, Any], vram_gb: float, ram_gb: float | None) -> None:
+def check_machine_fits(offload_mode: str, sizes: dict[str, Any], vram_gb: float, ram_gb: float | None,
+                       fp8_storage: bool = False, lossy_sizes: dict[str, Any] | None = None,
+                       exact_sizes: dict[str, Any] | None = None) -> None:
     """Before loading: raise ValueError when `offload_mode` cannot run with `vram_gb` of VRAM and `ram_gb` of
     available host RAM (None: not checked, no GPU), naming the machine's figures and the mode that would fit.
-    Pure arithmetic on `sizes` (`budget_sizes_from_files`)."""
+    Pure arithmetic on `sizes` (`budget_sizes_from_files`; `fp8_storage`: its float8 figures). `lossy_sizes`: the
+    float8 figures of a bf16 run, for the refusal to say what the lossy option needs (`fp8_storage_advice`);
+    `exact_sizes`: the bf16 figures of an fp8_storage run, for it to say what bf16 needs in the budget mode."""
     all_gb = weights_gb(sizes)
     minimum = budget_minimum_gb(sizes)
     machine = f"This machine: {vram_gb:.1f} GB of VRAM, {ram_gb or 0:.1f} GB of RAM available."
     if ram_gb is not None and offload_mode == "budget" and vram_gb >= minimum:
         try:  # with less RAM than the weights, it keeps what moves most in RAM and reads the rest from the files
-            plan_host_ram(plan_budget(vram_gb, image_tokens=BUDGET_DEFAULT_JOB_IMAGE_TOKENS, **sizes), sizes, ram_gb)
+            plan_host_ram(plan_budget(vram_gb, image_tokens=BUDGET_DEFAULT_JOB_IMAGE_TOKENS, **sizes), sizes, ram_gb,
+                          transformer_in_ram=fp8_storage)
         except ValueError as err:
-            raise ValueError(f"{machine} {err} {low_ram_advice(sizes, vram_gb)}") from None
+            exact = budget_minimum_ram_gb(exact_sizes, vram_gb) if exact_sizes else None
+            raise ValueError(f"{machine} {err} {low_ram_advice(sizes, vram_gb, fp8_storage)}"
+                             f"{fp8_storage_advice(lossy_sizes, vram_gb, ram_gb)}"
+                             + (f" Without --quantization (bf16, exact) the budget mode leaves the transformer in its "
+                                f"files and needs {exact:.1f} GB of RAM here." if exact is not None else "")) from None
     elif ram_gb is not None and offload_mode != "budget":
         try:
             check_host_ram(all_gb, ram_gb)
@@ -1600,7 +1708,7 @@ def check_machine_fits(offload_mode: str, sizes: dict[str, Any], vram_gb: float,
             budget = (f"here it needs {low_ram:.1f} GB of RAM" if low_ram is not None
                       else f"it needs {minimum:.1f} GB of VRAM")
             raise ValueError(f"{machine} {err} (The budget mode: {budget}; the sequential mode ~1 GB of VRAM and "
-                             f"all the weights in RAM.)") from None
+                             f"all the weights in RAM.){fp8_storage_advice(lossy_sizes, vram_gb, ram_gb)}") from None
     largest = activation_gb(BUDGET_PLAN_IMAGE_TOKENS + BUDGET_PLAN_TEXT_TOKENS) + BUDGET_SAFETY_MARGIN_GB
     needs = {"off": all_gb + sizes["vae_gb"] + largest,
              "model": sizes["other_transformer_gb"] + sizes["num_blocks"] * sizes["block_gb"] + sizes["vae_gb"] + largest}
@@ -1609,7 +1717,48 @@ def check_machine_fits(offload_mode: str, sizes: dict[str, Any], vram_gb: float,
         raise ValueError(f"--offload {offload_mode} needs ~{needs[offload_mode]:.0f} GB of VRAM and this GPU has "
                          f"{vram_gb:.1f} GB: use --offload auto (here: {fits}).")
     if offload_mode == "budget":
-        plan_budget(vram_gb, image_tokens=BUDGET_DEFAULT_JOB_IMAGE_TOKENS, **sizes)  # raises naming the minimum and the fix
+        try:
+            plan_budget(vram_gb, image_tokens=BUDGET_DEFAULT_JOB_IMAGE_TOKENS, **sizes)  # raises naming the minimum and the fix
+        except ValueError as err:
+            raise ValueError(f"{err}{fp8_storage_advice(lossy_sizes, vram_gb, ram_gb)}") from None
+
+
+def fp8_storage_hint(sizes: dict[str, Any], lossy_sizes: dict[str, Any] | None, vram_gb: float,
+                     ram_gb: float) -> str | None:
+    """For a bf16 budget run that fits only by reading transformer blocks from disk at every call (16 GB of VRAM with
+    32 GB of RAM: 845 GB per image planned, 950 s measured): the lossy option's figures where it fits and reads
+    less (a log line at load; `auto` stays bf16). None where bf16 reads less than the weights' size per image."""
+    if lossy_sizes is None:
+        return None
+    try:
+        exact = plan_host_ram(plan_budget(vram_gb, image_tokens=BUDGET_DEFAULT_JOB_IMAGE_TOKENS, **sizes), sizes, ram_gb)
+        lossy = plan_host_ram(plan_budget(vram_gb, image_tokens=BUDGET_DEFAULT_JOB_IMAGE_TOKENS, **lossy_sizes),
+                              lossy_sizes, ram_gb, transformer_in_ram=True)
+    except ValueError:
+        return None
+    if exact.disk_read_gb_per_image <= weights_gb(sizes):
+        return None
+    return (f"Low RAM: bf16 reads up to {exact.disk_read_gb_per_image:.0f} GB from disk per image here (transformer "
+            f"blocks at every call). The opt-in lossy option --quantization fp8_storage (LOSSY: the transformer in "
+            f"float8, {lossy.pinned_gb:.1f} GB page-locked) fits this machine and reads up to "
+            f"{lossy.disk_read_gb_per_image:.0f} GB per image.")
+
+
+def fp8_storage_advice(lossy_sizes: dict[str, Any] | None, vram_gb: float, ram_gb: float | None) -> str:
+    """For a bf16 refusal (`check_machine_fits`): what the opt-in lossy format, --quantization fp8_storage, needs on
+    this machine (VRAM and RAM, the budget mode's figures with `lossy_sizes`, its float8 sizes) and whether it fits.
+    "" without `lossy_sizes`. `auto` never picks it: bf16 stays the default, exact."""
+    if lossy_sizes is None:
+        return ""
+    held = lossy_sizes["num_blocks"] * lossy_sizes["block_gb"] + lossy_sizes["other_transformer_gb"]
+    vram_needed = budget_minimum_gb(lossy_sizes)
+    ram_needed = budget_minimum_ram_gb(lossy_sizes, max(vram_gb, vram_needed), fp8_storage=True)
+    fits = vram_gb >= vram_needed and (ram_gb is None or ram_needed <= ram_gb)
+    at = f"at {vram_gb:.1f} GB of VRAM" if vram_gb >= vram_needed else f"at {vram_needed:.1f} GB of VRAM"
+    return (f" The lossy option, --quantization fp8_storage (LOSSY: the transformer stored in float8, {held:.1f} GB "
+            f"held in RAM; the text encoder stays bf16), needs at least {vram_needed:.1f} GB of VRAM and, {at}, "
+            f"{ram_needed:.1f} GB of RAM available: "
+            + ("it fits this machine (pass --quantization fp8_storage)." if fits else "it does not fit this machine either."))
 
 
 def _module_gb(*modules: torch.nn.Module) -> float:
@@ -1664,19 +1813,39 @@ def _host_copies(module: torch.nn.Module, on_cuda: bool, pin: set[int] | None = 
     #    copying when they come from host RAM (the old tensors are freed one by one: the weights never exist twice).
     from_gpu = any(t.is_cuda for t in tensors)
     locked = from_gpu and _page_lock(flat)
-    pairs = []
+    pairs, freed = [], 0
     for tensor, offset in zip(tensors, offsets):
         host = flat[offset : offset + tensor.numel() * tensor.element_size()].view(tensor.dtype).view(tensor.shape)
         host.copy_(tensor.data)
         tensor.data = host
         pairs.append((tensor, host))
+        freed += host.numel() * host.element_size()
+        if freed >= GIB and not from_gpu:  # fp8_storage's float8 copies go back to the system as they are copied
+            freed = release_freed_heap()
     if not from_gpu:
+        release_freed_heap()
         locked = _page_lock(flat)
     if locked:  # unlock before the memory goes back to the system
         weakref.finalize(flat, torch.cuda.cudart().cudaHostUnregister, flat.data_ptr())
     pairs += unpinned
     module._budget_host_copies = dict(pairs=pairs, flat=flat, locked=locked)
     return pairs
+
+
+def release_freed_heap() -> int:
+    """Give the C heap's freed pages back to the system (glibc's malloc_trim); returns 0 for `_host_copies`' count.
+
+    Why: fp8_storage's float8 copies (`apply_fp8_storage`) are made by malloc; those under glibc's mmap threshold (the
+    9 MB attention weights once the threshold has grown) live in the heap, and freeing them does not lower the
+    process's memory until the heap is trimmed. Measured on the CPU (bench/probe_fp8_load_ram.py, 8 blocks of the real
+    width): copying 2.6 GB of float8 weights into the page-locked buffer held 0.6 GB more anonymous RAM at the end
+    without a trim, none with one; for the real 19 GB transformer on a 32 GB machine that is ~4.4 GB that is not there.
+    A no-op off glibc (Windows, macOS, musl)."""
+    if sys.platform.startswith("linux") and platform.libc_ver()[0] == "glibc":
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    return 0
 
 
 class _BudgetStages:
@@ -1928,7 +2097,8 @@ def enable_budget_offload(pipe, vram_budget_gb: float, resident_blocks: int | No
 
     # 3. Each model's weights move into its host buffer (where host RAM is short, only those `plan_host_ram` picks:
     #    the others stay views of the weight files); the VAE stays on the GPU.
-    ram = plan_host_ram(default, sizes, float("inf") if host_ram_gb is None else host_ram_gb)
+    ram = plan_host_ram(default, sizes, float("inf") if host_ram_gb is None else host_ram_gb,
+                        transformer_in_ram=fp8_stored(transformer))
     transformer_pin = text_encoder_pin = None
     if ram.low_ram:
         layers = _text_encoder_parts(text_encoder)[0]

@@ -1,0 +1,189 @@
+"""The opt-in lossy weights on 32 GB machines (issue 12): --quantization fp8_storage planned by the budget mode's host
+RAM planner at its stored sizes (the transformer's Linear weights at 1 byte, held in RAM; the text encoder bf16, read
+from the files), the refusals that name its figures, and the engine's exactness under it on the demo pipeline.
+Planner figures are written out by hand from the real model's sizes; time and disk reads: bench/bench_low_ram.py
+--quantization fp8_storage."""
+
+import json
+import sys
+
+import pytest
+import torch
+
+import app
+from conftest import demo_settings
+from test_low_ram import _file_of, _mapped_files
+from test_small_cards import DEFAULT_JOB_TOKENS, REAL
+
+GIB = 2**30
+# The real transformer under fp8_storage (diffusers' layerwise casting, measured on the meta device): a block's
+# weights at 1 byte but its four 128-wide q/k RMSNorm weights in bf16 (2 bytes: +512 bytes); outside the blocks
+# norm_out.linear (6144 x 3072 + 6144), proj_out (64 x 3072 + 64) and txt_norm (3584) stay bf16, 19,080,768 weights,
+# the other 21,448,832 (img_in, txt_in, the timestep embedding) at 1 byte.
+BLOCK_FP8 = REAL["block_gb"] / 2 + 4 * 128 / GIB
+OTHER_FP8 = (19_080_768 * 2 + 21_448_832) / GIB
+FP8 = dict(REAL, block_gb=BLOCK_FP8, other_transformer_gb=OTHER_FP8)
+TRANSFORMER_FP8 = 60 * BLOCK_FP8 + OTHER_FP8  # 19.05 GB
+RESERVE = app.BUDGET_HOST_RAM_RESERVE_GB + app.BUDGET_PAGE_CACHE_MIN_GB  # 4 + 2
+
+
+def test_on_a_24_gb_card_with_32_gb_fp8_keeps_the_whole_transformer_in_ram_and_the_text_encoder_in_its_files():
+    plan = app.plan_budget(23.0, image_tokens=DEFAULT_JOB_TOKENS, **FP8)
+    # Resident blocks at the default job (640 px, 4 layers): 23 GB less the fixed part (the other weights, the VAE,
+    # activations of 9,600 + 600 tokens at 116 KB and 0.25 GB fixed, the 3 GB margin) and two blocks in flight.
+    fixed = OTHER_FP8 + REAL["vae_gb"] + 0.25 + 10_200 * 116 * 1024 / GIB + 3.0
+    assert len(plan.resident_blocks) == int((23.0 - fixed - 2 * BLOCK_FP8) // BLOCK_FP8) == 55  # bf16: 26
+    ram = app.plan_host_ram(plan, FP8, 29.4, transformer_in_ram=True)  # a 32 GB desktop (2 GB for its own use)
+    assert ram.pinned_blocks == tuple(range(60)) and ram.pin_transformer_rest
+    assert not ram.pin_text_encoder and ram.pinned_text_layers == ()
+    assert ram.pinned_gb == pytest.approx(TRANSFORMER_FP8) and TRANSFORMER_FP8 == pytest.approx(19.05, abs=0.01)
+    # 29.4 - 6 - 19.05 = 4.35 GB left: the text encoder's 15.4 GB stay in the files, read once per image at worst.
+    assert ram.file_backed_gb == pytest.approx(REAL["text_encoder_gb"])
+    assert ram.disk_read_gb_per_image == pytest.approx(REAL["text_encoder_gb"])  # bf16 here: 31 GB, 35 GB measured
+
+
+def test_on_a_16_gb_card_with_32_gb_fp8_reads_no_transformer_block_from_disk():
+    plan = app.plan_budget(15.0, image_tokens=DEFAULT_JOB_TOKENS, **FP8)
+    streamed_text = plan.text_encoder.streamed_layers
+    assert len(streamed_text) == 5  # the text encoder's split does not depend on the transformer's dtype
+    ram = app.plan_host_ram(plan, FP8, 29.4, transformer_in_ram=True)
+    assert ram.pinned_blocks == tuple(range(60)) and ram.pinned_text_layers == streamed_text
+    assert ram.pinned_gb == pytest.approx(TRANSFORMER_FP8 + 5 * REAL["text_layer_gb"])
+    # bf16 at 16/32: 21 blocks from disk at every call, 845 GB per image planned (859 GB measured). fp8: the text only.
+    assert ram.disk_read_gb_per_image == pytest.approx(REAL["text_encoder_gb"] - 5 * REAL["text_layer_gb"])
+
+
+def test_fp8_never_leaves_transformer_blocks_in_the_files_it_refuses_with_the_figures():
+    plan = app.plan_budget(23.0, image_tokens=DEFAULT_JOB_TOKENS, **FP8)
+    needed = RESERVE + TRANSFORMER_FP8  # 25.05 GB
+    with pytest.raises(ValueError) as err:
+        app.plan_host_ram(plan, FP8, 24.0, transformer_in_ram=True)
+    assert (f"its transformer is held in RAM in float8 ({TRANSFORMER_FP8:.1f} GB; no file holds those copies), so it "
+            f"needs at least {needed:.1f} GB") in str(err.value) and "24.0 GB is available" in str(err.value)
+    app.plan_host_ram(plan, FP8, needed + 0.01, transformer_in_ram=True)  # the figure it names is enough
+    # The same sizes planned as bf16 files would have left blocks in the files: the flag is what holds them.
+    assert app.plan_host_ram(plan, FP8, 24.0).pinned_blocks != tuple(range(60))
+    assert app.budget_minimum_ram_gb(FP8, 23.0, fp8_storage=True) == 25.5  # 25.05 up to the planner's 0.5 GB step
+
+
+def test_an_fp8_refusal_says_what_bf16_needs_and_a_disk_bound_bf16_plan_names_fp8():
+    # 24 GB of VRAM, 24 GB of RAM: fp8 needs 25.05 GB (above); bf16 fits from 6 GB: 4 for the system and 2 of page
+    # cache, every block in the files: 34 streamed at the default job x 0.633 GB x 100 calls + 26 resident + the text
+    # encoder = 2,184 GB from disk per image, under the 2,500 GB limit.
+    assert 34 * 0.633 * 100 + 26 * 0.633 + REAL["other_transformer_gb"] + REAL["text_encoder_gb"] < 2500
+    with pytest.raises(ValueError, match=r"Without --quantization \(bf16, exact\) the budget mode leaves the "
+                                         r"transformer in its files and needs 6\.0 GB of RAM here\."):
+        app.check_machine_fits("budget", FP8, vram_gb=23.0, ram_gb=24.0, fp8_storage=True, exact_sizes=REAL)
+    # 16 GB / 32 GB in bf16 reads blocks at every call (845 GB per image): the load log names fp8's figures.
+    hint = app.fp8_storage_hint(REAL, FP8, 15.0, 29.4)
+    assert "--quantization fp8_storage (LOSSY" in hint
+    assert f"reads up to {REAL['text_encoder_gb'] - 5 * REAL['text_layer_gb']:.0f} GB per image" in hint  # 13 GB
+    assert app.fp8_storage_hint(REAL, FP8, 23.0, 29.4) is None  # 24 / 32: bf16 reads 31 GB, less than its weights
+
+
+def test_the_fp8_sizes_read_from_the_files_are_those_of_the_cast_model(models_dir):
+    pipe = app.load_pipeline(demo_settings(models_dir, quantization="fp8_storage"))
+    path = pipe._studio_info["model_path"]
+    stored = app.fp8_storage_element_sizes(path)
+    cast = {name for name, p in pipe.transformer.named_parameters() if p.dtype == torch.float8_e4m3fn}
+    assert set(stored) == cast and set(stored.values()) == {1}
+    loaded = app.budget_sizes(pipe.transformer, pipe.text_encoder, pipe.vae)
+    from_files = app.budget_sizes_from_files(path, 4, stored)  # float32 on the CPU, the cast weights at 1 byte
+    for key, value in loaded.items():
+        assert from_files[key] == pytest.approx(value, abs=2**-20), key
+    bf16 = app.budget_sizes_from_files(path, 4)
+    assert from_files["block_gb"] < bf16["block_gb"] / 3  # float32 -> float8, the norms excepted
+    assert app.planner_sizes(path, 4, "fp8_storage") == (from_files, bf16)  # bf16's, for an fp8 refusal's advice
+    assert app.planner_sizes(path, 4, None) == (bf16, from_files)  # the lossy figures, for a bf16 refusal's advice
+
+
+def test_a_machine_bf16_does_not_fit_but_fp8_does_is_told_the_flag_and_its_figures():
+    # A 6 GB card (5.8 GB free) with 40 GB of RAM: the budget mode needs 6.6 GB of VRAM in bf16, so `auto` takes
+    # sequential, which keeps all 53.5 GB of bf16 weights in RAM. In fp8 the budget mode fits.
+    with pytest.raises(ValueError) as err:
+        app.check_machine_fits("sequential", REAL, vram_gb=5.8, ram_gb=40.0, lossy_sizes=FP8)
+    message = str(err.value)
+    fp8_ram = app.budget_minimum_ram_gb(FP8, 5.8, fp8_storage=True)
+    assert RESERVE + TRANSFORMER_FP8 < fp8_ram <= 40.0  # plus the text encoder's streamed layers at this card
+    for part in ("This machine: 5.8 GB of VRAM, 40.0 GB of RAM available.", "needs 53.5 GB plus 4 GB",
+                 "The lossy option, --quantization fp8_storage (LOSSY: the transformer stored in float8, 19.0 GB held "
+                 "in RAM; the text encoder stays bf16), needs at least 5.6 GB of VRAM and, at 5.8 GB of VRAM, "
+                 f"{fp8_ram:.1f} GB of RAM available: it fits this machine (pass --quantization fp8_storage)."):
+        assert part in message
+    app.check_machine_fits("budget", FP8, vram_gb=5.8, ram_gb=40.0, fp8_storage=True)  # and it does
+
+
+def test_a_machine_that_fits_nothing_names_what_it_has_the_smallest_modes_needs_and_the_lossy_ones():
+    with pytest.raises(ValueError) as err:
+        app.check_machine_fits("budget", REAL, vram_gb=8.0, ram_gb=16.0, lossy_sizes=FP8)
+    message = str(err.value)
+    for part in ("This machine: 8.0 GB of VRAM, 16.0 GB of RAM available.",
+                 f"at 8.0 GB of VRAM it needs {app.budget_minimum_ram_gb(REAL, 8.0):.1f} GB of RAM available",
+                 "--quantization fp8_storage (LOSSY", "it does not fit this machine either."):
+        assert part in message
+    # fp8 at 8 GB needs more RAM than 16 GB: 6 GB reserved, 19.05 GB of float8 transformer, streamed text layers.
+    assert app.budget_minimum_ram_gb(FP8, 8.0, fp8_storage=True) > RESERVE + TRANSFORMER_FP8 > 16.0
+
+
+def test_too_little_ram_for_fp8_exits_2_naming_the_float8_transformer(models_dir, tmp_path, rgba_image, capsys,
+                                                                       monkeypatch):
+    monkeypatch.setattr(app, "BUDGET_HOST_RAM_RESERVE_GB", 0.0)  # the demo's weights are a few MB
+    monkeypatch.setattr(app, "BUDGET_PAGE_CACHE_MIN_GB", 0.0)
+    rgba_image.save(tmp_path / "in.png")
+    code = app.main(["decompose", str(tmp_path / "in.png"), "--demo", "--models-dir", str(models_dir), "--offload",
+                     "budget", "--quantization", "fp8_storage", "--ram-budget", "0.00001", "--out", str(tmp_path / "o")])
+    err = capsys.readouterr().err
+    assert code == 2 and "Traceback" not in err and not (tmp_path / "o").exists()
+    assert "Not enough host RAM for --quantization fp8_storage in the budget mode" in err
+    assert "The budget mode with --quantization fp8_storage (LOSSY: the transformer in float8, held in RAM)" in err
+    assert "Without --quantization (bf16, exact) the budget mode leaves the transformer in its files and needs" in err
+
+
+def test_fp8_budget_with_little_ram_gives_the_layers_of_fp8_off_and_reads_the_text_encoder_from_its_files(
+        models_dir, rgba_image, monkeypatch, tmp_path):
+    monkeypatch.setattr(app, "BUDGET_HOST_RAM_RESERVE_GB", 0.0)
+    monkeypatch.setattr(app, "BUDGET_PAGE_CACHE_MIN_GB", 0.0)
+    kwargs = dict(prompt="shapes", layers=2, num_inference_steps=2, seed=7)
+    reference_pipe = app.load_pipeline(demo_settings(models_dir, quantization="fp8_storage"))
+    reference = app.infer(reference_pipe, rgba_image, **kwargs)
+    pipe = app.load_pipeline(demo_settings(models_dir, quantization="fp8_storage"))
+    sizes = app.budget_sizes(pipe.transformer, pipe.text_encoder, pipe.vae)
+    transformer = sizes["num_blocks"] * sizes["block_gb"] + sizes["other_transformer_gb"]
+    text_layer = sizes["text_layer_gb"]  # the text encoder split with 1 of its 2 layers resident: 1 streamed
+    ram_gb = transformer + text_layer + sizes["text_encoder_gb"] / 4  # not the whole text encoder
+    applied = app.enable_budget_offload(pipe, vram_budget_gb=float("inf"), resident_blocks=1, text_resident_layers=1,
+                                        host_ram_gb=ram_gb)
+    low_ram = next(a for a in applied if a.startswith("budget_low_ram"))
+    assert f"{sizes['num_blocks']} transformer blocks, 1 text encoder layers)" in low_ram
+    if sys.platform.startswith("linux"):
+        spans = _mapped_files()  # the cast weights are float8 copies in RAM; the text encoder's are its files'
+        files = [(_file_of(p, spans) or "").endswith(".safetensors") for p in pipe.transformer.parameters()
+                 if p.dtype == torch.float8_e4m3fn]
+        assert files and not any(files)
+        assert all((_file_of(p, spans) or "").endswith(".safetensors") for p in pipe.text_encoder.parameters())
+    result = app.infer(pipe, rgba_image, **kwargs)
+    for ours, theirs in zip(result.layers, reference.layers, strict=True):
+        assert ours.tobytes() == theirs.tobytes()
+    # fp8 changes the layers (lossy) and says so wherever it is recorded.
+    bf16 = app.infer(app.load_pipeline(demo_settings(models_dir)), rgba_image, **kwargs)
+    assert any(a.tobytes() != b.tobytes() for a, b in zip(bf16.layers, reference.layers, strict=True))
+    assert reference_pipe._studio_info["lossy"] is True
+    assert "fp8_storage (LOSSY: transformer weights stored in float8)" in reference_pipe._studio_info["optimizations"]
+    paths = app.save_run(result, tmp_path, app.run_info_for(reference_pipe, {}))
+    params = json.loads(paths["params"].read_text())
+    assert params["lossy"] is True and any("LOSSY" in name for name in params["optimizations"])
+
+
+def test_a_transformer_config_naming_no_diffusers_model_is_refused_for_fp8_and_only_drops_the_advice_for_bf16(
+        models_dir, tmp_path):
+    import shutil
+
+    folder = tmp_path / "pipe"
+    shutil.copytree(app.get_model_path(demo_settings(models_dir)), folder)
+    config = folder / "transformer" / "config.json"
+    for name in ("os", "NoSuchModel", None):  # a module attribute that is no model class, an unknown name, none
+        config.write_text(json.dumps(dict(json.loads(config.read_text()), _class_name=name)))
+        with pytest.raises(ValueError, match=r"names no diffusers model class .*: --quantization fp8_storage cannot"):
+            app.planner_sizes(folder, 4, "fp8_storage")
+        sizes, lossy = app.planner_sizes(folder, 4, None)
+        assert sizes == app.budget_sizes_from_files(folder, 4) and lossy is None
