@@ -138,7 +138,9 @@ CAPTION_SDPA_BACKENDS = ("FLASH_ATTENTION", "EFFICIENT_ATTENTION", "MATH")
 # (fused kernels round differently, and random weights' top logits nearly tie). CUDA graphs of the eager kernels
 # (backend "cudagraphs") were no better: different from the 21st word, and only 0.86x the eager time
 # (bench/results/caption_probe.json, speed.json). Not tied to --compile, which changes only the transformer's speed.
-# Only where the whole text encoder stays on the GPU: `caption_compile_problem` says why not elsewhere.
+# Only with every weight resident (--offload off): under budget the text encoder's weights get new GPU addresses each
+# image, so the graphs are recorded again every caption (H200, 24 GB cap: 22.1 s against 11.6 s eager,
+# bench/results/speed_24gb.json); `caption_compile_problem` says why not elsewhere.
 ENABLE_CAPTION_COMPILE = False
 # One static cache length for every caption (prompt with image tokens, ~1,400 at 1024 px, + 512 new tokens): every
 # image shape then shares one compiled graph. 2048 tokens of KV cache cost 0.1 GB; a longer prompt grows it (recompiles).
@@ -150,6 +152,14 @@ CAPTION_COMPILE_OPTIONS = dict(mode="reduce-overhead", fullgraph=False, dynamic=
 # (without it: 31.1 s vs 16.5 s, 1.22x at 50 steps; bench/results/speed.json). --compile adds its ~19 s compile here.
 ENABLE_WARM_UP = True
 WARM_UP_CAPTION_TOKENS = 8  # enough decode steps for the compiled decode to compile, warm up and record its CUDA graph
+# cuDNN autotuning (torch.backends.cudnn.benchmark) off: on, each process times the convolution algorithms and keeps the
+# fastest, which can differ between two processes on the same card. The VAE's decode then rounds differently: the
+# same seeded decode differed by up to 3 of 255 levels between two processes on an H200 (89% of its values), and
+# was identical with autotuning off; the transformer blocks were identical either way (bench/probe_determinism.py,
+# bench/results/determinism.json). That is what made a Ray worker's layers differ from the local batch's
+# (bench/results/ray_batch.json). Off, the same seed gives the same layers in every process and on every start;
+# the VAE's share of an image is ~1 s of ~65 s, and its speed with cuDNN's heuristics was not measured separately.
+ENABLE_CUDNN_BENCHMARK = False
 # SageAttention kernels through diffusers' attention dispatcher; needs the `sageattention` package.
 ENABLE_SAGE_ATTENTION = False
 # The VAE decodes N layers at up to 1024 px: one layer at a time (slicing) and in tiles keeps its peak low.
@@ -780,13 +790,14 @@ def check_torch_sees_gpu(demo: bool, driver_answers: bool | None = None) -> None
 
 
 def setup_cuda_optimizations() -> list[str]:
-    """TF32 matmuls and cuDNN autotuning. Flash SDPA stays as PyTorch chose (on)."""
+    """TF32 matmuls; cuDNN autotuning only where ENABLE_CUDNN_BENCHMARK asks (off: the same layers in every process).
+    Flash SDPA stays as PyTorch chose (on)."""
     if not torch.cuda.is_available():
         return []
     torch.backends.cuda.matmul.allow_tf32 = True
     torch.backends.cudnn.allow_tf32 = True
-    torch.backends.cudnn.benchmark = True
-    return ["tf32", "cudnn_benchmark"]
+    torch.backends.cudnn.benchmark = ENABLE_CUDNN_BENCHMARK
+    return ["tf32"] + (["cudnn_benchmark"] if ENABLE_CUDNN_BENCHMARK else [])
 
 
 def offline_message(models_dir: Path, spec: ModelSpec = LAYERED_MODEL) -> str:
@@ -962,19 +973,20 @@ def save_compile_cache() -> Path | None:
     return path
 
 
-def caption_compile_problem(offload_mode: str, on_cuda: bool, text_encoder_split: bool = False) -> str | None:
+def caption_compile_problem(offload_mode: str, on_cuda: bool) -> str | None:
     """Why the caption's decode is not compiled with these settings (None: it is; ENABLE_CAPTION_COMPILE)."""
     if not on_cuda:
         return "caption decode not compiled: its CUDA graphs need a CUDA GPU (the CPU decodes eagerly)"
     if not triton_available():
         return ("caption decode not compiled: torch.compile's GPU kernels need Triton, which is not installed "
                 "(pip install triton; on Windows pip install triton-windows)")
-    if offload_mode not in ("off", "budget"):
+    if offload_mode == "budget":  # measured: bench/results/speed_24gb.json, phase B3
+        return ("caption decode not compiled with --offload budget: the text encoder's weights are copied to the GPU "
+                "anew for each image (new addresses), so its CUDA graphs are recorded again every caption; measured on "
+                "an H200 at a 24 GB cap, 22.1 s for 512 tokens against 11.6 s eager")
+    if offload_mode != "off":
         return (f"caption decode not compiled with --offload {offload_mode}: accelerate's hooks move the text encoder's "
                 f"weights inside its forward, which the compiled step would trace and a CUDA graph cannot replay")
-    if text_encoder_split:
-        return ("caption decode not compiled: the text encoder is split on this card (16/12 GB), its streamed layers' "
-                "weights are copied in by hooks for every token, which a CUDA graph cannot replay")
     return None
 
 
@@ -1133,10 +1145,9 @@ def apply_memory_optimizations(pipe, settings: Settings, offload_mode: str) -> l
             pipe.transformer.set_attention_backend("sage")
             applied.append("sage_attention")
 
-    # 6. The caption's decode: a static KV cache and CUDA graphs, where the whole text encoder stays on the GPU.
+    # 6. The caption's decode: a static KV cache and CUDA graphs, with every weight resident.
     if settings.caption_compile:
-        stages = getattr(pipe, "_budget_stages", None)
-        problem = caption_compile_problem(offload_mode, on_cuda, bool(stages and stages.weights["text_encoder_streamed"]))
+        problem = caption_compile_problem(offload_mode, on_cuda)
         if problem:
             logger.info(problem)
         else:

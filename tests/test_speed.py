@@ -158,18 +158,17 @@ def test_static_cache_compiled_caption_gives_the_eager_text_with_one_graph_for_e
     assert app.caption_image(demo_pipe, rgba_image, 640) == eager
 
 
-@pytest.mark.parametrize("offload, on_cuda, triton, split, expected", [
-    ("off", False, True, False, "need a CUDA GPU"),
-    ("off", True, False, False, "need Triton"),
-    ("model", True, True, False, "--offload model"),
-    ("sequential", True, True, False, "--offload sequential"),
-    ("budget", True, True, True, "split on this card"),
-    ("budget", True, True, False, None),
-    ("off", True, True, False, None),
+@pytest.mark.parametrize("offload, on_cuda, triton, expected", [
+    ("off", False, True, "need a CUDA GPU"),
+    ("off", True, False, "need Triton"),
+    ("model", True, True, "--offload model"),
+    ("sequential", True, True, "--offload sequential"),
+    ("budget", True, True, "22.1 s for 512 tokens against 11.6 s eager"),  # measured slower: graphs re-recorded
+    ("off", True, True, None),
 ])
-def test_caption_compile_problem_names_the_reason(offload, on_cuda, triton, split, expected, monkeypatch):
+def test_caption_compile_problem_names_the_reason(offload, on_cuda, triton, expected, monkeypatch):
     monkeypatch.setattr(app, "triton_available", lambda: triton)
-    problem = app.caption_compile_problem(offload, on_cuda, split)
+    problem = app.caption_compile_problem(offload, on_cuda)
     assert problem == expected if expected is None else expected in problem
 
 
