@@ -3773,7 +3773,7 @@ def find_ground_truth(paths: list[Path | str]) -> list[Path]:
 DEMO_BANNER = ("**Demo model in use** — tiny random weights built offline. Everything runs, but the layers are "
                "noise. Put the real weights in `models/Qwen-Image-Layered` (or pass `--model`) for real results.")
 # Shown while a LOSSY setting (fp8_storage, fp8_dynamic, int8_dynamic) is applied: outputs differ from bf16.
-LOSSY_BANNER = "**Lossy compute in use** ({}) — the layers differ from the model's bf16 output. Restart without `--quantization` for bf16."
+LOSSY_BANNER = "**Lossy mode in use** ({}) — the layers differ from the model's bf16 output. Restart without `--quantization` for bf16."
 
 
 # Under the recomposition score on the demo model: why it is poor.

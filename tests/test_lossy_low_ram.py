@@ -140,7 +140,7 @@ def test_too_little_ram_for_fp8_exits_2_naming_the_float8_transformer(models_dir
 
 
 def test_fp8_budget_with_little_ram_gives_the_layers_of_fp8_off_and_reads_the_text_encoder_from_its_files(
-        models_dir, rgba_image, monkeypatch, tmp_path):
+        demo_pipe, models_dir, rgba_image, monkeypatch, tmp_path):
     monkeypatch.setattr(app, "BUDGET_HOST_RAM_RESERVE_GB", 0.0)
     monkeypatch.setattr(app, "BUDGET_PAGE_CACHE_MIN_GB", 0.0)
     kwargs = dict(prompt="shapes", layers=2, num_inference_steps=2, seed=7)
@@ -165,13 +165,21 @@ def test_fp8_budget_with_little_ram_gives_the_layers_of_fp8_off_and_reads_the_te
     for ours, theirs in zip(result.layers, reference.layers, strict=True):
         assert ours.tobytes() == theirs.tobytes()
     # fp8 changes the layers (lossy) and says so wherever it is recorded.
-    bf16 = app.infer(app.load_pipeline(demo_settings(models_dir)), rgba_image, **kwargs)
+    bf16 = app.infer(demo_pipe, rgba_image, **kwargs)  # the session's bf16 (float32 on the CPU) demo pipeline
     assert any(a.tobytes() != b.tobytes() for a, b in zip(bf16.layers, reference.layers, strict=True))
     assert reference_pipe._studio_info["lossy"] is True
     assert "fp8_storage (LOSSY: transformer weights stored in float8)" in reference_pipe._studio_info["optimizations"]
     paths = app.save_run(result, tmp_path, app.run_info_for(reference_pipe, {}))
     params = json.loads(paths["params"].read_text())
     assert params["lossy"] is True and any("LOSSY" in name for name in params["optimizations"])
+    # ... and on the page: the banner names the mode (a bf16 pipeline's page has none).
+    def banners(pipe):
+        demo = app.build_ui(pipe, demo_settings(models_dir, outputs=tmp_path / "ui"), environment={})
+        return [c["props"].get("value", "") for c in demo.config["components"] if c["type"] == "markdown"
+                and "Lossy mode in use" in str(c["props"].get("value", ""))]
+    [banner] = banners(reference_pipe)
+    assert "fp8_storage (LOSSY: transformer weights stored in float8)" in banner
+    assert not banners(demo_pipe)
 
 
 def test_a_transformer_config_naming_no_diffusers_model_is_refused_for_fp8_and_only_drops_the_advice_for_bf16(
