@@ -31,13 +31,18 @@ def images(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def local_batch(demo_pipe, images, tmp_path_factory):
-    """The reference: the local batch, one thread (as each 1-CPU Ray worker), so the floats match exactly."""
+    """The reference: the local batch, one thread (as each 1-CPU Ray worker), so the floats match exactly. Given the
+    images by relative paths, as `decompose library/` from the library's parent folder does."""
     out = tmp_path_factory.mktemp("local")
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
+    folder = images[0].resolve()
     try:
-        items = app.decompose_batch(demo_pipe, images[1], out, app.run_info_for(demo_pipe, app.print_environment_info(False)),
-                                    **JOB)
+        with pytest.MonkeyPatch.context() as patch:
+            patch.chdir(folder.parent)
+            relative = [Path(folder.name) / image.name for image in images[1]]
+            items = app.decompose_batch(demo_pipe, relative, out,
+                                        app.run_info_for(demo_pipe, app.print_environment_info(False)), **JOB)
     finally:
         torch.set_num_threads(threads)
     assert all(item.error is None for item in items)
@@ -117,17 +122,17 @@ def test_a_second_run_skips_every_image_with_a_complete_run_folder(ray_run, imag
     assert sorted(p.name for p in out.iterdir()) == before
 
 
-def test_a_library_begun_by_the_local_batch_with_a_relative_path_is_resumed_by_ray(demo_pipe, images, models_dir,
-                                                                                     tmp_path, monkeypatch):
-    """`decompose library/` (relative) then `decompose library/ --ray`: the local batch recorded the image's absolute
-    path, as the Ray workers do, so the Ray run finds the run folder complete and skips the image (no Ray start)."""
+def test_a_library_begun_by_the_local_batch_with_a_relative_path_is_resumed_by_ray(local_batch, images, models_dir,
+                                                                                     monkeypatch):
+    """`decompose library/` (relative) then `decompose library/ --ray`: the local batch recorded each image's absolute
+    path, as the Ray workers do, so the Ray run finds every run folder complete and skips them all (no Ray start)."""
     folder = images[0].resolve()
+    assert sorted(local_batch) == sorted(str(folder / image.name) for image in images[1])
     monkeypatch.chdir(folder.parent)
-    out = tmp_path / "out"
-    [item] = app.decompose_batch(demo_pipe, [Path(folder.name) / "a.png"], out, None, **JOB)
-    assert json.loads((item.folder / "params.json").read_text())["input_file"] == str(folder / "a.png")
-    items, skipped = app.decompose_ray([Path(folder.name) / "a.png"], demo_settings(models_dir, outputs=out), **JOB)
-    assert (items, skipped) == ([], [folder / "a.png"])
+    relative = [Path(folder.name) / image.name for image in images[1]]
+    out = next(iter(local_batch.values())).parent
+    items, skipped = app.decompose_ray(relative, demo_settings(models_dir, outputs=out), **JOB)
+    assert (items, sorted(skipped)) == ([], sorted(folder / image.name for image in images[1]))
 
 
 def test_a_run_folder_missing_any_export_is_not_complete(ray_run, tmp_path):
