@@ -157,8 +157,9 @@ WARM_UP_CAPTION_TOKENS = 8  # enough decode steps for the compiled decode to com
 # same seeded decode differed by up to 3 of 255 levels between two processes on an H200 (89% of its values), and
 # was identical with autotuning off; the transformer blocks were identical either way (bench/probe_determinism.py,
 # bench/results/determinism.json). That is what made a Ray worker's layers differ from the local batch's
-# (bench/results/ray_batch.json). Off, the same seed gives the same layers in every process and on every start;
-# the VAE's share of an image is ~1 s of ~65 s, and its speed with cuDNN's heuristics was not measured separately.
+# (bench/results/ray_batch.json). Off, the same seed gives the same layers in every process and on every start. Its
+# cost, same probe (640 px, 4 layers, full-size VAE): a decode takes 0.73-1.02 s off against 0.70-0.79 s on after
+# autotuning, and the process's first decode 1.2-1.6 s off against 3.0-5.0 s on (the autotuning itself).
 ENABLE_CUDNN_BENCHMARK = False
 # SageAttention kernels through diffusers' attention dispatcher; needs the `sageattention` package.
 ENABLE_SAGE_ATTENTION = False
