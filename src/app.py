@@ -1026,6 +1026,49 @@ def apply_fp8_storage(transformer: torch.nn.Module) -> None:
     transformer.enable_layerwise_casting(storage_dtype=torch.float8_e4m3fn, compute_dtype=transformer.dtype)
 
 
+def apply_fp8_text_layers(text_encoder: torch.nn.Module, indices: tuple[int, ...]) -> None:
+    """--quantization fp8_storage (LOSSY) on a card the text encoder does not fit whole: its language layers `indices`
+    (`TextEncoderPlan.fp8_layers`, the ones that would otherwise stream per caption token) get the transformer's
+    treatment, diffusers' layerwise casting: Linear weights stored in float8, each layer cast back to bf16 for its
+    own forward, norms kept. The float8 copies are made in RAM from the bf16 file views, as `apply_fp8_storage`'s."""
+    if not indices:
+        return
+    from diffusers.hooks import apply_layerwise_casting
+
+    layers = _text_encoder_parts(text_encoder)[0]
+    for index in indices:
+        if not any(p.dtype == torch.float8_e4m3fn for p in layers[index].parameters()):  # cast once (a re-plan)
+            apply_layerwise_casting(layers[index], storage_dtype=torch.float8_e4m3fn,
+                                    compute_dtype=next(layers[index].parameters()).dtype)
+    release_freed_heap()
+
+
+def fp8_text_layer_gb(layer: torch.nn.Module) -> float:
+    """GiB of a text encoder language layer as `apply_fp8_text_layers` stores it: a twin built on the meta device
+    (no memory) in the layer's dtype and cast by the same rule, so diffusers decides what is 1 byte."""
+    with torch.device("meta"):
+        twin = type(layer)(layer.self_attn.config, 0).to(next(layer.parameters()).dtype)
+    from diffusers.hooks import apply_layerwise_casting
+
+    apply_layerwise_casting(twin, storage_dtype=torch.float8_e4m3fn, compute_dtype=next(twin.parameters()).dtype)
+    return _module_gb(twin)
+
+
+def fp8_text_layer_gb_from_files(model_path: Path | str, dtype: torch.dtype) -> float:
+    """`fp8_text_layer_gb` before loading: the text encoder is built from its config on the meta device."""
+    import transformers
+
+    config = transformers.AutoConfig.from_pretrained(Path(model_path) / "text_encoder")
+    model_class = getattr(transformers, (config.architectures or [""])[0], None)
+    if model_class is None:
+        raise ValueError(f"{Path(model_path) / 'text_encoder' / 'config.json'} names no transformers model class "
+                         f"({config.architectures!r}): --quantization fp8_storage cannot size its text encoder's "
+                         f"float8 layers; pass the folder of a diffusers pipeline")
+    with torch.device("meta"):
+        text_encoder = model_class._from_config(config, dtype=dtype)
+    return fp8_text_layer_gb(_text_encoder_parts(text_encoder)[0][0])
+
+
 def fp8_storage_element_sizes(model_path: Path | str) -> dict[str, int]:
     """Bytes per element of each transformer weight that fp8_storage stores in float8, by name (the others keep the
     loaded dtype), for the planner before loading (`budget_sizes_from_files`). The cast's own rule decides: the
@@ -1052,6 +1095,16 @@ def fp8_stored(transformer: torch.nn.Module) -> bool:
     return any(p.dtype == torch.float8_e4m3fn for p in transformer.parameters())
 
 
+def fp8_storage_sizes(model_path: Path | str, element_size: int) -> dict[str, Any] | None:
+    """fp8_storage's sizes from the files: the transformer's float8 weights, and a text encoder layer in float8
+    (`text_layer_fp8_gb`: the layers the planner stores so where the text encoder does not fit whole)."""
+    sizes = budget_sizes_from_files(model_path, element_size, fp8_storage_element_sizes(model_path))
+    if sizes is None:
+        return None
+    dtype = {1: torch.float8_e4m3fn, 2: torch.bfloat16, 4: torch.float32}.get(element_size, torch.bfloat16)
+    return dict(sizes, text_layer_fp8_gb=fp8_text_layer_gb_from_files(model_path, dtype))
+
+
 def planner_sizes(model_path: Path | str, element_size: int, quantization: str | None
                   ) -> tuple[dict[str, Any] | None, dict[str, Any] | None]:
     """The sizes `load_pipeline` checks the machine with before loading (`budget_sizes_from_files`): (the weights as
@@ -1062,9 +1115,9 @@ def planner_sizes(model_path: Path | str, element_size: int, quantization: str |
     if sizes is None or quantization not in (None, "fp8_storage"):
         return sizes, None
     if quantization == "fp8_storage":
-        return budget_sizes_from_files(model_path, element_size, fp8_storage_element_sizes(model_path)), sizes
+        return fp8_storage_sizes(model_path, element_size), sizes
     try:  # only for a refusal's advice: never a reason for a bf16 load to fail
-        return sizes, budget_sizes_from_files(model_path, element_size, fp8_storage_element_sizes(model_path))
+        return sizes, fp8_storage_sizes(model_path, element_size)
     except (OSError, ValueError) as err:
         logger.info("The lossy option's sizes could not be read (%s): refusals will not name its figures.", err)
         return sizes, None
@@ -1302,20 +1355,26 @@ class TextEncoderPlan:
     split=False: the whole text encoder is resident (24 GB cards and up). split=True (16 and 12 GB cards): the
     token-embedding table stays in host RAM (a lookup of one row per token), the vision tower is copied in for its
     one call per caption, lm_head and `resident_layers` stay, and the other language layers stream in per token.
+    Under --quantization fp8_storage (LOSSY) the layers that would stream are stored in float8 instead and stay
+    resident too (`fp8_layers`, cast to bf16 for their own forward): nothing is copied per token.
     """
 
     split: bool
-    resident_layers: tuple[int, ...]
+    resident_layers: tuple[int, ...]  # in the loaded dtype (bf16)
     streamed_layers: tuple[int, ...]
     peak_gb: float  # predicted allocator peak while captioning / encoding the prompt
     minimum_gb: float  # the smallest budget that holds this stage
     streamed_gb_per_token: float  # copied host -> GPU per decoded caption token
+    fp8_layers: tuple[int, ...] = ()  # resident in float8 (fp8_storage only: LOSSY)
 
     def describe(self) -> str:
-        layers = len(self.resident_layers) + len(self.streamed_layers)
-        return (f"{len(self.resident_layers)}/{layers} language layers resident, {len(self.streamed_layers)} streamed "
-                f"({self.streamed_gb_per_token:.1f} GB copied per caption token), vision tower copied in per caption, "
-                f"token embeddings in host RAM")
+        layers = len(self.resident_layers) + len(self.streamed_layers) + len(self.fp8_layers)
+        fp8 = (f"{len(self.fp8_layers)} in float8 (LOSSY), all resident (nothing copied per caption token)"
+               if self.fp8_layers else "")
+        streamed = (f"{len(self.streamed_layers)} streamed ({self.streamed_gb_per_token:.1f} GB copied per caption "
+                    f"token)" if self.streamed_layers or not self.fp8_layers else "")
+        return (f"{len(self.resident_layers)}/{layers} language layers resident, {fp8 or streamed}, vision tower "
+                f"copied in per caption, token embeddings in host RAM")
 
 
 def activation_gb(tokens: int) -> float:
@@ -1351,6 +1410,7 @@ def plan_budget(
     text_vision_gb: float = 0.0,
     text_embed_gb: float = 0.0,
     text_resident_layers: int | None = None,
+    text_layer_fp8_gb: float = 0.0,
 ) -> BudgetPlan:
     """How many transformer blocks (and text encoder layers) stay on the GPU within `vram_budget_gb`. Pure
     arithmetic on sizes (GiB).
@@ -1358,6 +1418,7 @@ def plan_budget(
     Raises ValueError naming the minimum budget when not even one transformer block, or one language layer of the
     text encoder, fits beside the streamed ones. `resident_blocks` / `text_resident_layers` override the counts
     (tests, tuning). Without `text_num_layers` the text encoder is one piece that must be resident.
+    `text_layer_fp8_gb` (fp8_storage's sizes only): a language layer stored in float8, for `plan_text_encoder`.
     """
     # 1. What the denoising stage holds besides its resident blocks: the transformer's other layers, the VAE,
     #    activations for the planned job, and the margin. Streaming adds two blocks in flight.
@@ -1365,7 +1426,7 @@ def plan_budget(
     streaming = BUDGET_STREAM_BUFFERS * block_gb
     text = plan_text_encoder(vram_budget_gb, text_encoder_gb=text_encoder_gb, layer_gb=text_layer_gb,
                              num_layers=text_num_layers, vision_gb=text_vision_gb, embed_gb=text_embed_gb, vae_gb=vae_gb,
-                             resident_layers=text_resident_layers)
+                             resident_layers=text_resident_layers, fp8_layer_gb=text_layer_fp8_gb)
 
     # 2. The minimum: block 0 resident and the others streamed; the text encoder's own minimum.
     minimum = max(fixed + block_gb + (streaming if num_blocks > 1 else 0.0), text.minimum_gb)
@@ -1402,12 +1463,17 @@ def plan_budget(
 
 
 def plan_text_encoder(vram_budget_gb: float, *, text_encoder_gb: float, layer_gb: float, num_layers: int,
-                      vision_gb: float, embed_gb: float, vae_gb: float, resident_layers: int | None = None) -> TextEncoderPlan:
+                      vision_gb: float, embed_gb: float, vae_gb: float, resident_layers: int | None = None,
+                      fp8_layer_gb: float = 0.0) -> TextEncoderPlan:
     """The caption stage within `vram_budget_gb` (GiB): the whole text encoder when it fits, else the split
     (see TextEncoderPlan) with as many language layers resident as fit. Pure; the caller raises on `minimum_gb`.
 
     A streamed layer costs its bytes once per decoded token (a 512-token caption: 512 copies of it), so the
     resident layers are spread like the transformer's (`streamed_block_indices`) and as many as fit stay.
+    `fp8_layer_gb` (fp8_storage, LOSSY): a layer in float8. Where the split would stream, as many bf16 layers as fit
+    beside the others in float8 stay, and nothing streams: at 16 GB, 18 bf16 + 10 float8 layers instead of 23 + 5
+    streamed, which copied 2.2 GB per caption token (1.1 TB a 512-token caption; 39.5 s against 27.3 s at 24 GB,
+    measured). Where even all-float8 does not fit (12 GB cards), the bf16 split streams as before.
     """
     margin = BUDGET_TEXT_ENCODER_MARGIN_GB
     whole = text_encoder_gb + vae_gb + BUDGET_TEXT_ENCODER_ACTIVATION_GB
@@ -1422,9 +1488,22 @@ def plan_text_encoder(vram_budget_gb: float, *, text_encoder_gb: float, layer_gb
     def peak(count: int) -> float:
         return base + count * layer_gb + max(vision_gb, BUDGET_STREAM_BUFFERS * layer_gb if count < num_layers else 0.0)
 
+    def peak_fp8(count: int) -> float:  # `count` bf16 layers, the others float8, the vision tower's copy
+        return base + count * layer_gb + (num_layers - count) * fp8_layer_gb + vision_gb
+
     minimum = min(whole, peak(1)) + margin
     if resident_layers is None and whole + margin <= vram_budget_gb:
         return TextEncoderPlan(False, everything, (), whole, minimum, 0.0)
+    # Layer 0 stays bf16, as it stays resident in the streaming split.
+    fits_fp8 = [c for c in range(1, num_layers) if peak_fp8(c) + margin <= vram_budget_gb] if fp8_layer_gb > 0 else []
+    if resident_layers is None and fits_fp8 or resident_layers is not None and fp8_layer_gb > 0:
+        count = max(fits_fp8) if resident_layers is None else resident_layers
+        if not 1 <= count < num_layers:
+            raise ValueError(f"text_resident_layers={resident_layers} is out of range with float8 layers: use 1 to "
+                             f"{num_layers - 1}")
+        fp8 = streamed_block_indices(num_layers, count)
+        return TextEncoderPlan(True, tuple(i for i in everything if i not in fp8), (), peak_fp8(count),
+                               min(minimum, peak_fp8(1) + margin), 0.0, fp8_layers=fp8)
     if resident_layers is not None:
         if not 1 <= resident_layers <= num_layers:
             raise ValueError(f"text_resident_layers={resident_layers} is out of range: use 1 to {num_layers}")
@@ -1488,17 +1567,23 @@ def plan_host_ram(plan: BudgetPlan, sizes: dict[str, Any], ram_gb: float,
     blocks = range(sizes["num_blocks"])
     text = plan.text_encoder
     text_streamed = text.streamed_layers if text is not None and text.split else ()
+    text_fp8 = text.fp8_layers if text is not None else ()  # float8 copies in RAM (fp8_storage): no file has them
     layer_gb, block_gb = sizes.get("text_layer_gb", 0.0), sizes["block_gb"]
-    text_rest_gb = sizes["text_encoder_gb"] - len(text_streamed) * layer_gb
-    all_gb = weights_gb(sizes)
+    text_pinned = tuple(sorted(text_streamed + text_fp8))
+    text_pinned_gb = len(text_streamed) * layer_gb + len(text_fp8) * sizes.get("text_layer_fp8_gb", 0.0)
+    text_rest_gb = sizes["text_encoder_gb"] - len(text_pinned) * layer_gb
+    all_gb = weights_gb(sizes) - len(text_pinned) * layer_gb + text_pinned_gb
     if all_gb + BUDGET_HOST_RAM_RESERVE_GB <= ram_gb:  # every weight page-locked: nothing read from the files
-        return HostRamPlan(ram_gb, tuple(blocks), text_streamed, True, True, all_gb, 0.0, 0.0)
+        return HostRamPlan(ram_gb, tuple(blocks), text_pinned, True, True, all_gb, 0.0, 0.0)
 
-    # 1. The text encoder's streamed layers are copied every caption token: page-locked, or no plan.
-    left = ram_gb - BUDGET_HOST_RAM_RESERVE_GB - BUDGET_PAGE_CACHE_MIN_GB - len(text_streamed) * layer_gb
+    # 1. The text encoder's streamed layers are copied every caption token, its float8 ones exist only in RAM:
+    #    page-locked, or no plan.
+    left = ram_gb - BUDGET_HOST_RAM_RESERVE_GB - BUDGET_PAGE_CACHE_MIN_GB - text_pinned_gb
     if left < 0:
         streamed = (f", and the text encoder's {len(text_streamed)} streamed layers page-locked (copied every caption "
-                    f"token): {len(text_streamed) * layer_gb:.1f} GB" if text_streamed else "")
+                    f"token): {len(text_streamed) * layer_gb:.1f} GB" if text_streamed else
+                    f", and the text encoder's {len(text_fp8)} float8 layers: {text_pinned_gb:.1f} GB" if text_fp8
+                    else "")
         raise ValueError(
             f"Not enough host RAM for the budget mode at {plan.vram_budget_gb:g} GB of VRAM: it needs at least "
             f"{ram_gb - left:.1f} GB ({BUDGET_HOST_RAM_RESERVE_GB:g} GB for the system, {BUDGET_PAGE_CACHE_MIN_GB:g} GB "
@@ -1510,7 +1595,7 @@ def plan_host_ram(plan: BudgetPlan, sizes: dict[str, Any], ram_gb: float,
             pinned_blocks.append(index)
             left -= block_gb
     if transformer_in_ram:
-        pinned_blocks, left = fp8_storage_host_ram(plan, sizes, ram_gb, left, text_streamed)
+        pinned_blocks, left = fp8_storage_host_ram(plan, sizes, ram_gb, left, text_pinned_gb)
     pin_rest = transformer_in_ram or sizes["other_transformer_gb"] <= left
     left -= sizes["other_transformer_gb"] if pin_rest else 0.0
     pin_text = text_rest_gb <= left
@@ -1527,12 +1612,12 @@ def plan_host_ram(plan: BudgetPlan, sizes: dict[str, Any], ram_gb: float,
             f"available, {file_streamed} of the {len(plan.streamed_blocks)} streamed transformer blocks would be read "
             f"from the weight files at every transformer call, {disk_gb:.0f} GB from disk per image (the limit is "
             f"{BUDGET_MAX_DISK_READ_GB_PER_IMAGE:g} GB).")
-    return HostRamPlan(ram_gb, tuple(sorted(pinned_blocks)), text_streamed, pin_text, pin_rest, all_gb - file_gb,
+    return HostRamPlan(ram_gb, tuple(sorted(pinned_blocks)), text_pinned, pin_text, pin_rest, all_gb - file_gb,
                        file_gb, disk_gb)
 
 
 def fp8_storage_host_ram(plan: BudgetPlan, sizes: dict[str, Any], ram_gb: float, left: float,
-                         text_streamed: tuple[int, ...]) -> tuple[list[int], float]:
+                         text_pinned_gb: float) -> tuple[list[int], float]:
     """`plan_host_ram`'s step for --quantization fp8_storage: every transformer block page-locked; returns (the blocks,
     the RAM left for the text encoder). Raises ValueError naming the figures when the transformer does not fit.
 
@@ -1542,15 +1627,14 @@ def fp8_storage_host_ram(plan: BudgetPlan, sizes: dict[str, Any], ram_gb: float,
     Where the text encoder lives at 32 GB (29.4 GB available, measured, with a desktop's 2 GB): 29.4 - 4 (system)
     - 2 (page cache) - 19.0 leaves 4.4 GB, and its bf16 weights are 15.4 GB, so it stays in the weight files and is
     read through the page cache (at worst 15.4 GB from disk per caption: ~2 s at 7 GB/s, 12 s at this H200 host's
-    1.3 GB/s), exact. Its language layers in float8 instead (12.2 GB -> 6.1 GB; with its bf16 rest 9.4 GB) would not
-    fit either (19.0 + 9.4 > 23.4), would cast every layer back to bf16 for every caption token (18 GB of GPU memory
-    traffic a token, 512 tokens: ~9 s on a 4090's ~1 TB/s, against one ~2 s read from a desktop NVMe) and would make
-    the caption lossy: not offered.
+    1.3 GB/s), exact where it fits the card whole (24 GB). All its language layers in float8 (12.2 GB -> 6.1 GB; with
+    its bf16 rest 9.4 GB) would not fit RAM either (19.0 + 9.4 > 23.4) and would make every caption lossy. On a
+    16 GB card only the layers that would stream per caption token are float8 (`plan_text_encoder`; `text_pinned_gb`
+    counts them here, 10 layers 2.2 GB, as much RAM as the 5 bf16 layers it streamed page-locked).
     """
     held = sizes["num_blocks"] * sizes["block_gb"] + sizes["other_transformer_gb"]
     if held > left:
-        streamed = (f", the text encoder's {len(text_streamed)} streamed layers "
-                    f"{len(text_streamed) * sizes.get('text_layer_gb', 0.0):.1f} GB" if text_streamed else "")
+        streamed = f", the text encoder's pinned layers {text_pinned_gb:.1f} GB" if text_pinned_gb else ""
         raise ValueError(
             f"Not enough host RAM for --quantization fp8_storage in the budget mode at {plan.vram_budget_gb:g} GB of "
             f"VRAM: its transformer is held in RAM in float8 ({held:.1f} GB; no file holds those copies), so it needs "
@@ -1576,14 +1660,18 @@ def budget_minimum_ram_gb(sizes: dict[str, Any], vram_gb: float, fp8_storage: bo
 
 
 def budget_sizes(transformer: torch.nn.Module, text_encoder: torch.nn.Module, vae: torch.nn.Module) -> dict[str, Any]:
-    """The sizes `plan_budget` takes (GiB), from loaded models."""
+    """The sizes `plan_budget` takes (GiB), from loaded models; under fp8_storage, with `text_layer_fp8_gb`. A text
+    encoder some of whose layers are float8 already (a re-plan) counts them at their bf16 size: the plan's own."""
     blocks = transformer.transformer_blocks
     layers, vision, embed = _text_encoder_parts(text_encoder)
-    return dict(block_gb=max(_module_gb(block) for block in blocks), num_blocks=len(blocks),
-                other_transformer_gb=_module_gb(transformer) - _module_gb(*blocks),
-                text_encoder_gb=_module_gb(text_encoder), vae_gb=_module_gb(vae),
-                text_layer_gb=max(_module_gb(layer) for layer in layers), text_num_layers=len(layers),
-                text_vision_gb=_module_gb(vision), text_embed_gb=_module_gb(embed))
+    layer_gb = max(_module_gb(layer) for layer in layers)
+    fp8_gb = {id(layer): layer_gb - _module_gb(layer) for layer in layers}
+    sizes = dict(block_gb=max(_module_gb(block) for block in blocks), num_blocks=len(blocks),
+                 other_transformer_gb=_module_gb(transformer) - _module_gb(*blocks),
+                 text_encoder_gb=_module_gb(text_encoder) + sum(fp8_gb.values()), vae_gb=_module_gb(vae),
+                 text_layer_gb=layer_gb, text_num_layers=len(layers),
+                 text_vision_gb=_module_gb(vision), text_embed_gb=_module_gb(embed))
+    return dict(sizes, text_layer_fp8_gb=fp8_text_layer_gb(layers[0])) if fp8_stored(transformer) else sizes
 
 
 def budget_sizes_from_files(model_path: Path | str, element_size: int,
@@ -1752,8 +1840,18 @@ def fp8_storage_hint(sizes: dict[str, Any], lossy_sizes: dict[str, Any] | None, 
         return None
     return (f"Low RAM: bf16 reads up to {exact.disk_read_gb_per_image:.0f} GB from disk per image here (transformer "
             f"blocks at every call). The opt-in lossy option --quantization fp8_storage (LOSSY: the transformer in "
-            f"float8, {lossy.pinned_gb:.1f} GB page-locked) fits this machine and reads up to "
-            f"{lossy.disk_read_gb_per_image:.0f} GB per image.")
+            f"float8{fp8_text_layers_note(lossy_sizes, vram_gb)}, {lossy.pinned_gb:.1f} GB page-locked) fits this "
+            f"machine and reads up to {lossy.disk_read_gb_per_image:.0f} GB per image.")
+
+
+def fp8_text_layers_note(lossy_sizes: dict[str, Any], vram_gb: float) -> str:
+    """", N of the text encoder's M layers in float8 too" where fp8_storage stores some at `vram_gb` (else "")."""
+    try:
+        text = plan_budget(vram_gb, image_tokens=BUDGET_DEFAULT_JOB_IMAGE_TOKENS, **lossy_sizes).text_encoder
+    except ValueError:
+        return ""
+    layers = len(text.resident_layers) + len(text.streamed_layers) + len(text.fp8_layers)
+    return f", {len(text.fp8_layers)} of the text encoder's {layers} layers in float8 too" if text.fp8_layers else ""
 
 
 def fp8_storage_advice(lossy_sizes: dict[str, Any] | None, vram_gb: float, ram_gb: float | None) -> str:
@@ -1767,8 +1865,9 @@ def fp8_storage_advice(lossy_sizes: dict[str, Any] | None, vram_gb: float, ram_g
     ram_needed = budget_minimum_ram_gb(lossy_sizes, max(vram_gb, vram_needed), fp8_storage=True)
     fits = vram_gb >= vram_needed and (ram_gb is None or ram_needed <= ram_gb)
     at = f"at {vram_gb:.1f} GB of VRAM" if vram_gb >= vram_needed else f"at {vram_needed:.1f} GB of VRAM"
+    text = fp8_text_layers_note(lossy_sizes, max(vram_gb, vram_needed)) or "; the text encoder stays bf16"
     return (f" The lossy option, --quantization fp8_storage (LOSSY: the transformer stored in float8, {held:.1f} GB "
-            f"held in RAM; the text encoder stays bf16), needs at least {vram_needed:.1f} GB of VRAM and, {at}, "
+            f"held in RAM{text}), needs at least {vram_needed:.1f} GB of VRAM and, {at}, "
             f"{ram_needed:.1f} GB of RAM available: "
             + ("it fits this machine (pass --quantization fp8_storage)." if fits else "it does not fit this machine either."))
 
@@ -2108,7 +2207,10 @@ def enable_budget_offload(pipe, vram_budget_gb: float, resident_blocks: int | No
         transformer.disable_cache()
 
     # 3. Each model's weights move into its host buffer (where host RAM is short, only those `plan_host_ram` picks:
-    #    the others stay views of the weight files); the VAE stays on the GPU.
+    #    the others stay views of the weight files); the VAE stays on the GPU. Under fp8_storage on a card the text
+    #    encoder does not fit whole, the layers that would stream are cast to float8 first (`plan_text_encoder`).
+    text_plan = largest.text_encoder
+    apply_fp8_text_layers(text_encoder, text_plan.fp8_layers)
     ram = plan_host_ram(default, sizes, float("inf") if host_ram_gb is None else host_ram_gb,
                         transformer_in_ram=fp8_stored(transformer))
     transformer_pin = text_encoder_pin = None
@@ -2137,7 +2239,6 @@ def enable_budget_offload(pipe, vram_budget_gb: float, resident_blocks: int | No
 
     # 4b. The text encoder where it does not fit whole (16 and 12 GB cards): the same hooks on its streamed language
     #     layers and vision tower, its embeddings in host RAM. The split does not depend on the job.
-    text_plan = largest.text_encoder
     off_stage: set[int] = set()  # ids of text encoder weights that do not enter with its stage
     removers: list[Callable[[], None]] = []
     if text_plan.split:

@@ -22,7 +22,10 @@ GIB = 2**30
 # the other 21,448,832 (img_in, txt_in, the timestep embedding) at 1 byte.
 BLOCK_FP8 = REAL["block_gb"] / 2 + 4 * 128 / GIB
 OTHER_FP8 = (19_080_768 * 2 + 21_448_832) / GIB
-FP8 = dict(REAL, block_gb=BLOCK_FP8, other_transformer_gb=OTHER_FP8)
+# A text encoder language layer stored in float8 (16 GB cards): its 233,050,624 Linear weights and biases at 1 byte,
+# its two 3584-wide RMSNorm weights in bf16.
+TEXT_LAYER_FP8 = (233_050_624 + 2 * 3584 * 2) / GIB
+FP8 = dict(REAL, block_gb=BLOCK_FP8, other_transformer_gb=OTHER_FP8, text_layer_fp8_gb=TEXT_LAYER_FP8)
 TRANSFORMER_FP8 = 60 * BLOCK_FP8 + OTHER_FP8  # 19.05 GB
 RESERVE = app.BUDGET_HOST_RAM_RESERVE_GB + app.BUDGET_PAGE_CACHE_MIN_GB  # 4 + 2
 
@@ -42,15 +45,34 @@ def test_on_a_24_gb_card_with_32_gb_fp8_keeps_the_whole_transformer_in_ram_and_t
     assert ram.disk_read_gb_per_image == pytest.approx(REAL["text_encoder_gb"])  # bf16 here: 31 GB, 35 GB measured
 
 
-def test_on_a_16_gb_card_with_32_gb_fp8_reads_no_transformer_block_from_disk():
+def test_on_a_16_gb_card_with_32_gb_fp8_reads_no_transformer_block_and_streams_no_text_layer():
     plan = app.plan_budget(15.0, image_tokens=DEFAULT_JOB_TOKENS, **FP8)
-    streamed_text = plan.text_encoder.streamed_layers
-    assert len(streamed_text) == 5  # the text encoder's split does not depend on the transformer's dtype
+    text = plan.text_encoder
+    # bf16 keeps 23 of 28 layers and streams 5 per caption token (2.2 GB a token). fp8: the caption stage holds
+    # lm_head and the final norm, the VAE, 1.5 GB of activations, the vision tower's copy, 18 bf16 layers and 10 float8
+    # ones: 13.997 GB, under 15 GB less the 1 GB margin; a 19th bf16 layer would not fit.
+    head = REAL["text_encoder_gb"] - 28 * REAL["text_layer_gb"] - REAL["text_vision_gb"] - REAL["text_embed_gb"]
+    fixed = head + REAL["vae_gb"] + 1.5 + REAL["text_vision_gb"]
+    assert fixed + 18 * REAL["text_layer_gb"] + 10 * TEXT_LAYER_FP8 + 1.0 <= 15.0
+    assert fixed + 19 * REAL["text_layer_gb"] + 9 * TEXT_LAYER_FP8 + 1.0 > 15.0
+    assert len(text.resident_layers) == 18 and len(text.fp8_layers) == 10 and text.streamed_layers == ()
+    assert text.streamed_gb_per_token == 0.0 and text.peak_gb == pytest.approx(fixed + 18 * REAL["text_layer_gb"]
+                                                                                 + 10 * TEXT_LAYER_FP8)
+    assert 0 in text.resident_layers and text.fp8_layers == app.streamed_block_indices(28, 18)  # spread, layer 0 bf16
     ram = app.plan_host_ram(plan, FP8, 29.4, transformer_in_ram=True)
-    assert ram.pinned_blocks == tuple(range(60)) and ram.pinned_text_layers == streamed_text
-    assert ram.pinned_gb == pytest.approx(TRANSFORMER_FP8 + 5 * REAL["text_layer_gb"])
-    # bf16 at 16/32: 21 blocks from disk at every call, 845 GB per image planned (859 GB measured). fp8: the text only.
-    assert ram.disk_read_gb_per_image == pytest.approx(REAL["text_encoder_gb"] - 5 * REAL["text_layer_gb"])
+    assert ram.pinned_blocks == tuple(range(60)) and ram.pinned_text_layers == text.fp8_layers
+    # The float8 layers exist only in RAM: page-locked, as much as the 5 bf16 layers bf16 streamed (2.17 GB).
+    assert ram.pinned_gb == pytest.approx(TRANSFORMER_FP8 + 10 * TEXT_LAYER_FP8)
+    assert 10 * TEXT_LAYER_FP8 == pytest.approx(5 * REAL["text_layer_gb"], abs=0.001)
+    # bf16 at 16/32: 21 blocks from disk at every call, 845 GB per image planned (859 GB measured). fp8: the text
+    # encoder's bf16 rest only, once per caption.
+    assert ram.disk_read_gb_per_image == pytest.approx(REAL["text_encoder_gb"] - 10 * REAL["text_layer_gb"])
+
+
+def test_on_a_12_gb_card_fp8_streams_the_bf16_text_layers_as_before():
+    """Even 1 bf16 layer beside 27 float8 ones does not fit 11 GB: the split streams, exact, as in bf16."""
+    fp8, bf16 = (app.plan_budget(11.0, image_tokens=DEFAULT_JOB_TOKENS, **sizes).text_encoder for sizes in (FP8, REAL))
+    assert fp8 == bf16 and fp8.fp8_layers == () and len(fp8.streamed_layers) > 0
 
 
 def test_fp8_never_leaves_transformer_blocks_in_the_files_it_refuses_with_the_figures():
@@ -77,7 +99,8 @@ def test_an_fp8_refusal_says_what_bf16_needs_and_a_disk_bound_bf16_plan_names_fp
     # 16 GB / 32 GB in bf16 reads blocks at every call (845 GB per image): the load log names fp8's figures.
     hint = app.fp8_storage_hint(REAL, FP8, 15.0, 29.4)
     assert "--quantization fp8_storage (LOSSY" in hint
-    assert f"reads up to {REAL['text_encoder_gb'] - 5 * REAL['text_layer_gb']:.0f} GB per image" in hint  # 13 GB
+    assert f"reads up to {REAL['text_encoder_gb'] - 10 * REAL['text_layer_gb']:.0f} GB per image" in hint  # 11 GB
+    assert "10 of the text encoder's 28 layers in float8 too" in hint
     assert app.fp8_storage_hint(REAL, FP8, 23.0, 29.4) is None  # 24 / 32: bf16 reads 31 GB, less than its weights
 
 
@@ -88,11 +111,21 @@ def test_the_fp8_sizes_read_from_the_files_are_those_of_the_cast_model(models_di
     cast = {name for name, p in pipe.transformer.named_parameters() if p.dtype == torch.float8_e4m3fn}
     assert set(stored) == cast and set(stored.values()) == {1}
     loaded = app.budget_sizes(pipe.transformer, pipe.text_encoder, pipe.vae)
-    from_files = app.budget_sizes_from_files(path, 4, stored)  # float32 on the CPU, the cast weights at 1 byte
+    from_files = app.fp8_storage_sizes(path, 4)  # float32 on the CPU, the cast weights at 1 byte
+    assert set(from_files) == set(loaded)
     for key, value in loaded.items():
         assert from_files[key] == pytest.approx(value, abs=2**-20), key
     bf16 = app.budget_sizes_from_files(path, 4)
     assert from_files["block_gb"] < bf16["block_gb"] / 3  # float32 -> float8, the norms excepted
+    # A text encoder layer cast as the engine casts it (16 GB cards) holds what the planner counted: its Linear
+    # weights and biases at 1 byte, its two RMSNorm weights in float32.
+    layer = app._text_encoder_parts(pipe.text_encoder)[0][1]
+    app.apply_fp8_text_layers(pipe.text_encoder, (1,))
+    linear = sum(p.numel() for m in layer.modules() if isinstance(m, torch.nn.Linear) for p in m.parameters())
+    norms = sum(p.numel() for name, p in layer.named_parameters() if "norm" in name)
+    assert linear + norms == sum(p.numel() for p in layer.parameters()) and norms > 0
+    assert {p.dtype for m in layer.modules() if isinstance(m, torch.nn.Linear) for p in m.parameters()} == {torch.float8_e4m3fn}
+    assert from_files["text_layer_fp8_gb"] == pytest.approx((linear + 4 * norms) / GIB, abs=2**-30)
     assert app.planner_sizes(path, 4, "fp8_storage") == (from_files, bf16)  # bf16's, for an fp8 refusal's advice
     assert app.planner_sizes(path, 4, None) == (bf16, from_files)  # the lossy figures, for a bf16 refusal's advice
 
@@ -141,27 +174,40 @@ def test_too_little_ram_for_fp8_exits_2_naming_the_float8_transformer(models_dir
 
 def test_fp8_budget_with_little_ram_gives_the_layers_of_fp8_off_and_reads_the_text_encoder_from_its_files(
         demo_pipe, models_dir, rgba_image, monkeypatch, tmp_path):
+    """The text encoder split as on a 16 GB card (1 of its 2 layers bf16): under fp8_storage the other layer is
+    stored in float8 and stays resident instead of streaming. The reference is fp8 + --offload off with the same layer
+    cast by diffusers' apply_layerwise_casting directly; the caption (empty prompt) runs through both."""
+    from diffusers.hooks import apply_layerwise_casting
+
     monkeypatch.setattr(app, "BUDGET_HOST_RAM_RESERVE_GB", 0.0)
     monkeypatch.setattr(app, "BUDGET_PAGE_CACHE_MIN_GB", 0.0)
-    kwargs = dict(prompt="shapes", layers=2, num_inference_steps=2, seed=7)
+    kwargs = dict(prompt="", layers=2, num_inference_steps=2, seed=7)
     reference_pipe = app.load_pipeline(demo_settings(models_dir, quantization="fp8_storage"))
+    apply_layerwise_casting(app._text_encoder_parts(reference_pipe.text_encoder)[0][1], torch.float8_e4m3fn,
+                            torch.float32)
     reference = app.infer(reference_pipe, rgba_image, **kwargs)
     pipe = app.load_pipeline(demo_settings(models_dir, quantization="fp8_storage"))
     sizes = app.budget_sizes(pipe.transformer, pipe.text_encoder, pipe.vae)
     transformer = sizes["num_blocks"] * sizes["block_gb"] + sizes["other_transformer_gb"]
-    text_layer = sizes["text_layer_gb"]  # the text encoder split with 1 of its 2 layers resident: 1 streamed
-    ram_gb = transformer + text_layer + sizes["text_encoder_gb"] / 4  # not the whole text encoder
+    ram_gb = transformer + sizes["text_layer_fp8_gb"] + sizes["text_encoder_gb"] / 4  # not the whole text encoder
     applied = app.enable_budget_offload(pipe, vram_budget_gb=float("inf"), resident_blocks=1, text_resident_layers=1,
                                         host_ram_gb=ram_gb)
+    split = next(a for a in applied if a.startswith("budget_text_encoder_split"))
+    assert "1/2 language layers resident, 1 in float8 (LOSSY), all resident (nothing copied per caption token)" in split
     low_ram = next(a for a in applied if a.startswith("budget_low_ram"))
     assert f"{sizes['num_blocks']} transformer blocks, 1 text encoder layers)" in low_ram
+    layers = app._text_encoder_parts(pipe.text_encoder)[0]
+    assert {p.dtype for p in layers[1].parameters()} == {torch.float8_e4m3fn, torch.float32}  # its norms stay
+    assert {p.dtype for p in layers[0].parameters()} == {torch.float32}
     if sys.platform.startswith("linux"):
-        spans = _mapped_files()  # the cast weights are float8 copies in RAM; the text encoder's are its files'
-        files = [(_file_of(p, spans) or "").endswith(".safetensors") for p in pipe.transformer.parameters()
-                 if p.dtype == torch.float8_e4m3fn]
+        spans = _mapped_files()  # the cast weights are float8 copies in RAM; the text encoder's others are its files'
+        files = [(_file_of(p, spans) or "").endswith(".safetensors")
+                 for p in [*pipe.transformer.parameters(), *layers[1].parameters()] if p.dtype == torch.float8_e4m3fn]
         assert files and not any(files)
-        assert all((_file_of(p, spans) or "").endswith(".safetensors") for p in pipe.text_encoder.parameters())
+        assert all((_file_of(p, spans) or "").endswith(".safetensors") for name, p in
+                   pipe.text_encoder.named_parameters() if p.dtype != torch.float8_e4m3fn and ".layers.1." not in name)
     result = app.infer(pipe, rgba_image, **kwargs)
+    assert result.caption == reference.caption and len(result.caption) > 100
     for ours, theirs in zip(result.layers, reference.layers, strict=True):
         assert ours.tobytes() == theirs.tobytes()
     # fp8 changes the layers (lossy) and says so wherever it is recorded.
