@@ -1494,16 +1494,16 @@ def plan_text_encoder(vram_budget_gb: float, *, text_encoder_gb: float, layer_gb
     minimum = min(whole, peak(1)) + margin
     if resident_layers is None and whole + margin <= vram_budget_gb:
         return TextEncoderPlan(False, everything, (), whole, minimum, 0.0)
-    # Layer 0 stays bf16, as it stays resident in the streaming split.
+    # Layer 0 stays bf16, as it stays resident in the streaming split. `resident_layers` (tests, tuning) fixes the
+    # bf16 count, the others float8.
     fits_fp8 = [c for c in range(1, num_layers) if peak_fp8(c) + margin <= vram_budget_gb] if fp8_layer_gb > 0 else []
-    if resident_layers is None and fits_fp8 or resident_layers is not None and fp8_layer_gb > 0:
-        count = max(fits_fp8) if resident_layers is None else resident_layers
-        if not 1 <= count < num_layers:
-            raise ValueError(f"text_resident_layers={resident_layers} is out of range with float8 layers: use 1 to "
-                             f"{num_layers - 1}")
+    if resident_layers is not None:
+        fits_fp8 = [resident_layers] if fp8_layer_gb > 0 and 1 <= resident_layers < num_layers else []
+    if fits_fp8:
+        count = max(fits_fp8)
         fp8 = streamed_block_indices(num_layers, count)
-        return TextEncoderPlan(True, tuple(i for i in everything if i not in fp8), (), peak_fp8(count),
-                               min(minimum, peak_fp8(1) + margin), 0.0, fp8_layers=fp8)
+        return TextEncoderPlan(True, tuple(i for i in everything if i not in fp8), (), peak_fp8(count), minimum, 0.0,
+                               fp8_layers=fp8)
     if resident_layers is not None:
         if not 1 <= resident_layers <= num_layers:
             raise ValueError(f"text_resident_layers={resident_layers} is out of range: use 1 to {num_layers}")
