@@ -1060,7 +1060,7 @@ def fp8_text_layer_gb_from_files(model_path: Path | str, dtype: torch.dtype) -> 
 
     config = transformers.AutoConfig.from_pretrained(Path(model_path) / "text_encoder")
     model_class = getattr(transformers, (config.architectures or [""])[0], None)
-    if model_class is None:
+    if not (isinstance(model_class, type) and issubclass(model_class, transformers.PreTrainedModel)):
         raise ValueError(f"{Path(model_path) / 'text_encoder' / 'config.json'} names no transformers model class "
                          f"({config.architectures!r}): --quantization fp8_storage cannot size its text encoder's "
                          f"float8 layers; pass the folder of a diffusers pipeline")

@@ -241,3 +241,13 @@ def test_a_transformer_config_naming_no_diffusers_model_is_refused_for_fp8_and_o
             app.planner_sizes(folder, 4, "fp8_storage")
         sizes, lossy = app.planner_sizes(folder, 4, None)
         assert sizes == app.budget_sizes_from_files(folder, 4) and lossy is None
+    # The same for the text encoder's config (its float8 layers are sized from it): the transformer's put back.
+    config.write_text(json.dumps(dict(json.loads(config.read_text()), _class_name="QwenImageTransformer2DModel")))
+    text_config = folder / "text_encoder" / "config.json"
+    for name in (["os"], ["NoSuchModel"], None):
+        text_config.write_text(json.dumps(dict(json.loads(text_config.read_text()), architectures=name)))
+        with pytest.raises(ValueError, match=r"names no transformers model class .*: --quantization fp8_storage cannot "
+                                             r"size its text encoder's float8 layers"):
+            app.planner_sizes(folder, 4, "fp8_storage")
+        sizes, lossy = app.planner_sizes(folder, 4, None)
+        assert sizes == app.budget_sizes_from_files(folder, 4) and lossy is None
