@@ -227,6 +227,9 @@ def run_row(args) -> dict:
             denoise_s=round(denoise * scale, 1), whole_image_s=round(whole, 1), whole_image_is_extrapolated=args.steps != 50,
             peak_vram_gb=round(torch.cuda.max_memory_allocated() / GIB, 2) if cuda else None,
             peak_reserved_gb=round(torch.cuda.max_memory_reserved() / GIB, 2) if cuda else None,
+            # Allocator retries since the process started (each a cache flush and a device sync): a plan too close to
+            # the cap would show here.
+            alloc_retries=torch.cuda.memory_stats().get("num_alloc_retries") if cuda else None,
             disk_read_load_gb=round(gb["load"], 2), disk_read_measured_gb=round(gb["image"], 2),
             disk_read_caption_gb=round(gb.get("caption", 0.0), 2), disk_read_denoise_measured_gb=round(gb.get("denoise", 0.0), 2),
             disk_read_other_gb=round(other_gb, 2), disk_read_gb=round(disk_gb, 1),
