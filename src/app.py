@@ -1096,8 +1096,8 @@ def fp8_stored(transformer: torch.nn.Module) -> bool:
 
 
 def fp8_storage_sizes(model_path: Path | str, element_size: int) -> dict[str, Any] | None:
-    """fp8_storage's sizes from the files: the transformer's float8 weights, and a text encoder layer in float8
-    (`text_layer_fp8_gb`: the layers the planner stores so where the text encoder does not fit whole)."""
+    """fp8_storage's sizes from the files: the transformer's float8 weights, and `text_layer_fp8_gb`, a text encoder
+    language layer in float8 (the planner stores so those that would stream, where the text encoder does not fit)."""
     sizes = budget_sizes_from_files(model_path, element_size, fp8_storage_element_sizes(model_path))
     if sizes is None:
         return None
@@ -1534,7 +1534,7 @@ class HostRamPlan:
 
     ram_gb: float  # host RAM the plan was made for (available to the app, before the reserve)
     pinned_blocks: tuple[int, ...]  # transformer blocks with a page-locked host copy
-    pinned_text_layers: tuple[int, ...]  # text encoder language layers with one (its streamed ones, at least)
+    pinned_text_layers: tuple[int, ...]  # text encoder language layers with one (its streamed and float8 ones, at least)
     pin_text_encoder: bool  # the rest of the text encoder page-locked too
     pin_transformer_rest: bool  # the transformer's weights outside its blocks page-locked
     pinned_gb: float
@@ -1665,10 +1665,10 @@ def budget_sizes(transformer: torch.nn.Module, text_encoder: torch.nn.Module, va
     blocks = transformer.transformer_blocks
     layers, vision, embed = _text_encoder_parts(text_encoder)
     layer_gb = max(_module_gb(layer) for layer in layers)
-    fp8_gb = {id(layer): layer_gb - _module_gb(layer) for layer in layers}
+    saved_by_fp8 = sum(layer_gb - _module_gb(layer) for layer in layers)
     sizes = dict(block_gb=max(_module_gb(block) for block in blocks), num_blocks=len(blocks),
                  other_transformer_gb=_module_gb(transformer) - _module_gb(*blocks),
-                 text_encoder_gb=_module_gb(text_encoder) + sum(fp8_gb.values()), vae_gb=_module_gb(vae),
+                 text_encoder_gb=_module_gb(text_encoder) + saved_by_fp8, vae_gb=_module_gb(vae),
                  text_layer_gb=layer_gb, text_num_layers=len(layers),
                  text_vision_gb=_module_gb(vision), text_embed_gb=_module_gb(embed))
     return dict(sizes, text_layer_fp8_gb=fp8_text_layer_gb(layers[0])) if fp8_stored(transformer) else sizes
