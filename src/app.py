@@ -4517,9 +4517,18 @@ def decompose_ray(images: list[Path], settings: Settings, address: str | None = 
     gpus = int(ray.cluster_resources().get("GPU", 0))
     workers = max(1, min(workers or gpus or 1, len(todo)))
     path = os.pathsep.join([str(Path(__file__).resolve().parent), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+    env = {"PYTHONPATH": path}
+    if not gpus:
+        # Workers scheduled on CPUs stay there: Ray (2.60) leaves CUDA_VISIBLE_DEVICES alone for an actor that asks
+        # for no GPU, so on a node with GPUs Ray did not count, each worker would load the model onto its cuda:0.
+        env["CUDA_VISIBLE_DEVICES"] = ""
+        if torch.cuda.is_available():
+            logger.warning("Ray reports no GPU in its cluster while this machine has %d: its %d workers run on the "
+                           "CPU (hours an image). Start Ray with its GPUs (`ray start --head --num-gpus N`) or drop "
+                           "--ray to use this machine's GPU.", torch.cuda.device_count(), workers)
     actor = ray.remote(module.RayDecomposeWorker).options(
         num_gpus=1 if gpus else 0, num_cpus=0 if gpus else 1, max_restarts=RAY_RETRIES, max_task_retries=RAY_RETRIES,
-        runtime_env={"env_vars": {"PYTHONPATH": path}})
+        runtime_env={"env_vars": env})
     settings = dataclasses.replace(settings, model=str(get_model_path(settings)), outputs=outputs)
     pool = ray.util.ActorPool([actor.remote(settings, worker_setup) for _ in range(workers)])
     # 3. One image per free worker; results in input order; a worker lost beyond its retries fails only its image.

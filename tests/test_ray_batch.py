@@ -58,11 +58,12 @@ def ray_cluster():
 
 def kill_once(marker, setups_log):
     """Runs in each worker after loading: the first transformer call of the whole run kills its worker process
-    (os._exit, no cleanup: as a node that dies). Every setup is logged, so restarts can be counted."""
+    (os._exit, no cleanup: as a node that dies). Every setup is logged, so restarts can be counted, with the
+    worker's CUDA_VISIBLE_DEVICES."""
 
     def setup(pipe):
         with open(setups_log, "a") as f:
-            f.write(f"{os.getpid()}\n")
+            f.write(f"{os.getpid()} {os.environ.get('CUDA_VISIBLE_DEVICES')!r}\n")
 
         def die_once(module, args, kwargs):
             try:
@@ -104,8 +105,11 @@ def test_ray_run_folders_equal_the_local_batch(ray_run, local_batch):
 def test_a_worker_that_dies_loses_only_its_image_which_is_retried(ray_run):
     out, items, _, marker, setups_log = ray_run
     assert marker.exists()  # a worker really died mid-image
-    pids = setups_log.read_text().split()
+    setups = [line.split() for line in setups_log.read_text().splitlines()]
+    pids = [pid for pid, _ in setups]
     assert len(pids) == 3 and len(set(pids)) == 3  # two workers, then the dead one restarted in a new process
+    # A cluster without GPUs runs CPU workers, and they see no GPU (Ray 2.60 would leave every GPU of a node visible).
+    assert {visible for _, visible in setups} == {"''"}
     assert all(item.folder.parent == out and app.run_folder_complete(item.folder) for item in items)
 
 
