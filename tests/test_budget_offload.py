@@ -9,7 +9,7 @@ import app
 from conftest import demo_settings
 
 # Sizes (GiB) of the real model in bf16, as bench/bench_24gb.py reports them for the full-size architecture.
-REAL_SIZES = dict(block_gb=0.633, num_blocks=60, other_transformer_gb=0.038, text_encoder_gb=15.445, vae_gb=0.236)
+REAL_SIZES = dict(block_gb=0.633, num_blocks=60, other_transformer_gb=0.0755, text_encoder_gb=15.445, vae_gb=0.236)
 DEFAULT_JOB_TOKENS = (4 + 2) * (640 // 16) ** 2  # 640 bucket, 4 layers
 
 
@@ -21,7 +21,7 @@ def test_a_24_gb_budget_keeps_more_blocks_resident_for_the_default_job_than_for_
     for plan in (default, largest):
         assert plan.denoise_peak_gb <= 24 - app.BUDGET_SAFETY_MARGIN_GB
         assert plan.text_encoder_peak_gb <= 24 - app.BUDGET_SAFETY_MARGIN_GB
-        assert plan.host_ram_gb == pytest.approx(0.038 + 60 * 0.633 + 15.445)
+        assert plan.host_ram_gb == pytest.approx(0.0755 + 60 * 0.633 + 15.445)
 
 
 def test_streamed_blocks_are_spread_out_and_the_first_two_stay():

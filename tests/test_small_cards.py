@@ -17,7 +17,7 @@ from conftest import demo_settings, run_app
 # layer from Qwen2.5-VL-7B's config (q/o 3584x3584 + k/v 3584x512 with biases, MLP 3 x 3584x18944, two norms:
 # 233,057,792 parameters), its vision tower and embedding table (152,064 x 3584).
 LAYER_GB = 233_057_792 * 2 / 2**30
-REAL = dict(block_gb=0.633, num_blocks=60, other_transformer_gb=0.038, text_encoder_gb=15.445, vae_gb=0.236,
+REAL = dict(block_gb=0.633, num_blocks=60, other_transformer_gb=0.0755, text_encoder_gb=15.445, vae_gb=0.236,
             text_layer_gb=LAYER_GB, text_num_layers=28, text_vision_gb=1.26, text_embed_gb=152_064 * 3584 * 2 / 2**30)
 DEFAULT_JOB_TOKENS = (4 + 2) * (640 // 16) ** 2
 
