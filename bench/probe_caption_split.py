@@ -1,0 +1,113 @@
+"""Where a caption token's time goes under the budget engine: the GPU's busy time against the wall, and the host's
+Python hot spots, for one emulated card (a probe: it informs the engine's design, it is not a machine row).
+
+Loads the app's pipeline (`app.load_pipeline`, `auto`, the card emulated as bench_low_ram.py does, the word-level
+tokenizer of PERF_METHOD.md), then:
+    1. a caption of 512 tokens (the text encoder's stage enters: its copies included), then a second one (stage
+       already in: the decode alone), each timed;
+    2. a caption of --profile-tokens tokens under torch.profiler: the sum of the GPU's kernel time against the wall
+       (a launch-bound decode has the GPU idle most of the time), the top aten ops by host time;
+    3. the same under cProfile: the Python functions that take the host's time per token.
+Random full-size weights (../shared/PERF_METHOD.md): times, never quality.
+
+    python bench/probe_caption_split.py --pipe /root/pipe --quantization fp8_storage --vram-gb 16 --out $OUT/cap16.json
+"""
+
+import argparse
+import cProfile
+import io
+import json
+import pstats
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path[:0] = [str(ROOT / "src"), str(ROOT / "bench")]
+
+import app  # noqa: E402, I001  (first: it sets PYTORCH_CUDA_ALLOC_CONF before torch loads, as the app does)
+import bench_machines  # noqa: E402
+import torch  # noqa: E402
+from PIL import Image  # noqa: E402
+
+GIB = 2**30
+
+
+def timed_caption(pipe, image, tokens: int | None = None) -> tuple[float, int]:
+    bench_machines.sync()
+    start = time.perf_counter()
+    forced = {} if tokens is None else dict(max_new_tokens=tokens)
+    with app.generate_with(pipe.text_encoder, **forced):
+        caption = app.caption_image(pipe, image, 640)
+    bench_machines.sync()
+    return time.perf_counter() - start, len(caption.split())
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--pipe", type=Path, required=True)
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--quantization", choices=["fp8_storage"], default=None)
+    parser.add_argument("--vram-gb", type=float, default=16.0, help="the card emulated (cap -0.5, budget -1, as the rows)")
+    parser.add_argument("--profile-tokens", type=int, default=64)
+    parser.add_argument("--tiny", action="store_true", help="the demo pipeline on the CPU: the script only")
+    args = parser.parse_args()
+    cuda = torch.cuda.is_available()
+    cap_gb, budget_gb = args.vram_gb - 0.5, args.vram_gb - 1.0
+    if cuda:
+        torch.cuda.set_per_process_memory_fraction(cap_gb * GIB / torch.cuda.get_device_properties(0).total_memory)
+    result = dict(command="python " + " ".join(sys.argv), quantization=args.quantization, vram_gb=args.vram_gb,
+                  card=torch.cuda.get_device_name(0) if cuda else "cpu")
+    save = lambda: (args.out.parent.mkdir(parents=True, exist_ok=True),  # noqa: E731
+                    args.out.write_text(json.dumps(result, indent=1)))
+
+    start = time.perf_counter()
+    pipe = app.load_pipeline(app.Settings(model=str(args.pipe), offload="auto" if cuda else "budget",
+                                          vram_budget_gb=budget_gb if cuda else None, first_block_cache=False,
+                                          warm_up=False, quantization=args.quantization))
+    result.update(load_s=round(time.perf_counter() - start, 1), applied=pipe._studio_info["optimizations"])
+    if not args.tiny:
+        pipe.tokenizer, pipe.processor = bench_machines.word_level_processor()
+        pipe.vl_processor = pipe.processor
+        prefix = pipe.prompt_template_encode.split("{}")[0]
+        pipe.prompt_template_encode_start_idx = len(pipe.tokenizer(prefix).input_ids)
+    image = app.to_rgba(Image.open(ROOT / "assets" / "test_images" / sorted((ROOT / "assets" / "test_images").iterdir())[0].name))
+
+    # 1. Two full captions: the first enters the stage, the second is the decode alone.
+    for key in ("caption_first", "caption_second"):
+        seconds, words = timed_caption(pipe, image)
+        result[key] = dict(s=round(seconds, 2), words=words, ms_per_token=round(1000 * seconds / max(words, 1), 1))
+        save()
+        print(key, result[key], flush=True)
+
+    # 2. torch.profiler: the GPU's busy time against the wall.
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    with profile(activities=activities) as prof:
+        seconds, words = timed_caption(pipe, image, args.profile_tokens)
+    averages = prof.key_averages()
+    device_us = sum(getattr(e, "self_device_time_total", 0) for e in averages)
+    result["profiled"] = dict(s=round(seconds, 2), words=words, gpu_busy_s=round(device_us / 1e6, 3),
+                              gpu_busy_share=round(device_us / 1e6 / seconds, 3),
+                              top_host_ops=averages.table(sort_by="self_cpu_time_total", row_limit=20).splitlines(),
+                              top_device_ops=averages.table(sort_by="self_device_time_total", row_limit=12).splitlines()
+                              if cuda else None)
+    save()
+    print("profiled", {k: v for k, v in result["profiled"].items() if not k.startswith("top")}, flush=True)
+
+    # 3. cProfile: the host's Python hot spots.
+    profiler = cProfile.Profile()
+    profiler.enable()
+    seconds, words = timed_caption(pipe, image, args.profile_tokens)
+    profiler.disable()
+    text = io.StringIO()
+    pstats.Stats(profiler, stream=text).sort_stats("tottime").print_stats(30)
+    result["cprofile"] = dict(s=round(seconds, 2), words=words, top_tottime=text.getvalue().splitlines()[-45:])
+    save()
+    print("\n".join(result["cprofile"]["top_tottime"]), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
