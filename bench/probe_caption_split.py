@@ -4,7 +4,9 @@ Python hot spots, for one emulated card (a probe: it informs the engine's design
 Loads the app's pipeline (`app.load_pipeline`, `auto`, the card emulated as bench_low_ram.py does, the word-level
 tokenizer of PERF_METHOD.md), then:
     1. a caption of 512 tokens (the text encoder's stage enters: its copies included), then a second one (stage
-       already in: the decode alone), each timed;
+       already in: the decode alone), then an image of 2 steps with a prompt (the stages change, the allocator's
+       cache is emptied), then a caption again; each caption timed per 64 tokens, with the allocator's device
+       allocations and frees meanwhile;
     2. a caption of --profile-tokens tokens under torch.profiler: the sum of the GPU's kernel time against the wall
        (a launch-bound decode has the GPU idle most of the time), the top aten ops by host time;
     3. the same under cProfile: the Python functions that take the host's time per token.
@@ -17,6 +19,7 @@ import argparse
 import cProfile
 import io
 import json
+import os
 import pstats
 import sys
 import time
@@ -33,14 +36,38 @@ from PIL import Image  # noqa: E402
 GIB = 2**30
 
 
-def timed_caption(pipe, image, tokens: int | None = None) -> tuple[float, int]:
+def allocator_counts() -> dict:
+    """The caching allocator's device allocations and frees so far (cudaMalloc / cudaFree, or segment maps and unmaps
+    with expandable_segments), its segments and retries."""
+    if not torch.cuda.is_available():
+        return {}
+    stats = torch.cuda.memory_stats()
+    return {k: stats.get(k, 0) for k in ("num_device_alloc", "num_device_free", "segment.all.current", "num_alloc_retries")}
+
+
+def timed_caption(pipe, image, tokens: int | None = None) -> dict:
+    """One caption, timed, with its time per 64 tokens (host clock at each lm_head call: generate waits for every
+    token anyway) and what the allocator did meanwhile."""
+    stamps = []
+    handle = pipe.text_encoder.lm_head.register_forward_hook(lambda *a: stamps.append(time.perf_counter()))
+    before = allocator_counts()
     bench_machines.sync()
     start = time.perf_counter()
     forced = {} if tokens is None else dict(max_new_tokens=tokens)
-    with app.generate_with(pipe.text_encoder, **forced):
-        caption = app.caption_image(pipe, image, 640)
-    bench_machines.sync()
-    return time.perf_counter() - start, len(caption.split())
+    try:
+        with app.generate_with(pipe.text_encoder, **forced):
+            caption = app.caption_image(pipe, image, 640)
+        bench_machines.sync()
+    finally:
+        handle.remove()
+    seconds, words = time.perf_counter() - start, len(caption.split())
+    after = allocator_counts()
+    chunks = [round(1000 * (stamps[min(i + 64, len(stamps) - 1)] - stamps[i]) / (min(i + 64, len(stamps) - 1) - i), 1)
+              for i in range(0, len(stamps) - 1, 64)]
+    return dict(s=round(seconds, 2), words=words, ms_per_token=round(1000 * seconds / max(words, 1), 1),
+                first_token_s=round(stamps[0] - start, 2) if stamps else None, ms_per_token_by_64=chunks,
+                allocator={k: after[k] - before[k] for k in after}, peak_reserved_gb=round(
+                    torch.cuda.max_memory_reserved() / GIB, 2) if torch.cuda.is_available() else None)
 
 
 def main() -> int:
@@ -50,6 +77,7 @@ def main() -> int:
     parser.add_argument("--quantization", choices=["fp8_storage"], default=None)
     parser.add_argument("--vram-gb", type=float, default=16.0, help="the card emulated (cap -0.5, budget -1, as the rows)")
     parser.add_argument("--profile-tokens", type=int, default=64)
+    parser.add_argument("--no-profile", action="store_true", help="the timed captions and the image only")
     parser.add_argument("--tiny", action="store_true", help="the demo pipeline on the CPU: the script only")
     args = parser.parse_args()
     cuda = torch.cuda.is_available()
@@ -57,7 +85,8 @@ def main() -> int:
     if cuda:
         torch.cuda.set_per_process_memory_fraction(cap_gb * GIB / torch.cuda.get_device_properties(0).total_memory)
     result = dict(command="python " + " ".join(sys.argv), quantization=args.quantization, vram_gb=args.vram_gb,
-                  card=torch.cuda.get_device_name(0) if cuda else "cpu")
+                  card=torch.cuda.get_device_name(0) if cuda else "cpu",
+                  alloc_conf=os.environ.get("PYTORCH_CUDA_ALLOC_CONF"))
     save = lambda: (args.out.parent.mkdir(parents=True, exist_ok=True),  # noqa: E731
                     args.out.write_text(json.dumps(result, indent=1)))
 
@@ -73,19 +102,27 @@ def main() -> int:
         pipe.prompt_template_encode_start_idx = len(pipe.tokenizer(prefix).input_ids)
     image = app.to_rgba(Image.open(ROOT / "assets" / "test_images" / sorted((ROOT / "assets" / "test_images").iterdir())[0].name))
 
-    # 1. Two full captions: the first enters the stage, the second is the decode alone.
-    for key in ("caption_first", "caption_second"):
-        seconds, words = timed_caption(pipe, image)
-        result[key] = dict(s=round(seconds, 2), words=words, ms_per_token=round(1000 * seconds / max(words, 1), 1))
+    # 1. Two full captions (the first enters the stage, the second is the decode alone), then an image of 2 steps with
+    #    a prompt (the stages change: the allocator's cache is emptied), then a caption again.
+    for key in ("caption_first", "caption_second", "image", "caption_after_image"):
+        if key == "image":
+            start = time.perf_counter()
+            app.infer(pipe, image, prompt="a poster with a cat", layers=4, resolution=640, num_inference_steps=2, seed=1)
+            result[key] = dict(s=round(time.perf_counter() - start, 2))
+        else:
+            result[key] = timed_caption(pipe, image)
         save()
         print(key, result[key], flush=True)
+    if args.no_profile:
+        return 0
 
     # 2. torch.profiler: the GPU's busy time against the wall.
     from torch.profiler import ProfilerActivity, profile
 
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
     with profile(activities=activities) as prof:
-        seconds, words = timed_caption(pipe, image, args.profile_tokens)
+        profiled = timed_caption(pipe, image, args.profile_tokens)
+    seconds, words = profiled["s"], profiled["words"]
     averages = prof.key_averages()
     device_us = sum(getattr(e, "self_device_time_total", 0) for e in averages)
     result["profiled"] = dict(s=round(seconds, 2), words=words, gpu_busy_s=round(device_us / 1e6, 3),
@@ -99,8 +136,9 @@ def main() -> int:
     # 3. cProfile: the host's Python hot spots.
     profiler = cProfile.Profile()
     profiler.enable()
-    seconds, words = timed_caption(pipe, image, args.profile_tokens)
+    profiled = timed_caption(pipe, image, args.profile_tokens)
     profiler.disable()
+    seconds, words = profiled["s"], profiled["words"]
     text = io.StringIO()
     pstats.Stats(profiler, stream=text).sort_stats("tottime").print_stats(30)
     result["cprofile"] = dict(s=round(seconds, 2), words=words, top_tottime=text.getvalue().splitlines()[-45:])
