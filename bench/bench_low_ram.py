@@ -81,6 +81,43 @@ def disk_rate_gb_s(pipe_dir: Path, gb: float = 3.0) -> float | None:
 
 
 # ----------------------------------------------------------------------------------------------------
+# A card emulated, the app's pipeline loaded (the rows and the probes: probe_stream_order.py, probe_caption_split.py)
+# ----------------------------------------------------------------------------------------------------
+def emulate_card(vram_gb: float) -> tuple[float, float]:
+    """The allocator capped at the card's size less 0.5 GB; returns (cap, the budget `auto` is told: less 1 GB), as
+    bench_machines: 24 -> cap 23.5, budget 23. Without CUDA nothing is capped."""
+    import torch
+
+    cap_gb, budget_gb = vram_gb - 0.5, vram_gb - 1.0
+    if torch.cuda.is_available():
+        torch.cuda.set_per_process_memory_fraction(cap_gb * GIB / torch.cuda.get_device_properties(0).total_memory)
+    return cap_gb, budget_gb
+
+
+def load_as_app(pipe_dir: Path, budget_gb: float, quantization: str | None):
+    """`app.load_pipeline` with `auto` told the card's budget (`budget` on the CPU), the RAM measured by the app itself,
+    no FirstBlockCache and no warm-up at load (for a row it would be a second image's disk reads inside load_s)."""
+    import app
+    import torch
+
+    cuda = torch.cuda.is_available()
+    return app.load_pipeline(app.Settings(model=str(pipe_dir), offload="auto" if cuda else "budget",
+                                          vram_budget_gb=budget_gb if cuda else None, first_block_cache=False,
+                                          warm_up=False, quantization=quantization))
+
+
+def use_word_level_tokenizer(pipe) -> None:
+    """The word-level tokenizer and processor over the real ids (PERF_METHOD.md, bench_machines.word_level_processor)
+    in place of the saved demo ones, so the 512-token caption conditions the transformer with its real length."""
+    import bench_machines
+
+    pipe.tokenizer, pipe.processor = bench_machines.word_level_processor()
+    pipe.vl_processor = pipe.processor  # the caption's processor: the pipeline keeps its own reference
+    prefix = pipe.prompt_template_encode.split("{}")[0]
+    pipe.prompt_template_encode_start_idx = len(pipe.tokenizer(prefix).input_ids)
+
+
+# ----------------------------------------------------------------------------------------------------
 # Child 1: build and save the pipeline
 # ----------------------------------------------------------------------------------------------------
 def build(pipe_dir: Path, tiny: bool) -> None:
@@ -123,15 +160,13 @@ def run_row(args) -> dict:
 
     vram_gb, ram_gb = (float(x) for x in args.row.split("x"))
     cuda = torch.cuda.is_available()
-    cap_gb, budget_gb = vram_gb - 0.5, vram_gb - 1.0  # as bench_machines: 24 -> cap 23.5, budget 23
+    cap_gb, budget_gb = emulate_card(vram_gb)
     row = dict(vram_gb=vram_gb, ram_gb=ram_gb, **row_key(args.quantization), cap_gb=cap_gb, vram_budget_gb=budget_gb,
                os_ballast_gb=args.os_gb,
                card=torch.cuda.get_device_name(0) if cuda else "cpu",
                versions=dict(torch=torch.__version__, diffusers=app._version("diffusers"),
                              transformers=app._version("transformers"), safetensors=app._version("safetensors")),
                ok=False, available_ram_gb_seen=round(app.available_ram_gb(), 2))
-    if cuda:
-        torch.cuda.set_per_process_memory_fraction(cap_gb * GIB / torch.cuda.get_device_properties(0).total_memory)
     marks = {"start": read_bytes()}
     group = Path("/sys/fs/cgroup") / args.cgroup if args.cgroup else None
     sampled = {"peak": 0}
@@ -145,20 +180,13 @@ def run_row(args) -> dict:
     try:
         # 1. Load as the app does (`auto`, the RAM it measures itself), then the word-level tokenizer (PERF_METHOD.md).
         start = time.perf_counter()
-        # No warm-up at load (ENABLE_WARM_UP): here it would be a second image's disk reads inside load_s.
-        settings = app.Settings(model=str(args.pipe), offload="auto" if cuda else "budget",
-                                vram_budget_gb=budget_gb if cuda else None, first_block_cache=False, warm_up=False,
-                                quantization=args.quantization)
-        pipe = app.load_pipeline(settings)
+        pipe = load_as_app(args.pipe, budget_gb, args.quantization)
         row.update(load_s=round(time.perf_counter() - start, 2), mode=pipe._studio_info["offload_mode"],
                    applied=pipe._studio_info["optimizations"], lossy=pipe._studio_info["lossy"],
                    rss_anon_loaded_gb=round(rss_anon_gb(), 2))
         marks["loaded"] = read_bytes()
         if not args.tiny:
-            pipe.tokenizer, pipe.processor = bench_machines.word_level_processor()
-            pipe.vl_processor = pipe.processor  # the caption's processor: the pipeline keeps its own reference
-            prefix = pipe.prompt_template_encode.split("{}")[0]
-            pipe.prompt_template_encode_start_idx = len(pipe.tokenizer(prefix).input_ids)
+            use_word_level_tokenizer(pipe)
 
         # 2. Where the time goes: stage entries (whole models to the GPU) and streamed groups, bytes and seconds.
         copies = dict(stage_s=0.0, stage_gb=0.0, streamed_gb=0.0)

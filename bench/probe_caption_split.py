@@ -29,6 +29,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT / "src"), str(ROOT / "bench")]
 
 import app  # noqa: E402, I001  (first: it sets PYTORCH_CUDA_ALLOC_CONF before torch loads, as the app does)
+import bench_low_ram  # noqa: E402
 import bench_machines  # noqa: E402
 import torch  # noqa: E402
 from PIL import Image  # noqa: E402
@@ -81,9 +82,7 @@ def main() -> int:
     parser.add_argument("--tiny", action="store_true", help="the demo pipeline on the CPU: the script only")
     args = parser.parse_args()
     cuda = torch.cuda.is_available()
-    cap_gb, budget_gb = args.vram_gb - 0.5, args.vram_gb - 1.0
-    if cuda:
-        torch.cuda.set_per_process_memory_fraction(cap_gb * GIB / torch.cuda.get_device_properties(0).total_memory)
+    cap_gb, budget_gb = bench_low_ram.emulate_card(args.vram_gb)
     result = dict(command="python " + " ".join(sys.argv), quantization=args.quantization, vram_gb=args.vram_gb,
                   card=torch.cuda.get_device_name(0) if cuda else "cpu",
                   alloc_conf=os.environ.get("PYTORCH_CUDA_ALLOC_CONF"))
@@ -91,15 +90,10 @@ def main() -> int:
                     args.out.write_text(json.dumps(result, indent=1)))
 
     start = time.perf_counter()
-    pipe = app.load_pipeline(app.Settings(model=str(args.pipe), offload="auto" if cuda else "budget",
-                                          vram_budget_gb=budget_gb if cuda else None, first_block_cache=False,
-                                          warm_up=False, quantization=args.quantization))
+    pipe = bench_low_ram.load_as_app(args.pipe, budget_gb, args.quantization)
     result.update(load_s=round(time.perf_counter() - start, 1), applied=pipe._studio_info["optimizations"])
     if not args.tiny:
-        pipe.tokenizer, pipe.processor = bench_machines.word_level_processor()
-        pipe.vl_processor = pipe.processor
-        prefix = pipe.prompt_template_encode.split("{}")[0]
-        pipe.prompt_template_encode_start_idx = len(pipe.tokenizer(prefix).input_ids)
+        bench_low_ram.use_word_level_tokenizer(pipe)
     image = app.to_rgba(Image.open(ROOT / "assets" / "test_images" / sorted((ROOT / "assets" / "test_images").iterdir())[0].name))
 
     # 1. Two full captions (the first enters the stage, the second is the decode alone), then an image of 2 steps with
