@@ -94,7 +94,7 @@ def main() -> int:
     result.update(load_s=round(time.perf_counter() - start, 1), applied=pipe._studio_info["optimizations"])
     if not args.tiny:
         bench_low_ram.use_word_level_tokenizer(pipe)
-    image = app.to_rgba(Image.open(ROOT / "assets" / "test_images" / sorted((ROOT / "assets" / "test_images").iterdir())[0].name))
+    image = app.to_rgba(Image.open(sorted((ROOT / "assets" / "test_images").iterdir())[0]))
 
     # 1. Two full captions (the first enters the stage, the second is the decode alone), then an image of 2 steps with
     #    a prompt (the stages change: the allocator's cache is emptied), then a caption again.

@@ -16,7 +16,9 @@ Reported: the per-step time of every run, the peak memory, and the layers of eve
 
 Result (H200, bench/results/stream_order_*.json): float8 blocks at 16 GB 1.074 vs 1.083 s a step (0.99x), bf16
 blocks at 24 GB 1.052 vs 0.986 s (1.07x: slower, its copies now also wait for the resident blocks queued before
-them); layers byte-equal in both. Not adopted: the engine keeps diffusers' ordering.
+them); layers byte-equal in both. Not adopted: the engine keeps diffusers' ordering. (Measured while the variant
+lived in `app.PageLockedModuleGroup`, the same code, with `_BudgetStages.release` waiting for the whole device instead
+of the side stream: stage changes fall outside the steps timed.)
 
     python bench/probe_stream_order.py --pipe /root/pipe --quantization fp8_storage --vram-gb 16 --out $OUT/order.json
 """
@@ -94,7 +96,7 @@ def main() -> int:
     pipe = bench_low_ram.load_as_app(args.pipe, budget_gb, args.quantization)
     result.update(load_s=round(time.perf_counter() - start, 1), mode=pipe._studio_info["offload_mode"],
                   applied=pipe._studio_info["optimizations"])
-    image = Image.open(ROOT / "assets" / "test_images" / sorted((ROOT / "assets" / "test_images").iterdir())[0].name)
+    image = Image.open(sorted((ROOT / "assets" / "test_images").iterdir())[0])
 
     # 2. One warm run (2 steps: first-run costs), then the orderings alternated; every run's layers against the
     #    first measured run's.
