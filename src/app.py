@@ -1367,8 +1367,12 @@ class TextEncoderPlan:
     streamed_gb_per_token: float  # copied host -> GPU per decoded caption token
     fp8_layers: tuple[int, ...] = ()  # resident in float8 (fp8_storage only: LOSSY)
 
+    @property
+    def num_layers(self) -> int:
+        return len(self.resident_layers) + len(self.streamed_layers) + len(self.fp8_layers)
+
     def describe(self) -> str:
-        layers = len(self.resident_layers) + len(self.streamed_layers) + len(self.fp8_layers)
+        layers = self.num_layers
         fp8 = (f"{len(self.fp8_layers)} in float8 (LOSSY), all resident (nothing copied per caption token)"
                if self.fp8_layers else "")
         streamed = (f"{len(self.streamed_layers)} streamed ({self.streamed_gb_per_token:.1f} GB copied per caption "
@@ -1460,6 +1464,12 @@ def plan_budget(
         text_encoder=text,
         minimum_gb=minimum,
     )
+
+
+def plan_default_job(vram_gb: float, sizes: dict[str, Any]) -> BudgetPlan:
+    """`plan_budget` for the default job (BUDGET_DEFAULT_JOB_IMAGE_TOKENS): what the loader's checks, the RAM plan
+    and the refusals' advice plan with before loading."""
+    return plan_budget(vram_gb, image_tokens=BUDGET_DEFAULT_JOB_IMAGE_TOKENS, **sizes)
 
 
 def plan_text_encoder(vram_budget_gb: float, *, text_encoder_gb: float, layer_gb: float, num_layers: int,
@@ -1647,7 +1657,7 @@ def budget_minimum_ram_gb(sizes: dict[str, Any], vram_gb: float, fp8_storage: bo
     """The least host RAM (GiB, in steps of 0.5) the budget mode accepts at `vram_gb` (`plan_host_ram`) for the
     default job; None when `vram_gb` is too small for it. `fp8_storage`: `sizes` are its float8 figures."""
     try:
-        plan = plan_budget(vram_gb, image_tokens=BUDGET_DEFAULT_JOB_IMAGE_TOKENS, **sizes)
+        plan = plan_default_job(vram_gb, sizes)
     except ValueError:
         return None
     ram = BUDGET_HOST_RAM_RESERVE_GB
@@ -1792,7 +1802,7 @@ def check_machine_fits(offload_mode: str, sizes: dict[str, Any], vram_gb: float,
     machine = f"This machine: {vram_gb:.1f} GB of VRAM, {ram_gb or 0:.1f} GB of RAM available."
     if ram_gb is not None and offload_mode == "budget" and vram_gb >= minimum:
         try:  # with less RAM than the weights, it keeps what moves most in RAM and reads the rest from the files
-            plan_host_ram(plan_budget(vram_gb, image_tokens=BUDGET_DEFAULT_JOB_IMAGE_TOKENS, **sizes), sizes, ram_gb,
+            plan_host_ram(plan_default_job(vram_gb, sizes), sizes, ram_gb,
                           transformer_in_ram=fp8_storage)
         except ValueError as err:
             exact = budget_minimum_ram_gb(exact_sizes, vram_gb) if exact_sizes else None
@@ -1818,7 +1828,7 @@ def check_machine_fits(offload_mode: str, sizes: dict[str, Any], vram_gb: float,
                          f"{vram_gb:.1f} GB: use --offload auto (here: {fits}).")
     if offload_mode == "budget":
         try:
-            plan_budget(vram_gb, image_tokens=BUDGET_DEFAULT_JOB_IMAGE_TOKENS, **sizes)  # raises naming the minimum and the fix
+            plan_default_job(vram_gb, sizes)  # raises naming the minimum and the fix
         except ValueError as err:
             raise ValueError(f"{err}{fp8_storage_advice(lossy_sizes, vram_gb, ram_gb)}") from None
 
@@ -1831,8 +1841,8 @@ def fp8_storage_hint(sizes: dict[str, Any], lossy_sizes: dict[str, Any] | None, 
     if lossy_sizes is None:
         return None
     try:
-        exact = plan_host_ram(plan_budget(vram_gb, image_tokens=BUDGET_DEFAULT_JOB_IMAGE_TOKENS, **sizes), sizes, ram_gb)
-        lossy = plan_host_ram(plan_budget(vram_gb, image_tokens=BUDGET_DEFAULT_JOB_IMAGE_TOKENS, **lossy_sizes),
+        exact = plan_host_ram(plan_default_job(vram_gb, sizes), sizes, ram_gb)
+        lossy = plan_host_ram(plan_default_job(vram_gb, lossy_sizes),
                               lossy_sizes, ram_gb, transformer_in_ram=True)
     except ValueError:
         return None
@@ -1847,11 +1857,10 @@ def fp8_storage_hint(sizes: dict[str, Any], lossy_sizes: dict[str, Any] | None, 
 def fp8_text_layers_note(lossy_sizes: dict[str, Any], vram_gb: float) -> str:
     """", N of the text encoder's M layers in float8 too" where fp8_storage stores some at `vram_gb` (else "")."""
     try:
-        text = plan_budget(vram_gb, image_tokens=BUDGET_DEFAULT_JOB_IMAGE_TOKENS, **lossy_sizes).text_encoder
+        text = plan_default_job(vram_gb, lossy_sizes).text_encoder
     except ValueError:
         return ""
-    layers = len(text.resident_layers) + len(text.streamed_layers) + len(text.fp8_layers)
-    return f", {len(text.fp8_layers)} of the text encoder's {layers} layers in float8 too" if text.fp8_layers else ""
+    return f", {len(text.fp8_layers)} of the text encoder's {text.num_layers} layers in float8 too" if text.fp8_layers else ""
 
 
 def fp8_storage_advice(lossy_sizes: dict[str, Any] | None, vram_gb: float, ram_gb: float | None) -> str:
