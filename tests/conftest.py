@@ -12,6 +12,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "src"))
 
 import app  # noqa: E402
+from studio.params import DEFAULTS  # noqa: E402
+from studio.serving import launch_options  # noqa: E402
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -92,8 +94,30 @@ def server(demo_pipe, models_dir, tmp_path_factory):
     settings = demo_settings(models_dir, outputs=outputs, host="127.0.0.1", port=free_port(),
                              max_upload_size=UPLOAD_LIMIT)
     with pytest.MonkeyPatch.context() as patch:
-        patch.setitem(app.DEFAULTS, "num_inference_steps", 2)
+        patch.setitem(DEFAULTS, "num_inference_steps", 2)
         demo = app.build_ui(demo_pipe, settings)
-    demo.launch(**app.launch_options(settings), prevent_thread_lock=True, quiet=True)
+    demo.launch(**launch_options(settings), prevent_thread_lock=True, quiet=True)
     yield f"http://127.0.0.1:{settings.port}/", outputs
     demo.close()
+
+
+def engine_on(loaded, vram_budget_gb: float = float("inf"), **plan_kwargs) -> list[str]:
+    """The low-VRAM engine on a pipeline loaded with --offload off (its weights on the CPU), planned from its modules
+    (`plan_loaded`: resident_blocks, text_resident_layers, host_ram_gb, text_layer_fp8_gb) as `load_pipeline` plans the
+    budget mode from the files; a test forces the counts this way. Returns what was applied."""
+    from studio.engine.stream import enable_budget_offload, plan_loaded
+    from studio.modes import OFFLOAD
+
+    loaded.machine = plan_loaded(loaded.pipe, vram_budget_gb, **plan_kwargs)
+    loaded.stages, applied = enable_budget_offload(loaded.pipe, loaded.machine)
+    loaded.offload = OFFLOAD["budget"]
+    return applied
+
+
+def machine_fits(mode: str, sizes: dict, vram_gb: float, ram_gb: float | None, fp8_storage: bool = False, **kwargs):
+    """`plan_machine` for an offload mode's row, as `load_pipeline` calls it before loading (`fp8_storage`: `sizes`
+    are its float8 figures, held in RAM). Raises ValueError where the machine does not fit."""
+    from studio.engine.plan import plan_machine
+    from studio.modes import OFFLOAD
+
+    return plan_machine(OFFLOAD[mode], sizes, vram_gb, ram_gb, transformer_in_ram=fp8_storage, **kwargs)

@@ -13,14 +13,17 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "src"))
 import app  # noqa: E402
+from studio.errors import OutOfMemoryError, RunStopped
+from studio.parallel import enable_multi_gpu, init_distributed, serve_rank, stop_ranks
 
 OOM_SEED = 13  # the job in which rank 1's half runs out of memory
 
 
 def main(models_dir: str, out_json: str, out_npz: str) -> None:
-    state = app.init_distributed()
+    state = init_distributed()
     pipe = app.load_pipeline(app.Settings(demo=True, models_dir=Path(models_dir), offload="off", first_block_cache=False))
-    app.enable_multi_gpu(pipe, state)
+    pipe.cfg_hook, _ = enable_multi_gpu(pipe.pipe, state)
+    pipe.parallel = state
     if state.rank != 0:
         serve_job = app.infer
 
@@ -28,7 +31,7 @@ def main(models_dir: str, out_json: str, out_npz: str) -> None:
             def out_of_memory(*_):
                 raise torch.OutOfMemoryError("CUDA out of memory (simulated on rank 1)")
 
-            hook = pipe.transformer.transformer_blocks[0].register_forward_pre_hook(out_of_memory) \
+            hook = pipe.pipe.transformer.transformer_blocks[0].register_forward_pre_hook(out_of_memory) \
                 if job["seed"] == OOM_SEED else None
             try:
                 return serve_job(pipe, **job)
@@ -36,9 +39,8 @@ def main(models_dir: str, out_json: str, out_npz: str) -> None:
                 if hook is not None:
                     hook.remove()
 
-        app.infer = infer
-        app.serve_rank(pipe)
-        app.stop_ranks(pipe)
+        serve_rank(pipe, infer)
+        stop_ranks(state)
         return
     image = Image.new("RGBA", (90, 60), (250, 120, 0, 255))
     job = dict(prompt="", layers=2, num_inference_steps=2, true_cfg_scale=4.0, seed=3, randomize_seed=False)
@@ -48,12 +50,12 @@ def main(models_dir: str, out_json: str, out_npz: str) -> None:
         try:
             app.infer(pipe, image, stop=stop, **dict(job, **changes))
             results[name] = "finished"
-        except (app.RunStopped, app.OutOfMemoryError) as err:
+        except (RunStopped, OutOfMemoryError) as err:
             results[name] = f"{type(err).__name__}: {err}"
 
     # 1. Stop pressed during the first step (the transformer's first call sets it): both ranks leave after it.
     stop = threading.Event()
-    hook = pipe.transformer.register_forward_pre_hook(lambda *_: stop.set())
+    hook = pipe.pipe.transformer.register_forward_pre_hook(lambda *_: stop.set())
     attempt("stop_in_steps", stop=stop)
     hook.remove()
     # 2. Rank 1 runs out of memory in its half: rank 0 gets the error too, and nobody waits for the other.
@@ -66,7 +68,7 @@ def main(models_dir: str, out_json: str, out_npz: str) -> None:
         if len(calls) == 2:
             stop.set()
 
-    hook = pipe.text_encoder.register_forward_pre_hook(count_and_stop)
+    hook = pipe.pipe.text_encoder.register_forward_pre_hook(count_and_stop)
     attempt("stop_in_caption", stop=stop)
     hook.remove()
     results["caption_forwards_before_stop"] = len(calls)
@@ -75,7 +77,7 @@ def main(models_dir: str, out_json: str, out_npz: str) -> None:
     results["last_caption"] = result.caption
     np.savez(out_npz, *[np.asarray(layer) for layer in result.layers])
     Path(out_json).write_text(json.dumps(results))
-    app.stop_ranks(pipe)
+    stop_ranks(state)
 
 
 if __name__ == "__main__":

@@ -7,7 +7,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
-import app
+from studio.exports import export_zip
+from studio.images import composite_layers
 from conftest import free_port
 from tool import combine_layers as cl
 
@@ -34,13 +35,13 @@ def save(image, path):
 def test_studio_zip_gives_its_layers_in_number_order_without_the_composite(tmp_path):
     # Eleven layers: layer_10.png and layer_11.png must come after layer_9.png, not after layer_1.png.
     layers = [shape_layer((40, 30), (i, i, i + 5, i + 5), (20 * i, 0, 255 - 20 * i, 255)) for i in range(11)]
-    archive = app.export_zip(layers, tmp_path / "layers.zip", {"params.json": b"{}"})
+    archive = export_zip(layers, tmp_path / "layers.zip", {"params.json": b"{}"})
 
     stack = cl.read_layers(archive)
 
     assert [layer.name for layer in stack] == [f"layer_{i + 1}" for i in range(11)]
     assert all(np.array_equal(pixels(a.image), pixels(b)) for a, b in zip(stack, layers))
-    assert np.array_equal(pixels(cl.composite_stack(stack)), pixels(app.composite_layers(layers)))
+    assert np.array_equal(pixels(cl.composite_stack(stack)), pixels(composite_layers(layers)))
 
 
 def test_zip_layers_come_from_its_top_folder_only(tmp_path):

@@ -5,6 +5,7 @@ import pytest
 from PIL import Image
 
 import app
+from studio.images import to_rgba
 
 
 @pytest.mark.parametrize(
@@ -47,14 +48,14 @@ def test_randomize_seed_reports_the_seed_it_used(demo_pipe, rgba_image):
 def caption_calls(demo_pipe, monkeypatch):
     """Record every call of the pipeline's own get_image_caption (the real method still runs)."""
     calls = []
-    original = demo_pipe.get_image_caption
+    original = demo_pipe.pipe.get_image_caption
 
     def recording(*args, **kwargs):
         text = original(*args, **kwargs)
         calls.append(text)
         return text
 
-    monkeypatch.setattr(demo_pipe, "get_image_caption", recording)
+    monkeypatch.setattr(demo_pipe.pipe, "get_image_caption", recording)
     return calls
 
 
@@ -89,7 +90,7 @@ def test_inputs_of_every_kind_become_the_same_rgba(tmp_path, source):
     else:
         rgb.save(tmp_path / "in.png")
         value = {"path": str(tmp_path / "in.png")}
-    assert np.array_equal(np.asarray(app.to_rgba(value)), expected)
+    assert np.array_equal(np.asarray(to_rgba(value)), expected)
 
 
 @pytest.mark.parametrize(

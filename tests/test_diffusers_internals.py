@@ -8,7 +8,7 @@ import inspect
 import diffusers
 from diffusers.hooks import group_offloading
 
-import app
+from studio.engine.stream import PageLockedModuleGroup
 
 
 def test_module_group_still_builds_its_host_copies_and_pins_through_the_methods_we_override():
@@ -17,7 +17,7 @@ def test_module_group_still_builds_its_host_copies_and_pins_through_the_methods_
         assert callable(getattr(group_offloading.ModuleGroup, name)), name
         assert f"self.{name}(" in source, f"ModuleGroup no longer calls {name}: PageLockedModuleGroup overrides nothing"
     # Our overrides replace these and nothing else.
-    overridden = {n for n, v in vars(app.PageLockedModuleGroup).items() if callable(v) or isinstance(v, property)}
+    overridden = {n for n, v in vars(PageLockedModuleGroup).items() if callable(v) or isinstance(v, property)}
     assert overridden == {"_init_cpu_param_dict", "_pinned_memory_tensors"}
 
 
@@ -42,7 +42,7 @@ def test_group_offloading_hook_still_chains_through_next_group_under_its_registr
 
 
 def test_cache_mixin_keeps_its_config_and_stateful_reset_where_the_engine_and_infer_read_them(demo_pipe):
-    transformer = demo_pipe.transformer
+    transformer = demo_pipe.pipe.transformer
     assert isinstance(transformer, diffusers.models.cache_utils.CacheMixin)
     assert hasattr(transformer, "_cache_config")  # read by enable_budget_offload to put FirstBlockCache back outside
     assert callable(transformer._reset_stateful_cache)  # called by app.run_pipeline after every run

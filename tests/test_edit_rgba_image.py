@@ -8,6 +8,8 @@ import pytest
 from PIL import Image, ImageDraw
 
 import app
+from studio.params import flag_values
+from studio.errors import ModelNotAvailableError
 from conftest import demo_settings, free_port
 from tool import edit_rgba_image as edit
 
@@ -31,14 +33,12 @@ def synthetic_layer(size=(150, 100)):
 
 
 def test_demo_edit_pipeline_loads_through_the_apps_load_path(edit_pipe, models_dir):
-    info = edit_pipe._studio_info
-
-    assert type(edit_pipe).__name__ == "QwenImageEditPlusPipeline"
-    assert info["demo"] and info["model_path"] == str(models_dir / "demo-tiny-random-edit")
-    assert info["dtype"] == "float32"  # the CPU loads in float32
-    assert info["offload_mode"] == "budget" and any(o.startswith("budget_offload(") for o in info["optimizations"])
-    assert edit_pipe.vae.config.input_channels == 3  # the edit model sees RGB: the layer on green
-    assert not edit_pipe.transformer.config.use_layer3d_rope  # Edit-2509's DiT, not the layered one
+    assert type(edit_pipe.pipe).__name__ == "QwenImageEditPlusPipeline"
+    assert edit_pipe.demo and edit_pipe.model_path == models_dir / "demo-tiny-random-edit"
+    assert edit_pipe.dtype == "float32"  # the CPU loads in float32
+    assert edit_pipe.offload.name == "budget" and any(o.startswith("budget_offload(") for o in edit_pipe.optimizations)
+    assert edit_pipe.pipe.vae.config.input_channels == 3  # the edit model sees RGB: the layer on green
+    assert not edit_pipe.pipe.transformer.config.use_layer3d_rope  # Edit-2509's DiT, not the layered one
 
 
 def test_the_tool_takes_the_apps_loading_flags(tmp_path):
@@ -46,7 +46,7 @@ def test_the_tool_takes_the_apps_loading_flags(tmp_path):
              "fp8_storage", "--no-first-block-cache", "--demo"]
 
     _, app_settings, _ = app.parse_args(flags)
-    tool_settings = app.settings_from_args(edit.parse_args(flags))
+    tool_settings = app.Settings(**flag_values(edit.parse_args(flags), edit.FLAGS))
 
     assert tool_settings == dataclasses.replace(app_settings, port=7871)
     assert tool_settings.offload == "budget" and tool_settings.vram_budget_gb == 20.0
@@ -81,7 +81,7 @@ def test_chroma_key_absorbs_drift_and_unmixing_takes_the_green_out_of_edges():
 
 
 def test_rmbg_missing_falls_back_to_the_chroma_key_or_says_what_to_do(tmp_path):
-    with pytest.raises(app.ModelNotAvailableError) as missing:
+    with pytest.raises(ModelNotAvailableError) as missing:
         edit.load_rmbg(tmp_path, allow_download=False)
 
     assert str(tmp_path / "RMBG-2.0") in str(missing.value) and "chroma_key" in str(missing.value)

@@ -1,11 +1,13 @@
 """Errors at the top level: a user's mistake or a machine's limit ends the app and both tools with its message
-and exit code 2, never a traceback (`app.exits_with_message`). Each `main` runs in-process: an exception that
+and exit code 2, never a traceback (`exits_with_message`). Each `main` runs in-process: an exception that
 escaped would fail the test with its traceback."""
 
 import pytest
 from PIL import Image
 
 import app
+import studio.engine.plan
+from studio.errors import exits_with_message
 from tool import combine_layers
 from tool import edit_rgba_image as edit
 
@@ -26,7 +28,7 @@ def test_app_a_vram_budget_too_small_exits_2_with_plan_budgets_message(demo_pipe
 
 def test_app_not_enough_host_ram_exits_2_with_check_host_rams_message(demo_pipe, models_dir, tmp_path, capsys,
                                                                      monkeypatch):
-    monkeypatch.setattr(app, "BUDGET_HOST_RAM_RESERVE_GB", 1e6)  # a machine whose RAM cannot hold the copies
+    monkeypatch.setattr(studio.engine.plan, "BUDGET_HOST_RAM_RESERVE_GB", 1e6)  # a machine whose RAM cannot hold the copies
     Image.new("RGBA", (64, 64)).save(tmp_path / "in.png")
     code = app.main(["decompose", str(tmp_path), "--demo", "--models-dir", str(models_dir), "--offload", "budget",
                      "--out", str(tmp_path / "o")])
@@ -58,4 +60,4 @@ def test_a_bug_keeps_its_traceback(monkeypatch):
         raise KeyError("a bug")
 
     with pytest.raises(KeyError, match="a bug"):
-        app.exits_with_message(broken)([])
+        exits_with_message(broken)([])

@@ -18,6 +18,9 @@ import pytest
 from PIL import Image, ImageDraw
 
 import app
+from studio.exports import FILE_NAME_TEXT_MAX_BYTES, SLIDE_LONG_SIDE_EMU, export_pptx, export_psd, export_stem, safe_file_text
+from studio.images import ORIGINAL_SIZE_RESAMPLE, composite_layers, crop_to_alpha, layer_names, resize_layers
+from studio.runs import DecomposeResult, save_run
 
 SIZE = (300, 200)
 BLUE_BOX = (40, 30, 140, 120)  # left, top, right, bottom (exclusive), as PIL's getbbox gives it
@@ -68,7 +71,7 @@ def array(image: Image.Image, mode: str = "RGBA") -> np.ndarray:
 # ---- cropping, names, resizing, file names ---------------------------------------------------------
 def test_crop_to_alpha_gives_the_shape_and_its_offset_and_is_lossless(shape_layers):
     blue = shape_layers[1]
-    cropped, offset = app.crop_to_alpha(blue)
+    cropped, offset = crop_to_alpha(blue)
     assert offset == BLUE_BOX[:2]
     assert cropped.size == (BLUE_BOX[2] - BLUE_BOX[0], BLUE_BOX[3] - BLUE_BOX[1])
     rebuilt = Image.new("RGBA", SIZE, (0, 0, 0, 0))
@@ -77,17 +80,17 @@ def test_crop_to_alpha_gives_the_shape_and_its_offset_and_is_lossless(shape_laye
 
 
 def test_crop_to_alpha_of_a_fully_transparent_layer_is_none():
-    assert app.crop_to_alpha(Image.new("RGBA", SIZE, (255, 255, 255, 0))) is None
+    assert crop_to_alpha(Image.new("RGBA", SIZE, (255, 255, 255, 0))) is None
 
 
 def test_layer_names_say_bottom_top_and_empty(shape_layers):
-    assert app.layer_names(shape_layers) == ["Layer 1 (bottom)", "Layer 2", "Layer 3 (empty)", "Layer 4 (top)"]
+    assert layer_names(shape_layers) == ["Layer 1 (bottom)", "Layer 2", "Layer 3 (empty)", "Layer 4 (top)"]
 
 
 def test_exporters_reject_layers_of_different_sizes(tmp_path, shape_layers):
     layers = shape_layers[:1] + [Image.new("RGBA", (64, 64))]
     with pytest.raises(ValueError, match="layer 2 is 64x64 but layer 1 is 300x200"):
-        app.export_psd(layers, tmp_path / "x.psd")
+        export_psd(layers, tmp_path / "x.psd")
 
 
 def test_resize_to_original_size_keeps_a_red_edge_red_where_straight_alpha_darkens_it():
@@ -95,14 +98,14 @@ def test_resize_to_original_size_keeps_a_red_edge_red_where_straight_alpha_darke
     ImageDraw.Draw(red).ellipse([12, 12, 51, 51], fill=(255, 0, 0, 255))
     size = (300, 200)  # an upscale, and a change of aspect ratio
 
-    resized = array(app.resize_layers([red], size)[0])
+    resized = array(resize_layers([red], size)[0])
     edge = (resized[..., 3] > 0) & (resized[..., 3] < 255)
     assert edge.sum() > 300  # the disc's whole rim, not a few pixels
     assert resized[edge, 0].min() >= 250 and resized[edge, 1:3].max() <= 5  # red, no dark fringe
 
     # The same resize on straight (non-premultiplied) channels mixes the transparent black into the rim:
     # the check above would catch it.
-    straight = array(Image.merge("RGBA", [band.resize(size, app.ORIGINAL_SIZE_RESAMPLE) for band in red.split()]))
+    straight = array(Image.merge("RGBA", [band.resize(size, ORIGINAL_SIZE_RESAMPLE) for band in red.split()]))
     assert np.median(straight[edge, 0]) < 200
 
 
@@ -118,24 +121,24 @@ def test_resize_to_original_size_keeps_a_red_edge_red_where_straight_alpha_darke
     ("", ""),
 ])
 def test_safe_file_text_keeps_letters_and_digits_of_any_script(text, expected):
-    assert app.safe_file_text(text) == expected
+    assert safe_file_text(text) == expected
 
 
 def test_safe_file_text_is_cut_by_utf8_bytes_on_a_character_boundary():
-    cut = app.safe_file_text("사과" * 40)  # 3 bytes per Hangul syllable
-    assert cut == "사과" * 10 and len(cut.encode("utf-8")) == app.FILE_NAME_TEXT_MAX_BYTES
+    cut = safe_file_text("사과" * 40)  # 3 bytes per Hangul syllable
+    assert cut == "사과" * 10 and len(cut.encode("utf-8")) == FILE_NAME_TEXT_MAX_BYTES
 
 
 def test_export_stem_falls_back_to_layers_without_text():
-    assert app.export_stem("🍎", 7) == "layers_seed7"
-    assert app.export_stem("CON", 7) == "CON_seed7"
+    assert export_stem("🍎", 7) == "layers_seed7"
+    assert export_stem("CON", 7) == "CON_seed7"
 
 
 # ---- PSD ---------------------------------------------------------------------------------------------
 def test_psd_layers_read_back_with_names_order_offsets_and_pixels(tmp_path, shape_layers):
     from psd_tools import PSDImage
 
-    psd = PSDImage.open(app.export_psd(shape_layers, tmp_path / "layers.psd"))
+    psd = PSDImage.open(export_psd(shape_layers, tmp_path / "layers.psd"))
     assert psd.size == SIZE
     assert [layer.name for layer in psd] == ["Layer 1 (bottom)", "Layer 2", "Layer 3 (empty)", "Layer 4 (top)"]
     assert [layer.bbox for layer in psd] == [(0, 0, *SIZE), BLUE_BOX, (0, 0, 0, 0), RED_BOX]
@@ -150,7 +153,7 @@ def test_psd_keeps_layer_names_in_any_script(tmp_path, shape_layers):
     from psd_tools import PSDImage
 
     names = ["배경", "蓝色方块", "empty", "Apfel 🍎"]
-    psd = PSDImage.open(app.export_psd(shape_layers, tmp_path / "layers.psd", names=names))
+    psd = PSDImage.open(export_psd(shape_layers, tmp_path / "layers.psd", names=names))
     assert [layer.name for layer in psd] == names
 
 
@@ -158,9 +161,9 @@ def test_psd_carries_the_composite_with_its_transparency(tmp_path, shape_layers)
     from psd_tools import PSDImage
 
     floating = shape_layers[1:]  # no backdrop: the composite is transparent around the shapes
-    psd = PSDImage.open(app.export_psd(floating, tmp_path / "floating.psd"))
+    psd = PSDImage.open(export_psd(floating, tmp_path / "floating.psd"))
     stored = array(psd.topil())  # the file's merged image, not a fresh compositing
-    ours = array(app.composite_layers(floating))
+    ours = array(composite_layers(floating))
     assert stored[0, 0, 3] == 0 and stored[50, 50, 3] == 255
     assert np.abs(stored - ours).max() <= 1
 
@@ -176,8 +179,8 @@ def imagemagick() -> str:
 @pytest.mark.parametrize("layers_fixture", ["shape_layers", "noise_layers"])
 def test_imagemagick_flattens_the_psd_to_our_composite_within_one_level(tmp_path, request, layers_fixture):
     layers = request.getfixturevalue(layers_fixture)
-    psd = app.export_psd(layers, tmp_path / "layers.psd")
-    ours = array(app.composite_layers(layers))
+    psd = export_psd(layers, tmp_path / "layers.psd")
+    ours = array(composite_layers(layers))
     # Frame 0 is the file's composite; frames 1.. are the layers at their offsets (the empty one is skipped).
     # -repage keeps each layer's offset and restores the canvas size before flattening.
     flattened, merged = tmp_path / "flattened.png", tmp_path / "merged.png"
@@ -189,7 +192,7 @@ def test_imagemagick_flattens_the_psd_to_our_composite_within_one_level(tmp_path
 
 
 def test_imagemagick_sees_the_layer_names_and_offsets(tmp_path, shape_layers):
-    psd = app.export_psd(shape_layers, tmp_path / "layers.psd")
+    psd = export_psd(shape_layers, tmp_path / "layers.psd")
     listing = subprocess.run([imagemagick(), str(psd), "-format", "%l|%g\\n", "info:"],
                              check=True, capture_output=True, text=True).stdout.splitlines()
     # %l is the frame's label (the layer name), %g its page geometry: size and offset on the canvas.
@@ -202,8 +205,8 @@ def test_imagemagick_sees_the_layer_names_and_offsets(tmp_path, shape_layers):
 def test_pptx_pictures_are_cropped_named_and_placed_at_their_offsets(tmp_path, shape_layers):
     from pptx import Presentation
 
-    presentation = Presentation(app.export_pptx(shape_layers, tmp_path / "layers.pptx"))
-    emu_per_px = app.SLIDE_LONG_SIDE_EMU // SIZE[0]  # whole EMUs per pixel
+    presentation = Presentation(export_pptx(shape_layers, tmp_path / "layers.pptx"))
+    emu_per_px = SLIDE_LONG_SIDE_EMU // SIZE[0]  # whole EMUs per pixel
     assert (presentation.slide_width, presentation.slide_height) == (SIZE[0] * emu_per_px, SIZE[1] * emu_per_px)
     (slide,) = presentation.slides
     pictures = list(slide.shapes)  # z-order, bottom first; the empty layer has no picture
@@ -233,13 +236,13 @@ def render_with_libreoffice(pptx: Path, size: tuple[int, int], workdir: Path) ->
 @pytest.mark.parametrize("layers_fixture", ["shape_layers", "noise_layers"])
 def test_libreoffice_renders_the_pptx_like_our_composite(tmp_path, request, layers_fixture):
     layers = request.getfixturevalue(layers_fixture)
-    rendered = array(render_with_libreoffice(app.export_pptx(layers, tmp_path / "layers.pptx"), SIZE, tmp_path), "RGB")
-    ours = array(app.composite_layers(layers), "RGB")  # the bottom layers are opaque: no slide white shows
+    rendered = array(render_with_libreoffice(export_pptx(layers, tmp_path / "layers.pptx"), SIZE, tmp_path), "RGB")
+    ours = array(composite_layers(layers), "RGB")  # the bottom layers are opaque: no slide white shows
     assert np.abs(rendered - ours).mean() <= LIBREOFFICE_MEAN_DIFF_MAX
 
     # The threshold tells placement apart: the same crops all put at the top-left corner are far off.
     misplaced = Image.new("RGBA", SIZE, (0, 0, 0, 0))
-    for cropped, _ in filter(None, map(app.crop_to_alpha, layers)):
+    for cropped, _ in filter(None, map(crop_to_alpha, layers)):
         misplaced.alpha_composite(cropped, (0, 0))
     assert np.abs(array(misplaced, "RGB") - ours).mean() > 10 * LIBREOFFICE_MEAN_DIFF_MAX
 
@@ -249,9 +252,9 @@ def test_save_run_writes_both_sizes_named_after_the_prompt_and_a_zip_with_layers
     from psd_tools import PSDImage
     from pptx import Presentation
 
-    result = app.DecomposeResult(layers=shape_layers, caption="빨간 사과 / 红苹果 🍎", auto_caption=False, seed=7,
+    result = DecomposeResult(layers=shape_layers, caption="빨간 사과 / 红苹果 🍎", auto_caption=False, seed=7,
                                  params={"input_size": [450, 300]}, duration_s=1.0)
-    paths = app.save_run(result, tmp_path, original_size=(450, 300))
+    paths = save_run(result, tmp_path, original_size=(450, 300))
 
     folder = paths["folder"]
     assert paths["pptx"] == folder / "빨간-사과-红苹果_seed7.pptx"
@@ -271,13 +274,13 @@ def test_save_run_writes_both_sizes_named_after_the_prompt_and_a_zip_with_layers
         params = json.loads(archive.read("params.json"))
         composite = Image.open(io.BytesIO(archive.read("composite.png")))
     assert params["caption"] == "빨간 사과 / 红苹果 🍎" and params["export_original_size"] == [450, 300]
-    assert np.array_equal(array(composite), array(app.composite_layers(shape_layers)))
+    assert np.array_equal(array(composite), array(composite_layers(shape_layers)))
 
 
 def test_save_run_without_original_size_writes_one_set(tmp_path, shape_layers):
-    result = app.DecomposeResult(layers=shape_layers, caption="", auto_caption=True, seed=3,
+    result = DecomposeResult(layers=shape_layers, caption="", auto_caption=True, seed=3,
                                  params={"input_size": [450, 300]}, duration_s=1.0)
-    paths = app.save_run(result, tmp_path)
+    paths = save_run(result, tmp_path)
     assert "original" not in paths and not (paths["folder"] / "original_size").exists()
     assert paths["psd"].name == "layers_seed3.psd"
     assert json.loads(paths["params"].read_text())["export_original_size"] is None

@@ -13,7 +13,7 @@ def count_block_work(pipe) -> list[int]:
     """Count calls of each block's attention module: it runs only when the block really computes
     (FirstBlockCache's hook returns cached residuals without calling the block's own forward)."""
     counter = [0]
-    for block in pipe.transformer.transformer_blocks:
+    for block in pipe.pipe.transformer.transformer_blocks:
         block.attn.register_forward_pre_hook(lambda *_: counter.__setitem__(0, counter[0] + 1))
     return counter
 
@@ -32,7 +32,7 @@ def pipe_cache_huge(models_dir):
 
 def test_without_cache_every_block_runs_every_pass(models_dir, rgba_image):
     pipe = app.load_pipeline(demo_settings(models_dir, first_block_cache=False))
-    blocks = len(pipe.transformer.transformer_blocks)
+    blocks = len(pipe.pipe.transformer.transformer_blocks)
     counter = count_block_work(pipe)
     run(pipe, rgba_image)
     assert counter[0] == STEPS * 2 * blocks
@@ -40,7 +40,7 @@ def test_without_cache_every_block_runs_every_pass(models_dir, rgba_image):
 
 def test_huge_threshold_skips_all_but_the_first_block_with_separate_cond_uncond_state_and_resets_between_runs(
         pipe_cache_huge, rgba_image):
-    blocks = len(pipe_cache_huge.transformer.transformer_blocks)
+    blocks = len(pipe_cache_huge.pipe.transformer.transformer_blocks)
     counter = count_block_work(pipe_cache_huge)
     first = run(pipe_cache_huge, rgba_image, seed=11)
     calls_first = counter[0]
@@ -59,4 +59,4 @@ def test_para_attn_has_no_adapter_for_this_pipeline(demo_pipe):
     from para_attn.first_block_cache.diffusers_adapters import apply_cache_on_pipe
 
     with pytest.raises(ValueError, match="QwenImageLayeredPipeline"):
-        apply_cache_on_pipe(demo_pipe)
+        apply_cache_on_pipe(demo_pipe.pipe)

@@ -8,6 +8,8 @@ import pytest
 from PIL import Image
 
 import app
+from studio.exports import EXPORTS
+from studio.params import DEFAULTS, PARAM, PARAMS
 from conftest import demo_settings
 
 FAST = dict(prompt="a handler card", num_inference_steps=2, true_cfg_scale=1.0)
@@ -30,8 +32,8 @@ def test_decompose_handler_returns_the_stack_view_caption_seed_and_stack(first_r
     view, (caption, seed, stack) = app.StackView(*returned[:len(app.StackView._fields)]), returned[-3:]
     assert (len(view.gallery), caption, seed, len(stack.layers)) == (2, FAST["prompt"], 3, 2)
     # One download per EXPORTS row, in its order, each the file save_run wrote into the run folder.
-    downloads = [getattr(view, export.key) for export in app.EXPORTS]
-    assert [Path(p).suffix for p in downloads] == [export.suffix for export in app.EXPORTS]
+    downloads = [getattr(view, export.key) for export in EXPORTS]
+    assert [Path(p).suffix for p in downloads] == [export.suffix for export in EXPORTS]
     assert all(Path(p).parent == stack.run_folder and Path(p).is_file() for p in downloads)
 
 
@@ -56,13 +58,13 @@ def test_decompose_layer_and_undo_handlers_replace_and_restore_the_stack(demo_pi
 
 def test_gradio_handler_gives_gradio_the_tables_names_and_calls_positionally():
     calls = []
-    handler = app.gradio_handler(lambda **values: calls.append(values) or "ok", ["image", *app.PARAM],
-                                 dict(app.DEFAULTS, prompt=None))
+    handler = app.gradio_handler(lambda **values: calls.append(values) or "ok", ["image", *PARAM],
+                                 dict(DEFAULTS, prompt=None))
     parameters = inspect.signature(handler).parameters
-    assert list(parameters) == ["image", *app.PARAM]
-    assert parameters["prompt"].default is None and parameters["layers"].default == app.DEFAULTS["layers"]
-    assert handler("img", *range(len(app.PARAMS))) == "ok"
-    assert calls == [dict(image="img", **{name: i for i, name in enumerate(app.PARAM)})]
+    assert list(parameters) == ["image", *PARAM]
+    assert parameters["prompt"].default is None and parameters["layers"].default == DEFAULTS["layers"]
+    assert handler("img", *range(len(PARAMS))) == "ok"
+    assert calls == [dict(image="img", **{name: i for i, name in enumerate(PARAM)})]
 
 
 def test_handlers_are_bound_with_partial_in_build_ui(demo_pipe, models_dir, tmp_path):

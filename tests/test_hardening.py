@@ -25,6 +25,9 @@ import torch
 from PIL import Image
 
 import app
+from studio.images import to_rgba
+from studio.runs import prune_outputs
+from studio.serving import launch_options, network_warning
 from conftest import JOB_TIMEOUT_S, ROOT, demo_settings, free_port
 
 # The cheapest good run: 2 layers, 2 steps, no CFG pass, a prompt (no auto-caption).
@@ -121,24 +124,24 @@ def animated_gif(path: Path) -> Path:
 
 # --- to_rgba, no server --------------------------------------------------------------------------------
 def test_cmyk_jpeg_becomes_rgb_red(tmp_path):
-    assert tuple(np.asarray(app.to_rgba(cmyk_jpeg(tmp_path / "c.jpg")))[10, 10]) == (255, 0, 0, 255)
+    assert tuple(np.asarray(to_rgba(cmyk_jpeg(tmp_path / "c.jpg")))[10, 10]) == (255, 0, 0, 255)
 
 
 def test_16_bit_grey_png_is_scaled_to_8_bits_not_clipped(tmp_path):
-    pixels = np.asarray(app.to_rgba(grey_16_bit_png(tmp_path / "g.png")))
+    pixels = np.asarray(to_rgba(grey_16_bit_png(tmp_path / "g.png")))
     # Pillow's plain convert would clip both halves to 255.
     assert tuple(pixels[10, 10]) == (255, 255, 255, 255)
     assert tuple(pixels[10, 80]) == (128, 128, 128, 255)
 
 
 def test_palette_transparency_becomes_alpha(tmp_path):
-    pixels = np.asarray(app.to_rgba(palette_png_with_transparency(tmp_path / "p.png")))
+    pixels = np.asarray(to_rgba(palette_png_with_transparency(tmp_path / "p.png")))
     assert tuple(pixels[10, 10]) == (0, 0, 255, 255)
     assert pixels[10, 80, 3] == 0
 
 
 def test_exif_orientation_is_applied(tmp_path):
-    image = app.to_rgba(exif_rotated_jpeg(tmp_path / "e.jpg"))
+    image = to_rgba(exif_rotated_jpeg(tmp_path / "e.jpg"))
     assert image.size == (64, 96)
     pixels = np.asarray(image).astype(int)
     assert np.abs(pixels[20, 32, :3] - (255, 0, 0)).max() < 40  # top: red
@@ -147,7 +150,7 @@ def test_exif_orientation_is_applied(tmp_path):
 
 def test_animated_gif_gives_its_first_frame_and_a_note(tmp_path):
     notes = []
-    image = app.to_rgba(animated_gif(tmp_path / "a.gif"), notes)
+    image = to_rgba(animated_gif(tmp_path / "a.gif"), notes)
     assert tuple(np.asarray(image)[10, 10]) == (255, 0, 0, 255)
     assert notes == ["a.gif is animated (3 frames): the first frame was used."]
 
@@ -156,16 +159,16 @@ def test_too_many_pixels_is_refused_from_the_header(tmp_path):
     # 8200 x 8200 = 67 MP: over MAX_INPUT_PIXELS (64 MP) but under Pillow's own guard, so the app's check speaks.
     path = huge_png(tmp_path / "big.png", side=8200)
     with pytest.raises(ValueError, match=r"big\.png is 8200x8200 \(67 megapixels\): the limit is 64 megapixels"):
-        app.to_rgba(path)
+        to_rgba(path)
 
 
 def test_20000x20000_is_refused_without_decoding_its_pixels(tmp_path):
     # In a fresh process, whose peak memory is only the imports: decoding would add 400 MB (1-bit pixels
     # are held one byte each), converting 1.6 GB.
     path = huge_png(tmp_path / "huge.png")
-    code = ("import resource, sys; sys.path.insert(0, 'src'); import app\n"
+    code = ("import resource, sys; sys.path.insert(0, 'src'); from studio.images import to_rgba\n"
             "before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
-            "try:\n    app.to_rgba(sys.argv[1])\nexcept ValueError as err:\n    print(err)\n"
+            "try:\n    to_rgba(sys.argv[1])\nexcept ValueError as err:\n    print(err)\n"
             "print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) // 1024)\n")
     proc = subprocess.run([sys.executable, "-c", code, str(path)], cwd=ROOT, capture_output=True, text=True, timeout=120)
     message, grown_mb = proc.stdout.strip().splitlines()
@@ -273,7 +276,7 @@ def test_out_of_memory_says_what_to_change_frees_the_run_and_the_next_request_wo
         latents.append(weakref.ref(kwargs["hidden_states"]))
         raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB (simulated)")
 
-    hook = demo_pipe.transformer.register_forward_pre_hook(out_of_memory, with_kwargs=True)
+    hook = demo_pipe.pipe.transformer.register_forward_pre_hook(out_of_memory, with_kwargs=True)
     try:
         with pytest.raises(AppError) as refused:
             decompose(client, image, layers=3)
@@ -327,7 +330,7 @@ def test_a_client_that_disconnects_mid_run_does_not_leave_the_app_stuck(server, 
     url, _ = server
     image = plain_png(tmp_path / "in.png")
     started = threading.Event()
-    hook = demo_pipe.transformer.register_forward_pre_hook(lambda *_: started.set())
+    hook = demo_pipe.pipe.transformer.register_forward_pre_hook(lambda *_: started.set())
     # A client in its own process, killed once its run is in the denoising loop: its connection just drops.
     code = ("import sys; from gradio_client import Client, handle_file\n"
             "Client(sys.argv[1], verbose=False).predict(handle_file(sys.argv[2]), prompt='gone', layers=2, "
@@ -355,7 +358,7 @@ def test_with_auth_an_unauthenticated_api_call_is_refused(demo_pipe, models_dir,
     settings = demo_settings(models_dir, outputs=tmp_path / "outputs", host="127.0.0.1", port=free_port(),
                              auth=("alice", "s3cret"))
     demo = app.build_ui(demo_pipe, settings)
-    demo.launch(**app.launch_options(settings), prevent_thread_lock=True, quiet=True)
+    demo.launch(**launch_options(settings), prevent_thread_lock=True, quiet=True)
     url = f"http://127.0.0.1:{settings.port}/"
     try:
         image = png_bytes(Image.new("RGB", (64, 64)))
@@ -392,9 +395,9 @@ def test_start_up_on_all_interfaces_without_login_warns(tmp_path):
 
 
 def test_network_warning_only_when_listening_on_all_interfaces_without_login():
-    assert "without a login" in app.network_warning(app.Settings(host="0.0.0.0"))
-    assert app.network_warning(app.Settings(host="0.0.0.0", auth=("a", "b"))) is None
-    assert app.network_warning(app.Settings(host="127.0.0.1")) is None
+    assert "without a login" in network_warning(app.Settings(host="0.0.0.0"))
+    assert network_warning(app.Settings(host="0.0.0.0", auth=("a", "b"))) is None
+    assert network_warning(app.Settings(host="127.0.0.1")) is None
 
 
 def test_prune_outputs_deletes_oldest_runs_beyond_the_size_and_age_limits(tmp_path):
@@ -411,9 +414,9 @@ def test_prune_outputs_deletes_oldest_runs_beyond_the_size_and_age_limits(tmp_pa
     ancient, old, middle, new = run("a", 1, 200), run("b", 3, 3), run("c", 3, 2), run("d", 3, 0)
     (tmp_path / ".gradio-cache").mkdir()
     (tmp_path / "notes").mkdir()  # not a run folder: no params.json
-    deleted = app.prune_outputs(tmp_path, max_bytes=7e6, max_age_s=168 * 3600, keep=new)
+    deleted = prune_outputs(tmp_path, max_bytes=7e6, max_age_s=168 * 3600, keep=new)
     assert deleted == [ancient, old]  # too old; then oldest first until 6 MB <= 7 MB
     assert sorted(p.name for p in tmp_path.iterdir()) == [".gradio-cache", "c", "d", "notes"]
     # The run just saved stays even when it alone is over the limit; 0 turns a limit off.
-    assert app.prune_outputs(tmp_path, max_bytes=1, max_age_s=0, keep=new) == [middle]
-    assert app.prune_outputs(tmp_path, max_bytes=0, max_age_s=0) == []
+    assert prune_outputs(tmp_path, max_bytes=1, max_age_s=0, keep=new) == [middle]
+    assert prune_outputs(tmp_path, max_bytes=0, max_age_s=0) == []

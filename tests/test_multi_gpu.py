@@ -11,6 +11,9 @@ import torch
 from PIL import Image
 
 import app
+from studio.batch import decompose_batch
+from studio.errors import STOPPED_MESSAGE
+from studio.parallel import launch_ranks
 from conftest import ROOT
 
 # One thread per process in both runs: the same float32 summation order, so the layers can be compared exactly.
@@ -35,7 +38,7 @@ def one_and_two_processes(demo_pipe, models_dir, tmp_path_factory):
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        [item] = app.decompose_batch(demo_pipe, [image], one, app.run_info_for(demo_pipe, app.print_environment_info(False)),
+        [item] = decompose_batch(demo_pipe, app.infer, [image], one, demo_pipe.run_info(),
                                      **JOB_KWARGS)
     finally:
         torch.set_num_threads(threads)
@@ -83,7 +86,7 @@ def test_gpus_below_one_is_refused_by_the_parser(value, capsys):
     with pytest.raises(SystemExit) as exit_info:
         app.parse_args(["--gpus", value])
     assert exit_info.value.code == 2
-    assert f"--gpus {value}: use 1 or more" in capsys.readouterr().err
+    assert f"argument --gpus: {value} is not 1 or more" in capsys.readouterr().err
 
 
 def test_launch_ranks_starts_the_ranks_itself_and_they_give_the_same_layers(one_and_two_processes, models_dir,
@@ -92,8 +95,8 @@ def test_launch_ranks_starts_the_ranks_itself_and_they_give_the_same_layers(one_
     _, (folder_one, layers_one), _ = one_and_two_processes
     image = json.loads((folder_one / "params.json").read_text())["input_file"]
     monkeypatch.setenv("OMP_NUM_THREADS", "1")  # the spawned ranks read it when they import torch
-    code = app.launch_ranks(2, ["decompose", image, *JOB, "--out", str(tmp_path), "--demo",
-                                "--models-dir", str(models_dir)])
+    code = launch_ranks(2, ["decompose", image, *JOB, "--out", str(tmp_path), "--demo",
+                                "--models-dir", str(models_dir)], app.main)
     assert code == 0
     assert "WORLD_SIZE" not in os.environ  # this process stays a single one
     folder, layers = layer_arrays(tmp_path)
@@ -113,11 +116,11 @@ def test_the_ranks_stop_and_fail_together_and_then_run_the_next_job(models_dir, 
         capture_output=True, text=True, env=dict(os.environ, **ONE_THREAD), timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     results = json.loads(out_json.read_text())
-    assert results["stop_in_steps"] == f"RunStopped: {app.STOPPED_MESSAGE}"
+    assert results["stop_in_steps"] == f"RunStopped: {STOPPED_MESSAGE}"
     assert results["rank1_out_of_memory"].startswith("OutOfMemoryError: Out of GPU memory during the decomposition")
-    assert results["stop_in_caption"] == f"RunStopped: {app.STOPPED_MESSAGE}"
+    assert results["stop_in_caption"] == f"RunStopped: {STOPPED_MESSAGE}"
     assert results["caption_forwards_before_stop"] == 2  # stopped before its third token
-    assert proc.stderr.count(f"Rank 1: {app.STOPPED_MESSAGE}") == 2  # rank 1 left both stopped jobs too
+    assert proc.stderr.count(f"Rank 1: {STOPPED_MESSAGE}") == 2  # rank 1 left both stopped jobs too
     assert "Rank 1: Out of GPU memory" in proc.stderr
     # The last job: rank 0's caption on both ranks, the layers one process gives.
     torch_threads = app.torch.get_num_threads()

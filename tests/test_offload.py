@@ -22,11 +22,11 @@ from conftest import demo_settings
     ],
 )
 def test_resolve_offload_mode(mode, cuda, vram_gb, expected):
-    assert app.resolve_offload_mode(mode, cuda, vram_gb) == expected
+    assert app.resolve_offload_mode(mode, cuda, vram_gb).name == expected
 
 
 def test_unknown_offload_mode_is_refused_with_the_choices():
-    with pytest.raises(ValueError, match=r"offload mode 'fast' is not one of \('auto', 'off'"):
+    with pytest.raises(ValueError, match=r"offload mode 'fast' is not one of auto, off, model, sequential, budget"):
         app.resolve_offload_mode("fast", True, 24.0)
 
 
@@ -39,7 +39,7 @@ def test_each_offload_mode_gives_the_layers_of_off(demo_pipe, models_dir, rgba_i
     kwargs = dict(prompt="shapes", layers=2, num_inference_steps=2, seed=21)
     reference = app.infer(demo_pipe, rgba_image, **kwargs)
     pipe = app.load_pipeline(demo_settings(models_dir, offload=mode))
-    assert pipe._studio_info["offload_mode"] == mode
+    assert pipe.offload.name == mode
     result = app.infer(pipe, rgba_image, **kwargs)
     for a, b in zip(reference.layers, result.layers):
         # Identical on the CPU; bf16 on a GPU may differ by a few levels between placements.

@@ -1,9 +1,10 @@
-"""The parameter table (app.PARAMS): one row per parameter drives infer's checks, the widgets, the API and the CLI.
+"""The parameter table (PARAMS): one row per parameter drives infer's checks, the widgets, the API and the CLI.
 
 Abuse over HTTP (the shared demo server, through gradio_client): over-long and non-text prompts, seeds out of
 range or not whole numbers are refused with a message naming the value, and the server keeps serving.
 """
 
+import dataclasses
 import inspect
 import json
 import math
@@ -12,33 +13,55 @@ import pytest
 from PIL import Image
 
 import app
+from studio.params import DEFAULTS, MAX_SEED, PARAMS, PROMPT_MAX_CHARS, check_param, check_params
 
 # The cheapest good run: 2 layers, 2 steps, no CFG pass, a prompt (no auto-caption).
 GOOD = dict(prompt="a params card", layers=2, num_inference_steps=2, true_cfg_scale=1.0, seed=5)
 
 
 # --- the table ------------------------------------------------------------------------------------------
-def test_every_infer_parameter_has_one_row_and_the_defaults_are_infers():
-    signature = inspect.signature(app.infer).parameters
-    # `stop` is the run's control (Stop, a client leaving), not a decomposition parameter.
-    assert sorted(p.name for p in app.PARAMS) == sorted(n for n in signature if n not in ("pipe", "image", "stop"))
-    for p in app.PARAMS:
-        assert signature[p.name].default == p.default, p.name
+def test_infer_takes_exactly_the_rows_and_passes_each_pipeline_row_to_the_pipeline(demo_pipe, rgba_image, monkeypatch):
+    """PARAMS drives `infer` completely: its keywords are the rows (anything else is refused by name), a row not given
+    takes its default, and every `pipeline` row reaches the pipeline's call under its own name."""
+    named = [name for name, p in inspect.signature(app.infer).parameters.items() if p.kind != p.VAR_KEYWORD]
+    assert named == ["loaded", "image", "stop"]  # `stop` is the run's control, not a decomposition parameter
+    with pytest.raises(ValueError, match="unknown parameter\\(s\\) strength: use prompt, negative_prompt"):
+        app.infer(demo_pipe, rgba_image, strength=0.5)
+    calls = []
+    pipeline_class = type(demo_pipe.pipe)
+    call = pipeline_class.__call__
+    monkeypatch.setattr(pipeline_class, "__call__", lambda self, **kwargs: (calls.append(kwargs), call(self, **kwargs))[1])
+    given = dict(prompt="a row card", negative_prompt="blur", true_cfg_scale=1.5, num_inference_steps=2, layers=2,
+                 cfg_normalize=False, use_en_prompt=False, seed=11)
+    result = app.infer(demo_pipe, rgba_image, **given)
+    [kwargs] = calls
+    for p in PARAMS:
+        expected = given.get(p.name, DEFAULTS[p.name])
+        assert result.params["prompt_given" if p.name == "prompt" else p.name] == expected, p.name
+        if p.pipeline:
+            assert kwargs[p.name] == expected, p.name
+        else:
+            assert p.name not in kwargs, p.name  # seed and randomize_seed make the generator
+    assert kwargs["generator"].initial_seed() == 11
+
+
+def test_every_row_default_has_the_rows_type():
+    for p in PARAMS:
         assert isinstance(p.default, p.type), p.name
 
 
 @pytest.mark.parametrize("name, value, expected", [
     ("seed", 7.0, 7),  # the API's numbers may come as whole floats
     ("seed", 0, 0),
-    ("seed", app.MAX_SEED, app.MAX_SEED),
+    ("seed", MAX_SEED, MAX_SEED),
     ("true_cfg_scale", 2, 2.0),
     ("resolution", 1024, 1024),
     ("prompt", None, ""),  # an empty Textbox sends None
-    ("negative_prompt", "x" * app.PROMPT_MAX_CHARS, "x" * app.PROMPT_MAX_CHARS),
+    ("negative_prompt", "x" * PROMPT_MAX_CHARS, "x" * PROMPT_MAX_CHARS),
     ("cfg_normalize", False, False),
 ])
 def test_check_param_takes_valid_values_in_the_rows_type(name, value, expected):
-    checked = app.check_param(name, value)
+    checked = check_param(name, value)
     assert checked == expected and type(checked) is type(expected)
 
 
@@ -54,23 +77,23 @@ def test_check_param_takes_valid_values_in_the_rows_type(name, value, expected):
     ("true_cfg_scale", math.nan, r"true_cfg_scale=nan is not a number"),
     ("prompt", ["x"], r"prompt must be text, not a list \(\['x'\]\): send one string"),
     ("negative_prompt", {"a": 1}, r"negative_prompt must be text, not a dict"),
-    ("prompt", "x" * (app.PROMPT_MAX_CHARS + 1), r"prompt is 2,001 characters long: the limit is 2,000"),
+    ("prompt", "x" * (PROMPT_MAX_CHARS + 1), r"prompt is 2,001 characters long: the limit is 2,000"),
     ("cfg_normalize", "false", r"cfg_normalize='false' is not true or false"),
 ])
 def test_check_param_refuses_with_the_value_and_what_is_accepted(name, value, message):
     with pytest.raises(ValueError, match=message):
-        app.check_param(name, value)
+        check_param(name, value)
 
 
 def test_an_unknown_parameter_is_named():
     with pytest.raises(ValueError, match="unknown parameter\\(s\\) steps"):
-        app.check_params(steps=3)
+        check_params(steps=3)
 
 
 # --- the command line -----------------------------------------------------------------------------------
 def test_every_row_has_its_decompose_flag_with_the_rows_default():
     _, _, ns = app.parse_args(["decompose", "x.png"])
-    assert {p.name: getattr(ns, p.name) for p in app.PARAMS} == app.DEFAULTS
+    assert {p.name: getattr(ns, p.name) for p in PARAMS} == DEFAULTS
     _, _, ns = app.parse_args(["decompose", "x.png", "--no-cfg-normalize", "--randomize-seed", "--zh-caption",
                                "--negative-prompt", "blurry", "--seed", "12", "--true-cfg-scale", "2.5"])
     assert (ns.cfg_normalize, ns.randomize_seed, ns.use_en_prompt, ns.negative_prompt, ns.seed, ns.true_cfg_scale) == \
@@ -177,9 +200,32 @@ def test_the_api_parameters_are_the_tables_in_order(server):
     url, _ = server
     info = Client(url, verbose=False).view_api(print_info=False, return_format="dict")["named_endpoints"]
     names = [p["parameter_name"] for p in info["/decompose"]["parameters"]]
-    assert names == ["image", *(p.name for p in app.PARAMS), "original_size"]
+    assert names == ["image", *(p.name for p in PARAMS), "original_size"]
     layer_names = [p["parameter_name"] for p in info["/decompose_layer"]["parameters"]]
     assert layer_names == ["layer_number", "layers", "prompt",
-                           *(p.name for p in app.PARAMS if p.name not in ("layers", "prompt"))]
+                           *(p.name for p in PARAMS if p.name not in ("layers", "prompt"))]
     defaults = {p["parameter_name"]: p["parameter_default"] for p in info["/decompose"]["parameters"]}
-    assert defaults["seed"] == app.DEFAULTS["seed"] and defaults["num_inference_steps"] == 2  # the server's steps
+    assert defaults["seed"] == DEFAULTS["seed"] and defaults["num_inference_steps"] == 2  # the server's steps
+
+
+# --- the load-flag table ----------------------------------------------------------------------------------
+def test_a_bad_environment_value_names_the_variable_and_what_it_takes(monkeypatch):
+    monkeypatch.setenv("QIL_GPUS", "x")
+    with pytest.raises(ValueError, match=r"QIL_GPUS='x' is not accepted \(.*\): set it like --gpus, or unset it"):
+        app.parse_args([])
+
+
+def test_every_settings_field_is_one_row_with_its_flag_and_variable(monkeypatch):
+    names = [row.name for row in app.LOAD_FLAGS]
+    assert sorted(names) == sorted(field.name for field in dataclasses.fields(app.Settings))
+    assert len(set(row.flag for row in app.LOAD_FLAGS)) == len(names)
+    monkeypatch.setenv("QIL_VRAM_BUDGET", "11.5")  # a row whose variable is not its field's name
+    monkeypatch.setenv("QIL_FIRST_BLOCK_CACHE", "0")
+    settings = app.parse_args(["--outputs-max-gb", "3"])[1]
+    assert settings.vram_budget_gb == 11.5 and settings.first_block_cache is False and settings.outputs_max_gb == 3.0
+
+
+def test_ray_workers_without_ray_is_refused(capsys):
+    with pytest.raises(SystemExit):
+        app.parse_args(["decompose", "in.png", "--ray-workers", "2"])
+    assert "--ray-workers 2 needs --ray: the local batch runs one pipeline" in capsys.readouterr().err

@@ -13,6 +13,8 @@ import torch
 from PIL import Image
 
 import app
+from studio.batch import decompose_batch, decompose_ray, find_images
+from studio.runs import completed_images, run_folder_complete
 from conftest import demo_settings
 
 ray = pytest.importorskip("ray")  # in requirements.txt; the missing-Ray message is tested below without it
@@ -26,7 +28,7 @@ def images(tmp_path_factory):
     folder = tmp_path_factory.mktemp("library")
     Image.new("RGBA", (90, 60), (250, 120, 0, 255)).save(folder / "a.png")
     Image.new("RGB", (60, 90), (0, 120, 250)).save(folder / "b.jpg")
-    return folder, app.find_images([folder])
+    return folder, find_images([folder])
 
 
 @pytest.fixture(scope="module")
@@ -41,8 +43,8 @@ def local_batch(demo_pipe, images, tmp_path_factory):
         with pytest.MonkeyPatch.context() as patch:
             patch.chdir(folder.parent)
             relative = [Path(folder.name) / image.name for image in images[1]]
-            items = app.decompose_batch(demo_pipe, relative, out,
-                                        app.run_info_for(demo_pipe, app.print_environment_info(False)), **JOB)
+            items = decompose_batch(demo_pipe, app.infer, relative, out,
+                                        demo_pipe.run_info(), **JOB)
     finally:
         torch.set_num_threads(threads)
     assert all(item.error is None for item in items)
@@ -72,7 +74,7 @@ def kill_once(marker, setups_log):
                 return
             os._exit(1)
 
-        pipe.transformer.register_forward_pre_hook(die_once, with_kwargs=True)
+        pipe.pipe.transformer.register_forward_pre_hook(die_once, with_kwargs=True)
 
     return setup
 
@@ -82,7 +84,7 @@ def ray_run(ray_cluster, models_dir, images, tmp_path_factory):
     out = tmp_path_factory.mktemp("ray")
     marker, setups_log = out.parent / "killed", out.parent / "setups.log"
     settings = demo_settings(models_dir, outputs=out, offload="off")
-    items, skipped = app.decompose_ray(images[1], settings, workers=2, worker_setup=kill_once(marker, setups_log), **JOB)
+    items, skipped = decompose_ray(images[1], settings, app.start_pipeline, app.infer, workers=2, worker_setup=kill_once(marker, setups_log), **JOB)
     return out, items, skipped, marker, setups_log
 
 
@@ -110,7 +112,7 @@ def test_a_worker_that_dies_loses_only_its_image_which_is_retried(ray_run):
     assert len(pids) == 3 and len(set(pids)) == 3  # two workers, then the dead one restarted in a new process
     # A cluster without GPUs runs CPU workers, and they see no GPU (Ray 2.60 would leave every GPU of a node visible).
     assert {visible for _, visible in setups} == {"''"}
-    assert all(item.folder.parent == out and app.run_folder_complete(item.folder) for item in items)
+    assert all(item.folder.parent == out and run_folder_complete(item.folder) for item in items)
 
 
 def test_a_second_run_skips_every_image_with_a_complete_run_folder(ray_run, images, models_dir, capsys):
@@ -135,19 +137,19 @@ def test_a_library_begun_by_the_local_batch_with_a_relative_path_is_resumed_by_r
     monkeypatch.chdir(folder.parent)
     relative = [Path(folder.name) / image.name for image in images[1]]
     out = next(iter(local_batch.values())).parent
-    items, skipped = app.decompose_ray(relative, demo_settings(models_dir, outputs=out), **JOB)
+    items, skipped = decompose_ray(relative, demo_settings(models_dir, outputs=out), app.start_pipeline, app.infer, **JOB)
     assert (items, sorted(skipped)) == ([], sorted(folder / image.name for image in images[1]))
 
 
 def test_a_run_folder_missing_any_export_is_not_complete(ray_run, tmp_path):
     out, items, _, _, _ = ray_run
     folder = shutil.copytree(items[0].folder, tmp_path / "copy")
-    assert app.run_folder_complete(folder)
+    assert run_folder_complete(folder)
     next(folder.glob("*.psd")).unlink()  # a worker killed while writing the last file
-    assert not app.run_folder_complete(folder)
+    assert not run_folder_complete(folder)
     (folder / "params.json").write_text("{not json")
-    assert not app.run_folder_complete(folder)
-    assert app.completed_images(tmp_path) == {}
+    assert not run_folder_complete(folder)
+    assert completed_images(tmp_path) == {}
 
 
 def test_missing_ray_exits_2_with_the_install_line(images, tmp_path, monkeypatch, capsys):
@@ -171,4 +173,4 @@ def test_ray_workers_below_one_is_refused_by_the_parser(value, capsys):
     with pytest.raises(SystemExit) as exit_info:
         app.parse_args(["decompose", "x.png", "--ray", "--ray-workers", value])
     assert exit_info.value.code == 2
-    assert f"--ray-workers {value}: use 1 or more" in capsys.readouterr().err
+    assert f"argument --ray-workers: {value} is not 1 or more" in capsys.readouterr().err

@@ -8,6 +8,8 @@ import pytest
 from PIL import Image, ImageDraw
 
 import app
+from studio.images import ORIGINAL_SIZE_RESAMPLE
+from studio.stack import LayerStack, fit_to_canvas, replace_layer, undo
 
 CANVAS = (300, 200)  # not a resolution bucket: the demo returns 768x512 sub-layers that must be fit back
 
@@ -33,9 +35,9 @@ def test_replace_layer_puts_the_sub_layers_where_the_layer_was():
     a, b, c = solid((255, 0, 0, 255)), solid((0, 255, 0, 255)), solid((0, 0, 255, 255))
     x, y = solid((1, 1, 1, 255)), solid((2, 2, 2, 255))
     layers = [a, b, c]
-    assert app.replace_layer(layers, 1, [x, y]) == [a, x, y, c]
-    assert app.replace_layer(layers, 0, [x, y]) == [x, y, b, c]
-    assert app.replace_layer(layers, 2, [x, y]) == [a, b, x, y]
+    assert replace_layer(layers, 1, [x, y]) == [a, x, y, c]
+    assert replace_layer(layers, 0, [x, y]) == [x, y, b, c]
+    assert replace_layer(layers, 2, [x, y]) == [a, b, x, y]
     assert layers == [a, b, c]  # the old stack is left as it was (it is the undo step)
 
 
@@ -44,14 +46,14 @@ def test_replace_layer_names_the_bad_index_and_the_range():
     # Counted from 1, as the gallery counts: index 3 is layer 4, and a stack of 3 takes layers 1 to 3.
     with pytest.raises(ValueError, match=r"^layer 4 is not in the stack: choose a layer from 1 \(bottom\) to 3 "
                                          r"\(layer index 3; indices run from 0\)$"):
-        app.replace_layer(layers, 3, [solid((1, 1, 1, 255))])
+        replace_layer(layers, 3, [solid((1, 1, 1, 255))])
     with pytest.raises(ValueError, match=r"^layer 0 is not in the stack: choose a layer from 1 \(bottom\) to 3"):
-        app.replace_layer(layers, -1, [solid((1, 1, 1, 255))])
+        replace_layer(layers, -1, [solid((1, 1, 1, 255))])
 
 
 def test_sub_layers_of_the_canvas_size_are_kept_pixel_for_pixel():
     layer = sticker()
-    (fitted,) = app.fit_to_canvas([layer], CANVAS)
+    (fitted,) = fit_to_canvas([layer], CANVAS)
     assert np.array_equal(pixels(fitted), pixels(layer))
 
 
@@ -59,13 +61,13 @@ def test_sub_layers_of_another_size_are_resized_to_the_canvas_without_dark_edges
     # A red disc at twice the canvas size, on transparent *black*. Resampling colour and alpha apart would
     # mix that black into the disc's soft edge; in premultiplied alpha the edge stays red.
     big = sticker((600, 400))
-    (fitted,) = app.fit_to_canvas([big], CANVAS)
+    (fitted,) = fit_to_canvas([big], CANVAS)
     assert fitted.size == CANVAS and fitted.mode == "RGBA"
     rgba = pixels(fitted).astype(int)
     edge = (rgba[..., 3] > 32) & (rgba[..., 3] < 224)  # (below 32, 8-bit rounding alone moves the colour)
     assert edge.sum() > 50
     assert rgba[edge][:, 0].min() >= 215  # red (230) stays red
-    apart = pixels(Image.merge("RGBA", [c.resize(CANVAS, app.ORIGINAL_SIZE_RESAMPLE) for c in big.split()])).astype(int)
+    apart = pixels(Image.merge("RGBA", [c.resize(CANVAS, ORIGINAL_SIZE_RESAMPLE) for c in big.split()])).astype(int)
     assert apart[edge][:, 0].min() < 100  # the dark halo it avoids
 
 
@@ -78,13 +80,13 @@ def sub_run(demo_pipe, tmp_path_factory):
     top = Image.new("RGBA", CANVAS, (0, 0, 0, 0))
     ImageDraw.Draw(top).rectangle([10, 10, 40, 40], fill=(0, 200, 0, 255))
     layers = [solid((30, 90, 200, 255)), sticker(), top]
-    before_that = app.LayerStack(layers=layers[:2], run_folder=run_folder)
-    stack = app.LayerStack(layers=layers, run_folder=run_folder, files={"folder": run_folder / "first"},
+    before_that = LayerStack(layers=layers[:2], run_folder=run_folder)
+    stack = LayerStack(layers=layers, run_folder=run_folder, files={"folder": run_folder / "first"},
                            previous=before_that)
     seen = []  # what the pipeline's image processor is given, to check the layer reaches the model with alpha
-    preprocess = demo_pipe.image_processor.preprocess
+    preprocess = demo_pipe.pipe.image_processor.preprocess
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(demo_pipe.image_processor, "preprocess",
+        patch.setattr(demo_pipe.pipe.image_processor, "preprocess",
                       lambda image, *args, **kwargs: seen.append(preprocess(image, *args, **kwargs)) or seen[-1])
         new_stack, result = app.decompose_layer(demo_pipe, stack, 1, {"demo": True}, prompt="a red disc", layers=2,
                                                 num_inference_steps=2, seed=5)
@@ -95,7 +97,7 @@ def test_sub_layers_replace_the_layer_in_place(sub_run):
     stack, new_stack, result, _ = sub_run
     assert len(stack.layers) == 3 and len(new_stack.layers) == 4
     assert new_stack.layers[0] is stack.layers[0] and new_stack.layers[3] is stack.layers[2]
-    for layer, sub_layer in zip(new_stack.layers[1:3], app.fit_to_canvas(result.layers, CANVAS)):
+    for layer, sub_layer in zip(new_stack.layers[1:3], fit_to_canvas(result.layers, CANVAS)):
         assert np.array_equal(pixels(layer), pixels(sub_layer))
 
 
@@ -149,8 +151,8 @@ def test_the_exports_write_the_whole_stack(sub_run):
 
 def test_undo_goes_back_one_sub_run_and_only_one(sub_run):
     stack, new_stack, _, _ = sub_run
-    restored = app.undo(new_stack)
+    restored = undo(new_stack)
     assert restored.layers == stack.layers and restored.files == stack.files
     # The stack had an undo step of its own before the sub-run; after undo there is none left.
     with pytest.raises(ValueError, match="nothing to undo"):
-        app.undo(restored)
+        undo(restored)

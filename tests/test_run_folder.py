@@ -9,13 +9,14 @@ import pytest
 from PIL import Image
 
 import app
+from studio.runs import save_run
 
 
 @pytest.fixture(scope="module")
 def saved_run(demo_pipe, rgba_image, tmp_path_factory):
     result = app.infer(demo_pipe, rgba_image, prompt="", layers=3, num_inference_steps=2, seed=42)
     outputs = tmp_path_factory.mktemp("outputs")
-    paths = app.save_run(result, outputs, app.run_info_for(demo_pipe, app.print_environment_info(print_it=False)))
+    paths = save_run(result, outputs, demo_pipe.run_info())
     return result, paths, outputs
 
 
@@ -32,7 +33,7 @@ def test_each_run_gets_its_own_folder_with_params(saved_run):
     assert params["layers"] == 3 and params["num_inference_steps"] == 2
     assert params["offload_mode"] == "off" and params["demo"] is True
     assert params["model_path"].endswith("demo-tiny-random")
-    assert params["versions"]["diffusers"] == app._version("diffusers")
+    assert params["versions"]["diffusers"] == app.package_version("diffusers")
 
 
 def test_layer_pngs_and_composite_on_disk(saved_run):

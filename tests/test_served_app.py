@@ -373,9 +373,9 @@ def test_the_downloads_show_their_whole_file_names(served, page):
 
 def app_stem(prompt: str, seed: int = 777) -> str:
     sys.path.insert(0, str(ROOT / "src"))
-    import app
+    from studio.exports import export_stem
 
-    return app.export_stem(prompt, seed)
+    return export_stem(prompt, seed)
 
 
 def test_the_caption_shows_its_progress_in_tokens(served, page):

@@ -11,7 +11,11 @@ from diffusers.hooks import HookRegistry
 from diffusers.hooks.group_offloading import _GROUP_OFFLOADING
 
 import app
-from conftest import demo_settings, run_app
+from studio.engine.memory import budget_sizes, budget_sizes_from_files, text_encoder_parts
+from studio.engine.plan import BUDGET_AUTO_MIN_VRAM_GB, BUDGET_PLAN_IMAGE_TOKENS, BUDGET_SAFETY_MARGIN_GB, BUDGET_TEXT_ENCODER_ACTIVATION_GB, BUDGET_TEXT_ENCODER_MARGIN_GB, budget_minimum_gb, budget_minimum_ram_gb, plan_budget
+from studio.errors import OutOfMemoryError
+from studio.params import LAYERS_RANGE
+from conftest import demo_settings, run_app, engine_on, machine_fits
 
 # Sizes (GiB) of the real model in bf16: the transformer's from bench/bench_24gb.py; the text encoder's language
 # layer from Qwen2.5-VL-7B's config (q/o 3584x3584 + k/v 3584x512 with biases, MLP 3 x 3584x18944, two norms:
@@ -27,37 +31,37 @@ def _text_peak(resident: int) -> float:
     layers, and the larger of the vision tower's copy and two streamed layers."""
     head = REAL["text_encoder_gb"] - 28 * LAYER_GB - REAL["text_vision_gb"] - REAL["text_embed_gb"]
     streaming = max(REAL["text_vision_gb"], 2 * LAYER_GB if resident < 28 else 0.0)
-    return head + REAL["vae_gb"] + app.BUDGET_TEXT_ENCODER_ACTIVATION_GB + resident * LAYER_GB + streaming
+    return head + REAL["vae_gb"] + BUDGET_TEXT_ENCODER_ACTIVATION_GB + resident * LAYER_GB + streaming
 
 
 @pytest.mark.parametrize("budget", [15.0, 11.0])
 def test_on_16_and_12_gb_cards_the_text_encoder_keeps_as_many_layers_as_fit(budget):
-    plan = app.plan_budget(budget, image_tokens=DEFAULT_JOB_TOKENS, **REAL)
+    plan = plan_budget(budget, image_tokens=DEFAULT_JOB_TOKENS, **REAL)
     text = plan.text_encoder
     resident = len(text.resident_layers)
     assert text.split and resident + len(text.streamed_layers) == 28
-    margin = app.BUDGET_TEXT_ENCODER_MARGIN_GB
+    margin = BUDGET_TEXT_ENCODER_MARGIN_GB
     assert _text_peak(resident) + margin <= budget < _text_peak(resident + 1) + margin  # one more would not fit
     assert text.peak_gb == pytest.approx(_text_peak(resident))
     assert text.streamed_gb_per_token == pytest.approx((28 - resident) * LAYER_GB)
     assert 0 in text.resident_layers and 1 in text.resident_layers  # layer 0 starts the copies
     # The transformer keeps as many blocks as fit beside the job, as on 24 GB.
-    assert plan.denoise_peak_gb <= budget - app.BUDGET_SAFETY_MARGIN_GB
+    assert plan.denoise_peak_gb <= budget - BUDGET_SAFETY_MARGIN_GB
     assert 1 <= len(plan.resident_blocks) < 60
 
 
 def test_on_a_24_gb_card_the_text_encoder_stays_whole():
-    plan = app.plan_budget(23.0, image_tokens=DEFAULT_JOB_TOKENS, **REAL)
+    plan = plan_budget(23.0, image_tokens=DEFAULT_JOB_TOKENS, **REAL)
     assert not plan.text_encoder.split and plan.text_encoder.streamed_layers == ()
-    assert plan.text_encoder_peak_gb == pytest.approx(15.445 + 0.236 + app.BUDGET_TEXT_ENCODER_ACTIVATION_GB)
+    assert plan.text_encoder_peak_gb == pytest.approx(15.445 + 0.236 + BUDGET_TEXT_ENCODER_ACTIVATION_GB)
 
 
 def test_the_real_models_minimum_is_what_auto_uses_without_the_files():
-    minimum = app.budget_minimum_gb(REAL)  # the default job (640 px, 4 layers) beside one resident block
-    assert math.ceil(minimum) == app.BUDGET_AUTO_MIN_VRAM_GB
-    app.plan_budget(minimum, image_tokens=DEFAULT_JOB_TOKENS, **REAL)
+    minimum = budget_minimum_gb(REAL)  # the default job (640 px, 4 layers) beside one resident block
+    assert math.ceil(minimum) == BUDGET_AUTO_MIN_VRAM_GB
+    plan_budget(minimum, image_tokens=DEFAULT_JOB_TOKENS, **REAL)
     with pytest.raises(ValueError, match=r"needs at least 6\.6 GB .* run a smaller job \(640 px, fewer layers\)"):
-        app.plan_budget(minimum - 0.1, image_tokens=DEFAULT_JOB_TOKENS, **REAL)
+        plan_budget(minimum - 0.1, image_tokens=DEFAULT_JOB_TOKENS, **REAL)
 
 
 def test_the_largest_job_is_planned_with_the_pipelines_rounding_to_32_px():
@@ -65,17 +69,17 @@ def test_the_largest_job_is_planned_with_the_pipelines_rounding_to_32_px():
 
     ratios = [r / 100 for r in range(100, 1601)] + [100 / r for r in range(100, 1601)]
     frame = max((w // 16) * (h // 16) for w, h in (calculate_dimensions(1024 * 1024, r) for r in ratios))
-    assert app.BUDGET_PLAN_IMAGE_TOKENS == (app.LAYERS_RANGE[1] + 2) * frame
+    assert BUDGET_PLAN_IMAGE_TOKENS == (LAYERS_RANGE[1] + 2) * frame
     # A 12 GB card (11 GB free) runs the default job; the largest is refused with what would fit.
-    app.plan_budget(11.0, image_tokens=DEFAULT_JOB_TOKENS, **REAL)
+    plan_budget(11.0, image_tokens=DEFAULT_JOB_TOKENS, **REAL)
     with pytest.raises(ValueError, match=r"--vram-budget 11 GB is too small .* needs at least 11\.3 GB"):
-        app.plan_budget(11.0, **REAL)
+        plan_budget(11.0, **REAL)
 
 
 def test_the_sizes_read_from_the_weight_files_match_the_loaded_models(models_dir, demo_pipe):
     path = app.get_model_path(demo_settings(models_dir))
-    from_files = app.budget_sizes_from_files(path, element_size=4)  # the demo loads in float32 on the CPU
-    loaded = app.budget_sizes(demo_pipe.transformer, demo_pipe.text_encoder, demo_pipe.vae)
+    from_files = budget_sizes_from_files(path, element_size=4)  # the demo loads in float32 on the CPU
+    loaded = budget_sizes(demo_pipe.pipe.transformer, demo_pipe.pipe.text_encoder, demo_pipe.pipe.vae)
     assert from_files.keys() == loaded.keys()
     for key, value in loaded.items():
         assert from_files[key] == pytest.approx(value, abs=2**-20), key  # non-persistent buffers (RoPE) are not in the files
@@ -84,22 +88,22 @@ def test_the_sizes_read_from_the_weight_files_match_the_loaded_models(models_dir
 
 def test_a_machine_that_fits_nothing_is_told_its_figures_and_what_each_mode_needs():
     with pytest.raises(ValueError) as err:
-        app.check_machine_fits("sequential", REAL, vram_gb=8.0, ram_gb=16.0)
+        machine_fits("sequential", REAL, vram_gb=8.0, ram_gb=16.0)
     message = str(err.value)
     # sequential keeps every weight in RAM; the budget mode would read the rest from the files (tests/test_low_ram.py)
     for part in ("8.0 GB of VRAM", "16.0 GB of RAM", "needs 53.5 GB plus 4 GB",
-                 f"The budget mode: here it needs {app.budget_minimum_ram_gb(REAL, 8.0):.1f} GB of RAM"):
+                 f"The budget mode: here it needs {budget_minimum_ram_gb(REAL, 8.0):.1f} GB of RAM"):
         assert part in message
 
 
 def test_a_mode_too_big_for_the_card_names_the_one_that_fits():
     with pytest.raises(ValueError, match=r"--offload off needs ~63 GB of VRAM and this GPU has 15\.0 GB: use "
                                          r"--offload auto \(here: budget\)"):
-        app.check_machine_fits("off", REAL, vram_gb=15.0, ram_gb=64.0)
+        machine_fits("off", REAL, vram_gb=15.0, ram_gb=64.0)
     with pytest.raises(ValueError, match=r"--offload model needs ~47 GB .* has 5\.0 GB: .*\(here: sequential\)"):
-        app.check_machine_fits("model", REAL, vram_gb=5.0, ram_gb=64.0)
-    app.check_machine_fits("budget", REAL, vram_gb=11.0, ram_gb=64.0)  # fits: no error
-    app.check_machine_fits("sequential", REAL, vram_gb=4.0, ram_gb=64.0)
+        machine_fits("model", REAL, vram_gb=5.0, ram_gb=64.0)
+    machine_fits("budget", REAL, vram_gb=11.0, ram_gb=64.0)  # fits: no error
+    machine_fits("sequential", REAL, vram_gb=4.0, ram_gb=64.0)
 
 
 def test_too_small_a_budget_exits_2_before_loading_without_a_traceback(tmp_path, models_dir, rgba_image):
@@ -119,7 +123,7 @@ def split_pipe(models_dir):
     """The demo pipeline in budget mode with the text encoder split: layer 0 resident, layer 1 streamed, the vision
     tower copied in per call, the embeddings looked up in host RAM; every transformer block but block 0 streamed."""
     pipe = app.load_pipeline(demo_settings(models_dir))
-    app.enable_budget_offload(pipe, vram_budget_gb=float("inf"), resident_blocks=1, text_resident_layers=1)
+    engine_on(pipe, float("inf"), resident_blocks=1, text_resident_layers=1)
     return pipe
 
 
@@ -137,7 +141,7 @@ def test_the_split_text_encoder_gives_the_layers_and_the_caption_tokens_of_off(m
     for a, b in zip(expected.layers, result.layers):
         assert np.array_equal(np.asarray(a), np.asarray(b))
     # The caption path (vision tower, image tokens, decoding), shortened to 6 tokens: the same tokens.
-    layers, vision, _ = app._text_encoder_parts(split_pipe.text_encoder)
+    layers, vision, _ = text_encoder_parts(split_pipe.pipe.text_encoder)
     text_hook = HookRegistry.check_if_exists_or_initialize(layers[1]).get_hook(_GROUP_OFFLOADING)
     vision_hook = HookRegistry.check_if_exists_or_initialize(vision).get_hook(_GROUP_OFFLOADING)
     layer_loads, vision_loads = _count_onloads([text_hook.group]), _count_onloads([vision_hook.group])
@@ -146,10 +150,10 @@ def test_the_split_text_encoder_gives_the_layers_and_the_caption_tokens_of_off(m
     try:
         tokens = []
         for pipe in (reference, split_pipe):
-            inputs = pipe.vl_processor(text=pipe.image_caption_prompt_en, images=rgba_image.resize((64, 64)),
+            inputs = pipe.pipe.vl_processor(text=pipe.pipe.image_caption_prompt_en, images=rgba_image.resize((64, 64)),
                                        padding=True, return_tensors="pt")
             with torch.inference_mode():
-                tokens.append(pipe.text_encoder.generate(**inputs, max_new_tokens=6, min_new_tokens=6, do_sample=False))
+                tokens.append(pipe.pipe.text_encoder.generate(**inputs, max_new_tokens=6, min_new_tokens=6, do_sample=False))
     finally:
         del text_hook.group.onload_, vision_hook.group.onload_
         handle.remove()
@@ -163,17 +167,17 @@ def test_out_of_memory_in_the_split_text_encoder_frees_everything_and_the_next_r
                                                                                          split_pipe):
     kwargs = dict(prompt="shapes", layers=2, num_inference_steps=2, seed=3)
     expected = app.infer(split_pipe, rgba_image, **kwargs)
-    layer = app._text_encoder_parts(split_pipe.text_encoder)[0][1]  # the streamed language layer
+    layer = text_encoder_parts(split_pipe.pipe.text_encoder)[0][1]  # the streamed language layer
     forward = layer.forward
 
     def out_of_memory(*args, **kwargs):
         raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
 
     monkeypatch.setattr(layer, "forward", out_of_memory)
-    with pytest.raises(app.OutOfMemoryError, match="Out of GPU memory during the decomposition; the memory was freed"):
+    with pytest.raises(OutOfMemoryError, match="Out of GPU memory during the decomposition; the memory was freed"):
         app.infer(split_pipe, rgba_image, **{**kwargs, "prompt": ""})  # fails in the caption's prefill
     monkeypatch.setattr(layer, "forward", forward)
-    assert split_pipe._budget_stages.current is None  # every weight went back to its host copy
+    assert split_pipe.stages.current is None  # every weight went back to its host copy
     result = app.infer(split_pipe, rgba_image, **kwargs)
     for a, b in zip(expected.layers, result.layers):
         assert np.array_equal(np.asarray(a), np.asarray(b))
@@ -184,12 +188,12 @@ def test_a_job_too_large_for_the_budget_is_refused_when_it_starts_and_the_next_r
     # A budget that holds the default job (the demo's minimum is the real model's activations plus the margin:
     # ~4.4 GB at 640 px / 4 layers) but not 1024 px / 10 layers (~9 GB): enabling warns, the large job is refused.
     pipe = app.load_pipeline(demo_settings(models_dir))
-    app.enable_budget_offload(pipe, vram_budget_gb=6.0)
+    engine_on(pipe, 6.0)
     with pytest.raises(ValueError, match=r"--vram-budget 6 GB is too small .* activations for 49152 image tokens .* "
                                          r"run a smaller job \(640 px, fewer layers\)"):
         app.infer(pipe, rgba_image.resize((64, 64)), prompt="shapes", layers=10, resolution=1024,
                   num_inference_steps=2, seed=4)
-    assert pipe._budget_stages.current is None  # released
+    assert pipe.stages.current is None  # released
     kwargs = dict(prompt="shapes", layers=2, num_inference_steps=2, seed=4)
     expected, result = app.infer(demo_pipe, rgba_image, **kwargs), app.infer(pipe, rgba_image, **kwargs)
     for a, b in zip(expected.layers, result.layers):

@@ -11,6 +11,12 @@ import pytest
 import torch
 
 import app
+import studio.compiling
+from studio.compiling import (CAPTION_CACHE_TOKENS, COMPILE_OPTIONS, caption_compile_problem, compile_cache_file,
+                              compile_caption_decode, compile_problem, load_compile_cache)
+from studio.modes import BF16, OFFLOAD, QUANT
+from studio.params import STEPS_RANGE
+from studio.quant import _torchao_linear_filter, quant_problem
 from conftest import demo_settings
 
 CAPTION_TOKENS = 24  # the demo's caption is 512 random tokens (~30 s on 2 cores); these tests need only a few
@@ -20,11 +26,11 @@ CAPTION_TOKENS = 24  # the demo's caption is 512 random tokens (~30 s on 2 cores
 def short_captions(demo_pipe, monkeypatch):
     """Cap the caption's length (speed only: generate itself runs unchanged) and record, for every text-encoder
     forward, whether cuDNN attention was allowed."""
-    generate = demo_pipe.text_encoder.generate
-    monkeypatch.setattr(demo_pipe.text_encoder, "generate",
+    generate = demo_pipe.pipe.text_encoder.generate
+    monkeypatch.setattr(demo_pipe.pipe.text_encoder, "generate",
                         lambda **kwargs: generate(**dict(kwargs, max_new_tokens=CAPTION_TOKENS)))
     cudnn_allowed: list[bool] = []
-    handle = demo_pipe.text_encoder.register_forward_pre_hook(
+    handle = demo_pipe.pipe.text_encoder.register_forward_pre_hook(
         lambda *_: cudnn_allowed.append(torch.backends.cuda.cudnn_sdp_enabled()))
     yield cudnn_allowed
     handle.remove()
@@ -58,13 +64,13 @@ def test_compiled_blocks_under_budget_hooks_and_first_block_cache_match_eager_wi
                                                                                                monkeypatch):
     # Dynamo traces the real blocks with fullgraph=True (a graph break would raise); the "eager" backend runs the
     # traced graph without Inductor, so no C++ toolchain is needed on the CPU.
-    monkeypatch.setattr(app, "COMPILE_OPTIONS", dict(app.COMPILE_OPTIONS, backend="eager"))
+    monkeypatch.setattr(studio.compiling, "COMPILE_OPTIONS", dict(COMPILE_OPTIONS, backend="eager"))
     settings = dict(offload="budget", first_block_cache=True)
     eager_pipe = app.load_pipeline(demo_settings(models_dir, **settings))
     compiled_pipe = app.load_pipeline(demo_settings(models_dir, compile=True, **settings))
-    blocks = len(compiled_pipe.transformer.transformer_blocks)
-    assert f"compiled_transformer_blocks({blocks})" in compiled_pipe._studio_info["optimizations"]
-    assert "compiled_transformer_blocks" not in " ".join(eager_pipe._studio_info["optimizations"])
+    blocks = len(compiled_pipe.pipe.transformer.transformer_blocks)
+    assert f"compiled_transformer_blocks({blocks})" in compiled_pipe.optimizations
+    assert "compiled_transformer_blocks" not in " ".join(eager_pipe.optimizations)
     graphs = unique_graphs()
     for layers, prompt in ((2, "shapes"), (3, "red circle on blue")):  # a new layer count and prompt length
         run = dict(prompt=prompt, layers=layers, num_inference_steps=2, seed=3)
@@ -82,8 +88,8 @@ def test_lossy_compute_on_a_cpu_machine_is_refused_with_the_reason_and_bf16_runs
         pipe = app.load_pipeline(demo_settings(models_dir, quantization="fp8_dynamic"))
     assert ("--quantization fp8_dynamic needs a CUDA GPU and this machine has none. Running bf16 compute instead "
             "(not lossy).") in caplog.text
-    assert not [name for name in pipe._studio_info["optimizations"] if "LOSSY" in name or "compiled" in name]
-    linear = pipe.transformer.transformer_blocks[0].attn.to_q
+    assert not [name for name in pipe.optimizations if "LOSSY" in name or "compiled" in name]
+    linear = pipe.pipe.transformer.transformer_blocks[0].attn.to_q
     assert type(linear.weight) is torch.nn.Parameter and linear.weight.dtype == torch.float32  # not quantized
 
 
@@ -91,30 +97,31 @@ def test_lossy_compute_on_a_cpu_machine_is_refused_with_the_reason_and_bf16_runs
     ("fp8_dynamic", "off", (8, 6), "0.18.0", "compute capability 8.9 or newer for its fp8 matmuls; this one is 8.6"),
     ("int8_dynamic", "off", (7, 5), "0.18.0", "compute capability 8.0 or newer for its int8 matmuls; this one is 7.5"),
     ("int8_dynamic", "off", (8, 6), None, "needs the torchao package (pip install torchao)"),
-    ("fp8_dynamic", "budget", (8, 9), "0.18.0", "every weight resident (--offload off; now: budget)"),
-    ("fp8_dynamic", "sequential", (9, 0), "0.18.0", "(--offload off; now: sequential)"),
+    ("fp8_dynamic", "budget", (8, 9), "0.18.0", "runs only with --offload off (now: budget)"),
+    ("fp8_dynamic", "sequential", (9, 0), "0.18.0", "--offload off (now: sequential)"),
 ])
 def test_lossy_compute_problem_names_the_reason(mode, offload, capability, torchao, expected):
-    assert expected in app.lossy_compute_problem(mode, offload, capability, torchao)
+    assert expected in quant_problem(QUANT[mode], OFFLOAD[offload], capability, torchao is not None)
 
 
 def test_lossy_compute_runs_where_it_can():
-    assert app.lossy_compute_problem("fp8_dynamic", "off", (8, 9), "0.18.0") is None
-    assert app.lossy_compute_problem("int8_dynamic", "off", (8, 0), "0.18.0") is None
+    assert quant_problem(QUANT["fp8_dynamic"], OFFLOAD["off"], (8, 9), True) is None
+    assert quant_problem(QUANT["int8_dynamic"], OFFLOAD["off"], (8, 0), True) is None
+    assert quant_problem(QUANT["fp8_storage"], OFFLOAD["budget"], None, False) is None  # any machine, any mode
 
 
 def test_lossy_filter_keeps_the_one_row_linears_in_bf16(demo_pipe):
-    names = [name for name, module in demo_pipe.transformer.named_modules()
-             if app._lossy_linear_filter(module, name)]
+    names = [name for name, module in demo_pipe.pipe.transformer.named_modules()
+             if _torchao_linear_filter(module, name)]
     assert "transformer_blocks.0.attn.to_q" in names and "transformer_blocks.0.img_mlp.net.2" in names
     assert not [name for name in names if "_mod." in name or not name.startswith("transformer_blocks.")]
     assert "transformer_blocks.0.img_mod.1" not in names  # modulation: one row per image
 
 
 def test_compile_is_refused_where_hooks_sit_inside_the_blocks():
-    assert "accelerate's hooks" in app.compile_problem("sequential")
-    assert "fp8_storage" in app.compile_problem("budget", "fp8_storage")
-    assert app.compile_problem("budget") is None and app.compile_problem("off") is None
+    assert "accelerate's hooks" in compile_problem(OFFLOAD["sequential"], BF16)
+    assert "fp8_storage" in compile_problem(OFFLOAD["budget"], QUANT["fp8_storage"])
+    assert compile_problem(OFFLOAD["budget"], BF16) is None and compile_problem(OFFLOAD["off"], BF16) is None
 
 
 def test_compile_and_lossy_flags_from_the_command_line_and_environment(monkeypatch):
@@ -135,27 +142,28 @@ def test_static_cache_compiled_caption_gives_the_eager_text_with_one_graph_for_e
     # runs the traced graph without Inductor or CUDA graphs (the CPU has neither), so the static cache's arithmetic
     # and the traced step are what is checked here against transformers' default dynamic cache. (On the GPU, Inductor's
     # fused kernels in bf16 do change the random full-size model's text: ENABLE_CAPTION_COMPILE says so.)
-    encoder = demo_pipe.text_encoder
+    encoder = demo_pipe.pipe.text_encoder
     generate = encoder.generate  # captions of CAPTION_TOKENS tokens (speed only; no hook: it would be traced)
     monkeypatch.setattr(encoder, "generate", lambda **kwargs: generate(**dict(kwargs, max_new_tokens=CAPTION_TOKENS)))
-    eager = app.caption_image(demo_pipe, rgba_image, 640)
+    eager = app.caption_image(demo_pipe.pipe, rgba_image, 640)
     wide = rgba_image.resize((600, 200))
-    eager_wide = app.caption_image(demo_pipe, wide, 640)
+    eager_wide = app.caption_image(demo_pipe.pipe, wide, 640)
     graphs = unique_graphs()
-    app.compile_caption_decode(encoder, backend="eager", mode=None)
+    compile_caption_decode(encoder, backend="eager", mode=None)
     try:
         assert encoder.generation_config.cache_implementation == "static"
-        assert encoder.generation_config.max_cache_len == app.CAPTION_CACHE_TOKENS
-        compiled = app.caption_image(demo_pipe, rgba_image, 640)
+        assert encoder.generation_config.max_cache_len == CAPTION_CACHE_TOKENS
+        compiled = app.caption_image(demo_pipe.pipe, rgba_image, 640)
         assert unique_graphs() == graphs + 1  # the decode step was traced and run compiled
-        compiled_wide = app.caption_image(demo_pipe, wide, 640)  # another prompt length, the same cache size
+        compiled_wide = app.caption_image(demo_pipe.pipe, wide, 640)  # another prompt length, the same cache size
         assert unique_graphs() == graphs + 1  # no recompile for a new image shape
-    finally:
-        app.eager_caption_decode(encoder)
+    finally:  # transformers' default dynamic cache and eager decoding again
+        config = encoder.generation_config
+        config.cache_implementation = config.max_cache_len = config.compile_config = None
     assert len(eager) > 10  # a text of CAPTION_TOKENS tokens to match (the wide image has more image tokens)
     assert compiled == eager and compiled_wide == eager_wide
     assert encoder.generation_config.cache_implementation is None  # undone: the next caption decodes eagerly
-    assert app.caption_image(demo_pipe, rgba_image, 640) == eager
+    assert app.caption_image(demo_pipe.pipe, rgba_image, 640) == eager
 
 
 @pytest.mark.parametrize("offload, on_cuda, triton, expected", [
@@ -163,25 +171,24 @@ def test_static_cache_compiled_caption_gives_the_eager_text_with_one_graph_for_e
     ("off", True, False, "need Triton"),
     ("model", True, True, "--offload model"),
     ("sequential", True, True, "--offload sequential"),
-    ("budget", True, True, "22.1 s for 512 tokens against 11.6 s eager"),  # measured slower: graphs re-recorded
+    ("budget", True, True, "records its CUDA graphs again every caption"),  # measured slower: graphs re-recorded
     ("off", True, True, None),
 ])
-def test_caption_compile_problem_names_the_reason(offload, on_cuda, triton, expected, monkeypatch):
-    monkeypatch.setattr(app, "triton_available", lambda: triton)
-    problem = app.caption_compile_problem(offload, on_cuda)
+def test_caption_compile_problem_names_the_reason(offload, on_cuda, triton, expected):
+    problem = caption_compile_problem(OFFLOAD[offload], on_cuda, triton)
     assert problem == expected if expected is None else expected in problem
 
 
 def test_on_the_cpu_the_caption_decodes_eagerly_and_nothing_warms_up(models_dir):
     settings = demo_settings(models_dir, caption_compile=True, warm_up=True)
     pipe = app.load_pipeline(settings)
-    assert pipe.text_encoder.generation_config.cache_implementation is None
-    assert pipe.text_encoder.generation_config.compile_config is None
-    assert not [name for name in pipe._studio_info["optimizations"] if "caption_compiled" in name or "warm_up" in name]
+    assert pipe.pipe.text_encoder.generation_config.cache_implementation is None
+    assert pipe.pipe.text_encoder.generation_config.compile_config is None
+    assert not [name for name in pipe.optimizations if "caption_compiled" in name or "warm_up" in name]
 
 
 def test_warm_up_runs_a_short_caption_and_the_fewest_steps_then_gives_generate_back(demo_pipe):
-    encoder, transformer = demo_pipe.text_encoder, demo_pipe.transformer
+    encoder, transformer = demo_pipe.pipe.text_encoder, demo_pipe.pipe.transformer
     assert "generate" not in encoder.__dict__
     calls = {"text_encoder": 0, "transformer": 0}
     handles = [encoder.register_forward_pre_hook(lambda *_: calls.__setitem__("text_encoder", calls["text_encoder"] + 1)),
@@ -195,7 +202,7 @@ def test_warm_up_runs_a_short_caption_and_the_fewest_steps_then_gives_generate_b
     # The caption: WARM_UP_CAPTION_TOKENS forwards (prefill + one per further token); then the prompt and the negative
     # prompt encoded once each. The transformer: the fewest steps, each with true CFG (two calls).
     assert calls["text_encoder"] == app.WARM_UP_CAPTION_TOKENS + 2
-    assert calls["transformer"] == app.STEPS_RANGE[0] * 2
+    assert calls["transformer"] == STEPS_RANGE[0] * 2
     assert "generate" not in encoder.__dict__  # the class's own generate again: the user's caption is whole
 
 
@@ -215,19 +222,19 @@ def test_caption_compile_and_warm_up_flags_from_the_command_line_and_environment
 # ----------------------------------------------------------------------------------------------------
 def test_compile_cache_file_sits_in_the_inductor_cache_dir_and_names_the_torch_version(tmp_path, monkeypatch):
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path))
-    assert app.compile_cache_file() == tmp_path / f"mega_cache_torch{torch.__version__}.bin"
-    assert app.load_compile_cache() is False  # none saved yet: nothing loaded, nothing said
+    assert compile_cache_file() == tmp_path / f"mega_cache_torch{torch.__version__}.bin"
+    assert load_compile_cache() is False  # none saved yet: nothing loaded, nothing said
 
 
 def test_a_damaged_compile_cache_is_said_and_the_blocks_compile_anyway(models_dir, tmp_path, monkeypatch, caplog):
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path))
-    monkeypatch.setattr(app, "COMPILE_OPTIONS", dict(app.COMPILE_OPTIONS, backend="eager"))  # no C++ toolchain needed
-    damaged = app.compile_cache_file()
+    monkeypatch.setattr(studio.compiling, "COMPILE_OPTIONS", dict(COMPILE_OPTIONS, backend="eager"))  # no C++ toolchain needed
+    damaged = compile_cache_file()
     damaged.write_bytes(b"half a file" * 100)
     with caplog.at_level(logging.WARNING, logger=app.logger.name):
         pipe = app.load_pipeline(demo_settings(models_dir, compile=True))
     assert f"Compile cache {damaged} not loaded" in caplog.text and "compiling anew" in caplog.text
-    blocks = len(pipe.transformer.transformer_blocks)
-    assert f"compiled_transformer_blocks({blocks})" in pipe._studio_info["optimizations"]  # not "cache loaded"
-    assert "compile_cache_saved" not in pipe._studio_info["optimizations"]  # the CPU has no warm-up to save after
+    blocks = len(pipe.pipe.transformer.transformer_blocks)
+    assert f"compiled_transformer_blocks({blocks})" in pipe.optimizations  # not "cache loaded"
+    assert "compile_cache_saved" not in pipe.optimizations  # the CPU has no warm-up to save after
     assert damaged.read_bytes() == b"half a file" * 100  # left for the user to delete, not overwritten half-read

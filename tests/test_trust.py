@@ -21,6 +21,14 @@ from conftest import ROOT, demo_settings, free_port
 from PIL import Image
 
 import app
+import studio.exports
+import studio.images
+from studio.batch import batch_summary, decompose_batch, find_images
+from studio.errors import RunStopped
+from studio.exports import export_pptx
+from studio.params import DEFAULTS
+from studio.runs import DecomposeResult, PARTIAL_PREFIX, SUB_RUNS_DIR, clean_partial_runs, export_failures_message, prune_outputs, save_run
+from studio.serving import NOT_AN_UPLOAD_MESSAGE, Sessions, launch_options, readable_upload
 
 GOOD = dict(prompt="a test card", layers=2, num_inference_steps=2, true_cfg_scale=1.0, seed=5)
 META = {"_type": "gradio.FileData"}
@@ -31,7 +39,7 @@ def server(demo_pipe, models_dir, tmp_path_factory):
     outputs = tmp_path_factory.mktemp("trust-outputs")
     settings = demo_settings(models_dir, outputs=outputs, host="127.0.0.1", port=free_port())
     demo = app.build_ui(demo_pipe, settings)
-    demo.launch(**app.launch_options(settings), prevent_thread_lock=True, quiet=True)
+    demo.launch(**launch_options(settings), prevent_thread_lock=True, quiet=True)
     yield f"http://127.0.0.1:{settings.port}/", outputs, demo, settings
     demo.close()
 
@@ -49,7 +57,7 @@ def plain_png(path: Path, size=(96, 64), colour=(20, 160, 90, 255)) -> Path:
 
 def decompose_values(image) -> list:
     """All 12 inputs of /decompose, as a raw HTTP client sends them: the image, then GOOD's settings."""
-    d = app.DEFAULTS
+    d = DEFAULTS
     return [image, GOOD["prompt"], d["negative_prompt"], GOOD["seed"], False, GOOD["true_cfg_scale"],
             GOOD["num_inference_steps"], GOOD["layers"], d["resolution"], d["cfg_normalize"], d["use_en_prompt"], False]
 
@@ -89,7 +97,7 @@ def test_decompose_reads_no_server_file_with_or_without_meta_and_says_nothing_of
     }.items():
         answers[name] = call_over_http(url, "decompose", decompose_values(value))
     # Each is refused with the same words, whether the file exists, is empty or is missing.
-    assert {answer for answer in answers.values()} == {("error", app.NOT_AN_UPLOAD_MESSAGE)}, answers
+    assert {answer for answer in answers.values()} == {("error", NOT_AN_UPLOAD_MESSAGE)}, answers
     # A bare string is no image value: Gradio's own validation refuses it (naming only what was sent).
     event, data = call_over_http(url, "decompose", decompose_values(str(secret)))
     assert event == "error" and "Input should be a valid dictionary" in data
@@ -112,16 +120,16 @@ def test_readable_upload_takes_uploads_examples_and_the_cached_copy_of_an_exampl
     copy.write_bytes(example.read_bytes())
     forged = plain_png(cache / "beef" / "card.png", colour=(1, 2, 3, 255))  # an example's name, other bytes
     uploaded = {str(upload)}
-    assert app.readable_upload({"path": str(upload)}, uploaded, cache) == upload
-    assert app.readable_upload(str(example), uploaded, cache, [str(example)]) == example
-    assert app.readable_upload({"path": str(copy), "meta": META}, uploaded, cache, [str(example)]) == example
+    assert readable_upload({"path": str(upload)}, uploaded, cache) == upload
+    assert readable_upload(str(example), uploaded, cache, [str(example)]) == example
+    assert readable_upload({"path": str(copy), "meta": META}, uploaded, cache, [str(example)]) == example
     for refused in (forged, example, tmp_path / "nope.png", cache / "0123abcd" / ".." / "0123abcd" / "x.png"):
         with pytest.raises(ValueError, match="was not uploaded to this app"):
-            app.readable_upload({"path": str(refused)}, uploaded, cache)
+            readable_upload({"path": str(refused)}, uploaded, cache)
     # A symlink inside the cache that points out of it is resolved first.
     (cache / "link.png").symlink_to(tmp_path / "assets" / "card.png")
     with pytest.raises(ValueError, match="was not uploaded to this app"):
-        app.readable_upload({"path": str(cache / "link.png")}, {str(cache / "link.png")}, cache)
+        readable_upload({"path": str(cache / "link.png")}, {str(cache / "link.png")}, cache)
 
 
 def test_the_page_s_cached_copy_of_an_example_decomposes(server, tmp_path):
@@ -147,7 +155,7 @@ def slow_steps(demo_pipe):
         calls.append(weakref.ref(kwargs["hidden_states"]))
         time.sleep(0.3)
 
-    handle = demo_pipe.transformer.register_forward_pre_hook(hook, with_kwargs=True)
+    handle = demo_pipe.pipe.transformer.register_forward_pre_hook(hook, with_kwargs=True)
     yield calls
     handle.remove()
 
@@ -203,9 +211,9 @@ def test_a_client_that_disconnects_stops_its_own_job(server, slow_steps, tmp_pat
 def test_infer_with_a_set_stop_event_stops_during_the_caption(demo_pipe, rgba_image):
     stop = threading.Event()
     calls = []
-    handle = demo_pipe.text_encoder.register_forward_pre_hook(lambda *_: calls.append(1) or stop.set())
+    handle = demo_pipe.pipe.text_encoder.register_forward_pre_hook(lambda *_: calls.append(1) or stop.set())
     try:
-        with pytest.raises(app.RunStopped, match="Stopped"):
+        with pytest.raises(RunStopped, match="Stopped"):
             app.infer(demo_pipe, rgba_image, prompt="", layers=2, num_inference_steps=2, true_cfg_scale=1.0, stop=stop)
     finally:
         handle.remove()
@@ -228,12 +236,12 @@ def test_prune_keeps_every_shown_run_deletes_orphans_and_ages_a_run_by_its_last_
 
     shown_a, shown_b, old, new = run("a", 300), run("b", 299), run("c", 5), run("d", 0)
     orphan = run("e", 4, params=False)  # what an older app's sub-run left: only sub_runs/
-    (orphan / app.SUB_RUNS_DIR / "x").mkdir(parents=True)
-    os.utime(orphan / app.SUB_RUNS_DIR / "x", (now - 4 * 3600,) * 2)
+    (orphan / SUB_RUNS_DIR / "x").mkdir(parents=True)
+    os.utime(orphan / SUB_RUNS_DIR / "x", (now - 4 * 3600,) * 2)
     os.utime(orphan, (now - 4 * 3600,) * 2)
     recent_sub = run("f", 400)  # old first run, sub-run a minute ago: in use
-    (recent_sub / app.SUB_RUNS_DIR / "y").mkdir(parents=True)
-    deleted = app.prune_outputs(tmp_path, max_bytes=4.5e6, max_age_s=200 * 3600, keep={shown_a, shown_b, new})
+    (recent_sub / SUB_RUNS_DIR / "y").mkdir(parents=True)
+    deleted = prune_outputs(tmp_path, max_bytes=4.5e6, max_age_s=200 * 3600, keep={shown_a, shown_b, new})
     assert deleted == [old, orphan]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a", "b", "d", "f"]
 
@@ -252,8 +260,8 @@ def test_pruning_spares_a_live_session_s_run_and_prunes_it_after_the_session_end
 
     url, outputs, _, settings = server
     ended: list[str] = []  # the sessions Gradio's unload has ended (the real `end` still runs)
-    end = app.Sessions.end
-    monkeypatch.setattr(app.Sessions, "end", lambda self, session: (end(self, session), ended.append(session))[0])
+    end = Sessions.end
+    monkeypatch.setattr(Sessions, "end", lambda self, session: (end(self, session), ended.append(session))[0])
     image = plain_png(tmp_path / "in.png")
     alice, bob = client_for(url, tmp_path / "a"), client_for(url, tmp_path / "b")
     alice.predict(handle_file(str(image)), **dict(GOOD, seed=51), api_name="/decompose")
@@ -268,7 +276,7 @@ def test_pruning_spares_a_live_session_s_run_and_prunes_it_after_the_session_end
         wait_for(lambda: alice.session_hash in ended, 60, "Gradio's unload to end Alice's session")
         sub_run(bob)  # pruning runs after a layer decomposition too
         assert not alices_run.exists() and bobs_run.is_dir()
-        assert [p.name for p in outputs.iterdir() if p.name.startswith(app.PARTIAL_PREFIX)] == []
+        assert [p.name for p in outputs.iterdir() if p.name.startswith(PARTIAL_PREFIX)] == []
     finally:
         settings.outputs_max_gb = limit
 
@@ -295,39 +303,39 @@ def test_undo_and_decompose_layer_after_the_run_folder_went_say_so_without_a_ser
 
 
 # --- 5. run folders are whole or absent ----------------------------------------------------------------
-def card_result(size=(96, 64), seed=1) -> "app.DecomposeResult":
+def card_result(size=(96, 64), seed=1) -> "DecomposeResult":
     """A two-layer result made here (no model): a green card under a red square."""
     bottom = Image.new("RGBA", size, (20, 160, 90, 255))
     top = Image.new("RGBA", size, (0, 0, 0, 0))
     top.paste((200, 30, 30, 255), (8, 8, 40, 40))
-    return app.DecomposeResult(layers=[bottom, top], caption="a card", auto_caption=False, seed=seed,
+    return DecomposeResult(layers=[bottom, top], caption="a card", auto_caption=False, seed=seed,
                                params={"input_size": list(size)}, duration_s=0.1)
 
 
 def test_a_process_killed_while_saving_leaves_no_run_folder_and_start_up_cleans_its_leftover(tmp_path):
     outputs = tmp_path / "outputs"
     # A process that dies (SIGKILL: no clean-up of any kind) in the middle of writing the exports.
-    code = ("import os, signal, sys; sys.path[:0] = ['src', 'tests']; import app, test_trust\n"
-            "app.export_pptx = lambda *a, **k: os.kill(os.getpid(), signal.SIGKILL)\n"
-            "app.save_run(test_trust.card_result(), sys.argv[1])\n")
+    code = ("import os, signal, sys; sys.path[:0] = ['src', 'tests']; import studio.exports, studio.runs, test_trust\n"
+            "studio.exports.export_pptx = lambda *a, **k: os.kill(os.getpid(), signal.SIGKILL)\n"
+            "studio.runs.save_run(test_trust.card_result(), sys.argv[1])\n")
     killed = subprocess.run([sys.executable, "-c", code, str(outputs)], cwd=ROOT, capture_output=True, timeout=300)
     assert killed.returncode == -signal.SIGKILL, killed.stderr.decode()[-2000:]
     (partial,) = outputs.iterdir()
-    assert partial.name.startswith(f"{app.PARTIAL_PREFIX}") and (partial / "params.json").is_file()
-    assert not app.prune_outputs(outputs, max_bytes=1, max_age_s=1)  # not a run folder: pruning leaves it
+    assert partial.name.startswith(f"{PARTIAL_PREFIX}") and (partial / "params.json").is_file()
+    assert not prune_outputs(outputs, max_bytes=1, max_age_s=1)  # not a run folder: pruning leaves it
     # A live process's half-written folder stays; the dead one's goes.
     with subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"]) as alive:
-        live = outputs / f"{app.PARTIAL_PREFIX}{alive.pid}-20260101-000000-000000_seed1"
+        live = outputs / f"{PARTIAL_PREFIX}{alive.pid}-20260101-000000-000000_seed1"
         live.mkdir()
-        assert app.clean_partial_runs(outputs) == [partial]
+        assert clean_partial_runs(outputs) == [partial]
         alive.kill()
     assert [p.name for p in outputs.iterdir()] == [live.name]
     # A save that completes leaves one whole folder and nothing partial.
-    paths = app.save_run(card_result(seed=2), outputs)
+    paths = save_run(card_result(seed=2), outputs)
     assert paths["folder"].name.endswith("_seed2") and paths["folder"].parent == outputs
     assert all(Path(p).is_file() for p in (*paths["layers"], paths["composite"], paths["params"], paths["zip"],
                                             paths["pptx"], paths["psd"]))
-    assert sorted(p.name.startswith(app.PARTIAL_PREFIX) for p in outputs.iterdir()) == [False, True]
+    assert sorted(p.name.startswith(PARTIAL_PREFIX) for p in outputs.iterdir()) == [False, True]
 
 
 # --- 6. one export that fails costs only itself --------------------------------------------------------
@@ -335,7 +343,7 @@ def test_a_process_killed_while_saving_leaves_no_run_folder_and_start_up_cleans_
 def test_pptx_of_a_strip_gets_a_slide_of_at_least_one_inch_with_the_image_s_aspect(tmp_path, size):
     from pptx import Presentation
 
-    path = app.export_pptx(card_result(size).layers, tmp_path / "strip.pptx")
+    path = export_pptx(card_result(size).layers, tmp_path / "strip.pptx")
     presentation = Presentation(str(path))
     width, height = presentation.slide_width, presentation.slide_height
     assert min(width, height) >= 914400 and max(width, height) <= 51206400  # PowerPoint's 1 to 56 inches
@@ -348,15 +356,15 @@ def test_save_run_keeps_the_layers_and_other_exports_when_one_export_fails(tmp_p
     def broken(*args, **kwargs):
         raise RuntimeError("the PSD writer broke")
 
-    monkeypatch.setattr(app, "export_psd", broken)
-    paths = app.save_run(card_result(), tmp_path, original_size=(192, 128))
+    monkeypatch.setattr(studio.exports, "export_psd", broken)
+    paths = save_run(card_result(), tmp_path, original_size=(192, 128))
     assert paths["failed"] == {"psd": "RuntimeError: the PSD writer broke",
                                "original_psd": "RuntimeError: the PSD writer broke"}
     assert "psd" not in paths and "psd" not in paths["original"]
     assert all(Path(p).is_file() for p in (*paths["layers"], paths["zip"], paths["pptx"], paths["original"]["pptx"]))
     assert not list(paths["folder"].rglob("*.psd"))
     assert json.loads(paths["params"].read_text())["failed_exports"] == paths["failed"]
-    assert app.export_failures_message(paths["failed"]).startswith("The PSD, original-size PSD export failed")
+    assert export_failures_message(paths["failed"]).startswith("The PSD, original-size PSD export failed")
 
 
 def test_over_http_a_failed_export_still_gives_the_layers_and_the_other_files(server, tmp_path, monkeypatch):
@@ -365,7 +373,7 @@ def test_over_http_a_failed_export_still_gives_the_layers_and_the_other_files(se
     def broken(*args, **kwargs):
         raise RuntimeError("the PPTX writer broke")
 
-    monkeypatch.setattr(app, "export_pptx", broken)
+    monkeypatch.setattr(studio.exports, "export_pptx", broken)
     url, *_ = server
     gallery, pptx, zip_file, psd, caption, seed = client_for(url, tmp_path).predict(
         handle_file(str(plain_png(tmp_path / "in.png"))), **dict(GOOD, seed=61), api_name="/decompose")
@@ -378,16 +386,16 @@ def test_batch_takes_a_gif_from_a_folder_prints_its_note_and_names_a_failed_expo
     def broken(*args, **kwargs):
         raise RuntimeError("the ZIP writer broke")
 
-    monkeypatch.setattr(app, "export_zip", broken)
+    monkeypatch.setattr(studio.exports, "export_zip", broken)
     folder = tmp_path / "in"
     folder.mkdir()
     frames = [Image.new("RGB", (96, 64), colour) for colour in ((255, 0, 0), (0, 0, 255))]
     frames[0].save(folder / "blink.gif", save_all=True, append_images=frames[1:], duration=100, loop=0)
-    assert app.find_images([folder]) == [folder / "blink.gif"]
-    items = app.decompose_batch(demo_pipe, app.find_images([folder]), tmp_path / "out", prompt="a card", layers=2,
+    assert find_images([folder]) == [folder / "blink.gif"]
+    items = decompose_batch(demo_pipe, app.infer, find_images([folder]), tmp_path / "out", prompt="a card", layers=2,
                                 num_inference_steps=2, true_cfg_scale=1.0)
     assert "  note: blink.gif is animated (2 frames): the first frame was used." in capsys.readouterr().err
-    summary = app.batch_summary(items).splitlines()
+    summary = batch_summary(items).splitlines()
     assert summary[0] == "1 of 1 images decomposed, 0 failed"
     assert summary[1].startswith("recomposition PSNR: blink.gif ")
     assert summary[3:] == ["          note: blink.gif is animated (2 frames): the first frame was used.",
@@ -403,7 +411,7 @@ def test_an_unexpected_error_reaches_the_client_without_server_paths_or_internal
     def broken(*args, **kwargs):
         raise FileNotFoundError(2, "No such file or directory", "/srv/studio/secret/weights.bin")
 
-    monkeypatch.setattr(app, "to_rgba", broken)
+    monkeypatch.setattr(app, "infer", broken)  # the handler's one call into the model
     url, *_ = server
     with pytest.raises(AppError) as refused:
         client_for(url, tmp_path).predict(handle_file(str(plain_png(tmp_path / "in.png"))), **GOOD,
@@ -442,7 +450,7 @@ def test_combine_tool_stacks_only_uploaded_files(tmp_path, cache_file_not_upload
 
     demo = cl.build_ui()
     port = free_port()
-    demo.queue().launch(**app.launch_options(app.Settings(host="127.0.0.1", port=port)), prevent_thread_lock=True,
+    demo.queue().launch(**launch_options(app.Settings(host="127.0.0.1", port=port)), prevent_thread_lock=True,
                         quiet=True)  # as the tool's main() launches it
     url = f"http://127.0.0.1:{port}/"
     try:
@@ -476,7 +484,7 @@ def test_edit_tool_edits_only_uploaded_files(models_dir, tmp_path, cache_file_no
                       {"path": str(tmp_path / "missing.png")}):
             answer = call_over_http(f"http://127.0.0.1:{port}/", "edit",
                                     [value, "make it red", 7, False, 2.0, 2, " ", "chroma_key"])
-            assert answer == ("error", app.NOT_AN_UPLOAD_MESSAGE)
+            assert answer == ("error", NOT_AN_UPLOAD_MESSAGE)
     finally:
         demo.close()
     assert not (tmp_path / "outputs" / "edits").exists()

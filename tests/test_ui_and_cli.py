@@ -36,7 +36,7 @@ def test_api_reports_bad_parameters_as_a_message(server, tmp_path):
     url, _ = server
     Image.new("RGB", (64, 64), "white").save(tmp_path / "in.png")
     client = Client(url, verbose=False)
-    # The handler takes raw values (Gradio's preprocess is off), so app.check_params names the value and range.
+    # The handler takes raw values (Gradio's preprocess is off), so check_params names the value and range.
     with pytest.raises(AppError, match="layers=12 is out of range: use an integer from 2 to 10"):
         client.predict(handle_file(str(tmp_path / "in.png")), prompt="x", layers=12, api_name="/decompose")
 

@@ -12,6 +12,10 @@ from conftest import ROOT
 from PIL import Image
 
 import app
+from studio.errors import TorchWithoutCudaError
+from studio.params import MAX_SEED
+from studio.runs import DecomposeResult, RUN_PATH_MAX_CHARS, WINDOWS_MAX_PATH_CHARS, save_run, windows_path_warning
+from studio.stack import LayerStack, save_sub_run
 
 # Windows' rules for a file or folder name (Microsoft, "Naming Files, Paths, and Namespaces").
 WINDOWS_RESERVED = {"CON", "PRN", "AUX", "NUL", *(f"COM{i}" for i in "123456789¹²³"), *(f"LPT{i}" for i in "123456789¹²³")}
@@ -48,11 +52,11 @@ HOSTILE_CAPTIONS = ["CON", "nul", "com1.", "LPT1 ", "a. ", "   ", "...", "x" * 3
 @pytest.mark.parametrize("caption", HOSTILE_CAPTIONS)
 def test_every_file_a_run_and_a_sub_run_write_has_a_valid_windows_name_and_fits_the_path_budget(tmp_path, caption):
     layers = solid_layers()
-    result = app.DecomposeResult(layers=layers, caption=caption, auto_caption=False, seed=app.MAX_SEED,
+    result = DecomposeResult(layers=layers, caption=caption, auto_caption=False, seed=MAX_SEED,
                                  params={"input_size": [48, 36]}, duration_s=0.0)
-    paths = app.save_run(result, tmp_path, original_size=(48, 36))
-    stack = app.LayerStack(layers=layers, run_folder=paths["folder"], files=paths, original_size=(48, 36))
-    app.save_sub_run(stack, layers[:1] + solid_layers(2), 1, result)
+    paths = save_run(result, tmp_path, original_size=(48, 36))
+    stack = LayerStack(layers=layers, run_folder=paths["folder"], files=paths, original_size=(48, 36))
+    save_sub_run(stack, layers[:1] + solid_layers(2), 1, result)
 
     written = [p.relative_to(tmp_path) for p in tmp_path.rglob("*")]
     assert len([p for p in written if p.suffix == ".psd"]) == 4  # run + sub-run, each at both sizes
@@ -60,17 +64,17 @@ def test_every_file_a_run_and_a_sub_run_write_has_a_valid_windows_name_and_fits_
     assert [p for p in problems if p] == []
     # The longest path, with the longest size text an input can have (32000x2000 is 64 MP at 16:1) in place of 48x36.
     longest = max(len(str(p)) + (len("32000x2000") - len("48x36") if "48x36" in p.name else 0) for p in written)
-    assert longest <= app.RUN_PATH_MAX_CHARS
+    assert longest <= RUN_PATH_MAX_CHARS
 
 
 def test_a_deep_outputs_folder_on_windows_gets_a_warning_with_the_fix():
     short, deep = Path("C:/Users/ana/qil/outputs"), Path("C:/Users/someone/Documents/GitHub/Qwen-Image-Layered-studio/outputs")
 
-    assert app.windows_path_warning(deep, windows=False) is None  # Linux and macOS have no such limit
-    assert app.windows_path_warning(short, windows=True) is None
-    message = app.windows_path_warning(deep, windows=True)
+    assert windows_path_warning(deep, windows=False) is None  # Linux and macOS have no such limit
+    assert windows_path_warning(short, windows=True) is None
+    message = windows_path_warning(deep, windows=True)
     assert message and "--outputs" in message and "LongPathsEnabled" in message
-    assert f"at most {app.WINDOWS_MAX_PATH_CHARS - 1 - app.RUN_PATH_MAX_CHARS} characters" in message
+    assert f"at most {WINDOWS_MAX_PATH_CHARS - 1 - RUN_PATH_MAX_CHARS} characters" in message
 
 
 # ---- POSIX-only calls in src/ ------------------------------------------------------------------------
@@ -138,7 +142,7 @@ def test_src_uses_no_posix_only_call_without_a_guard():
 def test_sage_attention_stays_off_without_triton(monkeypatch):
     """SageAttention's kernels are Triton kernels: with its package but without Triton it is not applied, and the
     log line says how to get Triton, on Windows too."""
-    monkeypatch.setattr(app, "_version", lambda package: "2.2.0" if package == "sageattention" else None)
+    monkeypatch.setattr(app, "package_version", lambda package: "2.2.0" if package == "sageattention" else None)
     monkeypatch.setattr(app, "triton_available", lambda: False)
     assert "it needs Triton" in app.sage_attention_unavailable(True)
     assert "triton-windows" in app.sage_attention_unavailable(True)
@@ -185,7 +189,7 @@ def test_the_demo_still_runs_on_the_cpu_with_the_fix_in_a_warning(caplog, monkey
         app.check_torch_sees_gpu(demo=True, driver_answers=True)
     assert "pip install torch==" in caplog.text
     app.check_torch_sees_gpu(demo=False, driver_answers=False)  # no NVIDIA GPU: nothing to say
-    with pytest.raises(app.TorchWithoutCudaError, match="built without CUDA"):
+    with pytest.raises(TorchWithoutCudaError, match="built without CUDA"):
         app.check_torch_sees_gpu(demo=False, driver_answers=True)
 
 
@@ -193,9 +197,9 @@ def test_the_demo_still_runs_on_the_cpu_with_the_fix_in_a_warning(caplog, monkey
 def test_a_cpu_only_machine_draws_the_noise_on_the_cpu_and_params_json_says_so(demo_pipe, tmp_path):
     result = app.infer(demo_pipe, Image.new("RGBA", (64, 64), (200, 40, 40, 255)), prompt="a card", layers=2,
                        num_inference_steps=2, true_cfg_scale=1.0, seed=11)
-    paths = app.save_run(result, tmp_path)
+    paths = save_run(result, tmp_path)
 
-    generator = app.noise_generator(demo_pipe, 11)
+    generator = app.noise_generator(demo_pipe.pipe, 11)
     assert generator.device.type == "cpu"
     assert torch.equal(torch.randn(8, generator=generator), torch.randn(8, generator=torch.Generator().manual_seed(11)))
     assert json.loads(paths["params"].read_text())["generator_device"] == "cpu"

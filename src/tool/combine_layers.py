@@ -13,7 +13,7 @@ Sections, as in src/app.py:
 Layers are never rescaled: a PSD layer sits at its offset on the PSD's canvas; a loose PNG sits at the
 top-left corner of a canvas the size of the bottom layer (the upstream tool resized every layer to the
 smallest height, which distorts them). Compositing is Porter-Duff "over" on straight alpha
-(`app.composite_layers`), and the PSD writer is `app.export_psd`: one home for each.
+(`studio.images.composite_layers`), and the PSD writer is `studio.exports.export_psd`: one home for each.
 """
 
 import argparse
@@ -29,21 +29,29 @@ from pathlib import Path
 
 from PIL import Image
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # src/, for `import app`
-import app  # noqa: E402  (loads no model: only the compositing and PSD export are used here)
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # src/, for `studio`
+# Torch-free modules only: the combine tool starts in well under a second and never loads the model.
+from studio.errors import exits_with_message  # noqa: E402
+from studio.exports import export_psd  # noqa: E402
+from studio.images import composite_layers  # noqa: E402
+from studio.params import add_flags  # noqa: E402
+from studio.serving import LAN_HOST, launch_options, readable_upload, serving_flags, stop_on_sigterm  # noqa: E402
 
 logger = logging.getLogger("qwen_layered_studio.combine_layers")
 
 # ----------------------------------------------------------------------------------------------------
 # 1. Flags
 # ----------------------------------------------------------------------------------------------------
-HOST = app.HOST  # reachable from the LAN like the app; --host 127.0.0.1 keeps it local
+HOST = LAN_HOST  # reachable from the LAN like the app; --host 127.0.0.1 keeps it local
 PORT = 7870  # the app is 7869, the edit tool 7871
+MAX_UPLOAD_SIZE = "50mb"  # Gradio's upload route refuses bigger files before anything reads them
+FLAGS = serving_flags(HOST, PORT, MAX_UPLOAD_SIZE, commands=("combine",))
+OUTPUTS_DIR = Path(__file__).resolve().parents[2] / "outputs"  # the app's; Gradio's upload cache goes inside it
 # The first bytes that tell the three kinds of input apart, whatever the file is called
 # (Gradio keeps the uploaded name, but a user may rename a ZIP to .png).
 PSD_MAGIC = b"8BPS"
 ZIP_MAGIC = b"PK\x03\x04"
-# The studio's ZIP: layer_1.png (bottom) ... layer_N.png, plus composite.png and params.json (app.export_zip).
+# The studio's ZIP: layer_1.png (bottom) ... layer_N.png, plus composite.png and params.json (studio.exports.export_zip).
 ZIP_LAYER_NAME = re.compile(r"layer_(\d+)\.png$", re.IGNORECASE)
 CANVAS_NOTE = ("The canvas is the size of the bottom layer (a PSD's own canvas when that layer came from a PSD). "
                "Loose PNGs sit at its top-left corner and are never rescaled; PSD layers keep their offsets.")
@@ -77,7 +85,7 @@ def _open_rgba(source) -> Image.Image:
 def read_image_file(path: Path) -> list[Layer]:
     """One loose image (PNG, WebP, ...): one layer at the top-left corner.
 
-    Not `app.read_image_file`: its size limits are the model's input limits, and a layer may be any size.
+    Not `studio.images.read_image_file`: its size limits are the model's input limits, and a layer may be any size.
     """
     return [Layer(image=_open_rgba(path), name=path.stem, source=path.name)]
 
@@ -204,7 +212,7 @@ def composite_stack(stack: list[Layer]) -> Image.Image:
     visible = [place_on_canvas(layer, size) for layer in stack if layer.visible]
     if not visible:
         return Image.new("RGBA", size, (0, 0, 0, 0))
-    return app.composite_layers(visible)
+    return composite_layers(visible)
 
 
 def export_stack_psd(stack: list[Layer], path: Path) -> Path:
@@ -213,7 +221,7 @@ def export_stack_psd(stack: list[Layer], path: Path) -> Path:
     if not visible:
         raise ValueError("no visible layer to export: show at least one layer")
     size = canvas_size(stack)
-    return app.export_psd([place_on_canvas(layer, size) for layer in visible], path,
+    return export_psd([place_on_canvas(layer, size) for layer in visible], path,
                           names=[layer.name for layer in visible])
 
 
@@ -268,7 +276,7 @@ def stack_notes(stack: list[Layer]) -> list[str]:
 def build_ui():
     """The Gradio Blocks app. Handlers map widget values to the functions above and refresh the view."""
     # Gradio reads GRADIO_TEMP_DIR when it is imported: its upload cache goes where the app's goes.
-    os.environ.setdefault("GRADIO_TEMP_DIR", str(app.OUTPUTS_DIR / ".gradio-cache"))
+    os.environ.setdefault("GRADIO_TEMP_DIR", str(OUTPUTS_DIR / ".gradio-cache"))
     import gradio as gr
     from gradio.utils import get_upload_folder
 
@@ -285,12 +293,12 @@ def build_ui():
         return png, notes, png, psd
 
     def on_upload(stack, files):
-        # Gradio checks that a file lies in its upload cache; `app.readable_upload` that it was uploaded (the
+        # Gradio checks that a file lies in its upload cache; `readable_upload` that it was uploaded (the
         # cache also holds the copies of results served to other sessions).
         readable, refused = [], []
         for file in files or []:
             try:
-                readable.append(app.readable_upload(str(file), demo.upload_file_set, get_upload_folder()))
+                readable.append(readable_upload(str(file), demo.upload_file_set, get_upload_folder()))
             except ValueError as err:
                 refused.append(f"{Path(str(file)).name}: {err}")
         stack, errors = add_files(stack or [], readable)
@@ -356,12 +364,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="layer files bottom first (PNG, the studio's ZIP, PSD); none: start the Gradio tool")
     parser.add_argument("-o", "--output", type=Path,
                         help="OUT.png: the composite; OUT.psd: the stack as a PSD (needed with LAYER files)")
-    parser.add_argument("--host", default=HOST)
-    parser.add_argument("--port", type=int, default=PORT)
+    add_flags(parser, FLAGS, "combine")  # --host, --port, --auth, --max-upload-size (and their QIL_* variables)
     return parser.parse_args(argv)
 
 
-@app.exits_with_message  # a file that cannot be written, a busy port: the message and exit code 2
+@exits_with_message  # a file that cannot be written, a busy port: the message and exit code 2
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     args = parse_args(argv)
@@ -381,8 +388,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{path} ({len(stack)} layers, canvas {canvas_size(stack)[0]}x{canvas_size(stack)[1]})")
         return 0
     print(f"Serving on http://{args.host}:{args.port}")
-    app.stop_on_sigterm()  # SIGTERM closes Gradio like Ctrl+C
-    build_ui().queue().launch(**app.launch_options(app.Settings(host=args.host, port=args.port)))  # the app's upload limit
+    stop_on_sigterm()  # SIGTERM closes Gradio like Ctrl+C
+    build_ui().queue().launch(**launch_options(args))
     return 0
 
 

@@ -10,7 +10,7 @@ Sections, as in src/app.py (whose environment probe, loading, offload modes and 
 tool imports rather than copies):
     1. flags       the edit model, the background colour, the matte's tolerances, port 7871
     3. demo model  `build_demo_edit_pipeline`: a tiny random QwenImageEditPlusPipeline of the real classes
-    4. loading     EDIT_MODEL for `app.load_pipeline`; `load_rmbg`
+    4. loading     EDIT_MODEL for `app.load_pipeline` (the app's load flags, `FLAGS`); `load_rmbg`
     5. infer       `flatten_on_background`, `chroma_key_matte`, `rmbg_matte`, `unmix_background`, `edit_layer`
     7. UI          `build_ui` (api_name="edit")
     8. main
@@ -31,8 +31,15 @@ import numpy as np
 import torch
 from PIL import Image
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # src/, for `import app`
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # src/, for `import app` and `studio`
 import app  # noqa: E402  (loads no model on import)
+from studio.demo_model import build_demo_components, save_demo_pipeline  # noqa: E402
+from studio.errors import ModelNotAvailableError, OutOfMemoryError, exits_with_message  # noqa: E402
+from studio.images import to_rgba  # noqa: E402
+from studio.params import MAX_SEED, PARAM, add_flags, check_param, flag_values, param_widget  # noqa: E402
+from studio.runs import new_run_folder  # noqa: E402
+from studio.serving import (client_error, gradio_cache_schedule, launch_options, network_warning,  # noqa: E402
+                            readable_upload, serving_flags, stop_on_sigterm)
 
 logger = logging.getLogger("qwen_layered_studio.edit_rgba_image")
 
@@ -53,9 +60,13 @@ BACKGROUND_COLOR = (30, 215, 96)
 # transparent: RMBG-2.0 does not have that limit.
 CHROMA_KEY_TOLERANCE = (24.0, 72.0)
 MATTES = ("auto", "rmbg", "chroma_key")  # auto: RMBG-2.0 when loaded, else the chroma key
-# Qwen-Image-Edit-2509's model card: 40 steps, true CFG 4 with a one-space negative prompt.
+# Qwen-Image-Edit-2509's model card: 40 steps, true CFG 4 with a one-space negative prompt. The parameters are the
+# app's PARAMS rows (their checks, widgets and limits), with these defaults.
 DEFAULTS = dict(prompt="", negative_prompt=" ", true_cfg_scale=4.0, num_inference_steps=40, seed=0,
                 randomize_seed=False, matte="auto")
+# The app's load flags that the edit tool takes, and its own place on the network.
+FLAGS = (*(row for row in app.LOAD_FLAGS if "edit" in row.commands),
+         *serving_flags(HOST, PORT, app.MAX_UPLOAD_SIZE, commands=("edit",)))
 # The edit pipeline's system prompt: the demo tokenizer learns its merges from it.
 EDIT_DEMO_CORPUS = ("Describe the key features of the input image (color, shape, size, texture, objects, background), "
                     "then explain how the user's text instruction should alter or modify the image. Generate a new "
@@ -77,7 +88,7 @@ def build_demo_edit_pipeline(path: Path) -> Path:
 
     logger.info("Building the tiny demo edit pipeline in %s", path)
     # 1. The parts every Qwen-Image pipeline shares (seeds torch: the weights below follow from it).
-    components = app.build_demo_components(EDIT_DEMO_CORPUS)
+    components = build_demo_components(EDIT_DEMO_CORPUS)
     # 2. Edit-2509's DiT switches are the defaults (no layer-3D RoPE, no RGBA t-cond), at 2 blocks of width 32.
     #    in_channels = 4 * z_dim: latents are packed in 2x2 patches; the condition image's latents ride along.
     transformer = QwenImageTransformer2DModel(
@@ -90,7 +101,7 @@ def build_demo_edit_pipeline(path: Path) -> Path:
                                  latents_std=[1.0] * 8)
     # 3. Save (atomically).
     pipe = QwenImageEditPlusPipeline(vae=vae, transformer=transformer, **components)
-    return app.save_demo_pipeline(pipe, path, "Tiny random Qwen-Image-Edit-2509 pipeline built by "
+    return save_demo_pipeline(pipe, path, "Tiny random Qwen-Image-Edit-2509 pipeline built by "
                                               "src/tool/edit_rgba_image.py --demo. Its edits are noise.")
 
 
@@ -109,23 +120,23 @@ RMBG_HINT = ("  RMBG-2.0 is gated: accept its licence (non-commercial) on its hu
 def load_rmbg(models_dir: Path, allow_download: bool = True):
     """RMBG-2.0 from models/RMBG-2.0, else the hub (unless `allow_download` is off, as with --demo).
 
-    Raises app.ModelNotAvailableError saying what to do. Kept on the CPU between edits: it moves to the
+    Raises ModelNotAvailableError saying what to do. Kept on the CPU between edits: it moves to the
     GPU only for its forward pass, leaving the VRAM to the edit model.
     """
     local = Path(models_dir) / RMBG_MODEL.local_dir_name
     if not allow_download and not (local / RMBG_MODEL.marker_file).is_file():
-        raise app.ModelNotAvailableError(f"No RMBG-2.0 weights in {local} (--demo does not download them).\n" + RMBG_HINT)
+        raise ModelNotAvailableError(f"No RMBG-2.0 weights in {local} (--demo does not download them).\n" + RMBG_HINT)
     try:
         path = app.find_weights(models_dir, RMBG_MODEL)
-    except app.ModelNotAvailableError as err:
-        raise app.ModelNotAvailableError(f"{err}\n{RMBG_HINT}") from err
+    except ModelNotAvailableError as err:
+        raise ModelNotAvailableError(f"{err}\n{RMBG_HINT}") from err
     from transformers import AutoModelForImageSegmentation
 
     try:
         # trust_remote_code: RMBG-2.0 ships its BiRefNet code with the weights (birefnet.py).
         model = AutoModelForImageSegmentation.from_pretrained(path, trust_remote_code=True)
     except ImportError as err:  # its code needs packages the app does not (kornia, timm)
-        raise app.ModelNotAvailableError(f"RMBG-2.0's code could not be imported ({err}): pip install kornia timm\n"
+        raise ModelNotAvailableError(f"RMBG-2.0's code could not be imported ({err}): pip install kornia timm\n"
                                          + RMBG_HINT) from err
     logger.info("Loaded RMBG-2.0 from %s", path)
     return model.eval().float()
@@ -204,7 +215,7 @@ class EditResult:
 
 
 def edit_layer(
-    pipe,
+    loaded,
     layer: Any,
     prompt: str,
     negative_prompt: str = DEFAULTS["negative_prompt"],
@@ -217,17 +228,18 @@ def edit_layer(
 ) -> EditResult:
     """Edit one RGBA layer as `prompt` says; the result keeps the layer's size. The pipeline's tqdm reports steps."""
     # 1. Check inputs.
-    rgba = app.to_rgba(layer)
-    prompt = app.check_param("prompt", prompt).strip()  # text, at most PROMPT_MAX_CHARS
+    pipe = loaded.pipe
+    rgba = to_rgba(layer)
+    prompt = check_param("prompt", prompt).strip()  # text, at most PROMPT_MAX_CHARS
     if not prompt:
         raise ValueError("The prompt is empty: say what to change, e.g. 'make the cup red'.")
-    num_inference_steps = app.check_param("num_inference_steps", num_inference_steps)
-    true_cfg_scale = app.check_param("true_cfg_scale", true_cfg_scale)
-    negative_prompt = app.check_param("negative_prompt", negative_prompt)
-    seed = app.check_param("seed", seed)
-    randomize_seed = app.check_param("randomize_seed", randomize_seed)
+    num_inference_steps = check_param("num_inference_steps", num_inference_steps)
+    true_cfg_scale = check_param("true_cfg_scale", true_cfg_scale)
+    negative_prompt = check_param("negative_prompt", negative_prompt)
+    seed = check_param("seed", seed)
+    randomize_seed = check_param("randomize_seed", randomize_seed)
     matte_used = choose_matte(matte, rmbg)
-    seed = random.randint(0, app.MAX_SEED) if randomize_seed else seed
+    seed = random.randint(0, MAX_SEED) if randomize_seed else seed
     start = time.perf_counter()
     # 2. Put the layer on the flat green.
     flat = flatten_on_background(rgba)
@@ -236,10 +248,10 @@ def edit_layer(
     #    (The pipeline resizes to its own ~1 MP whatever the layer's size, so a smaller layer would not help.)
     generator = app.noise_generator(pipe, seed)
     edited = app.run_pipeline(
-        pipe, lambda: pipe(image=flat, prompt=prompt, negative_prompt=negative_prompt, true_cfg_scale=true_cfg_scale,
+        loaded, lambda: pipe(image=flat, prompt=prompt, negative_prompt=negative_prompt, true_cfg_scale=true_cfg_scale,
                            num_inference_steps=num_inference_steps, num_images_per_prompt=1,
                            generator=generator).images[0],
-        app.out_of_memory_message(pipe, job="edit", program="tool"))
+        app.out_of_memory_message(loaded, job="edit", program="tool"))
     # 4. Back to the layer's size, then the alpha: matted at the size it is delivered at.
     resized = edited.convert("RGB").resize(rgba.size, Image.LANCZOS)
     alpha = rmbg_matte(rmbg, resized) if matte_used == "rmbg" else chroma_key_matte(resized)
@@ -254,8 +266,8 @@ def edit_layer(
 
 def save_edit(result: EditResult, layer: Image.Image, outputs: Path, run_info: dict[str, Any] | None = None) -> Path:
     """One run folder under outputs/edits: input.png, edited.png (RGBA), edited_on_green.png, params.json."""
-    folder = app.new_run_folder(Path(outputs) / "edits", result.seed)
-    app.to_rgba(layer).save(folder / "input.png")
+    folder = new_run_folder(Path(outputs) / "edits", result.seed)
+    to_rgba(layer).save(folder / "input.png")
     result.image.save(folder / "edited.png")
     result.edited.save(folder / "edited_on_green.png")
     params = dict(result.params, duration_s=round(result.duration_s, 3), **(run_info or {}))
@@ -270,13 +282,13 @@ MATTE_CHOICES = [("Auto: RMBG-2.0 when loaded, else chroma key", "auto"), ("RMBG
                  ("Chroma key on the green (no model; green parts of the layer turn partly transparent)", "chroma_key")]
 
 
-def build_ui(pipe, settings: app.Settings, rmbg=None, matte: str = DEFAULTS["matte"], environment=None):
+def build_ui(loaded, settings, rmbg=None, matte: str = DEFAULTS["matte"]):
     """The Gradio Blocks app. The handler only maps widget values to `edit_layer`/`save_edit` arguments."""
     os.environ.setdefault("GRADIO_TEMP_DIR", str(Path(settings.outputs) / ".gradio-cache"))
     import gradio as gr
     from gradio.utils import get_upload_folder
 
-    run_info = app.run_info_for(pipe, environment or app.print_environment_info(print_it=False))
+    run_info = loaded.run_info()
 
     def edit(image, prompt, seed=DEFAULTS["seed"], randomize_seed=DEFAULTS["randomize_seed"],
              true_cfg_scale=DEFAULTS["true_cfg_scale"], num_inference_steps=DEFAULTS["num_inference_steps"],
@@ -286,40 +298,39 @@ def build_ui(pipe, settings: app.Settings, rmbg=None, matte: str = DEFAULTS["mat
         try:
             # Uploads only (`app.readable_upload`), then the app's reader: size checked before decoding, messages
             # that name the file.
-            layer = app.to_rgba(app.readable_upload(image, demo.upload_file_set, get_upload_folder()))
-            result = edit_layer(pipe, layer, prompt, negative_prompt=negative_prompt, true_cfg_scale=true_cfg_scale,
+            layer = to_rgba(readable_upload(image, demo.upload_file_set, get_upload_folder()))
+            result = edit_layer(loaded, layer, prompt, negative_prompt=negative_prompt, true_cfg_scale=true_cfg_scale,
                                 num_inference_steps=num_inference_steps, seed=seed, randomize_seed=randomize_seed,
                                 matte=matte, rmbg=rmbg)
             folder = save_edit(result, layer, settings.outputs, run_info)
-        except (ValueError, app.OutOfMemoryError) as err:
+        except (ValueError, OutOfMemoryError) as err:
             raise gr.Error(str(err), duration=None) from err  # stays on the page until closed
         except Exception as err:  # a bug or the machine: the details stay in the server log
-            raise gr.Error(app.client_error(err, "editing the layer"), duration=None) from err
+            raise gr.Error(client_error(err, "editing the layer"), duration=None) from err
         logger.info("Edit saved in %s (%.1f s, matte %s)", folder, result.duration_s, result.matte)
         # The folder's name only: the page is no place for the server's paths.
         return result.image, result.seed, f"Alpha recovered by **{result.matte}**. Saved as `edits/{folder.name}`."
 
     # delete_cache: Gradio deletes its uploads and result copies on the app's schedule, and all of them at exit.
-    with gr.Blocks(title="Edit an RGBA layer", delete_cache=app.gradio_cache_schedule(settings)) as demo:
+    with gr.Blocks(title="Edit an RGBA layer", delete_cache=gradio_cache_schedule(settings)) as demo:
         gr.Markdown("# Edit an RGBA layer\nQwen-Image-Edit-2509 edits the layer on a flat green; the transparency "
                     "is recovered afterwards. The result keeps the layer's size.")
-        if run_info.get("demo"):
+        if loaded.demo:
             gr.Markdown("**Demo model in use** — tiny random weights: everything runs, but the edits are noise.")
         if rmbg is None:
             gr.Markdown("RMBG-2.0 is not loaded (put it in `models/RMBG-2.0`): alpha comes from the chroma key.")
         with gr.Row():
             with gr.Column():
                 image = gr.Image(label="Layer (RGBA)", type="pil", image_mode="RGBA")
-                prompt = gr.Textbox(label="Edit instruction", placeholder="e.g. make the cup red", lines=2)
+                prompt = param_widget(gr, PARAM["prompt"], label="Edit instruction", lines=2,
+                                      placeholder="e.g. make the cup red")
                 with gr.Accordion("Advanced settings", open=False):
                     with gr.Row():
-                        seed = gr.Number(label="Seed", value=DEFAULTS["seed"], precision=0, minimum=0, maximum=app.MAX_SEED)
-                        randomize_seed = gr.Checkbox(label="Randomize seed", value=DEFAULTS["randomize_seed"])
-                    true_cfg_scale = gr.Slider(*app.TRUE_CFG_RANGE, value=DEFAULTS["true_cfg_scale"], step=0.1,
-                                               label="True CFG scale")
-                    num_inference_steps = gr.Slider(*app.STEPS_RANGE, value=DEFAULTS["num_inference_steps"], step=1,
-                                                    label="Steps")
-                    negative_prompt = gr.Textbox(label="Negative prompt", value=DEFAULTS["negative_prompt"])
+                        seed, randomize_seed = (param_widget(gr, PARAM[name], value=DEFAULTS[name])
+                                                for name in ("seed", "randomize_seed"))
+                    true_cfg_scale, num_inference_steps, negative_prompt = (
+                        param_widget(gr, PARAM[name], value=DEFAULTS[name])
+                        for name in ("true_cfg_scale", "num_inference_steps", "negative_prompt"))
                     matte_choice = gr.Radio(MATTE_CHOICES, value=matte, label="Alpha recovery")
                 run = gr.Button("Edit", variant="primary")
             with gr.Column():
@@ -330,8 +341,8 @@ def build_ui(pipe, settings: app.Settings, rmbg=None, matte: str = DEFAULTS["mat
               inputs=[image, prompt, seed, randomize_seed, true_cfg_scale, num_inference_steps, negative_prompt,
                       matte_choice],
               outputs=[result, used_seed, info], api_name="edit",
-              # The handler takes Gradio's raw file value: `app.readable_upload` checks it (Gradio checks a value's
-              # path only when it carries its `meta` key, and its cache holds more than uploads), and `app.to_rgba`
+              # The handler takes Gradio's raw file value: `readable_upload` checks it (Gradio checks a value's
+              # path only when it carries its `meta` key, and its cache holds more than uploads), and `to_rgba`
               # reads it with the app's checks and messages (Gradio's preprocess would fail with its own dump).
               preprocess=False,
               concurrency_limit=1)  # one GPU job at a time; others wait in Gradio's queue
@@ -344,36 +355,34 @@ def build_ui(pipe, settings: app.Settings, rmbg=None, matte: str = DEFAULTS["mat
 # ----------------------------------------------------------------------------------------------------
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="edit_rgba_image.py", description=__doc__.split("\n")[0])
-    parser.add_argument("--host", default=HOST)
-    parser.add_argument("--port", type=int, default=PORT)
     parser.add_argument("--matte", default=DEFAULTS["matte"], choices=MATTES,
                         help="alpha recovery: auto (RMBG-2.0 when available, else chroma key), rmbg, chroma_key")
-    app._add_common_args(parser)  # --offload, --model, --demo, --models-dir, ... exactly as the app's
+    add_flags(parser, FLAGS, "edit")  # --offload, --model, --demo, --auth, ... from the app's table
     return parser.parse_args(argv)
 
 
-@app.exits_with_message
+@exits_with_message
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     ns = parse_args(argv)
-    settings = app.settings_from_args(ns)
-    environment = app.print_environment_info()
-    pipe = app.load_pipeline(settings, EDIT_MODEL)  # no weights, or the machine cannot fit the mode: exit 2 (app.exits_with_message)
+    settings = app.Settings(**flag_values(ns, FLAGS))
+    app.print_environment_info(app.environment_info())
+    loaded = app.load_pipeline(settings, EDIT_MODEL)  # no weights, or the machine cannot fit the mode: exit 2
     rmbg = None
     if ns.matte != "chroma_key":
         try:
             rmbg = load_rmbg(settings.models_dir, allow_download=not settings.demo)
-        except app.ModelNotAvailableError as err:
+        except ModelNotAvailableError as err:
             if ns.matte == "rmbg":
                 print(f"error: {err}", file=sys.stderr)
                 return 2
             logger.warning("Alpha recovery falls back to the chroma key:\n%s", err)
-    demo = build_ui(pipe, settings, rmbg, ns.matte, environment)
-    if app.network_warning(settings):
-        logger.warning(app.network_warning(settings))
+    demo = build_ui(loaded, settings, rmbg, ns.matte)
+    if network_warning(settings):
+        logger.warning(network_warning(settings))
     print(f"Serving on http://{settings.host}:{settings.port}")
-    app.stop_on_sigterm()  # SIGTERM closes Gradio like Ctrl+C: its cache is cleared
-    demo.launch(**app.launch_options(settings))
+    stop_on_sigterm()  # SIGTERM closes Gradio like Ctrl+C: its cache is cleared
+    demo.launch(**launch_options(settings))
     return 0
 
 

@@ -1,0 +1,96 @@
+"""Offload modes and quantization modes as data: one row of capabilities each.
+
+A new mode is its row here plus its own code (the function that applies it, registered where the modes are applied:
+`OFFLOAD_APPLY` and `QUANT_APPLY` in src/app.py). Nothing else compares mode names: checks read the row.
+Imports no torch.
+"""
+
+import dataclasses
+
+
+@dataclasses.dataclass(frozen=True)
+class OffloadMode:
+    """Where the weights live while a job runs."""
+
+    name: str
+    summary: str  # for --help and messages
+    vram: str  # what must fit the GPU: "everything", "largest_model" (one component at a time), "planned" (the
+    #            low-VRAM engine's plan), "one_layer" (accelerate streams every layer)
+    host_ram: str  # "all": every weight held in RAM; "planned": what does not fit RAM is read from the files
+    cpu: bool  # runs without CUDA as it is (budget: its hooks with every weight on the CPU); else "off" replaces it
+    compile_problem: str | None = None  # why --compile cannot apply in this mode; None: it can
+    caption_graphs_problem: str | None = None  # why the caption's decode cannot be replayed as CUDA graphs
+
+
+OFFLOAD_ROWS = (
+    OffloadMode("off", "every weight on the GPU (~60 GB of VRAM)", vram="everything", host_ram="all", cpu=True),
+    OffloadMode("model", "whole components move to the GPU in turn (the 41 GB transformer must fit alone)",
+                vram="largest_model", host_ram="all", cpu=False,
+                caption_graphs_problem="accelerate's hooks move the text encoder's weights inside its forward, which a "
+                                       "CUDA graph cannot replay"),
+    OffloadMode("sequential", "accelerate streams every layer from the CPU (~1 GB of VRAM, ~12x slower per step)",
+                vram="one_layer", host_ram="all", cpu=False,
+                compile_problem="accelerate's hooks on every layer inside a block would break the compiled graph at "
+                                "each weight copy",
+                caption_graphs_problem="accelerate's hooks move the text encoder's weights inside its forward, which a "
+                                       "CUDA graph cannot replay"),
+    OffloadMode("budget", "the low-VRAM engine: each stage has the GPU in turn, blocks that do not fit stream in "
+                          "ahead of use", vram="planned", host_ram="planned", cpu=True,
+                caption_graphs_problem="the text encoder's weights are copied to the GPU anew for each image (new "
+                                       "addresses), so torch.compile records its CUDA graphs again every caption "
+                                       "(slower than eager: bench/RESULTS.md)"),
+)
+OFFLOAD = {mode.name: mode for mode in OFFLOAD_ROWS}
+# "auto" is not a mode: `resolve_offload_mode` picks one of the rows for the machine.
+OFFLOAD_CHOICES = ("auto", *OFFLOAD)
+
+
+@dataclasses.dataclass(frozen=True)
+class QuantMode:
+    """How the transformer's weights are stored and computed."""
+
+    name: str  # the --quantization value; "bf16" is the default (no flag)
+    summary: str
+    lossy: bool  # the layers differ from the model's bf16 output: the page, params.json and the log say LOSSY
+    storage_bytes: int | None  # bytes per transformer weight held; None: the loaded dtype's
+    compute: str  # the matmuls' type: "bf16", "fp8" or "int8"
+    min_capability: tuple[int, int] | None = None  # the GPU's compute capability it needs; None: any (the CPU too)
+    package: str | None = None  # the package it needs beside the requirements
+    offload_modes: tuple[str, ...] | None = None  # the offload modes it runs in; None: every one
+    compile_problem: str | None = None  # why --compile cannot apply with it
+    forces_compile: bool = False  # it pays only compiled: --compile is turned on with it
+    holds_transformer_in_ram: bool = False  # its weights exist only in RAM (no file holds them): the planner pins all
+
+
+QUANT_ROWS = (
+    QuantMode("bf16", "bf16 weights and compute: the model's own output", lossy=False, storage_bytes=None,
+              compute="bf16"),
+    QuantMode("fp8_storage", "transformer weights stored in float8, computed in bf16 (half the weight memory)",
+              lossy=True, storage_bytes=1, compute="bf16", holds_transformer_in_ram=True,
+              compile_problem="its casting hooks on every layer inside a block would be traced into the compiled "
+                              "graph"),
+    # torchao's dynamic quantization: it pays only compiled, and only with every weight resident (the budget engine
+    # moves weights by their bytes and cannot move torchao's quantized tensors).
+    QuantMode("fp8_dynamic", "transformer matmuls in float8 (torchao)", lossy=True, storage_bytes=1, compute="fp8",
+              min_capability=(8, 9), package="torchao", offload_modes=("off",), forces_compile=True),
+    QuantMode("int8_dynamic", "transformer matmuls in int8 (torchao)", lossy=True, storage_bytes=1, compute="int8",
+              min_capability=(8, 0), package="torchao", offload_modes=("off",), forces_compile=True),
+)
+QUANT = {mode.name: mode for mode in QUANT_ROWS}
+BF16 = QUANT["bf16"]
+
+
+def quant_mode(name: str | None) -> QuantMode:
+    """The row of a --quantization value (None: bf16); a ValueError names the value and the choices."""
+    if name is None:
+        return BF16
+    if name not in QUANT:
+        raise ValueError(f"--quantization {name!r} is not one of {', '.join(QUANT)}")
+    return QUANT[name]
+
+
+def offload_mode(name: str) -> OffloadMode:
+    """The row of a concrete offload mode (not "auto"); a ValueError names the value and the choices."""
+    if name not in OFFLOAD:
+        raise ValueError(f"offload mode {name!r} is not one of {', '.join(OFFLOAD)}")
+    return OFFLOAD[name]
