@@ -18,7 +18,7 @@ import torch
 from PIL import Image
 
 # TODO from app: Settings, get_model_path, infer, load_pipeline, print_environment_info, run_info_for
-from studio.errors import OutOfMemoryError
+from studio.errors import OutOfMemoryError, terminal_safe
 from studio.images import IMAGE_SUFFIXES
 from studio.runs import completed_images, save_run
 from studio.scores import score_line
@@ -27,13 +27,14 @@ logger = logging.getLogger(__name__)
 
 
 def find_images(paths: list[Path | str]) -> list[Path]:
-    """The images `decompose` runs on, in the order given: a folder gives its image files (IMAGE_SUFFIXES,
-    sorted, not recursive); anything else is taken as it is, so a missing or bad file fails visibly."""
+    """The images `decompose` runs on, in the order given: a folder gives its entries named like images
+    (IMAGE_SUFFIXES, sorted, not recursive), files or not, so that a FIFO, a device or a broken link named a.png is
+    reported and counted, not left out; anything else is taken as it is, so a missing or bad file fails visibly."""
     images: list[Path] = []
     for path in map(Path, paths):
         if path.is_dir():
             images += sorted(p for p in path.iterdir()
-                             if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith("."))
+                             if not p.is_dir() and p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith("."))
         else:
             images.append(path)
     return images
@@ -67,24 +68,24 @@ def decompose_batch(loaded, infer: Callable, images: list[Path], outputs: Path, 
         try:
             result = infer(loaded, image, **infer_kwargs)
             # The absolute path, as Ray's workers record it: `completed_images` (resume) matches on it.
-            paths = save_run(result, outputs, dict(run_info or {}, input_file=str(Path(image).resolve())),
+            paths = save_run(result, outputs, dict(run_info or {}, input_file=os.path.realpath(image)),
                              original_size=result.params["input_size"] if original_size else None)
         except (ValueError, OSError, Image.DecompressionBombError, OutOfMemoryError) as err:
             items.append(BatchItem(image, error=f"{type(err).__name__}: {err}"))
-            tqdm.write(f"skipped {image}: {err}", file=sys.stderr)
+            tqdm.write(terminal_safe(f"skipped {image}: {err}"), file=sys.stderr)
             continue
         warnings = result.notes + [f"{key} export failed: {reason}" for key, reason in paths["failed"].items()]
         items.append(BatchItem(image, folder=paths["folder"], warnings=warnings, score=result.params["recomposition"]))
-        tqdm.write(f"{image} -> {paths['folder']} (caption: {result.caption}); "
-                   f"{score_line(result.params['recomposition'])}", file=sys.stderr)
+        tqdm.write(terminal_safe(f"{image} -> {paths['folder']} (caption: {result.caption}); "
+                                 f"{score_line(result.params['recomposition'])}"), file=sys.stderr)
         for warning in warnings:
-            tqdm.write(f"  note: {warning}", file=sys.stderr)
+            tqdm.write(terminal_safe(f"  note: {warning}"), file=sys.stderr)
     return items
 
 
 def batch_summary(items: list[BatchItem]) -> str:
     """What `decompose` prints at the end: the recomposition PSNRs, the count, then each image that worked, then each
-    that failed."""
+    that failed (a file name's control characters written as escapes: `terminal_safe`)."""
     done = [item for item in items if item.error is None]
     failed = [item for item in items if item.error is not None]
     lines = [f"{len(done)} of {len(items)} images decomposed, {len(failed)} failed"]
@@ -97,7 +98,7 @@ def batch_summary(items: list[BatchItem]) -> str:
         lines.append(f"  ok      {item.image} -> {item.folder}")
         lines += [f"          note: {warning}" for warning in item.warnings]
     lines += [f"  FAILED  {item.image}: {item.error}" for item in failed]
-    return "\n".join(lines)
+    return "\n".join(terminal_safe(line) for line in lines)
 
 
 # A library over a cluster: `decompose DIR --ray [ADDRESS]`. Each worker is a Ray actor holding one pipeline
@@ -109,6 +110,26 @@ def batch_summary(items: list[BatchItem]) -> str:
 # file system), and this repository's src/ (PYTHONPATH is passed to the workers).
 RAY_RETRIES = 3  # restarts of a worker that dies, and retries of the image it was on
 INCOMPLETE_DIR = ".incomplete"  # under the outputs folder: images being written by a Ray worker
+# `ray.init` retries an address where nothing listens for minutes, saying only Ray's own warnings: the address is
+# tried first, for at most this long.
+RAY_CONNECT_TIMEOUT_S = 20
+
+
+def check_ray_address(address: str | None) -> None:
+    """Refuse a cluster address (--ray HOST:PORT, ray://HOST:PORT, or RAY_ADDRESS) where nothing answers, within
+    RAY_CONNECT_TIMEOUT_S; no address (or "auto", "local") starts or finds Ray on this machine, Ray's own way."""
+    import socket
+
+    address = address or os.environ.get("RAY_ADDRESS") or ""
+    host, _, port = address.split("://", 1)[-1].rstrip("/").rpartition(":")
+    if address in ("auto", "local") or not port.isdigit():
+        return
+    try:
+        socket.create_connection((host.strip("[]") or "127.0.0.1", int(port)), timeout=RAY_CONNECT_TIMEOUT_S).close()
+    except OSError as err:
+        raise ValueError(f"--ray {address}: no Ray cluster answers at {host}:{port} ({err.strerror or 'timed out'}, "
+                         f"tried for up to {RAY_CONNECT_TIMEOUT_S} s). Start one there (`ray start --head`), check the "
+                         f"address, or pass --ray without an address to start Ray on this machine.") from None
 
 
 def import_ray():
@@ -157,7 +178,7 @@ def decompose_ray(images: list[Path], settings, start: Callable, infer: Callable
     # 1. Resume: images with a complete run folder are skipped.
     outputs = Path(settings.outputs).resolve()
     done = completed_images(outputs)
-    images = [Path(image).resolve() for image in images]
+    images = [Path(os.path.realpath(image)) for image in images]  # (a symlink loop stays itself, to be reported)
     skipped = [image for image in images if str(image) in done]
     todo = [image for image in images if str(image) not in done]
     if not todo:
@@ -165,6 +186,7 @@ def decompose_ray(images: list[Path], settings, start: Callable, infer: Callable
     # 2. The cluster.
     started_here = not ray.is_initialized()
     if started_here:
+        check_ray_address(address)
         ray.init(address=address or None, include_dashboard=False)
     gpus = int(ray.cluster_resources().get("GPU", 0))
     workers = max(1, min(workers or gpus or 1, len(todo)))

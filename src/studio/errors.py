@@ -4,6 +4,7 @@ Imports no torch."""
 import functools
 import logging
 import sys
+import unicodedata
 from collections.abc import Callable
 
 from PIL import Image
@@ -33,6 +34,14 @@ STOPPED_MESSAGE = "Stopped: the run ended at the next step and its memory was fr
 USER_ERRORS = (ValueError, ModelNotAvailableError, OutOfMemoryError, OSError, Image.DecompressionBombError)
 
 
+def terminal_safe(text: str) -> str:
+    """`text` as a terminal may print it: control characters (ESC, CR, BEL ...) and invisible format characters (a
+    right-to-left override) are written as escapes, so a file name cannot move the cursor, recolour or clear the
+    screen, or reorder what follows; line breaks stay."""
+    return "".join(c if c == "\n" or unicodedata.category(c) not in ("Cc", "Cf")
+                   else (f"\\x{ord(c):02x}" if ord(c) < 0x100 else f"\\u{ord(c):04x}") for c in text)
+
+
 def exits_with_message(main: Callable[..., int]) -> Callable[..., int]:
     """Wrap a `main(argv)`: a USER_ERRORS exception prints `error: <message>` to stderr and returns 2.
     Used by the app's and both tools' `main`; anything else is a bug and keeps its traceback."""
@@ -42,6 +51,6 @@ def exits_with_message(main: Callable[..., int]) -> Callable[..., int]:
             return main(argv)
         except USER_ERRORS as err:
             logger.debug("stopped by a user error", exc_info=True)
-            print(f"error: {err}", file=sys.stderr)
+            print(terminal_safe(f"error: {err}"), file=sys.stderr)
             return 2
     return run

@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from studio.errors import OutOfMemoryError
+from studio.errors import OutOfMemoryError, terminal_safe
 from studio.exports import export_layer_pngs, safe_file_text
 from studio.images import _layer_pngs, composite_layers, find_ground_truth, read_layered_file
 from studio.params import LAYERS_RANGE, PARAM, PARAMS, add_param_args, check_params
@@ -197,7 +197,7 @@ def evaluate_main(settings, ns: argparse.Namespace, start: Callable, infer: Call
             layers_of[path] = read_layered_file(path)
         except ValueError as err:
             rows.append(dict(ground_truth=str(path), settings="-", error=str(err)))
-            print(f"skipped {path}: {err}", file=sys.stderr)
+            print(terminal_safe(f"skipped {path}: {err}"), file=sys.stderr)
     info: dict[str, Any] = dict(arguments={k: v if isinstance(v, (int, float, bool, type(None))) else str(v)
                                            for k, v in vars(ns).items() if k != "auth"},
                                 max_merges=ns.max_merges, group_top_layers=ns.group,
@@ -218,7 +218,7 @@ def evaluate_main(settings, ns: argparse.Namespace, start: Callable, infer: Call
                 rows.append(score(path, pred, "pred", None))
             except ValueError as err:
                 rows.append(dict(ground_truth=str(path), settings="pred", error=str(err)))
-                print(f"skipped {path}: {err}", file=sys.stderr)
+                print(terminal_safe(f"skipped {path}: {err}"), file=sys.stderr)
     # 3b. Decompose each flattened ground truth with every setting of the grid, the model loaded once.
     elif layers_of:
         loaded = start(settings)  # ModelNotAvailableError & co.: exit 2 with the message (`exits_with_message`)
@@ -242,7 +242,7 @@ def evaluate_main(settings, ns: argparse.Namespace, start: Callable, infer: Call
                     rows.append(score(path, result.layers, label, seconds))
                 except (ValueError, OutOfMemoryError) as err:
                     rows.append(dict(ground_truth=str(path), settings=label, error=str(err)))
-                    tqdm.write(f"skipped {path} ({label}): {err}", file=sys.stderr)
+                    tqdm.write(terminal_safe(f"skipped {path} ({label}): {err}"), file=sys.stderr)
 
     # 4. The files and the table.
     csv_path, json_path = write_evaluation(ns.out, rows, info)
