@@ -4,8 +4,9 @@
     python src/tool/combine_layers.py LAYER.png... -o OUT.png  headless; -o OUT.psd writes the stack as a PSD
 
 Sections, as in src/app.py:
-    1. flags     canvas rule, port
-    2. reading   `read_layers` (PNG / ZIP / PSD -> `Layer`s), `add_files` (keeps the stack when a file is bad)
+    1. flags     canvas rule, port, login (--auth / QIL_AUTH)
+    2. reading   `read_layers` (PNG / ZIP / PSD -> `Layer`s, the app's size limits checked before decoding:
+                 `studio.images.read_file_layers`), `add_files` (keeps the stack when a file is bad)
     3. stacking  `canvas_size`, `composite_stack`, `export_stack_psd`, `move_layer`, `set_visible`, `remove_layer`
     4. UI        `build_ui` (reorder, hide, remove; the composite updates on every change)
     5. main
@@ -19,11 +20,8 @@ smallest height, which distorts them). Compositing is Porter-Duff "over" on stra
 import argparse
 import dataclasses
 import logging
-import os
-import re
+import secrets
 import sys
-import tempfile
-import uuid
 import zipfile
 from pathlib import Path
 
@@ -31,11 +29,13 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # src/, for `studio`
 # Torch-free modules only: the combine tool starts in well under a second and never loads the model.
-from studio.errors import exits_with_message  # noqa: E402
+from studio.errors import exits_with_message, terminal_safe  # noqa: E402
 from studio.exports import export_psd  # noqa: E402
-from studio.images import composite_layers  # noqa: E402
+from studio.images import composite_layers, read_file_layers  # noqa: E402
 from studio.params import add_flags  # noqa: E402
-from studio.serving import LAN_HOST, launch_options, readable_upload, serving_flags, stop_on_sigterm  # noqa: E402
+from studio.serving import (GRADIO_CACHE_MAX_AGE_S, LAN_HOST, clean_gradio_caches, delete_gradio_files,  # noqa: E402
+                            launch_options, network_warning, readable_upload, remove_process_cache, serving_flags,
+                            stop_on_sigterm, use_process_cache)
 
 logger = logging.getLogger("qwen_layered_studio.combine_layers")
 
@@ -46,13 +46,9 @@ HOST = LAN_HOST  # reachable from the LAN like the app; --host 127.0.0.1 keeps i
 PORT = 7870  # the app is 7869, the edit tool 7871
 MAX_UPLOAD_SIZE = "50mb"  # Gradio's upload route refuses bigger files before anything reads them
 FLAGS = serving_flags(HOST, PORT, MAX_UPLOAD_SIZE, commands=("combine",))
-OUTPUTS_DIR = Path(__file__).resolve().parents[2] / "outputs"  # the app's; Gradio's upload cache goes inside it
-# The first bytes that tell the three kinds of input apart, whatever the file is called
-# (Gradio keeps the uploaded name, but a user may rename a ZIP to .png).
-PSD_MAGIC = b"8BPS"
-ZIP_MAGIC = b"PK\x03\x04"
-# The studio's ZIP: layer_1.png (bottom) ... layer_N.png, plus composite.png and params.json (studio.exports.export_zip).
-ZIP_LAYER_NAME = re.compile(r"layer_(\d+)\.png$", re.IGNORECASE)
+OUTPUTS_DIR = Path(__file__).resolve().parents[2] / "outputs"  # the app's; Gradio's cache goes inside it
+# Gradio deletes its uploads and the tool's downloads after this long (and all of them at exit).
+CACHE_SCHEDULE = (GRADIO_CACHE_MAX_AGE_S // 4, GRADIO_CACHE_MAX_AGE_S)
 CANVAS_NOTE = ("The canvas is the size of the bottom layer (a PSD's own canvas when that layer came from a PSD). "
                "Loose PNGs sit at its top-left corner and are never rescaled; PSD layers keep their offsets.")
 
@@ -74,115 +70,39 @@ class LayerFileError(ValueError):
 
 
 # ----------------------------------------------------------------------------------------------------
-# 2. Reading
+# 2. Reading: `studio.images.read_file_layers`, shared with `evaluate`, checks every size before decoding
 # ----------------------------------------------------------------------------------------------------
-def _open_rgba(source) -> Image.Image:
-    with Image.open(source) as opened:
-        opened.load()
-        return opened.convert("RGBA")
+def read_layers(path: Path | str, below: list[Layer] = ()) -> list[Layer]:
+    """The layers of one file, bottom first: loose PNGs (WebP, ...) at the top-left corner, the studio's ZIP
+    (layer_1.png ... layer_N.png of its top folder; composite.png left out) or any ZIP of PNGs, or a PSD (every
+    non-group layer at its offset on the PSD's canvas, with its visibility and opacity; blend modes, masks and effects
+    are not applied and the layer's note says so). `below`: the stack they go on, which counts in the stack's limits.
 
-
-def read_image_file(path: Path) -> list[Layer]:
-    """One loose image (PNG, WebP, ...): one layer at the top-left corner.
-
-    Not `studio.images.read_image_file`: its size limits are the model's input limits, and a layer may be any size.
+    The app's limits apply before anything is decoded (`studio.images`): a layer or a PSD's canvas of at most
+    MAX_INPUT_PIXELS, a ZIP member of at most MAX_LAYER_FILE_BYTES, a stack of at most MAX_STACK_PIXELS and
+    MAX_STACK_LAYERS. Raises LayerFileError, its message starting with the file's name, when the file holds none.
     """
-    return [Layer(image=_open_rgba(path), name=path.stem, source=path.name)]
-
-
-def read_zip(path: Path) -> list[Layer]:
-    """The studio's ZIP (layer_1.png ... layer_N.png, bottom first); any other ZIP: its PNGs by name.
-
-    Only the top-most folder that holds PNGs counts (the studio may add the same layers resized under
-    `original_size/`), and composite.png is left out: it is the stack itself, not a layer.
-    """
-    with zipfile.ZipFile(path) as archive:
-        names = [n for n in archive.namelist() if n.lower().endswith(".png") and not n.startswith("__MACOSX/")]
-        if names:
-            top = min((n.count("/"), str(Path(n).parent)) for n in names)[1]
-            names = [n for n in names if str(Path(n).parent) == top]
-        numbered = sorted((int(m.group(1)), n) for n in names if (m := ZIP_LAYER_NAME.search(Path(n).name)))
-        if numbered:
-            ordered = [n for _, n in numbered]
-        else:  # natural order, so layer10 comes after layer9
-            key = lambda n: [int(t) if t.isdigit() else t.lower() for t in re.split(r"(\d+)", n)]  # noqa: E731
-            ordered = sorted((n for n in names if Path(n).name.lower() != "composite.png"), key=key)
-        if not ordered:
-            raise LayerFileError(f"{path.name}: the ZIP holds no PNG layer (expected layer_1.png, layer_2.png, ...)")
-        layers = []
-        for member in ordered:
-            with archive.open(member) as data:
-                try:
-                    image = _open_rgba(data)
-                except OSError as err:
-                    raise LayerFileError(f"{path.name}: {member} is not a readable PNG ({err})") from err
-            layers.append(Layer(image=image, name=Path(member).stem, source=f"{path.name}/{member}"))
-    return layers
-
-
-def read_psd(path: Path) -> list[Layer]:
-    """Every non-group layer of a PSD, bottom first, at its offset, with its visibility and opacity.
-
-    Uses the pixels Photoshop stores for each layer (`topil`); blend modes other than normal, masks and
-    effects are not applied, and the layer's note says so.
-    """
-    from psd_tools import PSDImage
-    from psd_tools.constants import BlendMode
-
-    psd = PSDImage.open(path)
-    layers = []
-    for psd_layer in psd.descendants():
-        if psd_layer.is_group():
-            continue
-        pixels = psd_layer.topil()
-        # An empty layer (no pixels) stays in the stack, named, as a 1x1 transparent layer.
-        image = pixels.convert("RGBA") if pixels is not None else Image.new("RGBA", (1, 1), (0, 0, 0, 0))
-        if psd_layer.opacity < 255:  # layer opacity folded into alpha, as "over" applies it
-            alpha = image.getchannel("A").point(lambda a, o=psd_layer.opacity: round(a * o / 255))
-            image.putalpha(alpha)
-        ignored = []
-        if psd_layer.blend_mode not in (BlendMode.NORMAL, BlendMode.PASS_THROUGH):
-            ignored.append(f"blend mode {psd_layer.blend_mode.name.lower()} shown as normal")
-        if psd_layer.has_mask():
-            ignored.append("mask not applied")
-        if psd_layer.has_effects():
-            ignored.append("effects not applied")
-        layers.append(Layer(image=image, name=psd_layer.name, source=path.name, left=psd_layer.left,
-                            top=psd_layer.top, canvas=psd.size, visible=psd_layer.is_visible(),
-                            note="; ".join(ignored)))
-    if not layers:
-        raise LayerFileError(f"{path.name}: the PSD has no layers (only a flat image): save it with layers")
-    return layers
-
-
-def read_layers(path: Path | str) -> list[Layer]:
-    """The layers of one file, bottom first. Raises LayerFileError naming the file when it holds none."""
     path = Path(path)
     try:
-        with open(path, "rb") as handle:
-            magic = handle.read(4)
-        if magic == PSD_MAGIC:
-            return read_psd(path)
-        if magic == ZIP_MAGIC:
-            return read_zip(path)
-        return read_image_file(path)
-    except LayerFileError:
-        raise
-    except (OSError, ValueError, zipfile.BadZipFile, Image.DecompressionBombError) as err:
+        read = read_file_layers(path, below, label=path.name)
+    except ValueError as err:  # names the file and the limit (or what is wrong with it), never a server path
+        raise LayerFileError(str(err)) from None
+    except (OSError, zipfile.BadZipFile, Image.DecompressionBombError) as err:
         # The reason's text can hold the server's path of the upload: it goes to the log, its kind to the user.
-        logging.getLogger(__name__).info("%s is not a readable layer file: %s", path, err)
+        logger.info("%s is not a readable layer file: %s", path, err)
         raise LayerFileError(f"{path.name}: not a readable PNG, ZIP or PSD ({type(err).__name__})") from err
+    return [Layer(**{field.name: getattr(layer, field.name) for field in dataclasses.fields(layer)}) for layer in read]
 
 
 def add_files(stack: list[Layer], paths: list[Path | str]) -> tuple[list[Layer], list[str]]:
     """The stack with every readable file's layers on top, and one message per bad file.
 
-    The given stack is never changed: a bad file costs only itself.
+    The given stack is never changed: a bad file (or one past the stack's limits) costs only itself.
     """
     stack, errors = list(stack), []
     for path in paths:
         try:
-            stack.extend(read_layers(path))
+            stack.extend(read_layers(path, stack))
         except LayerFileError as err:
             errors.append(str(err))
     return stack, errors
@@ -275,19 +195,20 @@ def stack_notes(stack: list[Layer]) -> list[str]:
 # ----------------------------------------------------------------------------------------------------
 def build_ui():
     """The Gradio Blocks app. Handlers map widget values to the functions above and refresh the view."""
-    # Gradio reads GRADIO_TEMP_DIR when it is imported: its upload cache goes where the app's goes.
-    os.environ.setdefault("GRADIO_TEMP_DIR", str(OUTPUTS_DIR / ".gradio-cache"))
+    # Gradio reads GRADIO_TEMP_DIR when it is imported: its cache goes in this process's folder beside the app's.
+    use_process_cache(OUTPUTS_DIR)
     import gradio as gr
     from gradio.utils import get_upload_folder
 
-    downloads = Path(tempfile.mkdtemp(prefix="combine_layers-"))  # Gradio copies files from here into its cache
-
     def view(stack):
-        """Composite, notes and the two downloads of the current stack."""
+        """Composite, notes and the two downloads of the current stack, written straight into Gradio's cache (in a
+        folder nobody can guess), which Gradio serves and deletes on its schedule (`CACHE_SCHEDULE`)."""
         notes = "\n".join(f"- {note}" for note in stack_notes(stack))
         if not stack:
             return None, notes, None, None
-        stem = downloads / uuid.uuid4().hex[:8]
+        folder = Path(get_upload_folder()) / secrets.token_hex(16)
+        folder.mkdir(parents=True)
+        stem = folder / "stack"
         png = str(save_stack(stack, stem.with_suffix(".png")))  # the preview shows this same file
         psd = str(export_stack_psd(stack, stem.with_suffix(".psd"))) if any(l.visible for l in stack) else None
         return png, notes, png, psd
@@ -310,7 +231,7 @@ def build_ui():
     def on_change(new_stack):
         return new_stack, *view(new_stack)
 
-    with gr.Blocks(title="Combine layers") as demo:
+    with gr.Blocks(title="Combine layers", delete_cache=CACHE_SCHEDULE) as demo:
         gr.Markdown("# Combine layers\nStack RGBA layers bottom → top: PNGs, the studio's ZIP, or a PSD. " + CANVAS_NOTE)
         stack = gr.State([])
         with gr.Row():
@@ -380,16 +301,23 @@ def main(argv: list[str] | None = None) -> int:
         stack, errors = add_files([], args.layers)
         if errors:  # headless: write nothing rather than a stack with a layer missing
             for message in errors:
-                print(f"error: {message}", file=sys.stderr)
+                print(terminal_safe(f"error: {message}"), file=sys.stderr)
             return 2
         for note in stack_notes(stack)[1:]:
-            print(f"note: {note}", file=sys.stderr)
+            print(terminal_safe(f"note: {note}"), file=sys.stderr)
         path = save_stack(stack, args.output)
         print(f"{path} ({len(stack)} layers, canvas {canvas_size(stack)[0]}x{canvas_size(stack)[1]})")
         return 0
+    if network_warning(args):
+        logger.warning(network_warning(args))
+    for leftover in clean_gradio_caches(OUTPUTS_DIR):
+        logger.info("Deleted %s: Gradio's cache of a process that no longer runs", leftover)
     print(f"Serving on http://{args.host}:{args.port}")
     stop_on_sigterm()  # SIGTERM closes Gradio like Ctrl+C
-    build_ui().queue().launch(**launch_options(args))
+    demo = build_ui().queue()
+    demo.launch(**launch_options(args))
+    delete_gradio_files(demo)
+    remove_process_cache()  # the uploads and downloads of this process, whatever Gradio left
     return 0
 
 
