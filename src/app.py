@@ -60,7 +60,7 @@ from studio.engine.plan import (BUDGET_AUTO_MIN_VRAM_GB, FULL_RESIDENCY_VRAM_GB,
                                 budget_minimum_gb, plan_machine)
 from studio.engine.stream import enable_budget_offload, plan_loaded  # noqa: E402
 from studio.errors import (STOPPED_MESSAGE, ModelNotAvailableError, OutOfMemoryError, RunStopped,  # noqa: E402
-                           TorchWithoutCudaError, exits_with_message)
+                           TorchWithoutCudaError, exits_with_message, terminal_safe)
 from studio.evaluate import evaluate_main, evaluate_parser  # noqa: E402
 from studio.exports import EXPORTS  # noqa: E402
 from studio.images import IMAGE_SUFFIXES, resize_layers, to_rgba  # noqa: E402
@@ -75,8 +75,10 @@ from studio.quant import apply_quantization, planner_sizes, quant_problem  # noq
 from studio.runs import (DecomposeResult, clean_partial_runs, export_failures_message, prune_outputs,  # noqa: E402
                          save_run, windows_path_warning)
 from studio.scores import PSNR_CAP_DB, recomposition_score, score_line  # noqa: E402
-from studio.serving import (LAN_HOST, Sessions, client_error, delete_gradio_files, gradio_cache_schedule,  # noqa: E402
-                            launch_options, network_warning, readable_upload, serving_flags, stop_on_sigterm)
+from studio.serving import (LAN_HOST, SHUTDOWN_WAIT_S, Sessions, clean_gradio_caches, client_error,  # noqa: E402
+                            delete_gradio_files, gradio_cache_schedule, launch_options, network_warning,
+                            readable_upload, remove_process_cache, served_file, serving_flags, stop_on_sigterm,
+                            use_process_cache)
 from studio.stack import (SUB_RUN_LAYERS, LayerStack, check_layer_index, check_stack_files, replace_layer,  # noqa: E402
                           save_sub_run, undo)
 
@@ -169,9 +171,9 @@ LOAD_FLAGS = (
          type=positive_int, metavar="N", commands=("ui", "decompose", "evaluate")),
     *serving_flags(HOST, PORT, MAX_UPLOAD_SIZE, commands=("ui",)),
     Flag("outputs_max_gb", OUTPUTS_MAX_GB, "--outputs-max-gb", "delete the oldest run folders beyond this size; 0: no "
-         "limit", type=non_negative_float, commands=("ui",)),
+         "limit", type=non_negative_float, commands=("ui", "edit")),
     Flag("outputs_max_age_hours", OUTPUTS_MAX_AGE_HOURS, "--outputs-max-age-hours", "delete run folders older than "
-         "this; 0: no limit", type=non_negative_float, commands=("ui",)),
+         "this; 0: no limit", type=non_negative_float, commands=("ui", "edit")),
 )
 # The resolved settings: one field per row, its default the row's.
 Settings = dataclasses.make_dataclass(
@@ -359,6 +361,7 @@ class ModelSpec:
     demo_dir_name: str | None  # the demo pipeline's folder under models/
     download_size: str  # for messages: what a download costs
     marker_file: str = "model_index.json"  # a folder holding this file is taken as complete
+    revision: str | None = None  # a pinned hub commit: a repo whose code runs (trust_remote_code) is never taken unpinned
 
 
 LAYERED_MODEL = ModelSpec(model_id=MODEL_ID, local_dir_name=LOCAL_MODEL_DIR.name,
@@ -389,7 +392,7 @@ def find_weights(models_dir: Path, spec: ModelSpec = LAYERED_MODEL) -> Path:
 
     logger.info("No weights in %s: downloading %s from the hub (%s)", local, spec.model_id, spec.download_size)
     try:
-        return Path(snapshot_download(spec.model_id, local_dir=local))
+        return Path(snapshot_download(spec.model_id, local_dir=local, revision=spec.revision))
     except (LocalEntryNotFoundError, HfHubHTTPError, OSError) as err:
         raise ModelNotAvailableError(offline_message(models_dir, spec) + f"\n  (hub error: {type(err).__name__})") from err
 
@@ -934,6 +937,7 @@ def recomposition_view(image: Any, stack: "LayerStack | None", demo: bool = Fals
     `read_upload` (bound in `build_ui`) checks the client's image value as the decompose handler does."""
     if stack is None:
         return None, ""
+    check_stack_files(stack)  # its run folder deleted since: said without the server's path
     composite = Image.open(stack.files["composite"]).convert("RGBA")
     before = to_rgba(read_upload(image) if read_upload is not None else image)
     if before.size != composite.size:
@@ -950,22 +954,23 @@ def example_images() -> list[str]:
     return sorted(str(p) for p in ASSETS_DIR.glob("*.png"))
 
 
-def gallery_items(layer_files: list[Path]) -> list[tuple[str, str]]:
+def gallery_items(layer_files: list[Path], serve: Callable[[Path], str] = str) -> list[tuple[str, str]]:
     """The gallery's (file, caption) pairs, bottom first; the numbers are the ones "Selected layer" takes."""
-    return [(str(p), f"Layer {i + 1}" + (" (bottom)" if i == 0 else "")) for i, p in enumerate(layer_files)]
+    return [(serve(p), f"Layer {i + 1}" + (" (bottom)" if i == 0 else "")) for i, p in enumerate(layer_files)]
 
 
 # What the page shows for a stack, in the `view` outputs' order: the gallery, then one download per EXPORTS row.
 StackView = NamedTuple("StackView", [("gallery", list), *((export.key, str) for export in EXPORTS)])
 
 
-def stack_view(stack: LayerStack) -> StackView:
+def stack_view(stack: LayerStack, serve: Callable[[Path], str] | None = None) -> StackView:
     """The gallery and the downloads for a stack: the files its sub-run (or first run) wrote (a failed export: an
-    empty box)."""
+    empty box). `serve` gives the copy a client is handed (`served_file` under `build_ui`); None: the files' paths."""
+    serve = serve or str
     files = stack.files
     offered = files.get("original", files)  # the exports at the size asked for; the ZIP holds both sizes
     downloads = [(offered if e.at_original_size else files).get(e.key) for e in EXPORTS]
-    return StackView(gallery_items(files["layers"]), *(str(path) if path else None for path in downloads))
+    return StackView(gallery_items(files["layers"], serve), *(serve(path) if path else None for path in downloads))
 
 
 def _user_error(message: str):
@@ -1004,16 +1009,19 @@ def guarded_job(sessions: "Sessions | None", request, doing: str):
 
 # The UI's handlers: module functions, bound to the pipeline and settings with functools.partial in `build_ui`
 # (so a test can call them without a server). They only map widget values to `infer`/`save_run`/`decompose_layer`.
-# `build_ui` also binds `sessions` (Stop, pruning) and `read_upload` (`readable_upload`: only uploads and examples
-# may be read; a direct Python call is trusted and passes the image as it is), and Gradio passes `request`.
+# `build_ui` also binds `sessions` (Stop, pruning), `read_upload` (`readable_upload`: only uploads and examples
+# may be read; a direct Python call is trusted and passes the image as it is) and `serve` (`served_file`: the page gets
+# Gradio's cached copies, never the outputs folder's files), and Gradio passes `request`.
 def decompose_handler(loaded: Loaded, settings, run_info: dict[str, Any], image, original_size: bool = False, *,
                       sessions: "Sessions | None" = None, read_upload: Callable[[Any], Path] | None = None,
-                      request=None, **params) -> tuple:
+                      serve: Callable[[Path], str] | None = None, request=None, **params) -> tuple:
     """"Decompose": `params` are PARAMS values. Returns (*StackView, caption, seed, stack)."""
     import gradio as gr
 
     if image is None:
         raise _user_error("No image: upload an image (PNG, JPEG, WebP) first.")
+    if not isinstance(original_size, bool):  # the API's "no" would be true in Python
+        raise _user_error(f"original_size={original_size!r:.40} is not true or false: send a boolean")
     with guarded_job(sessions, request, "decomposing the image") as stop:
         if read_upload is not None:
             image = read_upload(image)
@@ -1031,12 +1039,12 @@ def decompose_handler(loaded: Loaded, settings, run_info: dict[str, Any], image,
     stack = LayerStack(layers=result.layers, run_folder=paths["folder"], files=paths,
                        original_size=tuple(result.params["input_size"]) if original_size else None,
                        caption=result.caption, seed=result.seed)
-    return (*stack_view(stack), result.caption, result.seed, stack)
+    return (*stack_view(stack, serve), result.caption, result.seed, stack)
 
 
 def decompose_layer_handler(loaded: Loaded, settings, run_info: dict[str, Any], layer_number,
-                            stack: LayerStack | None = None, *, sessions: "Sessions | None" = None, request=None,
-                            **params) -> tuple:
+                            stack: LayerStack | None = None, *, sessions: "Sessions | None" = None,
+                            serve: Callable[[Path], str] | None = None, request=None, **params) -> tuple:
     """"Decompose this layer" (1 = bottom): `params` are PARAMS values. Returns (*StackView, caption, seed, stack)."""
     import gradio as gr
 
@@ -1053,10 +1061,10 @@ def decompose_layer_handler(loaded: Loaded, settings, run_info: dict[str, Any], 
     prune_runs(settings, sessions, Path(new_stack.run_folder))
     logger.info("Layer %d replaced by %d sub-layers; saved in %s", layer_number, len(result.layers),
                 new_stack.files["folder"])
-    return (*stack_view(new_stack), result.caption, result.seed, new_stack)
+    return (*stack_view(new_stack, serve), result.caption, result.seed, new_stack)
 
 
-def undo_handler(stack: LayerStack | None = None) -> tuple:
+def undo_handler(stack: LayerStack | None = None, *, serve: Callable[[Path], str] | None = None) -> tuple:
     """"Undo": returns (*StackView, caption, seed, stack) of the stack before the last sub-run (its run's caption
     and seed, shown again)."""
     if stack is None:
@@ -1066,7 +1074,7 @@ def undo_handler(stack: LayerStack | None = None) -> tuple:
         check_stack_files(restored)
     except ValueError as err:
         raise _user_error(str(err)) from err
-    return (*stack_view(restored), restored.caption, restored.seed, restored)
+    return (*stack_view(restored, serve), restored.caption, restored.seed, restored)
 
 
 def stop_handler(sessions: "Sessions", request=None) -> None:
@@ -1111,13 +1119,14 @@ def gradio_handler(handler: Callable, names: list[str], defaults: dict[str, Any]
     return call
 
 
-def build_ui(loaded: Loaded, settings):
+def build_ui(loaded: Loaded, settings, sessions: "Sessions | None" = None):
     """The Gradio Blocks app: widgets from PARAMS, the module's handlers bound with functools.partial.
 
     The layer stack (`LayerStack`) lives in a `gr.State`, one per browser session (or gradio_client `Client`).
+    `sessions`: their run folders and running jobs (`main` passes its own, to stop the jobs when it stops).
     """
-    # Gradio reads GRADIO_TEMP_DIR when it is imported: keep its upload cache inside the outputs folder.
-    os.environ.setdefault("GRADIO_TEMP_DIR", str(Path(settings.outputs) / ".gradio-cache"))
+    # Gradio reads GRADIO_TEMP_DIR when it is imported: its cache goes in this process's folder in the outputs folder.
+    use_process_cache(settings.outputs)
     import gradio as gr
 
     from gradio.utils import get_upload_folder
@@ -1128,21 +1137,21 @@ def build_ui(loaded: Loaded, settings):
     defaults = {name: None if p.type is str and not DEFAULTS[name] else DEFAULTS[name] for name, p in PARAM.items()}
     shared = [name for name in names if name not in ("layers", "prompt")]  # "Decompose this layer" has its own two
     progress = gr.Progress(track_tqdm=True)  # the pipeline's tqdm steps become the page's progress bar
-    sessions = Sessions()  # each session's shown run folder (pruning keeps it) and running job (Stop)
+    sessions = sessions or Sessions()  # each session's shown run folder (pruning keeps it) and running job (Stop)
     examples = example_images()
 
     def read_upload(value) -> Path:  # the upload record lives on the Blocks, made below
         return readable_upload(value, demo.upload_file_set, get_upload_folder(), examples)
 
     decompose = gradio_handler(functools.partial(decompose_handler, loaded, settings, run_info, sessions=sessions,
-                                                 read_upload=read_upload),
+                                                 read_upload=read_upload, serve=served_file),
                                ["image", *names, "original_size"], dict(defaults, original_size=False), progress,
                                request=True)
     decompose_this_layer = gradio_handler(functools.partial(decompose_layer_handler, loaded, settings, run_info,
-                                                            sessions=sessions),
+                                                            sessions=sessions, serve=served_file),
                                           ["layer_number", "layers", "prompt", *shared, "stack"],
                                           dict(defaults, layers=SUB_RUN_LAYERS), progress, request=True)
-    undo_last = gradio_handler(undo_handler, ["stack"], {})
+    undo_last = gradio_handler(functools.partial(undo_handler, serve=served_file), ["stack"], {})
     stop_job = gradio_handler(functools.partial(stop_handler, sessions), [], {}, request=True)
     end_session = gradio_handler(functools.partial(end_session_handler, sessions), [], {}, request=True)
 
@@ -1249,8 +1258,8 @@ def main(argv: list[str] | None = None) -> int:
         # Mistakes that would fail every image are caught before the model loads.
         images = find_images(ns.images)
         if not images:
-            print(f"error: no images in {' '.join(ns.images)}: pass image files, or folders holding "
-                  f"{', '.join(IMAGE_SUFFIXES)} files", file=sys.stderr)
+            print(terminal_safe(f"error: no images in {' '.join(ns.images)}: pass image files, or folders holding "
+                                f"{', '.join(IMAGE_SUFFIXES)} files"), file=sys.stderr)
             return 2
         # (The parameters were checked by their flags' `type=`, from the same PARAMS table `infer` checks with.)
         infer_kwargs = {p.name: getattr(ns, p.name) for p in PARAMS}
@@ -1262,8 +1271,11 @@ def main(argv: list[str] | None = None) -> int:
         return launch_ranks(settings.gpus, list(sys.argv[1:] if argv is None else argv), main)
     parallel = init_distributed()
     if parallel is None or parallel.rank == 0:
-        for partial in clean_partial_runs(settings.outputs):
-            logger.info("Deleted %s: a run folder a stopped process left half-written", partial)
+        if command == "ui":  # the page's own outputs; `decompose` deletes nothing it did not write itself
+            for partial in clean_partial_runs(settings.outputs):
+                logger.info("Deleted %s: a run folder a stopped process left half-written", partial)
+            for folder in clean_gradio_caches(settings.outputs):
+                logger.info("Deleted %s: Gradio's cache of a process that no longer runs", folder)
         print_environment_info(environment_info())
     if parallel is not None:  # rank 0 finds (or builds) the weights before the other ranks look
         if parallel.rank == 0:
@@ -1288,11 +1300,23 @@ def main(argv: list[str] | None = None) -> int:
             print(batch_summary(items))
             return 1 if any(item.error for item in items) else 0
 
-        demo = build_ui(loaded, settings)
+        sessions = Sessions()
+        demo = build_ui(loaded, settings, sessions)
         print(f"Serving on http://{settings.host}:{settings.port}")
-        stop_on_sigterm()
+
+        def stop_jobs() -> None:
+            # Stopped (SIGTERM, Ctrl+C): a running job ends at its next step before the process does (a thread still
+            # inside torch at exit aborted the process: "terminate called without an active exception", exit 134).
+            if sessions.stop_all():
+                logger.info("Stopping the running job before exiting (at most %.0f s)", SHUTDOWN_WAIT_S)
+
+        stop_on_sigterm(first=stop_jobs)  # the job stops while Gradio closes
         demo.launch(**launch_options(settings, css=UI_CSS))
+        stop_jobs()  # (Ctrl+C comes here)
+        if _PIPELINE_LOCK.acquire(timeout=SHUTDOWN_WAIT_S):
+            _PIPELINE_LOCK.release()
         delete_gradio_files(demo)
+        remove_process_cache()
         return 0
     finally:
         stop_ranks(parallel)

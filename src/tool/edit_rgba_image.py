@@ -20,7 +20,6 @@ import argparse
 import dataclasses
 import json
 import logging
-import os
 import random
 import sys
 import time
@@ -37,9 +36,10 @@ from studio.demo_model import build_demo_components, save_demo_pipeline  # noqa:
 from studio.errors import ModelNotAvailableError, OutOfMemoryError, exits_with_message  # noqa: E402
 from studio.images import to_rgba  # noqa: E402
 from studio.params import MAX_SEED, PARAM, add_flags, check_param, flag_values, param_widget  # noqa: E402
-from studio.runs import new_run_folder  # noqa: E402
-from studio.serving import (client_error, gradio_cache_schedule, launch_options, network_warning,  # noqa: E402
-                            readable_upload, serving_flags, stop_on_sigterm)
+from studio.runs import atomic_run_folder, clean_partial_runs, prune_outputs  # noqa: E402
+from studio.serving import (clean_gradio_caches, client_error, delete_gradio_files, gradio_cache_schedule,  # noqa: E402
+                            launch_options, network_warning, readable_upload, remove_process_cache, serving_flags,
+                            stop_on_sigterm, use_process_cache)
 
 logger = logging.getLogger("qwen_layered_studio.edit_rgba_image")
 
@@ -48,6 +48,9 @@ logger = logging.getLogger("qwen_layered_studio.edit_rgba_image")
 # ----------------------------------------------------------------------------------------------------
 MODEL_ID = "Qwen/Qwen-Image-Edit-2509"  # the same 20B MMDiT + Qwen2.5-VL-7B as Qwen-Image-Layered (~58 GB in bf16)
 RMBG_MODEL_ID = "briaai/RMBG-2.0"  # BiRefNet background removal; gated on the hub, non-commercial licence
+# RMBG-2.0 ships the code it runs with its weights (trust_remote_code): downloaded from this commit only, never from
+# whatever its main branch holds that day.
+RMBG_REVISION = "5df4c9c76d8170882c34f6986e848ee07fd0ba43"
 RMBG_INPUT_SIZE = 1024  # RMBG-2.0 sees a 1024x1024 picture, normalized with ImageNet's mean and std
 RMBG_MEAN, RMBG_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 HOST = app.HOST
@@ -112,7 +115,8 @@ EDIT_MODEL = app.ModelSpec(model_id=MODEL_ID, local_dir_name="Qwen-Image-Edit-25
                            pipeline_class="QwenImageEditPlusPipeline", build_demo=build_demo_edit_pipeline,
                            demo_dir_name="demo-tiny-random-edit", download_size="~58 GB")
 RMBG_MODEL = app.ModelSpec(model_id=RMBG_MODEL_ID, local_dir_name="RMBG-2.0", pipeline_class=None, build_demo=None,
-                           demo_dir_name=None, download_size="~0.9 GB", marker_file="config.json")
+                           demo_dir_name=None, download_size="~0.9 GB", marker_file="config.json",
+                           revision=RMBG_REVISION)
 RMBG_HINT = ("  RMBG-2.0 is gated: accept its licence (non-commercial) on its hub page and log in with `hf auth login`.\n"
              "  Without it, choose the chroma-key matte (--matte chroma_key), which needs no model.")
 
@@ -133,8 +137,8 @@ def load_rmbg(models_dir: Path, allow_download: bool = True):
     from transformers import AutoModelForImageSegmentation
 
     try:
-        # trust_remote_code: RMBG-2.0 ships its BiRefNet code with the weights (birefnet.py).
-        model = AutoModelForImageSegmentation.from_pretrained(path, trust_remote_code=True)
+        # trust_remote_code: RMBG-2.0 ships its BiRefNet code with the weights (birefnet.py), from RMBG_REVISION.
+        model = AutoModelForImageSegmentation.from_pretrained(path, trust_remote_code=True, revision=RMBG_REVISION)
     except ImportError as err:  # its code needs packages the app does not (kornia, timm)
         raise ModelNotAvailableError(f"RMBG-2.0's code could not be imported ({err}): pip install kornia timm\n"
                                          + RMBG_HINT) from err
@@ -264,15 +268,26 @@ def edit_layer(
                       duration_s=time.perf_counter() - start)
 
 
+EDITS_DIR = "edits"  # inside the outputs folder: one folder per edit
+
+
 def save_edit(result: EditResult, layer: Image.Image, outputs: Path, run_info: dict[str, Any] | None = None) -> Path:
-    """One run folder under outputs/edits: input.png, edited.png (RGBA), edited_on_green.png, params.json."""
-    folder = new_run_folder(Path(outputs) / "edits", result.seed)
-    to_rgba(layer).save(folder / "input.png")
-    result.image.save(folder / "edited.png")
-    result.edited.save(folder / "edited_on_green.png")
-    params = dict(result.params, duration_s=round(result.duration_s, 3), **(run_info or {}))
-    (folder / "params.json").write_text(json.dumps(params, indent=2, ensure_ascii=False), encoding="utf-8")
-    return folder
+    """One run folder under outputs/edits: input.png, edited.png (RGBA), edited_on_green.png, params.json; written
+    under a temporary name and renamed when complete (`studio.runs.atomic_run_folder`), like the app's run folders."""
+    with atomic_run_folder(Path(outputs) / EDITS_DIR, result.seed) as (partial, final):
+        to_rgba(layer).save(partial / "input.png")
+        result.image.save(partial / "edited.png")
+        result.edited.save(partial / "edited_on_green.png")
+        params = dict(result.params, duration_s=round(result.duration_s, 3), **(run_info or {}))
+        (partial / "params.json").write_text(json.dumps(params, indent=2, ensure_ascii=False), encoding="utf-8")
+    return final
+
+
+def prune_edits(settings, just_saved: Path) -> list[Path]:
+    """The app's outputs limits (--outputs-max-gb, --outputs-max-age-hours) on outputs/edits, oldest first; the edit
+    just saved always stays."""
+    return prune_outputs(Path(settings.outputs) / EDITS_DIR, settings.outputs_max_gb * 1e9,
+                         settings.outputs_max_age_hours * 3600, keep=just_saved)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -284,7 +299,7 @@ MATTE_CHOICES = [("Auto: RMBG-2.0 when loaded, else chroma key", "auto"), ("RMBG
 
 def build_ui(loaded, settings, rmbg=None, matte: str = DEFAULTS["matte"]):
     """The Gradio Blocks app. The handler only maps widget values to `edit_layer`/`save_edit` arguments."""
-    os.environ.setdefault("GRADIO_TEMP_DIR", str(Path(settings.outputs) / ".gradio-cache"))
+    use_process_cache(settings.outputs)  # before gradio is imported: it reads GRADIO_TEMP_DIR then
     import gradio as gr
     from gradio.utils import get_upload_folder
 
@@ -303,6 +318,7 @@ def build_ui(loaded, settings, rmbg=None, matte: str = DEFAULTS["matte"]):
                                 num_inference_steps=num_inference_steps, seed=seed, randomize_seed=randomize_seed,
                                 matte=matte, rmbg=rmbg)
             folder = save_edit(result, layer, settings.outputs, run_info)
+            prune_edits(settings, folder)
         except (ValueError, OutOfMemoryError) as err:
             raise gr.Error(str(err), duration=None) from err  # stays on the page until closed
         except Exception as err:  # a bug or the machine: the details stay in the server log
@@ -366,6 +382,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     ns = parse_args(argv)
     settings = app.Settings(**flag_values(ns, FLAGS))
+    for leftover in [*clean_partial_runs(Path(settings.outputs) / EDITS_DIR), *clean_gradio_caches(settings.outputs)]:
+        logger.info("Deleted %s: left by a process that no longer runs", leftover)
     app.print_environment_info(app.environment_info())
     loaded = app.load_pipeline(settings, EDIT_MODEL)  # no weights, or the machine cannot fit the mode: exit 2
     rmbg = None
@@ -383,6 +401,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"Serving on http://{settings.host}:{settings.port}")
     stop_on_sigterm()  # SIGTERM closes Gradio like Ctrl+C: its cache is cleared
     demo.launch(**launch_options(settings))
+    delete_gradio_files(demo)
+    remove_process_cache()
     return 0
 
 
