@@ -4,6 +4,7 @@ on-disk caches; the caption decode's static cache and compiled step.
 
 import logging
 import os
+import stat
 from pathlib import Path
 from typing import Any
 
@@ -49,6 +50,25 @@ def compile_cache_file() -> Path:
     return Path(os.environ["TORCHINDUCTOR_CACHE_DIR"]) / f"mega_cache_torch{torch.__version__}.bin"
 
 
+def compile_cache_problem() -> str | None:
+    """Why the compile caches (TORCHINDUCTOR_CACHE_DIR and the mega-cache file in it) must not be read: loading them
+    unpickles graphs and runs their kernels, so a folder or file that another user can write (or owns) would run their
+    code in this process. None when they are this user's alone (or on Windows, where ACLs, not mode bits, decide)."""
+    uid = os.getuid() if hasattr(os, "getuid") else None
+    if uid is None:
+        return None
+    for path in (Path(os.environ["TORCHINDUCTOR_CACHE_DIR"]), compile_cache_file()):
+        try:
+            info = path.stat()
+        except OSError:
+            continue  # not there yet: nothing to read
+        if info.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+            return f"{path} is writable by other users (mode {stat.filemode(info.st_mode)})"
+        if info.st_uid != uid:
+            return f"{path} belongs to another user (uid {info.st_uid})"
+    return None
+
+
 def load_compile_cache() -> bool:
     """Before compiling: load the mega-cache a previous start saved (`save_compile_cache`); False when there is none.
 
@@ -61,6 +81,13 @@ def load_compile_cache() -> bool:
     run). With --caption-compile the file holds the caption decode's compile too. A file that does not load (another
     torch, a damaged file) is said and the blocks compile anew.
     """
+    if problem := compile_cache_problem():
+        import torch._inductor.config
+
+        torch._inductor.config.force_disable_caches = True  # Inductor's own caches in that folder are not read either
+        logger.warning("Compile caches not used: %s, and loading them runs their code. Compiling without them; make "
+                       "the folder this user's alone (chmod -R go-w, chown) or delete it.", problem)
+        return False
     path = compile_cache_file()
     if not path.is_file():
         return False
@@ -77,7 +104,7 @@ def load_compile_cache() -> bool:
 def save_compile_cache() -> Path | None:
     """After the first compiled run (the warm-up): save the mega-cache for the next start; None when nothing compiled."""
     artifacts = torch.compiler.save_cache_artifacts()
-    if artifacts is None or not artifacts[0]:
+    if artifacts is None or not artifacts[0] or compile_cache_problem():
         return None
     path = compile_cache_file()
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -86,13 +86,45 @@ def launch_ranks(gpus: int, argv: list[str], main: Callable[[list[str]], int]) -
     return 0
 
 
+# Set by `launch_ranks` in its ranks: they all run on this machine, so they meet on the loopback (`loopback_store`).
+LOOPBACK_RANKS_VARIABLE = "QIL_RANKS_ON_LOOPBACK"
+
+
 def _rank_main(local_rank: int, gpus: int, port: int, argv: list[str], main: Callable[[list[str]], int]) -> None:
-    """One rank started by `launch_ranks`: torchrun's environment variables, then `main` as usual."""
+    """One rank started by `launch_ranks`: torchrun's environment variables, then `main` as usual. The ranks talk over
+    the loopback only: gloo and NCCL open their sockets on its interface (their *_SOCKET_IFNAME), the store on it."""
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(gpus), LOCAL_WORLD_SIZE=str(gpus),
-                      RANK=str(local_rank), LOCAL_RANK=str(local_rank))
+                      RANK=str(local_rank), LOCAL_RANK=str(local_rank), **{LOOPBACK_RANKS_VARIABLE: "1"})
+    loopback = loopback_interface()
+    if loopback is not None:
+        os.environ.setdefault("GLOO_SOCKET_IFNAME", loopback)
+        os.environ.setdefault("NCCL_SOCKET_IFNAME", loopback)
     code = main(argv)
     if code:
         sys.exit(code)
+
+
+def loopback_interface() -> str | None:
+    """The name of the network interface that holds 127.0.0.1 ("lo" on Linux); None where none is found."""
+    import psutil
+
+    return next((name for name, addresses in psutil.net_if_addrs().items()
+                 if any(address.address == "127.0.0.1" for address in addresses)), None)
+
+
+def loopback_store(rank: int, world_size: int, port: int):
+    """The ranks' rendezvous store for `--gpus N`, listening on 127.0.0.1:`port` only (rank 0 holds it, the others
+    connect): torch's own TCPStore server, which `init_process_group`'s env:// makes, listens on every interface."""
+    import socket
+
+    import torch.distributed as dist
+
+    if rank != 0:
+        return dist.TCPStore("127.0.0.1", port, world_size, False)
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", port))
+    listener.listen()
+    return dist.TCPStore("127.0.0.1", port, world_size, True, master_listen_fd=listener.detach())
 
 
 def init_distributed() -> ParallelState | None:
@@ -107,14 +139,17 @@ def init_distributed() -> ParallelState | None:
     from torch.distributed.device_mesh import init_device_mesh
 
     rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", os.environ["RANK"]))
+    # The ranks `launch_ranks` started meet on the loopback; torchrun's own store is torchrun's (its --rdzv flags).
+    store = loopback_store(rank, world_size, int(os.environ["MASTER_PORT"])) \
+        if os.environ.get(LOOPBACK_RANKS_VARIABLE) else None
     if torch.cuda.is_available():
         check_gpus(ranks_on_this_machine(), torch.cuda.device_count())
         torch.cuda.set_device(local_rank)  # "cuda" means this rank's GPU from here on
         # No `device_id=` (eager NCCL init): with it, torch 2.11 creates sub-groups by ncclCommSplit at their first
         # collective, which hung the first CFG swap on 2 H200s (NCCL 2.28.9; the same hang: NVIDIA-NeMo/RL#3189).
-        dist.init_process_group("nccl")
+        dist.init_process_group("nccl", store=store, rank=rank, world_size=world_size)
     else:
-        dist.init_process_group("gloo")
+        dist.init_process_group("gloo", store=store, rank=rank, world_size=world_size)
     job_group = dist.new_group(backend="gloo", timeout=MULTI_GPU_JOB_TIMEOUT)
     cfg_size = 2 if world_size % 2 == 0 else 1
     cp_size = world_size // cfg_size
