@@ -32,12 +32,26 @@ OUTPUTS_MAX_AGE_HOURS = 0.01
 RUN_TIMEOUT_MS = JOB_TIMEOUT_S * 1000
 
 
+def killed_process_cache(outputs: Path) -> Path:
+    """Gradio's cache folder of an app process that was killed (SIGKILL): its upload is still in it."""
+    import psutil
+
+    with subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"]) as killed:
+        folder = outputs / ".gradio-cache" / f"{killed.pid}-{int(psutil.Process(killed.pid).create_time())}"
+        killed.send_signal(signal.SIGKILL)
+    (folder / "0123abcd").mkdir(parents=True)
+    Image.new("RGBA", (8, 8)).save(folder / "0123abcd" / "upload.png")
+    return folder
+
+
 @pytest.fixture(scope="module")
 def served(models_dir, tmp_path_factory):
-    """`src/app.py --demo` on a free port, with a system temp dir of its own (TMPDIR) so its files can be counted."""
+    """`src/app.py --demo` on a free port, with a system temp dir of its own (TMPDIR) so its files can be counted; its
+    outputs folder holds the cache of an app process that was killed before."""
     base = tmp_path_factory.mktemp("served")
     outputs, system_tmp, log = base / "outputs", base / "tmp", base / "app.log"
     system_tmp.mkdir()
+    killed_cache = killed_process_cache(outputs)
     env = {k: v for k, v in os.environ.items() if not k.startswith(("QIL_", "GRADIO_"))}
     env.update(TMPDIR=str(system_tmp), PYTHONUNBUFFERED="1")
     port = free_port()
@@ -57,7 +71,7 @@ def served(models_dir, tmp_path_factory):
                 break
         except httpx.TransportError:
             time.sleep(1)
-    yield dict(url=url, outputs=outputs, system_tmp=system_tmp, log=log, proc=proc)
+    yield dict(url=url, outputs=outputs, system_tmp=system_tmp, log=log, proc=proc, killed_cache=killed_cache)
     proc.terminate()
     proc.wait(timeout=60)
 
@@ -407,24 +421,28 @@ def test_the_caption_shows_its_progress_in_tokens(served, page):
     assert max(caption) < min(steps), seen  # the caption's tokens first, then the steps
 
 
-# ---- last, as it ends the served app: SIGTERM (issue 10) ----------------------------------------------------------
-def test_sigterm_stops_the_app_and_clears_gradio_s_cache(served, tmp_path):
+# ---- last, as it ends the served app: SIGTERM (issues 10 and 22) -------------------------------------------------
+def test_sigterm_during_a_run_stops_it_exits_0_and_leaves_no_cache(served, tmp_path):
     """On this module's own `src/app.py --demo` process: a second start of the app costs seconds of a 2-core CPU."""
-    sys.path.insert(0, str(ROOT / "src"))
-    import app
-    from gradio_client import Client
+    from gradio_client import Client, handle_file
 
     proc, cache = served["proc"], served["outputs"] / ".gradio-cache"
+    assert not served["killed_cache"].exists()  # the killed process's cache went when the app started
     image = tmp_path / "in.png"
     Image.new("RGBA", (96, 64), (20, 160, 90, 255)).save(image)
     upload = httpx.post(f"{served['url']}gradio_api/upload",
                         files={"files": ("in.png", image.read_bytes(), "image/png")}).json()
     assert Path(upload[0]).is_file() and Path(upload[0]).is_relative_to(cache)
     client = Client(served["url"], verbose=False)  # still connected at SIGTERM: Gradio's own shutdown is cut short
+    job = client.submit(handle_file(str(image)), prompt="cut short", layers=2, num_inference_steps=50,
+                        true_cfg_scale=1.0, seed=99, api_name="/decompose")
+    wait_until(lambda: job.status().code.name == "PROCESSING", 120, "the run to start")
+    time.sleep(1)  # into the run
     proc.send_signal(signal.SIGTERM)
-    assert proc.wait(timeout=60) == 0, served["log"].read_text()[-3000:]
+    assert proc.wait(timeout=120) == 0, served["log"].read_text()[-3000:]
     client.close()
+    log = served["log"].read_text()
+    assert "Stopping the running job before exiting" in log and "terminate called" not in log
+    assert not [p for p in served["outputs"].iterdir() if p.name.endswith("_seed99") or p.name.startswith(".partial")]
     assert not Path(upload[0]).exists()
-    # All that stays are Gradio's copies of the example images, which it keeps for the page (keep_in_cache).
-    left = {p.name for p in cache.rglob("*") if p.is_file()}
-    assert left <= {Path(example).name for example in app.example_images()}
+    assert [p for p in cache.rglob("*") if p.is_file()] == []  # the process's cache went with it, examples and all
