@@ -117,6 +117,40 @@ def edit_server(edit_pipe, models_dir, tmp_path_factory):
     demo.close()
 
 
+def status_of_stream(url: str) -> int:
+    """The status of a GET whose answer may be an endless stream (a heartbeat): read at its start, then closed."""
+    import httpx
+
+    with httpx.stream("GET", url, timeout=30) as response:
+        return response.status_code
+
+
+def test_the_tool_asks_for_its_login_from_the_app_s_flag_table(edit_pipe, models_dir, tmp_path, monkeypatch):
+    """--auth (or QIL_AUTH) comes from the app's serving rows and reaches Gradio's login: nothing answers without it."""
+    import httpx
+
+    from studio.serving import launch_options
+
+    monkeypatch.setenv("QIL_AUTH", "bob:pa55word")
+    settings = app.Settings(**flag_values(edit.parse_args(["--host", "127.0.0.1", "--port", str(free_port()), "--demo",
+                                                           "--models-dir", str(models_dir),
+                                                           "--outputs", str(tmp_path)]), edit.FLAGS))
+    assert settings.auth == ("bob", "pa55word")
+    demo = edit.build_ui(edit_pipe, settings, rmbg=None, matte="chroma_key")
+    demo.launch(**launch_options(settings), prevent_thread_lock=True, quiet=True)
+    url = f"http://127.0.0.1:{settings.port}/"
+    try:
+        anonymous = [httpx.post(f"{url}gradio_api/call/edit", json={"data": []}, timeout=30).status_code,
+                     status_of_stream(f"{url}gradio_api/heartbeat/any"),
+                     httpx.get(f"{url}config", timeout=30).status_code]
+        user = httpx.Client(timeout=30)
+        assert user.post(f"{url}login", data={"username": "bob", "password": "pa55word"}).status_code == 200
+        assert user.get(f"{url}config").status_code == 200
+    finally:
+        demo.close()
+    assert anonymous == [401, 401, 401]
+
+
 def test_edit_api_keeps_the_layer_size_and_gives_alpha_back(edit_server, tmp_path):
     from gradio_client import Client, handle_file
 

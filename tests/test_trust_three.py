@@ -113,6 +113,11 @@ def test_evaluate_refuses_a_zip_bomb_from_its_directory_and_a_stack_past_the_bud
         read_layered_file(eight)
 
 
+def status_of_stream(client: httpx.Client, path: str) -> int:
+    with client.stream("GET", path) as response:
+        return response.status_code
+
+
 @pytest.fixture()
 def combine_server(tmp_path, monkeypatch):
     """The combine tool as its main() starts it, with --auth from QIL_AUTH, on 127.0.0.1."""
@@ -144,7 +149,7 @@ def test_combine_tool_asks_for_its_login_everywhere_and_serves_what_it_wrote_fro
     answers = {
         "call": anonymous.post("gradio_api/call/add_files", json={"data": [[]]}).status_code,
         "upload": anonymous.post("gradio_api/upload", files={"files": ("a.png", b"x", "image/png")}).status_code,
-        "heartbeat": anonymous.get(f"gradio_api/heartbeat/{session}").status_code,
+        "heartbeat": status_of_stream(anonymous, f"gradio_api/heartbeat/{session}"),  # (an endless stream when open)
         "reset": anonymous.post("gradio_api/reset", json={"event_id": "x"}).status_code,
         "cancel": anonymous.post("gradio_api/cancel", json={"session_hash": session, "fn_index": 0,
                                                              "event_id": "x"}).status_code,
