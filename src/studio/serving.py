@@ -173,6 +173,9 @@ class Sessions:
     def show(self, session: str, folder: Path) -> None:
         with self._lock:
             self._folders[session] = Path(folder)
+            if len(self._folders) > 1000:  # every raw call is a session: forget those gone for an hour
+                self._folders = {s: f for s, f in self._folders.items()
+                                 if s in self._stops or (self._connections.quiet_since(s, 0.0) or 0) < 3600}
 
     def live(self, session: str) -> bool:
         with self._lock:
@@ -180,15 +183,10 @@ class Sessions:
         return running or self._connections.listening(session)
 
     def shown_folders(self) -> set[Path]:
-        """The run folders live sessions show; the sessions that are gone are forgotten."""
+        """The run folders that live sessions show (a page whose heartbeat reconnects is live again)."""
         with self._lock:
             shown = dict(self._folders)
-        gone = {session for session in shown if not self.live(session)}
-        with self._lock:
-            for session in gone:
-                if self._folders.get(session) == shown[session]:
-                    del self._folders[session]
-        return {folder for session, folder in shown.items() if session not in gone}
+        return {folder for session, folder in shown.items() if self.live(session)}
 
     def start_job(self, session: str) -> threading.Event:
         with self._lock:
@@ -370,7 +368,8 @@ class ServingGuard:
 
     def __init__(self, app, host: str = "", allowed_hosts: Collection[str] = ()):
         self.app = app
-        names = {"localhost", socket.gethostname(), socket.getfqdn(), f"{socket.gethostname()}.local", host}
+        # (No getfqdn: a reverse lookup can hang the first request where DNS is slow; --allowed-hosts adds names.)
+        names = {"localhost", socket.gethostname(), f"{socket.gethostname()}.local", host}
         self.allowed_hosts = {name.lower() for name in [*names, *allowed_hosts] if name}
         CONNECTIONS.guarded = True
 
