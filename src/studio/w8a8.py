@@ -44,47 +44,24 @@ from pathlib import Path
 import torch
 
 # ----------------------------------------------------------------------------------------------------
-# 1. Modes, presets and constants
+# 1. The modes' kernels, and constants
 # ----------------------------------------------------------------------------------------------------
 
 
 @dataclasses.dataclass(frozen=True)
 class W8A8Mode:
-    """One row of `W8A8_MODES`: what a `--quantization` value stores and which kernel multiplies."""
+    """How a `--quantization` mode of this module (its row in `studio.modes`: `block_range`) stores and multiplies."""
 
     name: str  # the --quantization value
     weight_dtype: torch.dtype  # weights and activations are stored in this 1-byte type
     max_value: float  # a row's largest magnitude maps to this (symmetric scales; int8 keeps -128 unused)
-    min_capability: tuple[int, int]  # the kernel's minimum CUDA compute capability
     kernel: str  # the torch function that multiplies on CUDA
     rate_vs_bf16: float  # dense tensor rate against bf16 with fp32 accumulate on Ada GeForce (whitepaper)
-    bytes_per_weight: int = 1
-    lossy: bool = True
 
 
 W8A8_MODES = {
-    "int8_w8a8": W8A8Mode("int8_w8a8", torch.int8, 127.0, (8, 0), "torch._int_mm", 4.0),
-    "fp8_w8a8": W8A8Mode("fp8_w8a8", torch.float8_e4m3fn, 448.0, (8, 9), "torch._scaled_mm", 2.0),
-}
-
-
-@dataclasses.dataclass(frozen=True)
-class Preset:
-    """A speed preset: settings the user picks by one name. Only the user picks a lossy one (never `auto`)."""
-
-    name: str
-    quantization: str | None  # None: bf16; "w8a8": the card's 8-bit mode (`fast_mode_for`)
-    quantized_blocks: str  # `parse_block_range` text
-    first_block_cache_threshold: float | None  # None: FirstBlockCache off
-    lossy: bool
-
-
-PRESETS = {
-    # Exact: bf16 weights and compute, every block computed on every step.
-    "exact": Preset("exact", None, "none", None, lossy=False),
-    # Fast: 8-bit linears in the middle blocks and FirstBlockCache at the seed's 0.1. SageAttention stays opt-in
-    # (--sage-attention): it needs a package that pip does not provide (`sage_attention_problem`).
-    "fast": Preset("fast", "w8a8", "default", 0.1, lossy=True),
+    "int8_w8a8": W8A8Mode("int8_w8a8", torch.int8, 127.0, "torch._int_mm", 4.0),
+    "fp8_w8a8": W8A8Mode("fp8_w8a8", torch.float8_e4m3fn, 448.0, "torch._scaled_mm", 2.0),
 }
 
 # The token-wise linears of a diffusers 0.42 QwenImageTransformerBlock, relative to the block: what W8A8 replaces.
@@ -117,34 +94,6 @@ def w8a8_mode(name: str) -> W8A8Mode:
     if name not in W8A8_MODES:
         raise ValueError(f"8-bit compute mode {name!r} is not one of {', '.join(W8A8_MODES)}")
     return W8A8_MODES[name]
-
-
-def fast_mode_for(capability: tuple[int, int] | None) -> str | None:
-    """The 8-bit mode the Fast preset uses on a GPU of `capability` (None: no CUDA, the reference path on the CPU).
-
-    int8 on Ampere and Ada (Ada GeForce: int8 4x the bf16 rate, fp8 2x); fp8 from Hopper on, where `_int_mm` was
-    slower than bf16 (H100: 3.02 ms a block against 2.82 ms, shared/PERF_METHOD.md) and fp8 faster (1.90 ms).
-    None below compute capability 8.0: Fast then has no 8-bit mode (`w8a8_problem` says why).
-    """
-    if capability is None:
-        return "int8_w8a8"
-    if capability >= (9, 0):
-        return "fp8_w8a8"
-    if capability >= W8A8_MODES["int8_w8a8"].min_capability:
-        return "int8_w8a8"
-    return None
-
-
-def w8a8_problem(mode: str, capability: tuple[int, int] | None) -> str | None:
-    """Why `mode` cannot run its kernel on a GPU of `capability` (None: it can). Without CUDA (`capability` None)
-    it runs the reference path (the demo, the tests): no problem to report."""
-    row = w8a8_mode(mode)
-    if capability is not None and capability < row.min_capability:
-        need = ".".join(map(str, row.min_capability))
-        return (f"--quantization {mode} needs a GPU of compute capability {need} or newer for {row.kernel}; this one "
-                f"is {capability[0]}.{capability[1]}" + (" (use --quantization int8_w8a8)" if
-                                                        capability >= W8A8_MODES["int8_w8a8"].min_capability else ""))
-    return None
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -364,7 +313,7 @@ def w8a8_element_sizes(model_path: Path | str, mode: str, blocks: Iterable[int] 
     transformer is built from its config on the meta device (no memory) and quantized by `quantize_blocks` itself.
 
     Not in the files, so not counted there: the float32 scales (4 bytes per output channel, 0.22 MB a block of the
-    real model against its 453 MB in W8A8)."""
+    real model against its 453 MB in W8A8: 226.5M token-wise weights at 1 byte, 113.2M modulation weights in bf16)."""
     import diffusers
 
     folder = Path(model_path) / "transformer"
@@ -380,10 +329,10 @@ def w8a8_element_sizes(model_path: Path | str, mode: str, blocks: Iterable[int] 
 
 
 def w8a8_record(mode: str, blocks: Iterable[int], num_blocks: int, on_cuda: bool) -> dict:
-    """What params.json records of an 8-bit run (under its "quantization" entry)."""
+    """What params.json records of an 8-bit run beside its mode's name (`Loaded.run_info`'s "quantized")."""
     row = w8a8_mode(mode)
     chosen = tuple(sorted(set(blocks)))
-    return dict(mode=row.name, lossy=row.lossy, quantized_blocks=format_block_range(chosen),
+    return dict(quantized_blocks=format_block_range(chosen),
                 bf16_blocks=format_block_range(sorted(set(range(num_blocks)) - set(chosen))),
                 kernel=row.kernel if on_cuda else "reference matmul (no CUDA)")
 
@@ -405,7 +354,8 @@ SAGE_MIN_CAPABILITY = (8, 0)  # sageattn's kernels: sm80, sm86, sm89, sm90, sm12
 def sage_attention_problem(on_cuda: bool, capability: tuple[int, int] | None, sage_version: str | None,
                            triton: bool, required: str | None = None) -> str | None:
     """Why SageAttention cannot run (None: it can). `required`: diffusers' minimum version (its
-    `_REQUIRED_SAGE_VERSION`, read when None); `sage_attention_problem_here` fills the rest from this machine."""
+    `_REQUIRED_SAGE_VERSION`, read when None); the app's `sage_attention_unavailable` fills the rest from this
+    machine."""
     from packaging.version import Version
 
     if required is None:
@@ -428,17 +378,3 @@ def sage_attention_problem(on_cuda: bool, capability: tuple[int, int] | None, sa
         return ("SageAttention not applied: it needs Triton, which is not installed (pip install triton; on Windows "
                 "pip install triton-windows).")
     return None
-
-
-def sage_attention_problem_here() -> str | None:
-    """`sage_attention_problem` for this machine."""
-    import importlib.util
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        sage_version = version("sageattention")
-    except PackageNotFoundError:
-        sage_version = None
-    on_cuda = torch.cuda.is_available()
-    return sage_attention_problem(on_cuda, torch.cuda.get_device_capability() if on_cuda else None, sage_version,
-                                  importlib.util.find_spec("triton") is not None)
