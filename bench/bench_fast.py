@@ -104,9 +104,11 @@ def run_row(pipe, preset: str, vram_gb: float, args) -> dict:
     cap_gb, budget_gb = bench_low_ram.emulate_card(vram_gb) if cuda else (None, None)
     row = dict(preset=preset, vram_gb=vram_gb, cap_gb=cap_gb, vram_budget_gb=budget_gb)
     start = time.perf_counter()
-    loaded = apply_preset(pipe, preset, budget_gb, first_block_cache=False, quantized_blocks=args.quantized_blocks)
+    loaded = apply_preset(pipe, preset, budget_gb, first_block_cache=False, quantized_blocks=args.quantized_blocks,
+                          sage_attention=args.sage_attention and preset == "fast")
     row.update(setup_s=round(time.perf_counter() - start, 2), quantization=loaded.quant.name, lossy=loaded.lossy,
-               quantized=loaded.quantized, applied=loaded.optimizations)
+               quantized=loaded.quantized, sage_attention="sage_attention" in loaded.optimizations,
+               applied=loaded.optimizations)
     image = Image.open(sorted((ROOT / "assets" / "test_images").glob("*.png"))[0])
     try:
         row["warm_up_s"] = round(app.warm_up(loaded), 2) if cuda else None
@@ -138,6 +140,8 @@ def main(argv=None) -> int:
     parser.add_argument("--steps", type=int, default=50)
     parser.add_argument("--quantized-blocks", default="default", help="the Fast rows' blocks (default: 12-47)")
     parser.add_argument("--prompt", default="a poster with a title, a photo and a logo on a plain background")
+    parser.add_argument("--sage-attention", action="store_true", help="the Fast rows with --sage-attention too (where "
+                        "sageattention >= 2.1.1 is built; else the row says why it is off: `applied` has no sage_attention)")
     parser.add_argument("--tiny", action="store_true", help="the demo pipeline on the CPU: checks the script only")
     args = parser.parse_args(argv)
     rows = [(preset, float(vram)) for preset, vram in (row.split(":") for row in args.rows.split(","))]
