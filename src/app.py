@@ -65,13 +65,14 @@ from studio.evaluate import evaluate_main, evaluate_parser  # noqa: E402
 from studio.exports import EXPORTS  # noqa: E402
 from studio.images import IMAGE_SUFFIXES, resize_layers, to_rgba  # noqa: E402
 from studio.loaded import Loaded  # noqa: E402
-from studio.modes import OFFLOAD, OFFLOAD_CHOICES, QUANT, OffloadMode, quant_mode  # noqa: E402
+from studio.modes import (FAST_QUANTIZATION, OFFLOAD, OFFLOAD_CHOICES, PRESETS, QUANT, OffloadMode,  # noqa: E402
+                          fast_mode_for, quant_mode)
 from studio.parallel import (caption_from_rank0, check_gpus, enable_multi_gpu, init_distributed,  # noqa: E402
                              launch_ranks, rank0_says, ranks_on_this_machine, serve_rank, share_job, stop_ranks)
 from studio.params import (DEFAULTS, LAYERS_RANGE, MAX_SEED, PARAM, PARAMS, RESOLUTIONS, STEPS_RANGE,  # noqa: E402
                            Flag, add_flags, add_param_args, check_params, flag_values, non_negative_float,
                            param_widget, positive_int)
-from studio.quant import apply_quantization, planner_sizes, quant_problem  # noqa: E402
+from studio.quant import apply_quantization, fast_sizes, planner_sizes, quant_problem  # noqa: E402
 from studio.runs import (DecomposeResult, clean_partial_runs, export_failures_message, prune_outputs,  # noqa: E402
                          save_run, windows_path_warning)
 from studio.scores import PSNR_CAP_DB, recomposition_score, score_line  # noqa: E402
@@ -79,6 +80,7 @@ from studio.serving import (LAN_HOST, Sessions, client_error, delete_gradio_file
                             launch_options, network_warning, readable_upload, serving_flags, stop_on_sigterm)
 from studio.stack import (SUB_RUN_LAYERS, LayerStack, check_layer_index, check_stack_files, replace_layer,  # noqa: E402
                           save_sub_run, undo)
+from studio.w8a8 import SAGE_BACKEND, sage_attention_problem  # noqa: E402
 
 logger = logging.getLogger("qwen_layered_studio")
 
@@ -108,6 +110,12 @@ ENABLE_FIRST_BLOCK_CACHE = True
 FIRST_BLOCK_CACHE_THRESHOLD = 0.1
 # None keeps the model's bf16. Every other mode (`studio.modes.QUANT_ROWS`) is LOSSY and opt-in.
 QUANTIZATION_MODE = None
+# "exact": bf16, the model's own output. "fast" (LOSSY, opt-in): the card's 8-bit matmuls (int8 on RTX 30/40, fp8
+# from Hopper) in the middle blocks, FirstBlockCache at the seed's 0.1 (`studio.modes.PRESETS`); explicit flags win.
+PRESET = "exact"
+# The 8-bit modes' blocks: "default" keeps the first and last fifth in bf16 (0-11 and 48-59 of 60), as NVIDIA's
+# TensorRT-LLM preset for this model's fp8 path does.
+QUANTIZED_BLOCKS = "default"
 # Regional torch.compile of the transformer blocks: a faster step after a one-time compile (cached on disk). Off by
 # default: the first start pays the compile (bench/RESULTS.md, "Compile").
 ENABLE_COMPILE = False
@@ -151,9 +159,15 @@ LOAD_FLAGS = (
     Flag("first_block_cache", ENABLE_FIRST_BLOCK_CACHE, "--no-first-block-cache", "run every block at every step"),
     Flag("first_block_cache_threshold", FIRST_BLOCK_CACHE_THRESHOLD, "--first-block-cache-threshold",
          "FirstBlockCache's threshold (higher: faster, less faithful)", type=non_negative_float),
+    Flag("preset", PRESET, "--preset", "; ".join(f"{p.name}: {p.label}" for p in PRESETS.values()) + " (the "
+         "card's 8-bit matmuls in blocks 12-47, FirstBlockCache 0.1); the flags below win over it",
+         choices=tuple(PRESETS)),
     Flag("quantization", QUANTIZATION_MODE, "--quantization", "LOSSY storage or compute: "
          + "; ".join(f"{m.name}: {m.summary}" for m in QUANT.values() if m.lossy),
          choices=tuple(name for name, m in QUANT.items() if m.lossy)),
+    Flag("quantized_blocks", QUANTIZED_BLOCKS, "--quantized-blocks", "the transformer blocks int8_w8a8 / fp8_w8a8 "
+         "compute in 8 bits, e.g. 12-47, 0-3,50-59, all; default: all but the first and last fifth (12-47 of 60)",
+         metavar="RANGE"),
     Flag("compile", ENABLE_COMPILE, "--compile", "torch.compile the transformer blocks (faster steps; the first start "
          "compiles ~25 s)"),
     Flag("caption_compile", ENABLE_CAPTION_COMPILE, "--caption-compile", "decode the auto-caption with a static KV "
@@ -432,6 +446,19 @@ def resolve_offload_mode(mode: str, cuda_available: bool, vram_gb: float | None,
     return OFFLOAD["sequential"]  # not even one block fits beside the default job's activations: stream every layer
 
 
+def apply_preset(settings, capability: tuple[int, int] | None):
+    """The settings with --preset's on top of the flags a person left at their defaults (`LOAD_FLAGS`' rows; a flag
+    or QIL_* variable given wins). Fast's 8-bit mode is the card's (`fast_mode_for`; `capability` None: no CUDA, the
+    reference matmul on the CPU); a GPU older than int8's kernels keeps bf16 (`apply_memory_optimizations` says so)."""
+    preset = PRESETS[settings.preset]
+    defaults = {row.name: row.default for row in LOAD_FLAGS}
+    wanted = dict(quantization=fast_mode_for(capability) if preset.quantization == FAST_QUANTIZATION
+                  else preset.quantization, quantized_blocks=preset.quantized_blocks, first_block_cache=True,
+                  first_block_cache_threshold=preset.first_block_cache_threshold)
+    return dataclasses.replace(settings, **{name: value for name, value in wanted.items()
+                                            if getattr(settings, name) == defaults[name]})
+
+
 def default_vram_budget_gb(settings) -> float:
     """--vram-budget, else the GPU's free memory now (the whole budget when there is no GPU: nothing moves)."""
     if settings.vram_budget_gb is not None:
@@ -462,7 +489,8 @@ def budget_offload(loaded: Loaded, settings) -> list[str]:
     """The low-VRAM engine (`studio.engine`), as `load_pipeline` planned it before loading; a pipeline built in memory
     (a bench's) is planned here from its modules."""
     if loaded.machine is None:
-        loaded.machine = plan_loaded(loaded.pipe, default_vram_budget_gb(settings), settings.ram_budget_gb)
+        loaded.machine = plan_loaded(loaded.pipe, default_vram_budget_gb(settings), settings.ram_budget_gb,
+                                     quant=loaded.quant)
     loaded.stages, applied = enable_budget_offload(loaded.pipe, loaded.machine)
     return applied
 
@@ -475,8 +503,11 @@ def apply_memory_optimizations(pipe, settings, offload: OffloadMode, machine: Ma
                                model_path: Path | str | None = None) -> Loaded:
     """Apply weight storage, compile, offload, VAE, cache and attention features, one line each, and return what was
     loaded. A feature that cannot apply is logged with its reason (never swallowed). `machine`: the budget mode's plan
-    made before loading (None: planned here from the modules)."""
+    made before loading (None: planned here from the modules). `settings.preset` applies here too (`apply_preset`), so a
+    pipeline built in memory (a bench's) gets the Fast preset by its name."""
     on_cuda = torch.cuda.is_available()
+    capability = torch.cuda.get_device_capability() if on_cuda else None
+    settings = apply_preset(settings, capability)
     loaded = Loaded(pipe, Path(model_path or "."), offload, quant_mode(settings.quantization),
                     dtype=str(pipe.transformer.dtype).replace("torch.", ""),
                     demo=model_path is not None and is_demo_model(model_path), machine=machine,
@@ -485,16 +516,24 @@ def apply_memory_optimizations(pipe, settings, offload: OffloadMode, machine: Ma
     compile_blocks = settings.compile
 
     # 1. Weight storage and quantized compute (before offloading, so offload hooks move the smaller tensors).
-    capability = torch.cuda.get_device_capability() if on_cuda else None
     problem = quant_problem(loaded.quant, offload, capability,
                             loaded.quant.package is None or package_version(loaded.quant.package) is not None)
+    if settings.preset == "fast" and settings.quantization is None:
+        problem = f"--preset fast has no 8-bit mode on a GPU of compute capability {capability[0]}.{capability[1]}"
     if problem:
         logger.warning("%s. Running bf16 compute instead (not lossy).", problem)
         loaded.quant = QUANT["bf16"]
     elif loaded.quant.lossy:
-        apply_quantization(pipe.transformer, loaded.quant)
-        applied.append(f"{loaded.quant.name} (LOSSY: {loaded.quant.summary})")
+        loaded.quantized = apply_quantization(pipe.transformer, loaded.quant, settings.quantized_blocks)
+        what = "".join(f", {key} {value}" for key, value in loaded.quantized.items())
+        applied.append(f"{loaded.quant.name} (LOSSY: {loaded.quant.summary}{what})")
+        logger.warning("LOSSY: --quantization %s%s: the layers differ from the model's bf16 output.",
+                       loaded.quant.name, what)
         compile_blocks = compile_blocks or loaded.quant.forces_compile
+    loaded.preset = "fast" if settings.preset == "fast" and loaded.lossy else "exact"  # what runs (explicit flags win)
+    if settings.quantized_blocks != QUANTIZED_BLOCKS and not loaded.quant.block_range:
+        logger.info("--quantized-blocks %s not applied: only int8_w8a8 and fp8_w8a8 choose blocks.",
+                    settings.quantized_blocks)
 
     # 1b. Regional compilation, before any hook: the offload and cache hooks then wrap the compiled forward.
     problem = compile_problem(offload, loaded.quant) if compile_blocks else None
@@ -529,10 +568,10 @@ def apply_memory_optimizations(pipe, settings, offload: OffloadMode, machine: Ma
         applied.append(f"first_block_cache(threshold={settings.first_block_cache_threshold})")
 
     # 5. Attention kernels.
-    if settings.sage_attention and sage_attention_unavailable(on_cuda):
-        logger.warning(sage_attention_unavailable(on_cuda))
+    if settings.sage_attention and sage_attention_unavailable(on_cuda, capability):
+        logger.warning(sage_attention_unavailable(on_cuda, capability))
     elif settings.sage_attention:
-        pipe.transformer.set_attention_backend("sage")
+        pipe.transformer.set_attention_backend(SAGE_BACKEND)
         applied.append("sage_attention")
 
     # 6. The caption's decode: a static KV cache and CUDA graphs, with every weight resident.
@@ -545,16 +584,11 @@ def apply_memory_optimizations(pipe, settings, offload: OffloadMode, machine: Ma
     return loaded
 
 
-def sage_attention_unavailable(on_cuda: bool) -> str | None:
-    """Why SageAttention cannot apply on this machine; None when it can."""
-    if not on_cuda:
-        return "SageAttention not applied: it needs a CUDA GPU."
-    if package_version("sageattention") is None:
-        return "SageAttention not applied: the `sageattention` package is not installed (pip install sageattention)."
-    if not triton_available():  # its kernels are Triton kernels
-        return ("SageAttention not applied: it needs Triton, which is not installed (pip install triton; on Windows "
-                "pip install triton-windows).")
-    return None
+def sage_attention_unavailable(on_cuda: bool, capability: tuple[int, int] | None = None) -> str | None:
+    """Why SageAttention cannot apply on this machine (`capability`: its GPU's; None: not checked); None when it can.
+    Its version counts: diffusers' dispatcher needs sageattention >= 2.1.1 and pip has only 1.0.6, with which
+    `set_attention_backend("sage")` raises."""
+    return sage_attention_problem(on_cuda, capability, package_version("sageattention"), triton_available())
 
 
 def load_pipeline(settings, spec: ModelSpec = LAYERED_MODEL) -> Loaded:
@@ -574,8 +608,10 @@ def load_pipeline(settings, spec: ModelSpec = LAYERED_MODEL) -> Loaded:
     #    free memory), whether it fits (a ValueError with the figures and what would fit) and, for the budget mode,
     #    which blocks stay resident and which weights are page-locked (`MachinePlan`, handed to the engine).
     vram_gb = default_vram_budget_gb(settings)
+    settings = apply_preset(settings, torch.cuda.get_device_capability() if cuda else None)
     quant = quant_mode(settings.quantization)
-    sizes, other_sizes = planner_sizes(model_path, torch.finfo(dtype).bits // 8, quant)
+    element_size = torch.finfo(dtype).bits // 8
+    sizes, other_sizes = planner_sizes(model_path, element_size, quant, settings.quantized_blocks)
     offload = resolve_offload_mode(settings.offload, cuda, vram_gb,
                                    budget_minimum_gb(sizes) if sizes else BUDGET_AUTO_MIN_VRAM_GB)
     #    Several GPUs of one machine (`studio.parallel`): each rank loads its own pipeline at the same time, so each
@@ -584,10 +620,11 @@ def load_pipeline(settings, spec: ModelSpec = LAYERED_MODEL) -> Loaded:
     ram_gb = settings.ram_budget_gb if settings.ram_budget_gb is not None else memory.available_ram_gb() / ranks
     machine = None
     if sizes is not None and (cuda or offload.vram == "planned"):
-        in_ram = quant.holds_transformer_in_ram
         try:
-            machine = plan_machine(offload, sizes, vram_gb, ram_gb, transformer_in_ram=in_ram,
-                                   lossy_sizes=None if in_ram else other_sizes, exact_sizes=other_sizes if in_ram else None)
+            machine = plan_machine(offload, sizes, vram_gb, ram_gb, transformer_in_ram=quant.holds_transformer_in_ram,
+                                   lossy_sizes=None if quant.lossy else other_sizes,
+                                   exact_sizes=other_sizes if quant.lossy else None,
+                                   fast_sizes=None if quant.lossy else fast_sizes(model_path, element_size))
         except ValueError as err:
             if ranks == 1:
                 raise
@@ -921,7 +958,12 @@ def decompose_layer(loaded: Loaded, stack: LayerStack, index: int, run_info: dic
 DEMO_BANNER = ("**Demo model in use** — tiny random weights built offline. Everything runs, but the layers are "
                "noise. Put the real weights in `models/Qwen-Image-Layered` (or pass `--model`) for real results.")
 # Shown while a LOSSY mode (`studio.modes`) is applied: the layers differ from bf16's.
-LOSSY_BANNER = "**Lossy mode in use** ({}) — the layers differ from the model's bf16 output. Restart without `--quantization` for bf16."
+LOSSY_BANNER = ("**Lossy mode in use** ({}) — the layers differ from the model's bf16 output. Restart with "
+                "`--preset exact` and without `--quantization` for bf16.")
+# Beside the preset shown on the page: why it is chosen at start-up. A switch would reload 57 GB of weights (minutes),
+# hold every session's jobs meanwhile and change the model under the others' feet; the two cannot share RAM either.
+PRESET_NOTE = ("Exact: bf16, the model's own output. Fast: 8-bit matmuls in the middle transformer blocks and "
+               "FirstBlockCache, LOSSY. The model loads once: restart the app with --preset fast (or exact) to switch.")
 # Under the recomposition score on the demo model: why it is poor.
 DEMO_SCORE_NOTE = ("The demo model's layers are random noise, so they do not stack back into the input: this poor score "
                    "is expected and says nothing about the real model.")
@@ -1155,7 +1197,10 @@ def build_ui(loaded: Loaded, settings):
         if loaded.demo:
             gr.Markdown(DEMO_BANNER)
         if loaded.lossy:
-            gr.Markdown(LOSSY_BANNER.format(f"{loaded.quant.name}: {loaded.quant.summary}"))
+            what = "".join(f"; {key.replace('_', ' ')} {value}" for key, value in loaded.quantized.items())
+            gr.Markdown(LOSSY_BANNER.format(f"{loaded.quant.name}: {loaded.quant.summary}{what}"))
+        gr.Radio([(preset.label, preset.name) for preset in PRESETS.values()], value=loaded.preset, label="Preset",
+                 info=PRESET_NOTE, interactive=False)
         with gr.Row():
             with gr.Column():
                 image = gr.Image(label="Input image", type="filepath", image_mode=None)

@@ -117,7 +117,7 @@ def test_the_fp8_sizes_read_from_the_files_are_those_of_the_cast_model(models_di
     stored = fp8_storage_element_sizes(path)
     cast = {name for name, p in pipe.pipe.transformer.named_parameters() if p.dtype == torch.float8_e4m3fn}
     assert set(stored) == cast and set(stored.values()) == {1}
-    loaded = plan_loaded(pipe.pipe, float("inf")).sizes  # the loaded modules' sizes, the float8 layer's too
+    loaded = plan_loaded(pipe.pipe, float("inf"), quant=pipe.quant).sizes  # the modules' sizes, the float8 layer's too
     from_files = fp8_storage_sizes(path, 4)  # float32 on the CPU, the cast weights at 1 byte
     assert set(from_files) == set(loaded)
     for key, value in loaded.items():
@@ -194,7 +194,7 @@ def test_fp8_budget_with_little_ram_gives_the_layers_of_fp8_off_and_reads_the_te
                             torch.float32)
     reference = app.infer(reference_pipe, rgba_image, **kwargs)
     pipe = app.load_pipeline(demo_settings(models_dir, quantization="fp8_storage"))
-    sizes = plan_loaded(pipe.pipe, float("inf")).sizes  # with the float8 language layer's size
+    sizes = plan_loaded(pipe.pipe, float("inf"), quant=pipe.quant).sizes  # with the float8 language layer's size
     transformer = sizes["num_blocks"] * sizes["block_gb"] + sizes["other_transformer_gb"]
     ram_gb = transformer + sizes["text_layer_fp8_gb"] + sizes["text_encoder_gb"] / 4  # not the whole text encoder
     applied = engine_on(pipe, float("inf"), resident_blocks=1, text_resident_layers=1,

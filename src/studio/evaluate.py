@@ -4,6 +4,8 @@ functions the app passes in.
 """
 
 import argparse
+import dataclasses
+import gc
 import itertools
 import json
 import sys
@@ -18,13 +20,22 @@ from PIL import Image
 from studio.errors import OutOfMemoryError
 from studio.exports import export_layer_pngs, safe_file_text
 from studio.images import _layer_pngs, composite_layers, find_ground_truth, read_layered_file
+from studio.modes import QUANT
 from studio.params import LAYERS_RANGE, PARAM, PARAMS, add_param_args, check_params
 from studio.scores import EVAL_MAX_MERGES, PSNR_CAP_DB, evaluate_layers
 
 # `evaluate --grid KEY=V1,V2`: the settings a grid may vary -> the PARAMS row each sets (its type reads the values,
-# `check_param` checks them); first_block_cache_threshold is a load setting, not a PARAMS row.
+# `check_param` checks them), or None for a load setting (`LOAD_GRID_KEYS`).
 EVAL_GRID_KEYS = {"steps": "num_inference_steps", "layers": "layers", "true_cfg_scale": "true_cfg_scale",
-                  "resolution": "resolution", "seed": "seed", "first_block_cache_threshold": None}
+                  "resolution": "resolution", "seed": "seed", "first_block_cache_threshold": None,
+                  "quantization": None, "quantized_blocks": None}
+# The load settings a grid may vary, each with what reads its value. FirstBlockCache is switched in place; the
+# quantization keys change the loaded model, so each of their combinations loads it anew (`RELOAD_GRID_KEYS`: 57 GB of
+# weights leave no room for a bf16 copy beside a quantized one), the previous one freed first, the grid ordered so
+# that each loads once. A block range of several parts joins them with "+" (0-11+48-59): "," separates values.
+LOAD_GRID_KEYS = {"first_block_cache_threshold": float, "quantization": str,
+                  "quantized_blocks": lambda text: text.replace("+", ",")}
+RELOAD_GRID_KEYS = ("quantization", "quantized_blocks")
 
 
 def evaluate_parser() -> argparse.ArgumentParser:
@@ -67,14 +78,21 @@ def parse_grid(items: list[str]) -> list[dict[str, Any]]:
             raise ValueError(f"--grid {item!r}: write KEY=V1,V2,... with KEY one of {', '.join(EVAL_GRID_KEYS)}")
         if key in axes:
             raise ValueError(f"--grid {item!r}: {key} is given twice; put all its values in one KEY=V1,V2,...")
-        kind = PARAM[EVAL_GRID_KEYS[key]].type if EVAL_GRID_KEYS[key] else float
+        kind = PARAM[EVAL_GRID_KEYS[key]].type if EVAL_GRID_KEYS[key] else LOAD_GRID_KEYS[key]
         try:
-            axes[key] = [kind(value) for value in values.split(",")]
+            axes[key] = [kind(value.strip()) for value in values.split(",")]
         except ValueError:
             raise ValueError(f"--grid {item!r}: every value of {key} must be a {kind.__name__}") from None
         if key == "first_block_cache_threshold" and min(axes[key]) < 0:
             raise ValueError(f"--grid {item!r}: a FirstBlockCache threshold is 0 (off) or more")
-    return [dict(zip(axes, combo)) for combo in itertools.product(*axes.values())]
+        if key == "quantization" and set(axes[key]) - set(QUANT):
+            raise ValueError(f"--grid {item!r}: a quantization is one of {', '.join(QUANT)}")
+    axes = {key: axes[key] for key in sorted(axes, key=lambda key: key not in RELOAD_GRID_KEYS)}  # reloads vary slowest
+    combos = [dict(zip(axes, combo)) for combo in itertools.product(*axes.values())]
+    for combo in combos:  # a block range means nothing to a mode that does not choose blocks: one run of it
+        if not QUANT[combo.get("quantization") or "bf16"].block_range:
+            combo.pop("quantized_blocks", None)
+    return [dict(items) for items in dict.fromkeys(tuple(combo.items()) for combo in combos)]
 
 
 def grid_label(combo: dict[str, Any]) -> str:
@@ -219,25 +237,46 @@ def evaluate_main(settings, ns: argparse.Namespace, start: Callable, infer: Call
             except ValueError as err:
                 rows.append(dict(ground_truth=str(path), settings="pred", error=str(err)))
                 print(f"skipped {path}: {err}", file=sys.stderr)
-    # 3b. Decompose each flattened ground truth with every setting of the grid, the model loaded once.
+    # 3b. Decompose each flattened ground truth with every setting of the grid, the model loaded once (once per
+    #     quantization setting of the grid).
     elif layers_of:
-        loaded = start(settings)  # ModelNotAvailableError & co.: exit 2 with the message (`exits_with_message`)
-        info.update(loaded.run_info())
-        if loaded.demo:
-            print("DEMO MODEL in use: tiny random weights; its layers are noise, so its scores are poor by design.")
-        loaded.pipe.set_progress_bar_config(desc="steps", position=1, leave=False)
+        loaded, load = None, None
         for combo, values in zip(combos, settings_of):
             label = grid_label(combo) if combo else \
                 f"steps={ns.num_inference_steps} resolution={ns.resolution} seed={ns.seed}"
+            if loaded is None or {k: combo[k] for k in RELOAD_GRID_KEYS if k in combo} != load:
+                load = {k: combo[k] for k in RELOAD_GRID_KEYS if k in combo}
+                if loaded is not None:  # the previous model's memory goes before the next one loads; the GPU's
+                    loaded = None  #      too, since the budget mode plans with its free memory
+                    gc.collect()
+                    import torch
+
+                    if torch.cuda.is_available():
+                        torch.cuda.empty_cache()
+                try:  # the first load's errors (no weights, a machine too small) end the command: exit 2
+                    loaded = start(dataclasses.replace(settings, **load))
+                except ValueError as err:
+                    if not info.get("loads"):
+                        raise
+                    rows.extend(dict(ground_truth=str(path), settings=label, error=str(err)) for path in layers_of)
+                    print(f"skipped {label}: {err}", file=sys.stderr)
+                    continue
+                if not info.get("loads"):
+                    info.update(loaded.run_info())
+                    if loaded.demo:
+                        print("DEMO MODEL in use: tiny random weights; its layers are noise, so its scores are poor "
+                              "by design.")
+                info.setdefault("loads", {})[grid_label(load) or "flags"] = loaded.run_info()
+                loaded.pipe.set_progress_bar_config(desc="steps", position=1, leave=False)
             if "first_block_cache_threshold" in combo:
                 set_first_block_cache(loaded, combo["first_block_cache_threshold"])
             for path in tqdm(layers_of, desc=label, unit="image", position=0):
                 gt = layers_of[path]
                 layers = values["layers"] or min(max(len(gt), LAYERS_RANGE[0]), LAYERS_RANGE[1])
                 try:
-                    start = time.perf_counter()
+                    began = time.perf_counter()
                     result = infer(loaded, composite_layers(gt), **dict(values, layers=layers))
-                    seconds = time.perf_counter() - start
+                    seconds = time.perf_counter() - began
                     export_layer_pngs(result.layers, Path(ns.out) / "pred" / safe_file_text(label) / path.stem)
                     rows.append(score(path, result.layers, label, seconds))
                 except (ValueError, OutOfMemoryError) as err:

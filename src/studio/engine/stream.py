@@ -21,9 +21,10 @@ from diffusers.hooks.group_offloading import (
 
 from studio.engine.memory import budget_sizes, release_freed_heap, text_encoder_parts
 from studio.engine.plan import BUDGET_PLAN_IMAGE_TOKENS, GIB, BudgetPlan, MachinePlan, TextEncoderPlan, plan_machine
-from studio.modes import OFFLOAD
+from studio.modes import BF16, OFFLOAD, QuantMode
 from studio.params import DEFAULTS, LAYERS_RANGE, RESOLUTIONS
-from studio.quant import apply_fp8_text_layers, fp8_stored, fp8_text_layer_gb
+from studio.quant import apply_fp8_text_layers, fp8_text_layer_gb
+from studio.w8a8 import quantized_blocks_of
 
 logger = logging.getLogger(__name__)
 
@@ -321,15 +322,20 @@ def install_stage_hooks(pipe, stages: BudgetStages) -> None:
 
 
 def plan_loaded(pipe, vram_budget_gb: float, host_ram_gb: float | None = None, resident_blocks: int | None = None,
-                text_resident_layers: int | None = None, text_layer_fp8_gb: float | None = None) -> MachinePlan:
+                text_resident_layers: int | None = None, text_layer_fp8_gb: float | None = None,
+                quant: QuantMode = BF16) -> MachinePlan:
     """The budget mode's plan for a pipeline already in memory (a bench's, or a test's), from its modules' sizes;
     `load_pipeline` plans from the weight files instead, before loading. `resident_blocks` fixes the number of resident
     transformer blocks for every job (tests, tuning); `text_resident_layers` splits the text encoder with that many
-    language layers resident; `host_ram_gb` None: every weight page-locked. `text_layer_fp8_gb`: fp8_storage's float8
-    language layer; by default `quant.fp8_text_layer_gb` where the transformer is stored in float8 (fp8_storage)."""
-    if text_layer_fp8_gb is None and fp8_stored(pipe.transformer):
+    language layers resident; `host_ram_gb` None: every weight page-locked. `quant`: the mode it was loaded in
+    (`Loaded.quant`), never guessed from the weights' dtypes (fp8_w8a8's are float8 too, and its text encoder stays
+    bf16): fp8_storage's float8 language layer (`text_layer_fp8_gb`, by default `quant.fp8_text_layer_gb`) and its
+    transformer held in RAM; the 8-bit modes' blocks held in RAM (`ram_only_blocks`)."""
+    if text_layer_fp8_gb is None and quant.holds_transformer_in_ram:  # fp8_storage
         text_layer_fp8_gb = fp8_text_layer_gb(text_encoder_parts(pipe.text_encoder)[0][0])
     sizes = budget_sizes(pipe.transformer, pipe.text_encoder, pipe.vae, text_layer_fp8_gb)
+    if quant.block_range:  # int8_w8a8, fp8_w8a8: no file holds their 8-bit blocks
+        sizes["ram_only_blocks"] = tuple(quantized_blocks_of(pipe.transformer))
     return plan_machine(OFFLOAD["budget"], sizes, vram_budget_gb, host_ram_gb,
                         transformer_in_ram=text_layer_fp8_gb is not None, resident_blocks=resident_blocks,
                         text_resident_layers=text_resident_layers)
