@@ -1,20 +1,25 @@
-"""Layer names written by the pipeline's own Qwen2.5-VL (issue 26, opt-in): "red circle" instead of "Layer 2".
+"""What each layer is called (issue 26): names written by the pipeline's own Qwen2.5-VL (opt-in: "red circle" instead
+of "Layer 2"), and `LayerLabels`, the one owner of a layer's name in the gallery, the PSD, the PPTX and its file.
 
 The text encoder that captions the input is a vision-language model already in memory, so naming a layer costs no
 new weights: it is shown the layer alone (cropped to what it covers, over grey) and asked for a 2-6 word name,
 decoded greedily for at most LAYER_NAME_MAX_NEW_TOKENS tokens, the way diffusers' `get_image_caption` captions.
 The name is cleaned so that it already is what the app's `safe_file_text` keeps (letters, digits and marks of any
 script, single spaces), which makes `layer_2_red-circle.png` and the PSD/PPTX/gallery names one text. An empty
-answer falls back to "Layer N".
+answer is no name: the layer keeps "Layer N".
 
 torch is imported inside `name_layers` only: importing this module loads nothing.
 """
 
+import dataclasses
 import re
 import time
 import unicodedata
 
 from PIL import Image
+
+from studio.design import LayerText, text_layer_names
+from studio.images import layer_names
 
 # ----------------------------------------------------------------------------------------------------
 # Constants
@@ -105,11 +110,84 @@ def name_layer(pipe, layer: Image.Image, max_new_tokens: int = LAYER_NAME_MAX_NE
 
 
 def name_layers(pipe, layers: list[Image.Image], max_new_tokens: int = LAYER_NAME_MAX_NEW_TOKENS
-                ) -> tuple[list[str], float]:
-    """A name per layer (bottom first), `fallback_name` where the model gives none, and the seconds taken.
+                ) -> tuple[list[str | None], float]:
+    """A name per layer (bottom first), None where the model gives none (an empty layer: it is not asked), and the
+    seconds taken.
 
     Run it where the caption runs (the app's pipeline lock, after `infer`): it uses the text encoder.
     """
     started = time.perf_counter()
-    names = [name_layer(pipe, layer, max_new_tokens) or fallback_name(index) for index, layer in enumerate(layers)]
+    names = [name_layer(pipe, layer, max_new_tokens) or None for layer in layers]
     return names, time.perf_counter() - started
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerLabels:
+    """What each layer of a stack (bottom first) is called and holds as text: the model's names (`name_layers`) and the
+    OCR's reads (`studio.design.read_layer_text`), None for a layer not named / not read, or for all of them.
+
+    The one place that turns them into the gallery's captions, the PPTX's and PSD's layer names and the layers' file
+    names; a sub-run splices its own into the stack's (`replaced`)."""
+
+    names: tuple[str | None, ...] | None = None
+    texts: tuple[LayerText | None, ...] | None = None
+
+    def __post_init__(self):  # lists given (finish_layers' are) are kept as tuples: the labels are never edited
+        for field in ("names", "texts"):
+            if getattr(self, field) is not None:
+                object.__setattr__(self, field, tuple(getattr(self, field)))
+
+    def name(self, index: int) -> str | None:
+        return self.names[index] if self.names else None
+
+    def text(self, index: int) -> LayerText | None:
+        """The layer's text when it is a text layer (`LayerText.is_text`), else None."""
+        text = self.texts[index] if self.texts else None
+        return text if text is not None and text.is_text else None
+
+    def layer_names(self, layers: list[Image.Image]) -> list[str]:
+        """PPTX picture names: the model's name, else `images.layer_names`' "Layer 2", "Layer 1 (bottom)"..."""
+        return [self.name(index) or default for index, default in enumerate(layer_names(layers))]
+
+    def psd_names(self, layers: list[Image.Image]) -> list[str]:
+        """PSD layer names: a text layer is named `Text: <its string>` (psd-tools writes no type layer)."""
+        return text_layer_names(self.layer_names(layers), [self.text(index) for index in range(len(layers))])
+
+    def pptx_texts(self, count: int) -> list[LayerText | None] | None:
+        """`export_pptx(texts=...)`: each text layer's lines (its picture is hidden under them)."""
+        return [self.text(index) for index in range(count)] if self.texts else None
+
+    def file_names(self, count: int) -> list[str]:
+        """layer_1.png, layer_2_red-circle.png, ... (`named_layer_file`)."""
+        return [named_layer_file(index, self.name(index) or "") for index in range(count)]
+
+    def captions(self, count: int) -> list[str]:
+        """The gallery's: `Layer 1 (bottom)`, `Layer 2: red circle`, `Layer 3: Text "ADMIT"`."""
+        captions = []
+        for index in range(count):
+            caption = f"Layer {index + 1}" + (" (bottom)" if index == 0 else "")
+            text = self.text(index)
+            words = " / ".join(line.text for line in text.lines) if text is not None else None
+            shown = [self.name(index)] * bool(self.name(index)) + [f'Text "{words}"'] * bool(words)
+            captions.append(caption + (": " + ", ".join(shown) if shown else ""))
+        return captions
+
+    def scaled(self, size: tuple[int, int], to: tuple[int, int]) -> "LayerLabels":
+        """The same labels for the layers resized from `size` to `to` (the exports at the input's original size)."""
+        if not self.texts or size == to:
+            return self
+        x, y = to[0] / size[0], to[1] / size[1]
+        return dataclasses.replace(self, texts=tuple(None if text is None else text.scaled(x, y) for text in self.texts))
+
+    def replaced(self, count: int, index: int, sub: "LayerLabels | None", sub_count: int) -> "LayerLabels":
+        """The labels of a stack of `count` layers whose layer `index` was replaced by `sub_count` sub-layers
+        labelled `sub` (a sub-run; `studio.stack.replace_layer`'s layers)."""
+        sub = sub or LayerLabels()
+
+        def spliced(old, new):
+            if old is None and new is None:
+                return None
+            old, new = old or (None,) * count, new or (None,) * sub_count
+            return tuple(old[:index]) + tuple(new) + tuple(old[index + 1:])
+
+        return LayerLabels(spliced(self.names, sub.names), spliced(self.texts, sub.texts))
