@@ -8,7 +8,6 @@ cores); bench/bench_text_layers.py reads all 52 layers of the set, and finds tex
 """
 
 import json
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -179,24 +178,6 @@ def test_pptx_text_layers_become_text_boxes_above_their_hidden_pictures(designs,
     emu_per_px = SLIDE_LONG_SIDE_EMU // max(layers[0].size)  # export_pptx's
     assert one.font.size.pt == pytest.approx(36 * scale_of("09_ticket") * emu_per_px / 12700, rel=0.10)
     assert np.abs(np.subtract(tuple(one.font.color.rgb), (250, 230, 180))).max() <= 6
-
-
-@pytest.mark.skipif(not (shutil.which("soffice") and shutil.which("pdftotext")), reason="needs LibreOffice and poppler")
-def test_libreoffice_shows_the_text_as_selectable_text_where_the_picture_was(designs, texts, tmp_path):
-    layers, layer_texts = designs["09_ticket"], texts["09_ticket"]
-    path = export_pptx(layers, tmp_path / "ticket.pptx", layer_names(layers), layer_texts)
-    subprocess.run(["soffice", "--headless", "--convert-to", "pdf", "--outdir", str(tmp_path), str(path)],
-                   check=True, capture_output=True, timeout=180)
-    pdf = tmp_path / "ticket.pdf"
-    words = subprocess.run(["pdftotext", str(pdf), "-"], check=True, capture_output=True, text=True).stdout.split()
-    assert words == ["ADMIT", "ONE"]
-    width, height = layers[0].size
-    subprocess.run(["pdftoppm", "-png", "-singlefile", "-scale-to-x", str(width), "-scale-to-y", str(height),
-                    str(pdf), str(tmp_path / "page")], check=True)
-    page = floats(Image.open(tmp_path / "page.png"))[..., :3]
-    composite = floats(composite_layers(layers))[..., :3]
-    # Measured 2.8 levels (of 255) mean: the text is Arial (Liberation Sans here), not the font it was drawn with.
-    assert np.abs(page - composite).mean() * 255 < 4.0
 
 
 def test_psd_text_layers_are_named_by_their_text(designs, texts, tmp_path):

@@ -23,6 +23,7 @@ class Loaded:
     cfg_hook: Any = None  # the CFG-parallel hook with several GPUs
     compiled: bool = False  # the transformer blocks run compiled
     environment: dict[str, Any] = dataclasses.field(default_factory=dict)  # the machine (`environment_info`)
+    models_dir: Path | None = None  # --models-dir: models fetched on first use go under it (the OCR's: studio.design)
 
     @property
     def lossy(self) -> bool:
