@@ -856,8 +856,9 @@ def infer(loaded: Loaded, image: Any, stop: threading.Event | None = None, **par
     #    merged, edges cleaned, text read, layers named by the text encoder (rank 0's; under the lock, like a caption).
     naming = checked["name_layers"] and (loaded.parallel is None or loaded.parallel.rank == 0)
     finished = finish_layers([layer.convert("RGBA") for layer in output.images[0]], checked["tidy_layers"],
-                             checked["clean_edges"], checked["text_layers"], checked["text_language"], loaded.models_dir,
-                             name=functools.partial(name_layers_locked, loaded, stop=stop) if naming else None)
+                             checked["clean_edges"], checked["text_layers"], checked["text_language"],
+                             loaded.models_dir, name=functools.partial(name_layers_locked, loaded, stop=stop) if naming
+                             else None)
     result_layers = finished.layers
     # Every PARAMS value as checked (the prompt as "prompt_given"), the seed used, and what the input needed.
     run_params = {("prompt_given" if name == "prompt" else name): value for name, value in checked.items()}
@@ -930,8 +931,8 @@ def decompose_layer(loaded: Loaded, stack: LayerStack, index: int, run_info: dic
     result = infer(loaded, stack.layers[index], **infer_kwargs)
     # 3. Its sub-layers, fit to the canvas, take its place.
     new_layers = replace_layer(stack.layers, index, result.layers)
-    labels = stack.labels.replaced(len(stack.layers), index, result.labels.scaled(result.layers[0].size,
-                                                                                  new_layers[0].size), len(result.layers))
+    sub_labels = result.labels.scaled(result.layers[0].size, new_layers[0].size)  # names and text, on the canvas
+    labels = stack.labels.replaced(len(stack.layers), index, sub_labels, len(result.layers))
     # 4. Save the sub-run and the new stack's exports.
     files = save_sub_run(stack, new_layers, index, result, run_info, labels)
     # 5. The old stack, without its own undo, is the one step back.
@@ -982,16 +983,12 @@ def gallery_items(layer_files: list[Path], labels: LayerLabels | None = None) ->
     return list(zip(map(str, layer_files), (labels or LayerLabels()).captions(len(layer_files))))
 
 
-GALLERY_LABEL = "Layers (bottom first; click one to select it)"
-
-
-def gallery_label(stack: LayerStack | None) -> dict:
-    """The gallery's label (a Gradio update) with what "Drop empty layers" did in the run shown, from its params.json:
-    "Layers (...): 4 layers asked, 3 kept (1 empty)"."""
-    import gradio as gr
-
+def gallery_note(stack: LayerStack | None) -> str:
+    """The line under the gallery: what "Drop empty / repeated layers" did in the run shown, from its params.json
+    ("4 layers asked, 3 kept (1 empty)"). Not the gallery's label: a component updated by an event becomes a session
+    copy whose later result files Gradio no longer deletes at exit (tests/test_served_app.py's SIGTERM test)."""
     tidy = json.loads(Path(stack.files["params"]).read_text(encoding="utf-8")).get("tidy") if stack else None
-    return gr.update(label=f"{GALLERY_LABEL}: {tidy['summary']}" if tidy else GALLERY_LABEL)
+    return tidy["summary"] if tidy else ""
 
 
 # What the page shows for a stack, in the `view` outputs' order: the gallery, then one download per EXPORTS row.
@@ -1209,8 +1206,9 @@ def build_ui(loaded: Loaded, settings):
                     run = gr.Button("Decompose", variant="primary")
                     stop_button = gr.Button("Stop", variant="stop")
             with gr.Column():
-                gallery = gr.Gallery(label=GALLERY_LABEL, columns=4,
+                gallery = gr.Gallery(label="Layers (bottom first; click one to select it)", columns=4,
                                      object_fit="contain", format="png")
+                gallery_line = gr.Markdown()  # `gallery_note`: "4 layers asked, 3 kept (1 empty)"
                 with gr.Group():
                     with gr.Row():
                         # Empty until a layer is clicked. A plain None start is drawn as 0, red under minimum=1 (Gradio
@@ -1265,8 +1263,8 @@ def build_ui(loaded: Loaded, settings):
         )
         undo_event = undo_button.click(undo_last, inputs=[stack], outputs=[*view, caption, used_seed, stack],
                                        api_name="undo")
-        for event in (run_event, layer_event, undo_event):  # the gallery's label: what "Drop empty layers" did
-            event.success(gallery_label, inputs=stack, outputs=gallery, api_visibility="private")
+        for event in (run_event, layer_event, undo_event):  # under the gallery: what the tidy option did
+            event.success(gallery_note, inputs=stack, outputs=gallery_line, api_visibility="private")
         # Stop: Gradio cancels the event on the page; `stop_job` makes the pipeline itself stop at its next step
         # (a cancelled event's thread would otherwise run to the end). Not in the "gpu" queue: it must not wait.
         stop_button.click(stop_job, cancels=[run_event, layer_event], api_name="stop", concurrency_limit=None)

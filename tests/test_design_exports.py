@@ -144,8 +144,7 @@ def test_the_gallery_shows_names_and_text_and_says_what_was_dropped(run):
     assert captions[0] == "Layer 1 (bottom)" + named[0] and captions[1] == "Layer 2" + named[1]
     assert captions[2] == "Layer 3" + (f"{named[2]}, " if named[2] else ": ") + 'Text "ADMIT"'
     assert captions[3] == "Layer 4" + (f"{named[3]}, " if named[3] else ": ") + 'Text "ONE"'
-    assert app.gallery_label(stack)["label"] == f"{app.GALLERY_LABEL}: {SUMMARY}"
-    assert app.gallery_label(None)["label"] == app.GALLERY_LABEL
+    assert app.gallery_note(stack) == SUMMARY and app.gallery_note(None) == ""
 
 
 def test_a_sub_run_splices_its_labels_into_the_stacks():
@@ -250,7 +249,10 @@ def test_the_page_shows_the_options_in_one_row(demo_pipe, models_dir, tmp_path):
     assert sorted(labels[block.label] for block in found) == sorted(DESIGN_PARAMS)
     assert len({id(block.parent) for block in found}) == 1  # one group (Gradio's Form) in one Row
     assert type(found[0].parent).__name__ == "Form" and type(found[0].parent.parent).__name__ == "Row"
-    assert next(block for block in found if block.label == "Drop empty layers, merge near-duplicates").value is True
+    assert next(block for block in found if block.label == PARAM["tidy_layers"].label).value is True
+    # The line under the gallery follows each run, sub-run and undo (`gallery_note`), not part of the API.
+    notes = [fn for fn in demo.fns.values() if fn.fn is app.gallery_note]
+    assert len(notes) == 3 and all(fn.api_visibility == "private" for fn in notes)
 
 
 def test_korean_text_offline_is_a_note_and_the_run_goes_on(tmp_path, monkeypatch):
@@ -279,7 +281,7 @@ def test_decompose_with_every_option_on_the_demo_model(demo_pipe, tmp_path):
     assert params["tidy"]["summary"] == "2 layers asked, 2 kept" and params["text"] == []
     assert len(params["layer_names"]) == 2 and set(params["design_seconds"]) == {"tidy", "clean_edges", "ocr", "naming"}
     assert params["layer_files"] == [named_layer_file(i, name or "") for i, name in enumerate(params["layer_names"])]
-    print(f"naming on the demo model (CPU): {params['design_seconds']['naming'] / 2:.3f} s a layer")
+    print(f"demo model (CPU), {params['duration_s']:.1f} s + {params['design_seconds']}")
 
 
 # ----------------------------------------------------------------------------------------------------

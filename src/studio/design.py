@@ -348,8 +348,9 @@ def add_text_boxes(slide, lines: list[TextLine] | tuple[TextLine, ...], emu_per_
     """An editable text box for each line on a python-pptx `slide`, at the line's place and size, on top of what the
     slide holds (`export_pptx` adds them right after the layer's picture, so the layers above still cover them).
 
-    `emu_per_px`: the slide's whole EMUs per pixel (export_pptx's). Each box has no insets, no wrap and no autofit; it starts at the line's ink and puts the text's baseline where the picture's was, in the
-    line's colour (and opacity), size and TEXT_FONT (the glyphs' own font is not recognised).
+    `emu_per_px`: the slide's whole EMUs per pixel (export_pptx's). Each box has no insets, no wrap and no autofit;
+    it starts at the line's ink and puts the text's baseline where the picture's was, in the line's colour (and
+    opacity), size and TEXT_FONT (the glyphs' own font is not recognised).
     """
     from lxml import etree
     from pptx.dml.color import RGBColor
@@ -485,8 +486,8 @@ class TidyResult:
         return dict(asked=self.asked, kept=self.kept, dropped=self.dropped, merged=self.merged)
 
 
-def tidy_layers(layers: list[Image.Image], report: list[dict[str, Any]] | None = None, min_coverage: float | None = None,
-                merge_duplicates: bool = True) -> TidyResult:
+def tidy_layers(layers: list[Image.Image], report: list[dict[str, Any]] | None = None,
+                min_coverage: float | None = None, merge_duplicates: bool = True) -> TidyResult:
     """Drop the empty layers and merge each near-duplicate into the layer below it, before export.
 
     `report` is `studio.scores.layer_report(layers)` (one owner for coverage and near-duplicates; made here when

@@ -177,7 +177,8 @@ class LayerLabels:
         if not self.texts or size == to:
             return self
         x, y = to[0] / size[0], to[1] / size[1]
-        return dataclasses.replace(self, texts=tuple(None if text is None else text.scaled(x, y) for text in self.texts))
+        return dataclasses.replace(self, texts=tuple(None if text is None else text.scaled(x, y)
+                                                     for text in self.texts))
 
     def replaced(self, count: int, index: int, sub: "LayerLabels | None", sub_count: int) -> "LayerLabels":
         """The labels of a stack of `count` layers whose layer `index` was replaced by `sub_count` sub-layers

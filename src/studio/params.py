@@ -66,7 +66,7 @@ PARAMS = (
     Param("use_en_prompt", True, bool, "English auto-caption (off: Chinese)", "--zh-caption",
           "auto-caption in Chinese instead of English"),
     # What the layers become before export (studio.design, issue 26): not the pipeline's arguments.
-    Param("tidy_layers", True, bool, "Drop empty layers, merge near-duplicates", "--no-tidy-layers",
+    Param("tidy_layers", True, bool, "Drop empty / repeated layers", "--no-tidy-layers",
           "keep empty and near-duplicate layers as the model made them", advanced=False, pipeline=False),
     Param("clean_edges", False, bool, "Clean edges", "--clean-edges",
           "replace the colour left in soft edges by the layer's own (no halo on a new background)", advanced=False,
