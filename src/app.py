@@ -1082,6 +1082,8 @@ def decompose_layer_handler(loaded: Loaded, settings, run_info: dict[str, Any], 
         raise _user_error("No layer selected: click a layer in the gallery (or type its number, 1 = bottom).")
     with guarded_job(sessions, request, "decomposing the layer") as stop:
         new_stack, result = decompose_layer(loaded, stack, int(layer_number) - 1, run_info, stop=stop, **params)
+    for note in result.notes:  # e.g. the Korean OCR model not downloadable offline
+        gr.Warning(note, duration=None)
     if message := export_failures_message(new_stack.files["failed"]):
         gr.Warning(message, duration=None)
     if sessions is not None:
