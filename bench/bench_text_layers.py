@@ -1,12 +1,13 @@
 """Text layers read as text (issue 26), measured on the CPU: character error rate per language and seconds a layer.
 
-The designs are assets/layered_gt (13 PSDs, 58 layers, 10 text lines in 9 of them), scaled with the app's
+The designs are assets/layered_gt (13 PSDs, 52 layers, 10 text lines in 9 of them), scaled with the app's
 `resize_layers` so their long side is 640 px (the 640 bucket). English: the text layers as drawn
 (assets/make_layered_gt.py; strings from layered_gt/text_layers.json). Chinese and Korean: the same lines drawn
 again in that language (strings below, same place, colour and size, a CJK font found by fontconfig: Debian's
 fonts-wqy-microhei and fonts-nanum), replacing the English layer; skipped when no such font is installed. Every
 layer of every design is read, so the seconds a layer include the many layers without text.
-Also the layer names of studio/naming.py on the demo model (CPU), seconds a layer (its words are noise), and
+Also the layer names of studio/naming.py on the demo model (CPU) as a run makes them (`app.name_layers_locked`),
+seconds a layer (its words are noise), `tidy_layers`' seconds a design, and
 "Clean edges" (`decontaminate_edges`): every layer above the bottom with opaque pixels and >= 1,000 soft-edge pixels,
 its edge mixed with what was drawn behind it (a * rgb + (1 - a) * behind), put over the negative of that: the mean
 colour error on its 0 < alpha < 1 pixels against the drawn layer over the same background, before and after.
@@ -28,6 +29,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "src"))
 import app  # noqa: E402  (loads no model)
 from studio import design, naming  # noqa: E402
+from studio.images import composite_layers, read_layered_file, resize_layers  # noqa: E402
 
 GT_DIR = ROOT / "assets" / "layered_gt"
 LONG_SIDE = 640
@@ -50,7 +52,7 @@ def find_font(family: str) -> str | None:
 def at_640(layers):
     width, height = layers[0].size
     scale = LONG_SIDE / max(width, height)
-    return app.resize_layers(layers, (round(width * scale), round(height * scale)))
+    return resize_layers(layers, (round(width * scale), round(height * scale)))
 
 
 def redraw(layers, lines, strings, font_file):
@@ -111,7 +113,7 @@ def clean_edges(designs):
             fringe = (alpha > 0) & (alpha < 255)
             if not (alpha >= design.EDGE_OPAQUE_ALPHA).any() or fringe.sum() < 1000:
                 continue
-            behind = floats(app.composite_layers(layers[:index]))[..., :3]
+            behind = floats(composite_layers(layers[:index]))[..., :3]
             mixed = rgba.copy()
             mixed[..., :3] = rgba[..., 3:] * rgba[..., :3] + (1 - rgba[..., 3:]) * behind
             observed = Image.fromarray((mixed * 255).round().astype(np.uint8), "RGBA")
@@ -143,7 +145,7 @@ def main() -> int:
 
     load_before = os.getloadavg()  # the machine may be shared: a busy one reads slower
     truth = json.loads((GT_DIR / design.TEXT_TRUTH_FILE).read_text())
-    drawn = {path.stem: app.read_layered_file(path) for path in sorted(GT_DIR.glob("*.psd"))}
+    drawn = {path.stem: read_layered_file(path) for path in sorted(GT_DIR.glob("*.psd"))}
     english = {name: [line["text"] for line in lines] for name, lines in truth.items()}
     started = time.perf_counter()
     engine = design.ocr_engine()
@@ -171,19 +173,32 @@ def main() -> int:
           f"({edges['factor']}x; worst layer {edges['worst_layer_factor']}x) over {edges['layers']} layers, "
           f"{edges['seconds_per_layer']} s a layer")
 
+    # Drop empty layers / merge near-duplicates: one `layer_report` (pairwise costs) and the stacking, per design.
+    tidy_seconds = []
+    for layers in (at_640(layers) for layers in drawn.values()):
+        started = time.perf_counter()
+        design.tidy_layers(layers)
+        tidy_seconds.append(time.perf_counter() - started)
+    tidy = dict(designs=len(tidy_seconds), layers=sum(len(layers) for layers in drawn.values()),
+                mean_seconds=round(sum(tidy_seconds) / len(tidy_seconds), 3), max_seconds=round(max(tidy_seconds), 3))
+    print(f"tidy: {tidy['mean_seconds']} s a design (max {tidy['max_seconds']} s, {max(map(len, drawn.values()))} layers)")
+
     # Layer names on the demo model: the mechanics' cost on a CPU (the real 8.3B model is another matter).
-    pipe = app.load_pipeline(app.Settings(demo=True, models_dir=ns.models_dir, offload="off", first_block_cache=False))
+    loaded = app.load_pipeline(app.Settings(demo=True, models_dir=ns.models_dir, offload="off", first_block_cache=False))
     layers = [layer for name in drawn for layer in at_640(drawn[name])]
-    naming.name_layers(pipe, layers[:2])  # warm-up
-    names, seconds = naming.name_layers(pipe, layers)
+    app.name_layers_locked(loaded, layers[:2])  # warm-up
+    started = time.perf_counter()
+    names = app.name_layers_locked(loaded, layers)  # as a run names its layers: under the lock, memory freed after
+    seconds = time.perf_counter() - started
     print(f"names (demo model): {seconds / len(layers):.3f} s a layer over {len(layers)} layers")
 
     out = ns.out.resolve()
     info = dict(command=f"python bench/bench_text_layers.py --out {out.relative_to(ROOT) if out.is_relative_to(ROOT) else out}",
                 machine=dict(cpus=os.cpu_count(), load_average_before=load_before, platform=platform.platform(),
                              python=platform.python_version()),
-                versions={p: app._version(p) for p in ("rapidocr-onnxruntime", "onnxruntime", "opencv-python")},
+                versions={p: app.package_version(p) for p in ("rapidocr-onnxruntime", "onnxruntime", "opencv-python")},
                 long_side=LONG_SIDE, ocr_engine_seconds=round(engine_seconds, 3), ocr=results, clean_edges=edges,
+                tidy=tidy,
                 naming=dict(model="demo (tiny random Qwen2.5-VL, CPU, float32)", layers=len(layers),
                             seconds_per_layer=round(seconds / len(layers), 3),
                             max_new_tokens=naming.LAYER_NAME_MAX_NEW_TOKENS, names=names[:8]))
