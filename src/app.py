@@ -55,6 +55,7 @@ from studio.batch import batch_summary, decompose_batch, decompose_ray, find_ima
 from studio.compiling import (CAPTION_CACHE_TOKENS, caption_compile_problem, compile_caption_decode,  # noqa: E402
                               compile_problem, compile_transformer_blocks, load_compile_cache, save_compile_cache)
 from studio.demo_model import build_demo_pipeline, is_demo_model  # noqa: E402
+from studio.design import finish_layers  # noqa: E402
 from studio.engine import memory  # noqa: E402  (memory.available_ram_gb: tests patch it there)
 from studio.engine.plan import (BUDGET_AUTO_MIN_VRAM_GB, FULL_RESIDENCY_VRAM_GB, GIB, MachinePlan,  # noqa: E402
                                 budget_minimum_gb, plan_machine)
@@ -67,11 +68,13 @@ from studio.images import IMAGE_SUFFIXES, resize_layers, to_rgba  # noqa: E402
 from studio.loaded import Loaded  # noqa: E402
 from studio.modes import (FAST_QUANTIZATION, OFFLOAD, OFFLOAD_CHOICES, PRESETS, QUANT, OffloadMode,  # noqa: E402
                           fast_mode_for, quant_mode)
+from studio.naming import LayerLabels, name_layers  # noqa: E402
 from studio.parallel import (caption_from_rank0, check_gpus, enable_multi_gpu, init_distributed,  # noqa: E402
                              launch_ranks, rank0_says, ranks_on_this_machine, serve_rank, share_job, stop_ranks)
 from studio.params import (DEFAULTS, LAYERS_RANGE, MAX_SEED, PARAM, PARAMS, RESOLUTIONS, STEPS_RANGE,  # noqa: E402
                            Flag, add_flags, add_param_args, check_params, flag_values, non_negative_float,
                            param_widget, positive_int)
+from studio.params import DESIGN_PARAMS  # noqa: E402  (issue 26's options: one row of the page)
 from studio.quant import apply_quantization, fast_sizes, planner_sizes, quant_problem  # noqa: E402
 from studio.runs import (DecomposeResult, clean_partial_runs, export_failures_message, prune_outputs,  # noqa: E402
                          save_run, windows_path_warning)
@@ -640,6 +643,7 @@ def load_pipeline(settings, spec: ModelSpec = LAYERED_MODEL) -> Loaded:
     pipe = getattr(diffusers, spec.pipeline_class).from_pretrained(model_path, dtype=dtype)
     loaded = apply_memory_optimizations(pipe, settings, offload, machine if offload.vram == "planned" else None,
                                         model_path)
+    loaded.models_dir = Path(settings.models_dir)  # where the OCR's Korean model is fetched (studio.design)
     logger.info("Loaded %s in %.1f s (offload=%s, dtype=%s)", model_path, time.perf_counter() - start, offload.name,
                 loaded.dtype)
     for name in loaded.optimizations:
@@ -884,16 +888,36 @@ def infer(loaded: Loaded, image: Any, stop: threading.Event | None = None, **par
     # 4. One guarded run: memory freed after it, also after an error; out of memory says what to change.
     caption, output, generator_device = run_pipeline(
         loaded, job, out_of_memory_message(loaded, changes=decomposition_changes(layers, resolution)), stop=stop)
-    result_layers = [layer.convert("RGBA") for layer in output.images[0]]
+    duration_s = time.perf_counter() - start
+    # 5. What a designer gets (`studio.design`, not part of duration_s): empty layers dropped and near-duplicates
+    #    merged, edges cleaned, text read, layers named by the text encoder (rank 0's; under the lock, like a caption).
+    naming = checked["name_layers"] and (loaded.parallel is None or loaded.parallel.rank == 0)
+    finished = finish_layers([layer.convert("RGBA") for layer in output.images[0]], checked["tidy_layers"],
+                             checked["clean_edges"], checked["text_layers"], checked["text_language"],
+                             loaded.models_dir, name=functools.partial(name_layers_locked, loaded, stop=stop) if naming
+                             else None)
+    result_layers = finished.layers
     # Every PARAMS value as checked (the prompt as "prompt_given"), the seed used, and what the input needed.
     run_params = {("prompt_given" if name == "prompt" else name): value for name, value in checked.items()}
     run_params.update(prompt_given=prompt if not auto_caption else "", seed=seed, input_size=list(rgba.size),
                       output_size=list(result_layers[0].size), input_notes=notes,
                       generator_device=generator_device)  # "cuda": the official app's noise; "cpu": no CUDA here
-    duration_s = time.perf_counter() - start
+    run_params.update(finished.record)  # tidy, text, layer_names, design_seconds
     run_params["recomposition"] = recomposition_score(rgba, result_layers)  # `studio.scores`; not part of duration_s
     return DecomposeResult(layers=result_layers, caption=caption, auto_caption=auto_caption, seed=seed,
-                           params=run_params, duration_s=duration_s, notes=notes)
+                           params=run_params, duration_s=duration_s, notes=notes + finished.notes,
+                           labels=LayerLabels(finished.names, finished.texts))
+
+
+def name_layers_locked(loaded: Loaded, layers: list[Image.Image], stop: threading.Event | None = None) -> list:
+    """PARAMS' name_layers: `studio.naming.name_layers` run as the caption runs, under `run_pipeline` (the lock, memory
+    freed after) and with the caption's attention kernels; a name per layer, None where the model gave none."""
+    def job():
+        with caption_attention():
+            return name_layers(loaded.pipe, layers)[0]
+
+    return run_pipeline(loaded, job, out_of_memory_message(loaded, "naming of the layers", ["Name the layers off"]),
+                        stop=stop)
 
 
 def warm_up(loaded: Loaded, resolution: int = DEFAULTS["resolution"], layers: int = DEFAULTS["layers"]) -> float:
@@ -944,12 +968,15 @@ def decompose_layer(loaded: Loaded, stack: LayerStack, index: int, run_info: dic
     result = infer(loaded, stack.layers[index], **infer_kwargs)
     # 3. Its sub-layers, fit to the canvas, take its place.
     new_layers = replace_layer(stack.layers, index, result.layers)
+    sub_labels = result.labels.scaled(result.layers[0].size, new_layers[0].size)  # names and text, on the canvas
+    labels = stack.labels.replaced(len(stack.layers), index, sub_labels, len(result.layers))
     # 4. Save the sub-run and the new stack's exports.
-    files = save_sub_run(stack, new_layers, index, result, run_info)
+    files = save_sub_run(stack, new_layers, index, result, run_info, labels)
     # 5. The old stack, without its own undo, is the one step back.
     previous = dataclasses.replace(stack, previous=None)
     return (LayerStack(layers=new_layers, run_folder=stack.run_folder, files=files, previous=previous,
-                       original_size=stack.original_size, caption=result.caption, seed=result.seed), result)
+                       original_size=stack.original_size, caption=result.caption, seed=result.seed, labels=labels),
+            result)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -992,9 +1019,18 @@ def example_images() -> list[str]:
     return sorted(str(p) for p in ASSETS_DIR.glob("*.png"))
 
 
-def gallery_items(layer_files: list[Path]) -> list[tuple[str, str]]:
-    """The gallery's (file, caption) pairs, bottom first; the numbers are the ones "Selected layer" takes."""
-    return [(str(p), f"Layer {i + 1}" + (" (bottom)" if i == 0 else "")) for i, p in enumerate(layer_files)]
+def gallery_items(layer_files: list[Path], labels: LayerLabels | None = None) -> list[tuple[str, str]]:
+    """The gallery's (file, caption) pairs, bottom first; the numbers are the ones "Selected layer" takes, then the
+    layer's name and text where they were asked for (`LayerLabels.captions`: "Layer 3: Text "ADMIT"")."""
+    return list(zip(map(str, layer_files), (labels or LayerLabels()).captions(len(layer_files))))
+
+
+def gallery_note(stack: LayerStack | None) -> str:
+    """The line under the gallery: what "Drop empty / repeated layers" did in the run shown, from its params.json
+    ("4 layers asked, 3 kept (1 empty)"). Not the gallery's label: a component updated by an event becomes a session
+    copy whose later result files Gradio no longer deletes at exit (tests/test_served_app.py's SIGTERM test)."""
+    tidy = json.loads(Path(stack.files["params"]).read_text(encoding="utf-8")).get("tidy") if stack else None
+    return tidy["summary"] if tidy else ""
 
 
 # What the page shows for a stack, in the `view` outputs' order: the gallery, then one download per EXPORTS row.
@@ -1007,7 +1043,7 @@ def stack_view(stack: LayerStack) -> StackView:
     files = stack.files
     offered = files.get("original", files)  # the exports at the size asked for; the ZIP holds both sizes
     downloads = [(offered if e.at_original_size else files).get(e.key) for e in EXPORTS]
-    return StackView(gallery_items(files["layers"]), *(str(path) if path else None for path in downloads))
+    return StackView(gallery_items(files["layers"], stack.labels), *(str(path) if path else None for path in downloads))
 
 
 def _user_error(message: str):
@@ -1072,7 +1108,7 @@ def decompose_handler(loaded: Loaded, settings, run_info: dict[str, Any], image,
     prune_runs(settings, sessions, paths["folder"])
     stack = LayerStack(layers=result.layers, run_folder=paths["folder"], files=paths,
                        original_size=tuple(result.params["input_size"]) if original_size else None,
-                       caption=result.caption, seed=result.seed)
+                       caption=result.caption, seed=result.seed, labels=result.labels)
     return (*stack_view(stack), result.caption, result.seed, stack)
 
 
@@ -1088,6 +1124,8 @@ def decompose_layer_handler(loaded: Loaded, settings, run_info: dict[str, Any], 
         raise _user_error("No layer selected: click a layer in the gallery (or type its number, 1 = bottom).")
     with guarded_job(sessions, request, "decomposing the layer") as stop:
         new_stack, result = decompose_layer(loaded, stack, int(layer_number) - 1, run_info, stop=stop, **params)
+    for note in result.notes:  # e.g. the Korean OCR model not downloadable offline
+        gr.Warning(note, duration=None)
     if message := export_failures_message(new_stack.files["failed"]):
         gr.Warning(message, duration=None)
     if sessions is not None:
@@ -1207,6 +1245,8 @@ def build_ui(loaded: Loaded, settings):
                 widgets = {"prompt": param_widget(gr, PARAM["prompt"], lines=2)}
                 with gr.Accordion("Advanced settings", open=False):
                     widgets.update({p.name: param_widget(gr, p) for p in PARAMS if p.advanced})
+                with gr.Row():  # what the exports make of the layers (studio.design): PARAMS rows too
+                    widgets.update({name: param_widget(gr, PARAM[name]) for name in DESIGN_PARAMS})
                 original_size = gr.Checkbox(label="Export at the input's original size (PPTX, PSD; the ZIP holds both sizes)",
                                             value=False)
                 with gr.Row():
@@ -1215,6 +1255,7 @@ def build_ui(loaded: Loaded, settings):
             with gr.Column():
                 gallery = gr.Gallery(label="Layers (bottom first; click one to select it)", columns=4,
                                      object_fit="contain", format="png")
+                gallery_line = gr.Markdown()  # `gallery_note`: "4 layers asked, 3 kept (1 empty)"
                 with gr.Group():
                     with gr.Row():
                         # Empty until a layer is clicked. A plain None start is drawn as 0, red under minimum=1 (Gradio
@@ -1267,7 +1308,10 @@ def build_ui(loaded: Loaded, settings):
             concurrency_limit=1,
             concurrency_id="gpu",
         )
-        undo_button.click(undo_last, inputs=[stack], outputs=[*view, caption, used_seed, stack], api_name="undo")
+        undo_event = undo_button.click(undo_last, inputs=[stack], outputs=[*view, caption, used_seed, stack],
+                                       api_name="undo")
+        for event in (run_event, layer_event, undo_event):  # under the gallery: what the tidy option did
+            event.success(gallery_note, inputs=stack, outputs=gallery_line, api_visibility="private")
         # Stop: Gradio cancels the event on the page; `stop_job` makes the pipeline itself stop at its next step
         # (a cancelled event's thread would otherwise run to the end). Not in the "gpu" queue: it must not wait.
         stop_button.click(stop_job, cancels=[run_event, layer_event], api_name="stop", concurrency_limit=None)

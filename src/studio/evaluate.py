@@ -1,6 +1,7 @@
 """`app.py evaluate`: score decompositions against ground-truth layers with LayerD's metrics (`studio.scores`),
 one row per ground truth and grid setting, into evaluate.csv and evaluate.json. The model is loaded and run by
-functions the app passes in.
+functions the app passes in. Where the ground truth's strings are known (assets/layered_gt/text_layers.json), the
+text read back from the predicted layers is scored too (`text_cer`, `studio.design`).
 """
 
 import argparse
@@ -17,6 +18,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from studio.design import ground_truth_text, ocr_engine, text_cer
 from studio.errors import OutOfMemoryError
 from studio.exports import export_layer_pngs, safe_file_text
 from studio.images import _layer_pngs, composite_layers, find_ground_truth, read_layered_file
@@ -55,6 +57,10 @@ def evaluate_parser() -> argparse.ArgumentParser:
                         help="score layers as they are; by default non-overlapping top layers are grouped, as LayerD does")
     parser.add_argument("--grid", nargs="+", action="extend", default=[], metavar="KEY=V1,V2",
                         help="run every combination, one row each with time per image; KEY: " + ", ".join(EVAL_GRID_KEYS))
+    parser.add_argument("--no-text-cer", dest="text_cer", action="store_false",
+                        help="skip the text score: by default, where the ground truth's strings are known (a "
+                             "text_layers.json beside it, as in assets/layered_gt), the predicted layers are read by "
+                             "OCR (--text-language) and scored by character error rate against them")
     parser.add_argument("--pred", type=Path, default=None, metavar="DIR",
                         help="score layers made elsewhere, no model: DIR/<ground truth name>/ (PNGs), .zip or .psd; "
                              "with one ground truth, DIR itself may hold the PNG layers")
@@ -64,8 +70,10 @@ def evaluate_parser() -> argparse.ArgumentParser:
 
 # `evaluate`: one row per ground truth and setting, in evaluate.csv; means per setting in evaluate.json.
 EVAL_COLUMNS = ("ground_truth", "settings", "gt_layers", "pred_layers", "rgb_l1", "alpha_iou", "edit_cost", "merges",
-                "recomposition_psnr_db", "recomposition_rgb_mae", "recomposition_alpha_error", "seconds", "error")
-EVAL_MEANS = ("rgb_l1", "alpha_iou", "edit_cost", "merges", "recomposition_psnr_db", "seconds")
+                "recomposition_psnr_db", "recomposition_rgb_mae", "recomposition_alpha_error", "text_cer", "seconds",
+                "error")
+# text_cer's mean is over the designs with text (a design without has none: its row leaves it empty).
+EVAL_MEANS = ("rgb_l1", "alpha_iou", "edit_cost", "merges", "recomposition_psnr_db", "text_cer", "seconds")
 
 
 def parse_grid(items: list[str]) -> list[dict[str, Any]]:
@@ -144,7 +152,7 @@ def evaluation_summary(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
 def evaluation_table(summary: list[dict[str, Any]]) -> str:
     """The terminal table: one row per setting. Lower is better for L1 and edit cost; higher for IoU and PSNR."""
     head = f"{'settings':<40} {'images':>6} {'failed':>6} {'RGB L1':>8} {'IoU':>7} {'edit':>7} {'merges':>6} " \
-           f"{'PSNR dB':>8} {'s/image':>8}"
+           f"{'PSNR dB':>8} {'text CER':>8} {'s/image':>8}"
     lines = [head, "-" * len(head)]
 
     def cell(value, width, digits):
@@ -154,7 +162,8 @@ def evaluation_table(summary: list[dict[str, Any]]) -> str:
         lines.append(f"{entry['settings'][:40]:<40} {entry['images']:>6} {entry['failed']:>6} "
                      f"{cell(entry['mean_rgb_l1'], 8, 4)} {cell(entry['mean_alpha_iou'], 7, 4)} "
                      f"{cell(entry['mean_edit_cost'], 7, 4)} {cell(entry['mean_merges'], 6, 2)} "
-                     f"{cell(entry['mean_recomposition_psnr_db'], 8, 2)} {cell(entry['mean_seconds'], 8, 2)}")
+                     f"{cell(entry['mean_recomposition_psnr_db'], 8, 2)} {cell(entry['mean_text_cer'], 8, 4)} "
+                     f"{cell(entry['mean_seconds'], 8, 2)}")
     return "\n".join(lines)
 
 
@@ -220,12 +229,21 @@ def evaluate_main(settings, ns: argparse.Namespace, start: Callable, infer: Call
                                            for k, v in vars(ns).items() if k != "auth"},
                                 max_merges=ns.max_merges, group_top_layers=ns.group,
                                 metrics="LayerD (github.com/CyberAgentAILab/LayerD, src/layerd/evaluation)",
-                                psnr_cap_db=PSNR_CAP_DB)
+                                psnr_cap_db=PSNR_CAP_DB,
+                                text_cer="OCR of the predicted layers (studio.design, RapidOCR PP-OCRv4) against the "
+                                         "strings drawn into the ground truth (text_layers.json): character errors / "
+                                         "characters, each string matched to its nearest read line")
 
-    def score(path: Path, pred: list[Image.Image], label: str, seconds: float | None) -> dict[str, Any]:
+    def score(path: Path, pred: list[Image.Image], label: str, seconds: float | None, texts=None) -> dict[str, Any]:
         result = evaluate_layers(pred, layers_of[path], ns.max_merges, ns.group)
-        return dict(ground_truth=str(path), settings=label, gt_layers=len(layers_of[path]), pred_layers=len(pred),
-                    seconds=seconds, **result)
+        row = dict(ground_truth=str(path), settings=label, gt_layers=len(layers_of[path]), pred_layers=len(pred),
+                   seconds=seconds, **result)
+        truth = ground_truth_text(path) if ns.text_cer else None
+        if truth:  # OCR of the predicted layers (`texts`: infer's own, with --text-layers) against the drawn strings
+            engine = ocr_engine(ns.text_language, str(settings.models_dir))
+            row["text"] = text_cer(pred, truth, engine=engine, texts=texts)
+            row["text_cer"] = row["text"]["cer"]
+        return row
 
     # 3a. Layers made elsewhere: read and score, no model.
     if ns.pred is not None:
@@ -278,7 +296,7 @@ def evaluate_main(settings, ns: argparse.Namespace, start: Callable, infer: Call
                     result = infer(loaded, composite_layers(gt), **dict(values, layers=layers))
                     seconds = time.perf_counter() - began
                     export_layer_pngs(result.layers, Path(ns.out) / "pred" / safe_file_text(label) / path.stem)
-                    rows.append(score(path, result.layers, label, seconds))
+                    rows.append(score(path, result.layers, label, seconds, result.labels.texts))
                 except (ValueError, OutOfMemoryError) as err:
                     rows.append(dict(ground_truth=str(path), settings=label, error=str(err)))
                     tqdm.write(f"skipped {path} ({label}): {err}", file=sys.stderr)

@@ -26,6 +26,7 @@ class Loaded:
     preset: str = "exact"  # --preset as it resolved: "fast" where its 8-bit mode applied (`studio.modes.PRESETS`)
     quantized: dict[str, Any] = dataclasses.field(default_factory=dict)  # what the mode quantized (the 8-bit modes:
     #                                                                       blocks, kernel), for params.json
+    models_dir: Path | None = None  # --models-dir: models fetched on first use go under it (the OCR's: studio.design)
 
     @property
     def lossy(self) -> bool:
