@@ -42,9 +42,13 @@ BUDGET_DEFAULT_JOB_IMAGE_TOKENS = image_tokens(DEFAULTS["layers"], DEFAULTS["res
 BUDGET_PLAN_TEXT_TOKENS = 600
 # Streamed blocks on the GPU at once: the one computing and the next one arriving.
 BUDGET_STREAM_BUFFERS = 2
-# Text encoder activations beside its weights: the caption's prefill (image tokens + prompt), its KV cache and the
-# prompt encoding's full-vocabulary logits and hidden states.
-BUDGET_TEXT_ENCODER_ACTIVATION_GB = 1.5
+# Text encoder activations beside its weights, the largest of its calls (issue 24, from the code): the prompt
+# encoding (BUDGET_PLAN_TEXT_TOKENS = 600 tokens: full-vocabulary logits 0.17 GB in bf16, its 29 hidden states 0.12 GB,
+# MLP temporaries 0.06 GB); the caption's prefill at the 1024 bucket (~1,470 tokens: MLP temporaries 0.16 GB, KV cache
+# 0.08 GB), then the decoder's static KV cache (2,048 slots: 0.11 GB); the vision tower alone (4,900 patches: MLP
+# temporaries 0.1 GB). Measured: the 16 GB split's caption peaked at 12.74 GB reserved beside 12.5 GB of weights
+# (bench/results/caption_sequence_bf16_16.json).
+BUDGET_TEXT_ENCODER_ACTIVATION_GB = 0.5
 # Text encoder on cards where its 15.4 GB do not fit whole (16 and 12 GB): the caption's decode activations are
 # small and steady, so it is planned with a smaller margin than denoising's.
 BUDGET_TEXT_ENCODER_MARGIN_GB = 1.0
@@ -87,17 +91,20 @@ class BudgetPlan:
 class TextEncoderPlan:
     """How the text encoder's stage shares the GPU; `plan_text_encoder` computes it. Sizes in GiB.
 
-    split=False: the whole text encoder is resident (24 GB cards and up). split=True (16 and 12 GB cards): the
-    token-embedding table stays in host RAM (a lookup of one row per token), the vision tower is copied in for its
-    one call per caption, lm_head and `resident_layers` stay, and the other language layers stream in per token.
-    Under --quantization fp8_storage (LOSSY) the layers that would stream are stored in float8 instead and stay
-    resident too (`fp8_layers`, cast to bf16 for their own forward): nothing is copied per token.
+    split=False: the whole text encoder is resident, one stage (24 GB cards and up). split=True (16 and 12 GB cards):
+    two phases. The vision tower runs first, alone (a stage of its own, entered when it is called and left when the
+    language model starts); then the language model's stage: lm_head, the final norm and `resident_layers`, with the
+    token-embedding table in host RAM (a lookup of one row per token). Where all the language layers fit (16 GB cards)
+    nothing is copied per caption token and the caption decodes as CUDA graphs (`studio.caption`); where they do not
+    (12 GB), the other layers stream in per token (`streamed_layers`). Under --quantization fp8_storage (LOSSY) the
+    layers that would stream are stored in float8 instead and stay resident too (`fp8_layers`, cast to bf16 for their
+    own forward): nothing is copied per token.
     """
 
     split: bool
     resident_layers: tuple[int, ...]  # in the loaded dtype (bf16)
     streamed_layers: tuple[int, ...]
-    peak_gb: float  # predicted allocator peak while captioning / encoding the prompt
+    peak_gb: float  # predicted allocator peak while captioning / encoding the prompt (the larger phase)
     minimum_gb: float  # the smallest budget that holds this stage
     streamed_gb_per_token: float  # copied host -> GPU per decoded caption token
     fp8_layers: tuple[int, ...] = ()  # resident in float8 (fp8_storage only: LOSSY)
@@ -106,14 +113,21 @@ class TextEncoderPlan:
     def num_layers(self) -> int:
         return len(self.resident_layers) + len(self.streamed_layers) + len(self.fp8_layers)
 
+    @property
+    def decode_on_gpu(self) -> bool:
+        """Every weight a decode step reads stays on the GPU, in bf16, at fixed addresses: CUDA graphs can replay it."""
+        return not self.streamed_layers and not self.fp8_layers
+
     def describe(self) -> str:
         layers = self.num_layers
-        fp8 = (f"{len(self.fp8_layers)} in float8 (LOSSY), all resident (nothing copied per caption token)"
-               if self.fp8_layers else "")
-        streamed = (f"{len(self.streamed_layers)} streamed ({self.streamed_gb_per_token:.1f} GB copied per caption "
-                    f"token)" if self.streamed_layers or not self.fp8_layers else "")
-        return (f"{len(self.resident_layers)}/{layers} language layers resident, {fp8 or streamed}, vision tower "
-                f"copied in per caption, token embeddings in host RAM")
+        if self.split and self.decode_on_gpu:
+            held = "all resident (nothing copied per caption token)"
+        elif self.fp8_layers:
+            held = f"{len(self.fp8_layers)} in float8 (LOSSY), all resident (nothing copied per caption token)"
+        else:
+            held = f"{len(self.streamed_layers)} streamed ({self.streamed_gb_per_token:.1f} GB copied per caption token)"
+        return (f"{len(self.resident_layers)}/{layers} language layers resident, {held}; the vision tower runs "
+                f"first, alone; token embeddings in host RAM")
 
 
 def activation_gb(tokens: int) -> float:
@@ -229,35 +243,38 @@ def plan_default_job(vram_gb: float, sizes: dict[str, Any]) -> BudgetPlan:
 def plan_text_encoder(vram_budget_gb: float, *, text_encoder_gb: float, layer_gb: float, num_layers: int,
                       vision_gb: float, embed_gb: float, vae_gb: float, resident_layers: int | None = None,
                       fp8_layer_gb: float = 0.0) -> TextEncoderPlan:
-    """The caption stage within `vram_budget_gb` (GiB): the whole text encoder when it fits, else the split
+    """The caption stage within `vram_budget_gb` (GiB): the whole text encoder when it fits, else the two phases
     (see TextEncoderPlan) with as many language layers resident as fit. Pure; the caller raises on `minimum_gb`.
 
-    A streamed layer costs its bytes once per decoded token (a 512-token caption: 512 copies of it), so the
-    resident layers are spread like the transformer's (`streamed_block_indices`) and as many as fit stay.
-    `fp8_layer_gb` (fp8_storage, LOSSY): a layer in float8. Where the split would stream, as many bf16 layers as fit
-    beside the others in float8 stay, and nothing streams: at 16 GB, 18 bf16 + 10 float8 layers instead of 23 + 5
-    streamed, which copied 2.2 GB per caption token (1.1 TB a 512-token caption; 39.5 s against 27.3 s at 24 GB,
-    measured). Where even all-float8 does not fit (12 GB cards), the bf16 split streams as before.
+    In order: the whole text encoder (24 GB cards); the two phases with every language layer resident (16 GB cards:
+    lm_head and 28 layers, 13.2 GB, beside the VAE and the activations, nothing copied per caption token); under
+    fp8_storage (`fp8_layer_gb`, LOSSY: a layer in float8) as many bf16 layers as fit beside the others in float8,
+    nothing streamed; else the exact bf16 split, whose streamed layers cost their bytes once per decoded token (a
+    512-token caption: 512 copies), so as many stay as fit, spread like the transformer's (`streamed_block_indices`).
+    `resident_layers` (tests, tuning) forces the two phases with that many bf16 layers resident.
     """
     margin = BUDGET_TEXT_ENCODER_MARGIN_GB
     whole = text_encoder_gb + vae_gb + BUDGET_TEXT_ENCODER_ACTIVATION_GB
     everything = tuple(range(num_layers))
     if num_layers == 0:  # sizes without the layer split (older callers): one piece, resident
         return TextEncoderPlan(False, everything, (), whole, whole + margin, 0.0)
-    # The split: lm_head and the final norm stay; the vision tower runs before any language layer, so its copy
-    # shares room with the two streamed layers' buffers.
+    # Two phases: the vision tower alone, then lm_head, the final norm and the language layers (the embeddings stay in
+    # host RAM); the larger phase is the stage's peak. Streaming adds two layers in flight.
     head = text_encoder_gb - num_layers * layer_gb - vision_gb - embed_gb
+    vision = vision_gb + vae_gb + BUDGET_TEXT_ENCODER_ACTIVATION_GB
     base = head + vae_gb + BUDGET_TEXT_ENCODER_ACTIVATION_GB
 
-    def peak(count: int) -> float:
-        return base + count * layer_gb + max(vision_gb, BUDGET_STREAM_BUFFERS * layer_gb if count < num_layers else 0.0)
+    def peak(count: int) -> float:  # `count` bf16 layers resident, the others streamed
+        return max(vision, base + count * layer_gb + (BUDGET_STREAM_BUFFERS * layer_gb if count < num_layers else 0.0))
 
-    def peak_fp8(count: int) -> float:  # `count` bf16 layers, the others float8, the vision tower's copy
-        return base + count * layer_gb + (num_layers - count) * fp8_layer_gb + vision_gb
+    def peak_fp8(count: int) -> float:  # `count` bf16 layers, the others float8
+        return max(vision, base + count * layer_gb + (num_layers - count) * fp8_layer_gb)
 
     minimum = min(whole, peak(1)) + margin
     if resident_layers is None and whole + margin <= vram_budget_gb:
         return TextEncoderPlan(False, everything, (), whole, minimum, 0.0)
+    if resident_layers is None and peak(num_layers) + margin <= vram_budget_gb:  # exact, nothing copied per token
+        return TextEncoderPlan(True, everything, (), peak(num_layers), minimum, 0.0)
     # Layer 0 stays bf16, as it stays resident in the streaming split. `resident_layers` (tests, tuning) fixes the
     # bf16 count, the others float8.
     fits_fp8 = [c for c in range(1, num_layers) if peak_fp8(c) + margin <= vram_budget_gb] if fp8_layer_gb > 0 else []
