@@ -52,8 +52,9 @@ import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from studio.batch import batch_summary, decompose_batch, decompose_ray, find_images, import_ray  # noqa: E402
-from studio.compiling import (CAPTION_CACHE_TOKENS, caption_compile_problem, compile_caption_decode,  # noqa: E402
-                              compile_problem, compile_transformer_blocks, load_compile_cache, save_compile_cache)
+from studio import caption, compiling  # noqa: E402  (compiling.machine_compile_problem: tests patch it there)
+from studio.compiling import (compile_problem, compile_transformer_blocks, fuse_problem, fuse_qkv_projections,  # noqa: E402
+                              load_compile_cache, save_compile_cache)
 from studio.demo_model import build_demo_pipeline, is_demo_model  # noqa: E402
 from studio.design import finish_layers  # noqa: E402
 from studio.engine import memory  # noqa: E402  (memory.available_ram_gb: tests patch it there)
@@ -119,19 +120,24 @@ PRESET = "exact"
 # The 8-bit modes' blocks: "default" keeps the first and last fifth in bf16 (0-11 and 48-59 of 60), as NVIDIA's
 # TensorRT-LLM preset for this model's fp8 path does.
 QUANTIZED_BLOCKS = "default"
-# Regional torch.compile of the transformer blocks: a faster step after a one-time compile (cached on disk). Off by
-# default: the first start pays the compile (bench/RESULTS.md, "Compile").
-ENABLE_COMPILE = False
+# Regional torch.compile of the transformer blocks: a faster step after a one-time compile (cached on disk; the first
+# start pays it in the warm-up: bench/RESULTS.md, "Compile"). On where it can run (a CUDA GPU with Triton:
+# `compiling.machine_compile_problem`); elsewhere off, with the reason in the log.
+ENABLE_COMPILE = True
+# Each block's Q, K and V projections as one matmul per stream (`compiling.fuse_qkv_projections`): bf16 only, on CUDA.
+ENABLE_FUSED_QKV = True
 # The caption's SDPA kernels: no cuDNN, which builds a plan per new sequence length, i.e. per decoded token
 # (bench/RESULTS.md, "Caption kernels"). The transformer keeps cuDNN: one plan per job shape.
 CAPTION_SDPA_BACKENDS = ("FLASH_ATTENTION", "EFFICIENT_ATTENTION", "MATH")
-# The caption's decode compiled with a static KV cache and CUDA graphs: faster, but not exact (its greedy text can
-# leave eager's), and only with every weight resident (bench/RESULTS.md, "Caption compile").
-ENABLE_CAPTION_COMPILE = False
+# The caption's greedy decode as one CUDA graph per caption (`studio.caption`): exact to bf16 (teacher-forced logits
+# within LOGIT_TOLERANCE_ULPS of eager's), wherever every decode-step weight stays on the GPU (the offload rows'
+# `caption_graphs_problem`); elsewhere the same decoder runs its steps eagerly. It replaces --caption-compile
+# (torch.compile with CUDA graphs: not exact, and re-recorded at every caption under the budget engine).
+ENABLE_CAPTION_GRAPHS = True
 # One short run at the default job's shapes when the model loads (CUDA only): the user's first image then costs what a
 # repeat costs instead of paying the process's one-time work (bench/RESULTS.md, "Warm-up").
 ENABLE_WARM_UP = True
-WARM_UP_CAPTION_TOKENS = 8  # enough decode steps for the compiled decode to compile, warm up and record its CUDA graph
+WARM_UP_CAPTION_TOKENS = 16  # enough decode steps for the caption decoder to warm up and capture its graph (11 at least)
 # cuDNN autotuning off: on, two processes can pick different convolution algorithms and the same seed's VAE decode
 # differs between them (bench/RESULTS.md, "Determinism").
 ENABLE_CUDNN_BENCHMARK = False
@@ -171,10 +177,10 @@ LOAD_FLAGS = (
     Flag("quantized_blocks", QUANTIZED_BLOCKS, "--quantized-blocks", "the transformer blocks int8_w8a8 / fp8_w8a8 "
          "compute in 8 bits, e.g. 12-47, 0-3,50-59, all; default: all but the first and last fifth (12-47 of 60)",
          metavar="RANGE"),
-    Flag("compile", ENABLE_COMPILE, "--compile", "torch.compile the transformer blocks (faster steps; the first start "
-         "compiles ~25 s)"),
-    Flag("caption_compile", ENABLE_CAPTION_COMPILE, "--caption-compile", "decode the auto-caption with a static KV "
-         "cache and CUDA graphs (~2.7x faster; not exact: its greedy text can differ from eager's)"),
+    Flag("compile", ENABLE_COMPILE, "--no-compile", "run the transformer blocks eagerly (default: compiled where a "
+         "CUDA GPU and Triton allow; the first start compiles ~25 s)"),
+    Flag("caption_graphs", ENABLE_CAPTION_GRAPHS, "--no-caption-graphs", "decode the auto-caption with transformers' "
+         "generate (default: one CUDA graph per caption where its weights stay on the GPU)"),
     Flag("warm_up", ENABLE_WARM_UP, "--no-warm-up", "skip the short run at load time (the first image then pays CUDA's "
          "one-time work)"),
     Flag("sage_attention", ENABLE_SAGE_ATTENTION, "--sage-attention", "SageAttention kernels (needs sageattention)"),
@@ -538,10 +544,18 @@ def apply_memory_optimizations(pipe, settings, offload: OffloadMode, machine: Ma
         logger.info("--quantized-blocks %s not applied: only int8_w8a8 and fp8_w8a8 choose blocks.",
                     settings.quantized_blocks)
 
-    # 1b. Regional compilation, before any hook: the offload and cache hooks then wrap the compiled forward.
-    problem = compile_problem(offload, loaded.quant) if compile_blocks else None
+    # 1b. Fused QKV projections and regional compilation, before any hook: the offload and cache hooks then wrap the
+    #     fused, compiled blocks.
+    problem = fuse_problem(on_cuda, loaded.quant, machine) if ENABLE_FUSED_QKV else None
     if problem:
-        logger.warning("%s. Running the blocks eagerly.", problem)
+        logger.info(problem)
+    elif ENABLE_FUSED_QKV:
+        applied.append(f"fused_qkv({fuse_qkv_projections(pipe.transformer)} blocks)")
+    problem = compile_problem(offload, loaded.quant) if compile_blocks else None
+    if compile_blocks and not problem and not loaded.quant.forces_compile:
+        problem = compiling.machine_compile_problem(on_cuda, triton_available(), capability)
+    if problem:  # info: compiling is the default, and a machine or mode without it is no mistake
+        logger.info("%s. Running the blocks eagerly.", problem)
     elif compile_blocks:
         cached = load_compile_cache()  # a previous start's compile (see the function)
         count = compile_transformer_blocks(pipe.transformer)
@@ -577,13 +591,14 @@ def apply_memory_optimizations(pipe, settings, offload: OffloadMode, machine: Ma
         pipe.transformer.set_attention_backend(SAGE_BACKEND)
         applied.append("sage_attention")
 
-    # 6. The caption's decode: a static KV cache and CUDA graphs, with every weight resident.
-    problem = caption_compile_problem(offload, on_cuda, triton_available()) if settings.caption_compile else None
+    # 6. The caption's decoder (`studio.caption`): one CUDA graph per caption where every decode-step weight stays on
+    #    the GPU; its steps eagerly elsewhere (the reason in the log).
+    loaded.caption_decoder = settings.caption_graphs and not offload.caption_graphs_problem
+    problem = caption.caption_graphs_problem(offload, on_cuda, loaded.machine) if settings.caption_graphs else None
     if problem:
         logger.info(problem)
-    elif settings.caption_compile:
-        compile_caption_decode(pipe.text_encoder)
-        applied.append(f"caption_compiled_decode(static cache {CAPTION_CACHE_TOKENS} tokens)")
+    elif settings.caption_graphs:
+        applied.append("caption_cuda_graphs")
     return loaded
 
 
@@ -832,13 +847,28 @@ def caption_attention():
     return sdpa_kernel([getattr(SDPBackend, name) for name in CAPTION_SDPA_BACKENDS])
 
 
-def caption_image(pipe, rgba: Image.Image, resolution: int, use_en_prompt: bool = True) -> str:
-    """The pipeline's own `get_image_caption` on the image resized as the pipeline resizes it (greedy decoding)."""
+def caption_image(pipe, rgba: Image.Image, resolution: int, use_en_prompt: bool = True,
+                  stop: threading.Event | None = None, decoder: bool = False, max_new_tokens: int | None = None) -> str:
+    """The pipeline's own `get_image_caption` on the image resized as the pipeline resizes it (greedy decoding).
+
+    `decoder` (`Loaded.caption_decoder`): its `generate` is `studio.caption`'s decoder, one CUDA graph per caption where
+    the decode step's weights stay on the GPU, its steps eagerly elsewhere; a set `stop` ends it before its next token
+    (its steps never call the text encoder's forward, where `text_encoder_stop` waits). At most `max_new_tokens`
+    tokens (the warm-up's), else CAPTION_MAX_NEW_TOKENS."""
     from diffusers.pipelines.qwenimage.pipeline_qwenimage_layered import calculate_dimensions
+
+    def check_stop():
+        if stop is not None and stop.is_set():
+            raise RunStopped("stopped")
 
     width, height = calculate_dimensions(resolution * resolution, rgba.width / rgba.height)
     prompt_image = pipe.image_processor.resize(rgba, height, width)
-    with caption_attention(), caption_progress(pipe):  # caption_progress: a bar of its tokens, like the steps'
+    # Outside in: the decoder replaces generate, the cap and caption_progress (a bar of its tokens, like the steps')
+    # reach it through their keyword arguments.
+    decode = caption.graph_decode(pipe.text_encoder, stop=check_stop) if decoder else contextlib.nullcontext()
+    max_new_tokens = max_new_tokens or CAPTION_MAX_NEW_TOKENS
+    with caption_attention(), decode, generate_with(pipe.text_encoder, max_new_tokens=max_new_tokens), \
+            caption_progress(pipe, max_new_tokens):
         return pipe.get_image_caption(prompt_image, use_en_prompt=use_en_prompt, device=pipe._execution_device)
 
 
@@ -866,7 +896,8 @@ def infer(loaded: Loaded, image: Any, stop: threading.Event | None = None, **par
     def write_caption() -> str:
         # With several GPUs the ranks stop together, so rank 0's caption stops here (alone: `run_pipeline`).
         with text_encoder_stop(pipe, stop if loaded.parallel is not None else None):
-            return caption_image(pipe, rgba, resolution, checked["use_en_prompt"]) if auto_caption else prompt
+            return (caption_image(pipe, rgba, resolution, checked["use_en_prompt"], stop=stop,
+                                  decoder=loaded.caption_decoder) if auto_caption else prompt)
 
     def job():
         # 2. Caption. An empty prompt makes the pipeline caption the image itself; we call its own
@@ -923,16 +954,17 @@ def name_layers_locked(loaded: Loaded, layers: list[Image.Image], stop: threadin
 def warm_up(loaded: Loaded, resolution: int = DEFAULTS["resolution"], layers: int = DEFAULTS["layers"]) -> float:
     """One short decomposition at the default job's shapes (ENABLE_WARM_UP); returns its seconds.
 
-    A caption of WARM_UP_CAPTION_TOKENS tokens (the vision tower and the prompt's prefill at this shape, the compiled
-    decode's compile and CUDA graph), then a run of the fewest steps with a given prompt (VAE, text encoding, the
-    transformer and its cuDNN plans, --compile's blocks). The user's first image at these shapes then costs what a
-    repeat costs; another shape still pays its own plans once (the caption's decode does not: one static cache size).
+    A caption of WARM_UP_CAPTION_TOKENS tokens (the vision tower and the prompt's prefill at this shape, the caption
+    decoder's kernels and a CUDA graph), then a run of the fewest steps with a given prompt (VAE, text encoding, the
+    transformer and its cuDNN plans, the compiled blocks). The user's first image at these shapes then costs what a
+    repeat costs; another shape still pays its own plans once.
     """
     pipe = loaded.pipe
     image = Image.new("RGBA", (resolution, resolution), (128, 128, 128, 255))
     start = time.perf_counter()
-    with generate_with(pipe.text_encoder, max_new_tokens=WARM_UP_CAPTION_TOKENS):
-        run_pipeline(loaded, lambda: caption_image(pipe, image, resolution), "Out of GPU memory during the warm-up.")
+    run_pipeline(loaded, lambda: caption_image(pipe, image, resolution, decoder=loaded.caption_decoder,
+                                               max_new_tokens=WARM_UP_CAPTION_TOKENS),
+                 "Out of GPU memory during the warm-up.")
     infer(loaded, image, prompt="warm-up", num_inference_steps=STEPS_RANGE[0], layers=layers, resolution=resolution,
           seed=0)
     return time.perf_counter() - start

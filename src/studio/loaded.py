@@ -22,6 +22,7 @@ class Loaded:
     parallel: Any = None  # this rank's `ParallelState` with several GPUs
     cfg_hook: Any = None  # the CFG-parallel hook with several GPUs
     compiled: bool = False  # the transformer blocks run compiled
+    caption_decoder: bool = False  # the caption decodes through `studio.caption` (CUDA graphs where they can run)
     environment: dict[str, Any] = dataclasses.field(default_factory=dict)  # the machine (`environment_info`)
     preset: str = "exact"  # --preset as it resolved: "fast" where its 8-bit mode applied (`studio.modes.PRESETS`)
     quantized: dict[str, Any] = dataclasses.field(default_factory=dict)  # what the mode quantized (the 8-bit modes:

@@ -19,26 +19,28 @@ class OffloadMode:
     host_ram: str  # "all": every weight held in RAM; "planned": what does not fit RAM is read from the files
     cpu: bool  # runs without CUDA as it is (budget: its hooks with every weight on the CPU); else "off" replaces it
     compile_problem: str | None = None  # why --compile cannot apply in this mode; None: it can
-    caption_graphs_problem: str | None = None  # why the caption's decode cannot be replayed as CUDA graphs
+    caption_graphs_problem: str | None = None  # why the caption's decode cannot be replayed as CUDA graphs (it then
+    #                                            goes through transformers' generate); None: `studio.caption`'s decoder
 
 
 OFFLOAD_ROWS = (
     OffloadMode("off", "every weight on the GPU (~60 GB of VRAM)", vram="everything", host_ram="all", cpu=True),
+    # model: accelerate's hook moves the whole text encoder in when it is called (the prefill) and out when the next
+    # model is: the decode steps, which never call it, read resident weights at fixed addresses.
     OffloadMode("model", "whole components move to the GPU in turn (the 41 GB transformer must fit alone)",
-                vram="largest_model", host_ram="all", cpu=False,
-                caption_graphs_problem="accelerate's hooks move the text encoder's weights inside its forward, which a "
-                                       "CUDA graph cannot replay"),
+                vram="largest_model", host_ram="all", cpu=False),
     OffloadMode("sequential", "accelerate streams every layer from the CPU (~1 GB of VRAM, ~12x slower per step)",
                 vram="one_layer", host_ram="all", cpu=False,
                 compile_problem="accelerate's hooks on every layer inside a block would break the compiled graph at "
                                 "each weight copy",
                 caption_graphs_problem="accelerate's hooks move the text encoder's weights inside its forward, which a "
                                        "CUDA graph cannot replay"),
+    # budget: a graph is captured per caption, after the prefill has brought the weights in (24 GB: the whole text
+    # encoder; 16 GB: its language phase, every layer resident). Where language layers stream per token (12 GB) or are
+    # cast from float8 per call (fp8_storage), hooks run inside each step: the decoder runs its steps eagerly
+    # (`caption.caption_graphs_problem` says so at load).
     OffloadMode("budget", "the low-VRAM engine: each stage has the GPU in turn, blocks that do not fit stream in "
-                          "ahead of use", vram="planned", host_ram="planned", cpu=True,
-                caption_graphs_problem="the text encoder's weights are copied to the GPU anew for each image (new "
-                                       "addresses), so torch.compile records its CUDA graphs again every caption "
-                                       "(slower than eager: bench/RESULTS.md)"),
+                          "ahead of use", vram="planned", host_ram="planned", cpu=True),
 )
 OFFLOAD = {mode.name: mode for mode in OFFLOAD_ROWS}
 # "auto" is not a mode: `resolve_offload_mode` picks one of the rows for the machine.
