@@ -1,5 +1,5 @@
 """Weight storage and quantized compute (all LOSSY, all opt-in): fp8_storage (float8 weights, bf16 compute;
-`apply_fp8_storage`, and the text encoder's float8 layers on 16 GB cards), torchao's fp8/int8 dynamic compute, our
+`apply_fp8_storage`, and the text encoder's float8 layers on 12 GB cards), torchao's fp8/int8 dynamic compute, our
 own 8-bit linears in the chosen blocks (int8_w8a8 / fp8_w8a8, `studio.w8a8`: every offload mode, the Fast preset),
 and the sizes the planner needs for them before loading (from the weight files and a meta-device build).
 """

@@ -120,7 +120,9 @@ class TextEncoderPlan:
 
     def describe(self) -> str:
         layers = self.num_layers
-        if self.split and self.decode_on_gpu:
+        if not self.split:
+            return f"the whole text encoder resident ({layers}/{layers} language layers, one stage)"
+        if self.decode_on_gpu:
             held = "all resident (nothing copied per caption token)"
         elif self.fp8_layers:
             held = f"{len(self.fp8_layers)} in float8 (LOSSY), all resident (nothing copied per caption token)"
@@ -420,10 +422,10 @@ def fp8_storage_host_ram(plan: BudgetPlan, sizes: dict[str, Any], ram_gb: float,
     Where the text encoder lives at 32 GB (29.4 GB available, measured, with a desktop's 2 GB): 29.4 - 4 (system)
     - 2 (page cache) - 19.0 leaves 4.4 GB, and its bf16 weights are 15.4 GB, so it stays in the weight files and is
     read through the page cache (at worst 15.4 GB from disk per caption: ~2 s at 7 GB/s, 12 s at this H200 host's
-    1.3 GB/s), exact where it fits the card whole (24 GB). All its language layers in float8 (12.2 GB -> 6.1 GB; with
-    its bf16 rest 9.4 GB) would not fit RAM either (19.0 + 9.4 > 23.4) and would make every caption lossy. On a
-    16 GB card only the layers that would stream per caption token are float8 (`plan_text_encoder`; `text_pinned_gb`
-    counts them here, 10 layers 2.2 GB, as much RAM as the 5 bf16 layers it streamed page-locked).
+    1.3 GB/s), exact where its language layers all fit the card (24 and 16 GB). All its language layers in float8
+    (12.2 GB -> 6.1 GB; with its bf16 rest 9.4 GB) would not fit RAM either (19.0 + 9.4 > 23.4) and would make every
+    caption lossy. On a 12 GB card only the layers that would stream per caption token are float8
+    (`plan_text_encoder`; `text_pinned_gb` counts them here, 18 layers 3.9 GB).
     """
     held = sum(each_block_gb(sizes)) + sizes["other_transformer_gb"]
     if held > left:
