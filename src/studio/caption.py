@@ -406,7 +406,10 @@ def greedy_generate(text_encoder, generate: Callable | None = None, *, streamer=
             step = _Step(text_encoder, prefilled, input_ids, first, max_new_tokens, config.repetition_penalty,
                          embed_outside=capture and embedding_outside(text_encoder, input_ids.device))
             del prefilled  # its tensors are in the static cache now
-            timings["problem"] = None if capture else problem or "too few steps for a graph"
+            timings["problem"] = None if capture else ("graphs=False" if graphs is False else problem
+                                                        or "too few steps for a graph")
+            if not capture and input_ids.device.type == "cuda":
+                logger.info("Caption decode without a CUDA graph: %s", timings["problem"])
             if capture:
                 graph = _capture(step, lambda: advance(step), timings)
                 timings["graphs"] = True
