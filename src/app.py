@@ -24,7 +24,7 @@ os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
 # A local tool: no usage reports to Gradio's or the hub's servers.
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
-# --compile: Inductor's compiled kernels are cached here, so a second start loads them; its default under /tmp is lost
+# Regional compile: Inductor's compiled kernels are cached here, so a second start loads them; its default under /tmp is lost
 # at every reboot. The weights' folder, not git.
 os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                                                               "models", "torch_compile_cache"))

@@ -69,7 +69,7 @@ def compile_transformer_blocks(transformer: torch.nn.Module) -> int:
 
 
 def compile_cache_file() -> Path:
-    """torch's portable compile cache ("mega-cache") for --compile, beside Inductor's on-disk caches."""
+    """torch's portable compile cache ("mega-cache") for the regional compile, beside Inductor's on-disk caches."""
     return Path(os.environ["TORCHINDUCTOR_CACHE_DIR"]) / f"mega_cache_torch{torch.__version__}.bin"
 
 
