@@ -23,6 +23,7 @@ from PIL import Image
 import app
 import studio.serving
 from studio.images import MAX_INPUT_PIXELS, MAX_LAYER_FILE_BYTES, MAX_STACK_PIXELS, read_layered_file
+from studio.params import DEFAULTS, PARAMS
 from studio.runs import DecomposeResult, save_run
 from studio.serving import (NOT_AN_UPLOAD_MESSAGE, Sessions, clean_gradio_caches, launch_options, network_warning)
 
@@ -222,11 +223,11 @@ def upload(url: str, image: Path) -> dict:
 
 
 def job_values(image: dict, seed: int, steps: int = 2, **changes) -> list:
-    values = dict(prompt="a raw card", negative_prompt=" ", seed=seed, randomize_seed=False, true_cfg_scale=1.0,
-                  num_inference_steps=steps, layers=2, resolution=640, cfg_normalize=True, use_en_prompt=True,
+    """/decompose's inputs as a raw client sends them: the image, every PARAMS value in the table's order, original_size."""
+    values = dict(DEFAULTS, prompt="a raw card", seed=seed, true_cfg_scale=1.0, num_inference_steps=steps, layers=2,
                   original_size=False)
     values.update(changes)
-    return [image, *values.values()]
+    return [image, *(values[p.name] for p in PARAMS), values["original_size"]]
 
 
 def raw_run(url: str, data: list) -> tuple[str, object, str]:

@@ -206,8 +206,9 @@ def resize_layers(layers: list[Image.Image], size: tuple[int, int]) -> list[Imag
 GROUND_TRUTH_SUFFIXES = (".psd", ".zip")  # layered files; a folder of PNGs is the third kind
 MIN_GROUND_TRUTH_LAYERS = 2  # one layer is the picture itself, not a decomposition
 PSD_MAGIC, ZIP_MAGIC = b"8BPS", b"PK\x03\x04"  # what tells the kinds apart, whatever a file is called
-# The studio's ZIP: layer_1.png (bottom) ... layer_N.png, plus composite.png and params.json (studio.exports.export_zip).
-ZIP_LAYER_NAME = re.compile(r"layer_(\d+)\.png$", re.IGNORECASE)
+# The studio's ZIP: layer_1.png (bottom) ... layer_N.png, plus composite.png and params.json
+# (studio.exports.export_zip); a named layer's file is layer_2_red-circle.png (studio.naming.named_layer_file).
+ZIP_LAYER_NAME = re.compile(r"layer_(\d+)(?:_[^/]*)?\.png$", re.IGNORECASE)
 # A ZIP member is read as a stream, never whole; one larger than a PNG of the largest layer stored uncompressed (4
 # bytes a pixel) is refused from the ZIP's directory: a 2 MB ZIP can hold gigabytes of zeros.
 MAX_LAYER_FILE_BYTES = 4 * MAX_INPUT_PIXELS
