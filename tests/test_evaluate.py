@@ -337,8 +337,9 @@ def test_ui_shows_the_score_next_to_input_and_composite(demo_run):
     image_path, result, paths = demo_run
     stack = LayerStack(layers=result.layers, run_folder=paths["folder"], files=paths)
     (before, after), text = app.recomposition_view({"path": str(image_path)}, stack, demo=True)
-    assert before.size == after.size == result.layers[0].size  # the input at the model's resolution
-    assert np.array_equal(np.asarray(after), np.asarray(composite_layers(result.layers)))
+    assert before.size == Image.open(after).size == result.layers[0].size  # the input at the model's resolution
+    assert Path(after) == paths["composite"]  # the file itself: the slider's download is composite.png
+    assert np.array_equal(np.asarray(Image.open(after)), np.asarray(composite_layers(result.layers)))
     assert f"{result.params['recomposition']['psnr_db']:.2f} dB" in text and app.DEMO_SCORE_NOTE in text
     assert app.DEMO_SCORE_NOTE not in app.recomposition_view(str(image_path), stack, demo=False)[1]
     assert app.recomposition_view(str(image_path), None) == (None, "")
