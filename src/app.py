@@ -1118,10 +1118,11 @@ def undo_handler(stack: LayerStack | None = None) -> tuple:
 
 def edit_layer_handler(settings, run_info: dict[str, Any], layer_number, instruction: str | None,
                        stack: LayerStack | None = None, *, sessions: "Sessions | None" = None,
-                       tracker: RunTracker | None = None, request=None) -> tuple:
+                       tracker: RunTracker | None = None, request=None, **tool_params) -> tuple:
     """"Edit this layer" (1 = bottom): the layer goes to the edit tool's API (`--edit-tool`: its own process and
-    model, `src/tool/edit_rgba_image.py`), and the edited layer takes its place in the stack, saved like a sub-run,
-    with one step of undo. Returns (*StackView, caption, seed, stack); the caption is the instruction."""
+    model, `src/tool/edit_rgba_image.py`; `tool_params`: its other parameters, else its defaults), and the edited
+    layer takes its place in the stack, saved like a sub-run, with one step of undo. Returns (*StackView, caption,
+    seed, stack); the caption is the instruction."""
     with guarded_job(sessions, request, "editing the layer", tracker, None, "edit") as (stop, job):
         index = selected_layer(stack, layer_number)
         instruction = check_param("prompt", instruction or "").strip()
@@ -1129,7 +1130,7 @@ def edit_layer_handler(settings, run_info: dict[str, Any], layer_number, instruc
             raise ValueError(NO_INSTRUCTION_MESSAGE)
         check_stack_files(stack)
         start = time.perf_counter()
-        edited, seed, info = edit_with_tool(settings, stack.layers[index], instruction, stop, job)
+        edited, seed, info = edit_with_tool(settings, stack.layers[index], instruction, stop, job, **tool_params)
         job.mark("export")
         result = DecomposeResult(layers=[edited], caption=instruction, auto_caption=False, seed=seed,
                                  params=dict(edit_instruction=instruction, edit_tool=settings.edit_tool,
@@ -1147,7 +1148,8 @@ def edit_layer_handler(settings, run_info: dict[str, Any], layer_number, instruc
     return (*stack_view(new_stack), instruction, seed, new_stack)
 
 
-def edit_with_tool(settings, layer: Image.Image, instruction: str, stop: threading.Event | None, job: Job):
+def edit_with_tool(settings, layer: Image.Image, instruction: str, stop: threading.Event | None, job: Job,
+                   **tool_params):
     """The edit tool's `/edit` on `layer` (its defaults for the rest): (the edited RGBA layer at the layer's size, the
     seed it used, its note). Its steps go to `job`; a set `stop` leaves the tool (its run then stops at its next
     step: the tool stops a session's run when the session ends)."""
@@ -1168,7 +1170,7 @@ def edit_with_tool(settings, layer: Image.Image, instruction: str, stop: threadi
         try:
             path = Path(folder) / "layer.png"
             layer.save(path)
-            submitted = client.submit(handle_file(str(path)), instruction, api_name="/edit")
+            submitted = client.submit(handle_file(str(path)), instruction, **tool_params, api_name="/edit")
             while not submitted.done():
                 if stop is not None and stop.is_set():
                     submitted.cancel()
