@@ -425,6 +425,8 @@ def test_sigterm_stops_the_app_and_clears_gradio_s_cache(served, tmp_path):
     assert proc.wait(timeout=60) == 0, served["log"].read_text()[-3000:]
     client.close()
     assert not Path(upload[0]).exists()
-    # All that stays are Gradio's copies of the example images, which it keeps for the page (keep_in_cache).
+    # All that stays are Gradio's copies of the example images, which it keeps for the page (keep_in_cache), and no
+    # empty folder (Gradio keeps each file in a folder named by its hash).
     left = {p.name for p in cache.rglob("*") if p.is_file()}
     assert left <= {Path(example).name for example in app.example_images()}
+    assert not [p for p in cache.rglob("*") if p.is_dir() and not any(p.iterdir())]
