@@ -937,6 +937,10 @@ INPUT_HEIGHT = 360
 COMPARISON_HEIGHT = 420
 # How often the page asks what a run is doing (seconds).
 PROGRESS_POLL_S = 0.5
+# A new stack leaves no layer highlighted: the gallery's own Close (of the big view a click opens) clears its
+# selection. (Setting the gallery's selected_index from Python would give the session its own copy of the gallery,
+# whose files Gradio 6.31 then never deletes.)
+DESELECT_LAYER_JS = """() => { document.querySelector('#layers .preview button[aria-label="Close"]')?.click(); }"""
 NO_IMAGE_MESSAGE = "No image: upload an image (PNG, JPEG, WebP) first."
 NO_LAYERS_MESSAGE = "No layers yet: decompose an image first, then select one of its layers in the gallery."
 NO_SELECTION_MESSAGE = "No layer selected: click a layer in the gallery (or type its number, 1 = bottom)."
@@ -1253,31 +1257,48 @@ def page_finish(tracker: RunTracker, kind: str, stack: LayerStack | None, new_in
                 *, demo: bool = False, read_upload: Callable[[Any], Path] | None = None, request=None) -> list:
     """After an event that may have changed the stack: the progress area's last word, the buttons back, and for a new
     stack everything that shows it (nothing selected, the comparison and score of the whole stack, the tools).
-    An error or a stop leaves every output as it was. Returns (status, timer, *buttons, selected layer, gallery,
-    comparison, score, layer tools, caption and seed, downloads, comparison box, the input the comparison shows)."""
+    An error or a stop leaves every output as it was. Returns (status, timer, *buttons, selected layer, comparison,
+    score, layer tools, caption and seed, downloads, comparison box, the input the comparison shows). The gallery's
+    highlight is cleared on the page (`DESELECT_LAYER_JS`).
+
+    The comparison is always sent (the same pictures when the stack did not change): Gradio 6.31 answers a
+    `gr.skip()` for a component by giving the session its own copy of it, whose files it then never deletes."""
     import gradio as gr
 
-    unchanged = [gr.skip()] * 9
-    if kind == "undo":
-        status, changed = gr.skip(), True
-    else:
+    changed, running = kind == "undo", False
+    status = gr.skip()
+    if kind != "undo":
         session = request.session_hash
         job = tracker.job(session)
-        if job is not None and job.outcome is None:
-            if job.phase != "queued":  # Stop cancelled the event; the run ends at its next step (the poll says when)
-                return [status_html(tracker.status(session)), gr.skip(), *[gr.skip()] * 5, *unchanged]
+        if job is not None and job.outcome is None and job.phase == "queued":
             tracker.end(job, "failed")  # refused before its handler began
-        status, changed = status_html(tracker.status(session)), job is not None and job.outcome == "done"
-    if not changed:  # an error or a stop: every output as it was
-        return [status, gr.Timer(active=False), *button_updates(stack, layer_number, running=False), *unchanged]
-    shown = new_input if kind == "decompose" else shown_input
-    try:
-        comparison, score = recomposition_view(shown, stack, demo, read_upload)
-    except ValueError:  # the input left Gradio's cache (after an hour): the layers are still right
-        comparison, score = None, "The input is no longer on the server: decompose it again to compare."
+        running = job is not None and job.outcome is None  # Stop cancelled the event; the run ends at its next step
+        changed = job is not None and job.outcome == "done"
+        status = status_html(tracker.status(session))
+    comparison, score, shown = page_comparison(kind if changed else "kept", stack, new_input, shown_input, demo,
+                                               read_upload)
+    if not changed:  # an error or a stop: every output as it was (the poll ends a run that is still stopping)
+        return [status, gr.skip() if running else gr.Timer(active=False),
+                *([gr.skip()] * 5 if running else button_updates(stack, layer_number, running=False)),
+                gr.skip(), comparison, score, *[gr.skip()] * 4, shown]
     visible = gr.update(visible=True)
-    return [status, gr.Timer(active=False), *button_updates(stack, None, running=False), None,
-            gr.Gallery(selected_index=None), comparison, score, visible, visible, visible, visible, shown]
+    return [status, gr.Timer(active=False), *button_updates(stack, None, running=False), None, comparison, score,
+            visible, visible, visible, visible, shown]
+
+
+def page_comparison(kind: str, stack: LayerStack | None, new_input, shown_input, demo: bool = False,
+                    read_upload: Callable[[Any], Path] | None = None) -> tuple[Any, str, Any]:
+    """The comparison and score for the stack, and the input it compares with, kept in the page's state: a new
+    decomposition's upload (read once, here: Gradio's cache lets an upload go after an hour), else the one kept."""
+    if stack is None or (kind != "decompose" and shown_input is None):
+        return None, "", shown_input
+    try:
+        if kind == "decompose":
+            shown_input = to_rgba(read_upload(new_input) if read_upload is not None else new_input)
+        comparison, score = recomposition_view(shown_input, stack, demo)
+    except ValueError:  # the upload left Gradio's cache: the layers are still right
+        comparison, score, shown_input = None, "The input is no longer on the server: decompose it again to compare.", None
+    return comparison, score, shown_input
 
 
 def selection_changed(tracker: RunTracker, stack: LayerStack | None, layer_number, request=None) -> list:
@@ -1285,14 +1306,6 @@ def selection_changed(tracker: RunTracker, stack: LayerStack | None, layer_numbe
     running = tracker.running(request.session_hash)
     _, _, run_layer, _, edit = button_updates(stack, layer_number, running)
     return [run_layer, edit]
-
-
-def highlight_typed_layer(stack: LayerStack | None, layer_number):
-    """A typed layer number highlights that layer in the gallery (nothing for a number outside the stack)."""
-    import gradio as gr
-
-    inside = stack is not None and layer_number is not None and 1 <= layer_number <= len(stack.layers)
-    return gr.Gallery(selected_index=int(layer_number) - 1 if inside else None)
 
 
 def check_upload(image, read_upload: Callable[[Any], Path] | None = None) -> None:
@@ -1444,8 +1457,9 @@ def build_ui(loaded: Loaded, settings):
                 with gr.Row(visible=False, elem_classes="result-info") as result_info:
                     caption = gr.Textbox(label="Caption used", interactive=False, scale=3)
                     used_seed = gr.Number(label="Seed used", interactive=False, precision=0, min_width=100)
-                with gr.Row(visible=False, elem_classes="downloads") as downloads_row:  # one compact row
-                    downloads = [gr.File(label=export.key.upper(), min_width=120) for export in EXPORTS]
+                # One slim line per file (its name says what it is), the whole name readable.
+                with gr.Column(visible=False, elem_classes="downloads", elem_id="downloads") as downloads_row:
+                    downloads = [gr.File(label=export.key.upper(), show_label=False) for export in EXPORTS]
                 with gr.Column(visible=False, elem_id="comparison") as comparison_box:
                     comparison = gr.ImageSlider(label="Input | composite of the layers", type="pil", format="png",
                                                 interactive=False, max_height=COMPARISON_HEIGHT)
@@ -1467,7 +1481,7 @@ def build_ui(loaded: Loaded, settings):
                    concurrency_id="gpu")  # ... shared by "Decompose", "Decompose this layer" and "Edit this layer"
         finish = functools.partial(page_finish, tracker, demo=loaded.demo, read_upload=read_upload)
         finish_inputs = [stack, new_input, shown_input, layer_number]
-        finish_outputs = [status, timer, *buttons, layer_number, gallery, comparison, score_text, layer_tools,
+        finish_outputs = [status, timer, *buttons, layer_number, comparison, score_text, layer_tools,
                           result_info, downloads_row, comparison_box, shown_input]
         start_outputs = [status, timer, *buttons, new_input]
 
@@ -1494,21 +1508,22 @@ def build_ui(loaded: Loaded, settings):
             preprocess=False,
             **gpu,
         )
-        run_event.then(finisher("decompose"), finish_inputs, finish_outputs, preprocess=False,
-                       **quiet)
         layer_inputs = [layer_number, sub_layers, sub_prompt, *(widgets[name] for name in shared), stack]
         layer_event = run_layer.click(
-            starter("layer", ["layer_number", "layers", "prompt", *shared, "stack"]), layer_inputs, start_outputs, **checks,
+            starter("layer", ["layer_number", "layers", "prompt", *shared, "stack"]), layer_inputs, start_outputs,
+            **checks,
         ).success(decompose_this_layer, inputs=layer_inputs, outputs=results, api_name="decompose_layer", **gpu)
-        layer_event.then(finisher("layer"), finish_inputs, finish_outputs, preprocess=False, **quiet)
         edit_inputs = [layer_number, instruction, stack]
         edit_event = edit_button.click(
             starter("edit", ["layer_number", "instruction", "stack"]), edit_inputs, start_outputs, **checks,
         ).success(edit_this_layer, inputs=edit_inputs, outputs=results, api_name="edit_layer", **gpu)
-        edit_event.then(finisher("edit"), finish_inputs, finish_outputs, preprocess=False, **quiet)
-        undo_button.click(page_nothing_to_undo, [stack], None, **quiet).success(
-            undo_last, inputs=[stack], outputs=results, api_name="undo", show_progress="hidden",
-        ).success(finisher("undo"), finish_inputs, finish_outputs, preprocess=False, **quiet)
+        undo_event = undo_button.click(page_nothing_to_undo, [stack], None, **quiet).success(
+            undo_last, inputs=[stack], outputs=results, api_name="undo", show_progress="hidden")
+        for kind, event in (("decompose", run_event), ("layer", layer_event), ("edit", edit_event)):
+            event.then(finisher(kind), finish_inputs, finish_outputs, preprocess=False, **quiet)
+        undo_event.success(finisher("undo"), finish_inputs, finish_outputs, preprocess=False, **quiet)
+        for event in (run_event, layer_event, edit_event, undo_event):  # a new stack: no layer stays highlighted
+            event.success(None, js=DESELECT_LAYER_JS, **quiet)
         # Stop: Gradio cancels the event on the page; `stop_job` makes the pipeline itself stop at its next step
         # (a cancelled event's thread would otherwise run to the end). Not in the "gpu" queue: it must not wait.
         stop_button.click(stop_job, cancels=[run_event, layer_event, edit_event], api_name="stop",
@@ -1519,7 +1534,6 @@ def build_ui(loaded: Loaded, settings):
         layer_number.change(gradio_handler(functools.partial(selection_changed, tracker), ["stack", "layer_number"],
                                            {}, request=True),
                             [stack, layer_number], [run_layer, edit_button], queue=False, **quiet)
-        layer_number.input(highlight_typed_layer, [stack, layer_number], gallery, queue=False, **quiet)
         # A file the app cannot take is said when it is uploaded (and the input emptied), not after a wait in the queue.
         image.upload(functools.partial(check_upload, read_upload=read_upload), [image], None, preprocess=False,
                      **quiet).failure(lambda: None, None, image, **quiet)

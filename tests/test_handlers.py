@@ -89,9 +89,9 @@ def test_the_pages_comparison_reads_only_uploads(demo_pipe, models_dir, tmp_path
     finishes = [fn.fn.handler for fn in demo.fns.values()
                 if getattr(getattr(fn.fn, "handler", None), "func", None) is app.page_finish]
     assert len(finishes) == 4  # after Decompose, Decompose this layer, Edit this layer, Undo
-    undo_finish = next(f for f in finishes if "undo" in f.args)
+    read_upload = finishes[0].keywords["read_upload"]
     with pytest.raises(ValueError, match="not uploaded to this app"):
-        undo_finish.keywords["read_upload"]({"path": str(secret)})
-    *_, comparison, score, _, _, _, _, shown = undo_finish(stack=returned[-1], new_input=None,
-                                                          shown_input={"path": str(secret)})
-    assert comparison is None and "no longer on the server" in score
+        read_upload({"path": str(secret)})
+    comparison, score, shown = app.page_comparison("decompose", returned[-1], {"path": str(secret)}, None,
+                                                   read_upload=read_upload)
+    assert (comparison, shown) == (None, None) and "no longer on the server" in score

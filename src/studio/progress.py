@@ -45,6 +45,11 @@ OWN_RATE_AFTER_STEPS = 1
 OWN_RATE_AFTER_TOKENS = 16
 
 
+def clock() -> float:
+    """Seconds, for every duration here (tests replace it)."""
+    return time.monotonic()
+
+
 @dataclasses.dataclass(frozen=True)
 class Shape:
     """What a run's time depends on: its image tokens per layer (resolution), its layers, steps and whether true CFG
@@ -137,11 +142,11 @@ class Job:
 
     kind: str  # "decompose", "layer" (decompose this layer), "edit"
     shape: Shape
-    started: float = dataclasses.field(default_factory=time.monotonic)
+    started: float = dataclasses.field(default_factory=lambda: clock())
     phase: str = "queued"
     done: int = 0
     total: int = 0
-    phase_started: float = dataclasses.field(default_factory=time.monotonic)
+    phase_started: float = dataclasses.field(default_factory=lambda: clock())
     seconds: dict[str, float] = dataclasses.field(default_factory=dict)  # the phases that ended
     caption_tokens: int | None = None
     stopping: bool = False
@@ -150,7 +155,7 @@ class Job:
 
     def mark(self, phase: str, done: int = 0, total: int = 0) -> None:
         """The job is now in `phase` (with `done` of `total` counted, where it counts)."""
-        now = time.monotonic()
+        now = clock()
         if phase != self.phase:
             self.seconds[self.phase] = self.seconds.get(self.phase, 0.0) + now - self.phase_started
             if self.phase == "caption":
@@ -173,7 +178,7 @@ class Job:
 
     def end(self, outcome: str) -> None:
         self.mark("ended")
-        self.outcome, self.ended = outcome, time.monotonic()
+        self.outcome, self.ended = outcome, clock()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -187,6 +192,7 @@ class Status:
     fraction: float | None = None  # of the whole run, for the bar
     running: bool = False
     outcome: str | None = None
+    left_whole: bool = True  # False: `left_s` covers this phase and the known ones after it, not the whole run
 
 
 class RunTracker:
@@ -238,38 +244,37 @@ class RunTracker:
         with self._lock:
             self._jobs.pop(session, None)
 
-    def seconds_left(self, job: Job, now: float) -> float | None:
-        """The time `job` should still take: what is left of its phase (at the run's own rate once it has one),
-        then the later phases at this machine's earlier rates. None while a phase has never run here."""
+    def seconds_left(self, job: Job, now: float) -> tuple[float | None, bool]:
+        """The time `job` should still take, and whether that is all of it: what is left of its phase (at the run's
+        own rate once it has one), then the later phases at this machine's earlier rates. A phase that never ran here
+        has no estimate: the sum stops before it ((None, False) when that is the phase running now)."""
         if job.kind == "edit":
-            return None
+            return None, False
         phases = [p for p in WORK_PHASES if p != "caption" or job.shape.caption]
         current = job.phase if job.phase in phases else phases[0]
         in_phase = now - job.phase_started if job.phase in phases else 0.0
-        left = 0.0
+        left = None
         for phase in phases[phases.index(current):]:
             estimate = self.timings.phase_seconds(phase, job.shape)
-            if phase != current or job.phase not in phases:
-                if estimate is None:
-                    return None
-                left += estimate
-            elif phase == "steps" and job.done >= OWN_RATE_AFTER_STEPS:
-                left += in_phase / job.done * max(job.total - job.done, 0)
-            elif phase == "caption" and job.done >= OWN_RATE_AFTER_TOKENS:
-                expected = max(self.timings.caption_tokens(), job.done + 1)
-                left += in_phase / job.done * (min(expected, CAPTION_MAX_TOKENS) - job.done)
-            elif estimate is None:
-                return None
-            else:
-                left += max(estimate - in_phase, 0.0)
-        return left
+            if phase == current and job.phase in phases:
+                if phase == "steps" and job.done >= OWN_RATE_AFTER_STEPS:
+                    estimate = in_phase / job.done * max(job.total - job.done, 0)
+                elif phase == "caption" and job.done >= OWN_RATE_AFTER_TOKENS:
+                    expected = min(max(self.timings.caption_tokens(), job.done + 1), CAPTION_MAX_TOKENS)
+                    estimate = in_phase / job.done * (expected - job.done)
+                elif estimate is not None:
+                    estimate = max(estimate - in_phase, 0.0)
+            if estimate is None:
+                return left, False
+            left = (left or 0.0) + estimate
+        return left, True
 
     def status(self, session: str) -> Status | None:
         """What the session's progress area shows now; None before its first run."""
         job = self.job(session)
         if job is None:
             return None
-        now = time.monotonic()
+        now = clock()
         if job.outcome is not None:
             took = job.ended - job.started
             text = {"done": f"Done in {duration(took)}",
@@ -283,21 +288,21 @@ class RunTracker:
             ahead = [other for other in self._running_jobs() if other is not job and other.phase != "queued"]
             if not ahead:
                 return Status("Starting", "", elapsed, None, None, running=True)
-            left = self.seconds_left(ahead[0], now)
-            detail = f"it has about {duration(left)} left" if left is not None else ""
+            left, whole = self.seconds_left(ahead[0], now)
+            detail = f"it has about {duration(left)} left" if left is not None and whole else ""
             return Status(PHASES["queued"], detail, elapsed, None, None, running=True)
         detail = ""
         if job.phase == "caption":
             detail = f"{job.done}/{job.total or CAPTION_MAX_TOKENS} tokens"
         elif job.phase == "steps" or (job.phase == "edit" and job.total):
             detail = f"step {job.done} of {job.total or job.shape.steps}"
-        left = self.seconds_left(job, now)
+        left, whole = self.seconds_left(job, now)
         worked = now - job.started - job.seconds.get("queued", 0.0)
-        fraction = worked / (worked + left) if left is not None and worked + left > 0 else None
+        fraction = worked / (worked + left) if left is not None and whole and worked + left > 0 else None
         text = PHASES.get(job.phase, job.phase)
         if job.kind == "layer" and job.phase == "decode":  # a sub-run writes the whole stack's files in it too
             text = "Decoding the layers and writing the files"
-        return Status(text, detail, elapsed, left, fraction, running=True)
+        return Status(text, detail, elapsed, left, fraction, running=True, left_whole=whole)
 
     def _running_jobs(self) -> list[Job]:
         with self._lock:
@@ -347,10 +352,13 @@ def status_html(status: Status | None) -> str:
         parts.append(f'<span class="detail">{html.escape(status.detail)}</span>')
     if status.running:
         times = f"{duration(status.elapsed_s)} so far"
-        if status.left_s is not None:
+        first_run = " (the whole run's time is estimated after a first run on this machine)"
+        if status.left_s is not None and status.left_whole:
             times += f", about {duration(status.left_s)} left"
+        elif status.left_s is not None:
+            times += f", about {duration(status.left_s)} left in this part" + first_run
         elif status.text not in (PHASES["queued"], "Starting") and "Stopping" not in status.text:
-            times += " (the time left is estimated after a first run on this machine)"
+            times += first_run
         parts.append(f'<span class="times">{times}</span>')
     bar = ""
     if status.running:
