@@ -36,6 +36,8 @@ def test_every_good_image_gets_its_own_run_folder(batch):
     assert [(p["layers"], p["num_inference_steps"], p["seed"]) for p in params] == [(2, 2, 3)] * 2
     for folder in folders:
         assert sorted(p.name for p in folder.glob("layer_*.png")) == ["layer_1.png", "layer_2.png"]
+    # Each run folder says which image it holds: <stamp>_<image>_seed<seed>.
+    assert [re.sub(r"^\d{8}-\d{6}-\d{6}_", "", f.name) for f in folders] == ["a_seed3", "b_seed3"]
 
 
 def test_bad_files_are_reported_and_skipped_and_the_summary_lists_both(batch):
@@ -47,9 +49,10 @@ def test_bad_files_are_reported_and_skipped_and_the_summary_lists_both(batch):
     # The images after the bad file still ran; each ok line names its run folder.
     assert [line.split()[1] for line in ok] == [str(inputs / "photos" / "a.png"), str(inputs / "photos" / "b.jpg")]
     assert all(Path(line.split(" -> ")[1]).parent == out for line in ok)
-    assert failed == [f"  FAILED  {inputs / 'broken.png'}: ValueError: broken.png is not an image: its content is "
+    # The message, without the exception's class (issue 23: the lines began "ValueError:").
+    assert failed == [f"  FAILED  {inputs / 'broken.png'}: broken.png is not an image: its content is "
                       f"no image format this app reads. Upload a PNG, JPEG or WebP file.",
-                      f"  FAILED  {inputs / 'missing.png'}: ValueError: image file '{inputs / 'missing.png'}' "
+                      f"  FAILED  {inputs / 'missing.png'}: image file '{inputs / 'missing.png'}' "
                       f"does not exist"]
 
 
