@@ -82,3 +82,12 @@ def test_bad_parameters_stop_before_the_model_loads(tmp_path):
     assert proc.returncode == 2
     assert "layers=12 is out of range: use an integer from 2 to 10" in proc.stderr
     assert "Loaded " not in proc.stderr and not (tmp_path / "models").exists()
+
+
+def test_a_long_caption_is_cut_on_the_per_image_line():
+    from studio.batch import CAPTION_SHOWN_CHARS, short_text
+
+    caption = "A flat illustration of a desk with a blue mug, a lamp and a plant, " * 15  # ~1,000 characters
+    shown = short_text(caption)
+    assert len(shown) <= CAPTION_SHOWN_CHARS + 1 and shown.endswith("…") and caption.startswith(shown[:-1])
+    assert short_text("a card") == "a card"

@@ -95,3 +95,16 @@ def test_the_pages_comparison_reads_only_uploads(demo_pipe, models_dir, tmp_path
     comparison, score, shown = app.page_comparison("decompose", returned[-1], {"path": str(secret)}, None,
                                                    read_upload=read_upload)
     assert (comparison, shown) == (None, None) and "no longer on the server" in score
+
+
+def test_undo_on_the_page_with_nothing_to_undo_is_a_warning_and_changes_nothing(first_run):
+    """The page's Undo (greyed out then; a click can still race a run) warns and stops its chain without an error
+    toast, so no output of the page changes (issue 23); the API's /undo still answers with an error."""
+    import gradio as gr
+
+    stack = first_run[1][-1]  # a first run: nothing to undo
+    with pytest.warns(UserWarning, match="Nothing to undo"), pytest.raises(gr.Error) as quiet:
+        app.page_nothing_to_undo(stack)
+    assert quiet.value.visible is False
+    with pytest.raises(gr.Error, match="Nothing to undo: decompose an image first"):
+        app.undo_handler(None)

@@ -319,7 +319,9 @@ def studio(served, browser, tmp_path_factory):
     expect(page.locator("#comparison img")).to_have_count(2, timeout=30_000)
     seen["first"] = dict(outputs_shown(page), layers_pixels=layer_images(page), slider=slider_images(page),
                          score=page.locator("#comparison").inner_text(),
-                         comparison_top=box(page.locator("#comparison"))["y"],
+                         comparison_top=page.locator("#comparison").evaluate(
+                             "e => e.getBoundingClientRect().top + window.scrollY"),  # on the page, not the view
+                         slider_download=page.locator("#comparison a[download]").get_attribute("download"),
                          downloads_row=box(page.locator(".downloads")),
                          gallery_img_fits=img_box_matches_its_picture(page.locator("#layers .thumbnail-lg img").first),
                          slider_img_fits=img_box_matches_its_picture(page.locator("#comparison img").nth(1)),
@@ -486,7 +488,8 @@ def test_the_downloads_are_one_compact_row_of_whole_names_and_the_files_open(stu
     assert all(laid_out for *_, laid_out in studio["download_names"])  # wrapped, not cut to "...p"
     downloads = studio["first"]["downloads_row"]
     assert downloads["height"] < 170  # friction 3: one compact block, not three ~170 px boxes
-    assert studio["first"]["comparison_top"] < 1300  # was at y≈1700
+    assert studio["first"]["comparison_top"] < 1100  # was at y≈1700
+    assert studio["first"]["slider_download"] == "composite.png"  # was "image.png"
     files = studio["downloaded"]
     psd = PSDImage.open(files[".psd"])
     assert len(list(psd)) == 3 and psd.size == STRIP_OUT
