@@ -3,12 +3,16 @@ own; no third-party pictures). Flat shapes, text, vertical gradients, semi-trans
 2 to 6 layers, square, landscape and portrait canvases. `python src/app.py evaluate assets/layered_gt ...` scores
 a model against them.
 
-Run: python assets/make_layered_gt.py   (writes the PSDs with the app's own `export_psd`; deterministic)
+Run: python assets/make_layered_gt.py   (writes the PSDs with the app's own `export_psd`, studio/exports.py; deterministic)
+
+Each text layer's string, place, colour and font size go to `layered_gt/text_layers.json` (design -> lines, layer 1 =
+bottom): the ground truth of `studio.design.text_cer`, which a PSD's pixel layers cannot carry.
 
 Gradients run top to bottom only: every row is one colour, which the PSD's run-length compression stores in
 a few bytes, so the files stay small.
 """
 
+import json
 import sys
 from pathlib import Path
 
@@ -17,7 +21,7 @@ from PIL import Image, ImageDraw, ImageFilter, ImageFont
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "src"))
 sys.path.insert(0, str(ROOT / "assets"))
-import app  # noqa: E402  (loads no model)
+from studio.exports import export_psd  # noqa: E402  (the app's own writer; no torch)
 import make_test_images  # noqa: E402  (the example images' script: its gradient)
 
 OUT = Path(__file__).resolve().parent / "layered_gt"
@@ -45,8 +49,10 @@ def shape(size, kind, box, fill, opacity=255, **kwargs):
 
 
 def text(size, xy, words, fill, font_size, opacity=255):
+    """One line in Pillow's default font; what was drawn rides along in `info["text"]` for text_layers.json."""
     layer = blank(size)
     ImageDraw.Draw(layer).text(xy, words, fill=tuple(fill) + (opacity,), font=ImageFont.load_default(size=font_size))
+    layer.info["text"] = dict(text=words, xy=list(xy), fill=list(fill), opacity=opacity, font_size=font_size)
     return layer
 
 
@@ -140,10 +146,16 @@ def compress_merged_image(path):
 
 def main():
     OUT.mkdir(exist_ok=True)
+    text_layers = {}
     for name, layers in designs().items():
-        app.export_psd(layers, OUT / f"{name}.psd")
+        export_psd(layers, OUT / f"{name}.psd")
         compress_merged_image(OUT / f"{name}.psd")
+        lines = [dict(layer=index + 1, **layer.info["text"]) for index, layer in enumerate(layers) if "text" in layer.info]
+        if lines:
+            text_layers[name] = lines
         print(f"{name}.psd: {len(layers)} layers, {layers[0].width}x{layers[0].height}")
+    rows = ",\n".join(f" {json.dumps(name)}: {json.dumps(lines, ensure_ascii=False)}" for name, lines in text_layers.items())
+    (OUT / "text_layers.json").write_text("{\n" + rows + "\n}\n")
 
 
 if __name__ == "__main__":

@@ -24,7 +24,7 @@ os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
 # A local tool: no usage reports to Gradio's or the hub's servers.
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
-# --compile: Inductor's compiled kernels are cached here, so a second start loads them; its default under /tmp is lost
+# Regional compile: Inductor's compiled kernels are cached here, so a second start loads them; its default under /tmp is lost
 # at every reboot. The weights' folder, not git.
 os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                                                               "models", "torch_compile_cache"))
@@ -36,6 +36,7 @@ import functools  # noqa: E402
 import gc  # noqa: E402
 import importlib  # noqa: E402
 import inspect  # noqa: E402
+import json  # noqa: E402
 import logging  # noqa: E402
 import platform  # noqa: E402
 import random  # noqa: E402
@@ -51,9 +52,11 @@ import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from studio.batch import batch_summary, decompose_batch, decompose_ray, find_images, import_ray  # noqa: E402
-from studio.compiling import (CAPTION_CACHE_TOKENS, caption_compile_problem, compile_caption_decode,  # noqa: E402
-                              compile_problem, compile_transformer_blocks, load_compile_cache, save_compile_cache)
+from studio import caption, compiling  # noqa: E402  (compiling.machine_compile_problem: tests patch it there)
+from studio.compiling import (compile_problem, compile_transformer_blocks, fuse_problem, fuse_qkv_projections,  # noqa: E402
+                              load_compile_cache, save_compile_cache)
 from studio.demo_model import build_demo_pipeline, is_demo_model  # noqa: E402
+from studio.design import finish_layers  # noqa: E402
 from studio.engine import memory  # noqa: E402  (memory.available_ram_gb: tests patch it there)
 from studio.engine.plan import (BUDGET_AUTO_MIN_VRAM_GB, FULL_RESIDENCY_VRAM_GB, GIB, MachinePlan,  # noqa: E402
                                 budget_minimum_gb, plan_machine)
@@ -64,14 +67,17 @@ from studio.evaluate import evaluate_main, evaluate_parser  # noqa: E402
 from studio.exports import EXPORTS  # noqa: E402
 from studio.images import IMAGE_SUFFIXES, resize_layers, to_rgba  # noqa: E402
 from studio.loaded import Loaded  # noqa: E402
-from studio.modes import OFFLOAD, OFFLOAD_CHOICES, QUANT, OffloadMode, quant_mode  # noqa: E402
+from studio.modes import (FAST_QUANTIZATION, OFFLOAD, OFFLOAD_CHOICES, PRESETS, QUANT, OffloadMode,  # noqa: E402
+                          fast_mode_for, quant_mode)
+from studio.naming import LayerLabels, name_layers  # noqa: E402
 from studio.parallel import (caption_from_rank0, check_gpus, enable_multi_gpu, init_distributed,  # noqa: E402
                              launch_ranks, rank0_says, ranks_on_this_machine, serve_rank, share_job, stop_ranks)
 from studio.params import (DEFAULTS, LAYERS_RANGE, MAX_SEED, PARAM, PARAMS, RESOLUTIONS, STEPS_RANGE,  # noqa: E402
                            Flag, add_flags, add_param_args, check_param, check_params, flag_values,
                            non_negative_float, param_widget, positive_int)
+from studio.params import DESIGN_PARAMS  # noqa: E402  (issue 26's options: one row of the page)
 from studio.progress import TIMINGS_FILE, Job, RunTracker, Shape, Timings, status_html, tap_progress  # noqa: E402
-from studio.quant import apply_quantization, planner_sizes, quant_problem  # noqa: E402
+from studio.quant import apply_quantization, fast_sizes, planner_sizes, quant_problem  # noqa: E402
 from studio.runs import (DecomposeResult, clean_partial_runs, export_failures_message, prune_outputs,  # noqa: E402
                          save_run, windows_path_warning)
 from studio.scores import PSNR_CAP_DB, recomposition_score, score_line  # noqa: E402
@@ -79,6 +85,7 @@ from studio.serving import (LAN_HOST, Sessions, client_error, delete_gradio_file
                             launch_options, network_warning, readable_upload, serving_flags, stop_on_sigterm)
 from studio.stack import (SUB_RUN_LAYERS, LayerStack, check_layer_index, check_stack_files, fit_to_canvas,  # noqa: E402
                           replace_layer, save_sub_run, undo)
+from studio.w8a8 import SAGE_BACKEND, sage_attention_problem  # noqa: E402
 
 logger = logging.getLogger("qwen_layered_studio")
 
@@ -108,19 +115,30 @@ ENABLE_FIRST_BLOCK_CACHE = True
 FIRST_BLOCK_CACHE_THRESHOLD = 0.1
 # None keeps the model's bf16. Every other mode (`studio.modes.QUANT_ROWS`) is LOSSY and opt-in.
 QUANTIZATION_MODE = None
-# Regional torch.compile of the transformer blocks: a faster step after a one-time compile (cached on disk). Off by
-# default: the first start pays the compile (bench/RESULTS.md, "Compile").
-ENABLE_COMPILE = False
+# "exact": bf16, the model's own output. "fast" (LOSSY, opt-in): the card's 8-bit matmuls (int8 on RTX 30/40, fp8
+# from Hopper) in the middle blocks, FirstBlockCache at the seed's 0.1 (`studio.modes.PRESETS`); explicit flags win.
+PRESET = "exact"
+# The 8-bit modes' blocks: "default" keeps the first and last fifth in bf16 (0-11 and 48-59 of 60), as NVIDIA's
+# TensorRT-LLM preset for this model's fp8 path does.
+QUANTIZED_BLOCKS = "default"
+# Regional torch.compile of the transformer blocks: a faster step after a one-time compile (cached on disk; the first
+# start pays it in the warm-up: bench/RESULTS.md, "Compile"). On where it can run (a CUDA GPU with Triton:
+# `compiling.machine_compile_problem`); elsewhere off, with the reason in the log.
+ENABLE_COMPILE = True
+# Each block's Q, K and V projections as one matmul per stream (`compiling.fuse_qkv_projections`): bf16 only, on CUDA.
+ENABLE_FUSED_QKV = True
 # The caption's SDPA kernels: no cuDNN, which builds a plan per new sequence length, i.e. per decoded token
 # (bench/RESULTS.md, "Caption kernels"). The transformer keeps cuDNN: one plan per job shape.
 CAPTION_SDPA_BACKENDS = ("FLASH_ATTENTION", "EFFICIENT_ATTENTION", "MATH")
-# The caption's decode compiled with a static KV cache and CUDA graphs: faster, but not exact (its greedy text can
-# leave eager's), and only with every weight resident (bench/RESULTS.md, "Caption compile").
-ENABLE_CAPTION_COMPILE = False
+# The caption's greedy decode as one CUDA graph per caption (`studio.caption`): exact to bf16 (teacher-forced logits
+# within LOGIT_TOLERANCE_ULPS of eager's), wherever every decode-step weight stays on the GPU (the offload rows'
+# `caption_graphs_problem`); elsewhere the same decoder runs its steps eagerly. It replaces --caption-compile
+# (torch.compile with CUDA graphs: not exact, and re-recorded at every caption under the budget engine).
+ENABLE_CAPTION_GRAPHS = True
 # One short run at the default job's shapes when the model loads (CUDA only): the user's first image then costs what a
 # repeat costs instead of paying the process's one-time work (bench/RESULTS.md, "Warm-up").
 ENABLE_WARM_UP = True
-WARM_UP_CAPTION_TOKENS = 8  # enough decode steps for the compiled decode to compile, warm up and record its CUDA graph
+WARM_UP_CAPTION_TOKENS = 16  # enough decode steps for the caption decoder to warm up and capture its graph (11 at least)
 # cuDNN autotuning off: on, two processes can pick different convolution algorithms and the same seed's VAE decode
 # differs between them (bench/RESULTS.md, "Determinism").
 ENABLE_CUDNN_BENCHMARK = False
@@ -152,13 +170,19 @@ LOAD_FLAGS = (
     Flag("first_block_cache", ENABLE_FIRST_BLOCK_CACHE, "--no-first-block-cache", "run every block at every step"),
     Flag("first_block_cache_threshold", FIRST_BLOCK_CACHE_THRESHOLD, "--first-block-cache-threshold",
          "FirstBlockCache's threshold (higher: faster, less faithful)", type=non_negative_float),
+    Flag("preset", PRESET, "--preset", "; ".join(f"{p.name}: {p.label}" for p in PRESETS.values()) + " (the "
+         "card's 8-bit matmuls in blocks 12-47, FirstBlockCache 0.1); the flags below win over it",
+         choices=tuple(PRESETS)),
     Flag("quantization", QUANTIZATION_MODE, "--quantization", "LOSSY storage or compute: "
          + "; ".join(f"{m.name}: {m.summary}" for m in QUANT.values() if m.lossy),
          choices=tuple(name for name, m in QUANT.items() if m.lossy)),
-    Flag("compile", ENABLE_COMPILE, "--compile", "torch.compile the transformer blocks (faster steps; the first start "
-         "compiles ~25 s)"),
-    Flag("caption_compile", ENABLE_CAPTION_COMPILE, "--caption-compile", "decode the auto-caption with a static KV "
-         "cache and CUDA graphs (~2.7x faster; not exact: its greedy text can differ from eager's)"),
+    Flag("quantized_blocks", QUANTIZED_BLOCKS, "--quantized-blocks", "the transformer blocks int8_w8a8 / fp8_w8a8 "
+         "compute in 8 bits, e.g. 12-47, 0-3,50-59, all; default: all but the first and last fifth (12-47 of 60)",
+         metavar="RANGE"),
+    Flag("compile", ENABLE_COMPILE, "--no-compile", "run the transformer blocks eagerly (default: compiled where a "
+         "CUDA GPU and Triton allow; the first start compiles ~25 s)"),
+    Flag("caption_graphs", ENABLE_CAPTION_GRAPHS, "--no-caption-graphs", "decode the auto-caption with transformers' "
+         "generate (default: one CUDA graph per caption where its weights stay on the GPU)"),
     Flag("warm_up", ENABLE_WARM_UP, "--no-warm-up", "skip the short run at load time (the first image then pays CUDA's "
          "one-time work)"),
     Flag("sage_attention", ENABLE_SAGE_ATTENTION, "--sage-attention", "SageAttention kernels (needs sageattention)"),
@@ -435,6 +459,19 @@ def resolve_offload_mode(mode: str, cuda_available: bool, vram_gb: float | None,
     return OFFLOAD["sequential"]  # not even one block fits beside the default job's activations: stream every layer
 
 
+def apply_preset(settings, capability: tuple[int, int] | None):
+    """The settings with --preset's on top of the flags a person left at their defaults (`LOAD_FLAGS`' rows; a flag
+    or QIL_* variable given wins). Fast's 8-bit mode is the card's (`fast_mode_for`; `capability` None: no CUDA, the
+    reference matmul on the CPU); a GPU older than int8's kernels keeps bf16 (`apply_memory_optimizations` says so)."""
+    preset = PRESETS[settings.preset]
+    defaults = {row.name: row.default for row in LOAD_FLAGS}
+    wanted = dict(quantization=fast_mode_for(capability) if preset.quantization == FAST_QUANTIZATION
+                  else preset.quantization, quantized_blocks=preset.quantized_blocks, first_block_cache=True,
+                  first_block_cache_threshold=preset.first_block_cache_threshold)
+    return dataclasses.replace(settings, **{name: value for name, value in wanted.items()
+                                            if getattr(settings, name) == defaults[name]})
+
+
 def default_vram_budget_gb(settings) -> float:
     """--vram-budget, else the GPU's free memory now (the whole budget when there is no GPU: nothing moves)."""
     if settings.vram_budget_gb is not None:
@@ -465,7 +502,8 @@ def budget_offload(loaded: Loaded, settings) -> list[str]:
     """The low-VRAM engine (`studio.engine`), as `load_pipeline` planned it before loading; a pipeline built in memory
     (a bench's) is planned here from its modules."""
     if loaded.machine is None:
-        loaded.machine = plan_loaded(loaded.pipe, default_vram_budget_gb(settings), settings.ram_budget_gb)
+        loaded.machine = plan_loaded(loaded.pipe, default_vram_budget_gb(settings), settings.ram_budget_gb,
+                                     quant=loaded.quant)
     loaded.stages, applied = enable_budget_offload(loaded.pipe, loaded.machine)
     return applied
 
@@ -478,8 +516,11 @@ def apply_memory_optimizations(pipe, settings, offload: OffloadMode, machine: Ma
                                model_path: Path | str | None = None) -> Loaded:
     """Apply weight storage, compile, offload, VAE, cache and attention features, one line each, and return what was
     loaded. A feature that cannot apply is logged with its reason (never swallowed). `machine`: the budget mode's plan
-    made before loading (None: planned here from the modules)."""
+    made before loading (None: planned here from the modules). `settings.preset` applies here too (`apply_preset`), so a
+    pipeline built in memory (a bench's) gets the Fast preset by its name."""
     on_cuda = torch.cuda.is_available()
+    capability = torch.cuda.get_device_capability() if on_cuda else None
+    settings = apply_preset(settings, capability)
     loaded = Loaded(pipe, Path(model_path or "."), offload, quant_mode(settings.quantization),
                     dtype=str(pipe.transformer.dtype).replace("torch.", ""),
                     demo=model_path is not None and is_demo_model(model_path), machine=machine,
@@ -488,21 +529,37 @@ def apply_memory_optimizations(pipe, settings, offload: OffloadMode, machine: Ma
     compile_blocks = settings.compile
 
     # 1. Weight storage and quantized compute (before offloading, so offload hooks move the smaller tensors).
-    capability = torch.cuda.get_device_capability() if on_cuda else None
     problem = quant_problem(loaded.quant, offload, capability,
                             loaded.quant.package is None or package_version(loaded.quant.package) is not None)
+    if settings.preset == "fast" and settings.quantization is None:
+        problem = f"--preset fast has no 8-bit mode on a GPU of compute capability {capability[0]}.{capability[1]}"
     if problem:
         logger.warning("%s. Running bf16 compute instead (not lossy).", problem)
         loaded.quant = QUANT["bf16"]
     elif loaded.quant.lossy:
-        apply_quantization(pipe.transformer, loaded.quant)
-        applied.append(f"{loaded.quant.name} (LOSSY: {loaded.quant.summary})")
+        loaded.quantized = apply_quantization(pipe.transformer, loaded.quant, settings.quantized_blocks)
+        what = "".join(f", {key} {value}" for key, value in loaded.quantized.items())
+        applied.append(f"{loaded.quant.name} (LOSSY: {loaded.quant.summary}{what})")
+        logger.warning("LOSSY: --quantization %s%s: the layers differ from the model's bf16 output.",
+                       loaded.quant.name, what)
         compile_blocks = compile_blocks or loaded.quant.forces_compile
+    loaded.preset = "fast" if settings.preset == "fast" and loaded.lossy else "exact"  # what runs (explicit flags win)
+    if settings.quantized_blocks != QUANTIZED_BLOCKS and not loaded.quant.block_range:
+        logger.info("--quantized-blocks %s not applied: only int8_w8a8 and fp8_w8a8 choose blocks.",
+                    settings.quantized_blocks)
 
-    # 1b. Regional compilation, before any hook: the offload and cache hooks then wrap the compiled forward.
-    problem = compile_problem(offload, loaded.quant) if compile_blocks else None
+    # 1b. Fused QKV projections and regional compilation, before any hook: the offload and cache hooks then wrap the
+    #     fused, compiled blocks.
+    problem = fuse_problem(on_cuda, loaded.quant, machine) if ENABLE_FUSED_QKV else None
     if problem:
-        logger.warning("%s. Running the blocks eagerly.", problem)
+        logger.info(problem)
+    elif ENABLE_FUSED_QKV:
+        applied.append(f"fused_qkv({fuse_qkv_projections(pipe.transformer)} blocks)")
+    problem = compile_problem(offload, loaded.quant) if compile_blocks else None
+    if compile_blocks and not problem and not loaded.quant.forces_compile:
+        problem = compiling.machine_compile_problem(on_cuda, triton_available(), capability)
+    if problem:  # info: compiling is the default, and a machine or mode without it is no mistake
+        logger.info("%s. Running the blocks eagerly.", problem)
     elif compile_blocks:
         cached = load_compile_cache()  # a previous start's compile (see the function)
         count = compile_transformer_blocks(pipe.transformer)
@@ -532,32 +589,28 @@ def apply_memory_optimizations(pipe, settings, offload: OffloadMode, machine: Ma
         applied.append(f"first_block_cache(threshold={settings.first_block_cache_threshold})")
 
     # 5. Attention kernels.
-    if settings.sage_attention and sage_attention_unavailable(on_cuda):
-        logger.warning(sage_attention_unavailable(on_cuda))
+    if settings.sage_attention and sage_attention_unavailable(on_cuda, capability):
+        logger.warning(sage_attention_unavailable(on_cuda, capability))
     elif settings.sage_attention:
-        pipe.transformer.set_attention_backend("sage")
+        pipe.transformer.set_attention_backend(SAGE_BACKEND)
         applied.append("sage_attention")
 
-    # 6. The caption's decode: a static KV cache and CUDA graphs, with every weight resident.
-    problem = caption_compile_problem(offload, on_cuda, triton_available()) if settings.caption_compile else None
+    # 6. The caption's decoder (`studio.caption`): one CUDA graph per caption where every decode-step weight stays on
+    #    the GPU; its steps eagerly elsewhere (the reason in the log).
+    loaded.caption_decoder = settings.caption_graphs and not offload.caption_graphs_problem
+    problem = caption.caption_graphs_problem(offload, on_cuda, loaded.machine) if settings.caption_graphs else None
     if problem:
         logger.info(problem)
-    elif settings.caption_compile:
-        compile_caption_decode(pipe.text_encoder)
-        applied.append(f"caption_compiled_decode(static cache {CAPTION_CACHE_TOKENS} tokens)")
+    elif settings.caption_graphs:
+        applied.append("caption_cuda_graphs")
     return loaded
 
 
-def sage_attention_unavailable(on_cuda: bool) -> str | None:
-    """Why SageAttention cannot apply on this machine; None when it can."""
-    if not on_cuda:
-        return "SageAttention not applied: it needs a CUDA GPU."
-    if package_version("sageattention") is None:
-        return "SageAttention not applied: the `sageattention` package is not installed (pip install sageattention)."
-    if not triton_available():  # its kernels are Triton kernels
-        return ("SageAttention not applied: it needs Triton, which is not installed (pip install triton; on Windows "
-                "pip install triton-windows).")
-    return None
+def sage_attention_unavailable(on_cuda: bool, capability: tuple[int, int] | None = None) -> str | None:
+    """Why SageAttention cannot apply on this machine (`capability`: its GPU's; None: not checked); None when it can.
+    Its version counts: diffusers' dispatcher needs sageattention >= 2.1.1 and pip has only 1.0.6, with which
+    `set_attention_backend("sage")` raises."""
+    return sage_attention_problem(on_cuda, capability, package_version("sageattention"), triton_available())
 
 
 def load_pipeline(settings, spec: ModelSpec = LAYERED_MODEL) -> Loaded:
@@ -577,8 +630,10 @@ def load_pipeline(settings, spec: ModelSpec = LAYERED_MODEL) -> Loaded:
     #    free memory), whether it fits (a ValueError with the figures and what would fit) and, for the budget mode,
     #    which blocks stay resident and which weights are page-locked (`MachinePlan`, handed to the engine).
     vram_gb = default_vram_budget_gb(settings)
+    settings = apply_preset(settings, torch.cuda.get_device_capability() if cuda else None)
     quant = quant_mode(settings.quantization)
-    sizes, other_sizes = planner_sizes(model_path, torch.finfo(dtype).bits // 8, quant)
+    element_size = torch.finfo(dtype).bits // 8
+    sizes, other_sizes = planner_sizes(model_path, element_size, quant, settings.quantized_blocks)
     offload = resolve_offload_mode(settings.offload, cuda, vram_gb,
                                    budget_minimum_gb(sizes) if sizes else BUDGET_AUTO_MIN_VRAM_GB)
     #    Several GPUs of one machine (`studio.parallel`): each rank loads its own pipeline at the same time, so each
@@ -587,10 +642,11 @@ def load_pipeline(settings, spec: ModelSpec = LAYERED_MODEL) -> Loaded:
     ram_gb = settings.ram_budget_gb if settings.ram_budget_gb is not None else memory.available_ram_gb() / ranks
     machine = None
     if sizes is not None and (cuda or offload.vram == "planned"):
-        in_ram = quant.holds_transformer_in_ram
         try:
-            machine = plan_machine(offload, sizes, vram_gb, ram_gb, transformer_in_ram=in_ram,
-                                   lossy_sizes=None if in_ram else other_sizes, exact_sizes=other_sizes if in_ram else None)
+            machine = plan_machine(offload, sizes, vram_gb, ram_gb, transformer_in_ram=quant.holds_transformer_in_ram,
+                                   lossy_sizes=None if quant.lossy else other_sizes,
+                                   exact_sizes=other_sizes if quant.lossy else None,
+                                   fast_sizes=None if quant.lossy else fast_sizes(model_path, element_size))
         except ValueError as err:
             if ranks == 1:
                 raise
@@ -606,6 +662,7 @@ def load_pipeline(settings, spec: ModelSpec = LAYERED_MODEL) -> Loaded:
     pipe = getattr(diffusers, spec.pipeline_class).from_pretrained(model_path, dtype=dtype)
     loaded = apply_memory_optimizations(pipe, settings, offload, machine if offload.vram == "planned" else None,
                                         model_path)
+    loaded.models_dir = Path(settings.models_dir)  # where the OCR's Korean model is fetched (studio.design)
     logger.info("Loaded %s in %.1f s (offload=%s, dtype=%s)", model_path, time.perf_counter() - start, offload.name,
                 loaded.dtype)
     for name in loaded.optimizations:
@@ -794,13 +851,28 @@ def caption_attention():
     return sdpa_kernel([getattr(SDPBackend, name) for name in CAPTION_SDPA_BACKENDS])
 
 
-def caption_image(pipe, rgba: Image.Image, resolution: int, use_en_prompt: bool = True) -> str:
-    """The pipeline's own `get_image_caption` on the image resized as the pipeline resizes it (greedy decoding)."""
+def caption_image(pipe, rgba: Image.Image, resolution: int, use_en_prompt: bool = True,
+                  stop: threading.Event | None = None, decoder: bool = False, max_new_tokens: int | None = None) -> str:
+    """The pipeline's own `get_image_caption` on the image resized as the pipeline resizes it (greedy decoding).
+
+    `decoder` (`Loaded.caption_decoder`): its `generate` is `studio.caption`'s decoder, one CUDA graph per caption where
+    the decode step's weights stay on the GPU, its steps eagerly elsewhere; a set `stop` ends it before its next token
+    (its steps never call the text encoder's forward, where `text_encoder_stop` waits). At most `max_new_tokens`
+    tokens (the warm-up's), else CAPTION_MAX_NEW_TOKENS."""
     from diffusers.pipelines.qwenimage.pipeline_qwenimage_layered import calculate_dimensions
+
+    def check_stop():
+        if stop is not None and stop.is_set():
+            raise RunStopped("stopped")
 
     width, height = calculate_dimensions(resolution * resolution, rgba.width / rgba.height)
     prompt_image = pipe.image_processor.resize(rgba, height, width)
-    with caption_attention(), caption_progress(pipe):  # caption_progress: a bar of its tokens, like the steps'
+    # Outside in: the decoder replaces generate, the cap and caption_progress (a bar of its tokens, like the steps')
+    # reach it through their keyword arguments.
+    decode = caption.graph_decode(pipe.text_encoder, stop=check_stop) if decoder else contextlib.nullcontext()
+    max_new_tokens = max_new_tokens or CAPTION_MAX_NEW_TOKENS
+    with caption_attention(), decode, generate_with(pipe.text_encoder, max_new_tokens=max_new_tokens), \
+            caption_progress(pipe, max_new_tokens):
         return pipe.get_image_caption(prompt_image, use_en_prompt=use_en_prompt, device=pipe._execution_device)
 
 
@@ -828,7 +900,8 @@ def infer(loaded: Loaded, image: Any, stop: threading.Event | None = None, **par
     def write_caption() -> str:
         # With several GPUs the ranks stop together, so rank 0's caption stops here (alone: `run_pipeline`).
         with text_encoder_stop(pipe, stop if loaded.parallel is not None else None):
-            return caption_image(pipe, rgba, resolution, checked["use_en_prompt"]) if auto_caption else prompt
+            return (caption_image(pipe, rgba, resolution, checked["use_en_prompt"], stop=stop,
+                                  decoder=loaded.caption_decoder) if auto_caption else prompt)
 
     def job():
         # 2. Caption. An empty prompt makes the pipeline caption the image itself; we call its own
@@ -850,31 +923,52 @@ def infer(loaded: Loaded, image: Any, stop: threading.Event | None = None, **par
     # 4. One guarded run: memory freed after it, also after an error; out of memory says what to change.
     caption, output, generator_device = run_pipeline(
         loaded, job, out_of_memory_message(loaded, changes=decomposition_changes(layers, resolution)), stop=stop)
-    result_layers = [layer.convert("RGBA") for layer in output.images[0]]
+    duration_s = time.perf_counter() - start
+    # 5. What a designer gets (`studio.design`, not part of duration_s): empty layers dropped and near-duplicates
+    #    merged, edges cleaned, text read, layers named by the text encoder (rank 0's; under the lock, like a caption).
+    naming = checked["name_layers"] and (loaded.parallel is None or loaded.parallel.rank == 0)
+    finished = finish_layers([layer.convert("RGBA") for layer in output.images[0]], checked["tidy_layers"],
+                             checked["clean_edges"], checked["text_layers"], checked["text_language"],
+                             loaded.models_dir, name=functools.partial(name_layers_locked, loaded, stop=stop) if naming
+                             else None)
+    result_layers = finished.layers
     # Every PARAMS value as checked (the prompt as "prompt_given"), the seed used, and what the input needed.
     run_params = {("prompt_given" if name == "prompt" else name): value for name, value in checked.items()}
     run_params.update(prompt_given=prompt if not auto_caption else "", seed=seed, input_size=list(rgba.size),
                       output_size=list(result_layers[0].size), input_notes=notes,
                       generator_device=generator_device)  # "cuda": the official app's noise; "cpu": no CUDA here
-    duration_s = time.perf_counter() - start
+    run_params.update(finished.record)  # tidy, text, layer_names, design_seconds
     run_params["recomposition"] = recomposition_score(rgba, result_layers)  # `studio.scores`; not part of duration_s
     return DecomposeResult(layers=result_layers, caption=caption, auto_caption=auto_caption, seed=seed,
-                           params=run_params, duration_s=duration_s, notes=notes)
+                           params=run_params, duration_s=duration_s, notes=notes + finished.notes,
+                           labels=LayerLabels(finished.names, finished.texts))
+
+
+def name_layers_locked(loaded: Loaded, layers: list[Image.Image], stop: threading.Event | None = None) -> list:
+    """PARAMS' name_layers: `studio.naming.name_layers` run as the caption runs, under `run_pipeline` (the lock, memory
+    freed after) and with the caption's attention kernels; a name per layer, None where the model gave none."""
+    def job():
+        with caption_attention():
+            return name_layers(loaded.pipe, layers)[0]
+
+    return run_pipeline(loaded, job, out_of_memory_message(loaded, "naming of the layers", ["Name the layers off"]),
+                        stop=stop)
 
 
 def warm_up(loaded: Loaded, resolution: int = DEFAULTS["resolution"], layers: int = DEFAULTS["layers"]) -> float:
     """One short decomposition at the default job's shapes (ENABLE_WARM_UP); returns its seconds.
 
-    A caption of WARM_UP_CAPTION_TOKENS tokens (the vision tower and the prompt's prefill at this shape, the compiled
-    decode's compile and CUDA graph), then a run of the fewest steps with a given prompt (VAE, text encoding, the
-    transformer and its cuDNN plans, --compile's blocks). The user's first image at these shapes then costs what a
-    repeat costs; another shape still pays its own plans once (the caption's decode does not: one static cache size).
+    A caption of WARM_UP_CAPTION_TOKENS tokens (the vision tower and the prompt's prefill at this shape, the caption
+    decoder's kernels and a CUDA graph), then a run of the fewest steps with a given prompt (VAE, text encoding, the
+    transformer and its cuDNN plans, the compiled blocks). The user's first image at these shapes then costs what a
+    repeat costs; another shape still pays its own plans once.
     """
     pipe = loaded.pipe
     image = Image.new("RGBA", (resolution, resolution), (128, 128, 128, 255))
     start = time.perf_counter()
-    with generate_with(pipe.text_encoder, max_new_tokens=WARM_UP_CAPTION_TOKENS):
-        run_pipeline(loaded, lambda: caption_image(pipe, image, resolution), "Out of GPU memory during the warm-up.")
+    run_pipeline(loaded, lambda: caption_image(pipe, image, resolution, decoder=loaded.caption_decoder,
+                                               max_new_tokens=WARM_UP_CAPTION_TOKENS),
+                 "Out of GPU memory during the warm-up.")
     infer(loaded, image, prompt="warm-up", num_inference_steps=STEPS_RANGE[0], layers=layers, resolution=resolution,
           seed=0)
     return time.perf_counter() - start
@@ -910,12 +1004,15 @@ def decompose_layer(loaded: Loaded, stack: LayerStack, index: int, run_info: dic
     result = infer(loaded, stack.layers[index], **infer_kwargs)
     # 3. Its sub-layers, fit to the canvas, take its place.
     new_layers = replace_layer(stack.layers, index, result.layers)
+    sub_labels = result.labels.scaled(result.layers[0].size, new_layers[0].size)  # names and text, on the canvas
+    labels = stack.labels.replaced(len(stack.layers), index, sub_labels, len(result.layers))
     # 4. Save the sub-run and the new stack's exports.
-    files = save_sub_run(stack, new_layers, index, result, run_info)
+    files = save_sub_run(stack, new_layers, index, result, run_info, labels)
     # 5. The old stack, without its own undo, is the one step back.
     previous = dataclasses.replace(stack, previous=None)
     return (LayerStack(layers=new_layers, run_folder=stack.run_folder, files=files, previous=previous,
-                       original_size=stack.original_size, caption=result.caption, seed=result.seed), result)
+                       original_size=stack.original_size, caption=result.caption, seed=result.seed, labels=labels),
+            result)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -924,7 +1021,12 @@ def decompose_layer(loaded: Loaded, stack: LayerStack, index: int, run_info: dic
 DEMO_BANNER = ("**Demo model in use** — tiny random weights built offline. Everything runs, but the layers are "
                "noise. Put the real weights in `models/Qwen-Image-Layered` (or pass `--model`) for real results.")
 # Shown while a LOSSY mode (`studio.modes`) is applied: the layers differ from bf16's.
-LOSSY_BANNER = "**Lossy mode in use** ({}) — the layers differ from the model's bf16 output. Restart without `--quantization` for bf16."
+LOSSY_BANNER = ("**Lossy mode in use** ({}) — the layers differ from the model's bf16 output. Restart with "
+                "`--preset exact` and without `--quantization` for bf16.")
+# Beside the preset shown on the page: why it is chosen at start-up. A switch would reload 57 GB of weights (minutes),
+# hold every session's jobs meanwhile and change the model under the others' feet; the two cannot share RAM either.
+PRESET_NOTE = ("Exact: bf16, the model's own output. Fast: 8-bit matmuls in the middle transformer blocks and "
+               "FirstBlockCache, LOSSY. The model loads once: restart the app with --preset fast (or exact) to switch.")
 # Under the recomposition score on the demo model: why it is poor.
 DEMO_SCORE_NOTE = ("The demo model's layers are random noise, so they do not stack back into the input: this poor score "
                    "is expected and says nothing about the real model.")
@@ -973,9 +1075,18 @@ def example_images() -> list[str]:
     return sorted(str(p) for p in ASSETS_DIR.glob("*.png"))
 
 
-def gallery_items(layer_files: list[Path]) -> list[tuple[str, str]]:
-    """The gallery's (file, caption) pairs, bottom first; the numbers are the ones "Selected layer" takes."""
-    return [(str(p), f"Layer {i + 1}" + (" (bottom)" if i == 0 else "")) for i, p in enumerate(layer_files)]
+def gallery_items(layer_files: list[Path], labels: LayerLabels | None = None) -> list[tuple[str, str]]:
+    """The gallery's (file, caption) pairs, bottom first; the numbers are the ones "Selected layer" takes, then the
+    layer's name and text where they were asked for (`LayerLabels.captions`: "Layer 3: Text "ADMIT"")."""
+    return list(zip(map(str, layer_files), (labels or LayerLabels()).captions(len(layer_files))))
+
+
+def gallery_note(stack: LayerStack | None) -> str:
+    """The line under the gallery: what "Drop empty / repeated layers" did in the run shown, from its params.json
+    ("4 layers asked, 3 kept (1 empty)"). Not the gallery's label: a component updated by an event becomes a session
+    copy whose later result files Gradio no longer deletes at exit (tests/test_served_app.py's SIGTERM test)."""
+    tidy = json.loads(Path(stack.files["params"]).read_text(encoding="utf-8")).get("tidy") if stack else None
+    return tidy["summary"] if tidy else ""
 
 
 # What the page shows for a stack, in the `view` outputs' order: the gallery, then one download per EXPORTS row.
@@ -988,7 +1099,7 @@ def stack_view(stack: LayerStack) -> StackView:
     files = stack.files
     offered = files.get("original", files)  # the exports at the size asked for; the ZIP holds both sizes
     downloads = [(offered if e.at_original_size else files).get(e.key) for e in EXPORTS]
-    return StackView(gallery_items(files["layers"]), *(str(path) if path else None for path in downloads))
+    return StackView(gallery_items(files["layers"], stack.labels), *(str(path) if path else None for path in downloads))
 
 
 def _user_error(message: str):
@@ -1083,7 +1194,7 @@ def decompose_handler(loaded: Loaded, settings, run_info: dict[str, Any], image,
     prune_runs(settings, sessions, paths["folder"])
     stack = LayerStack(layers=result.layers, run_folder=paths["folder"], files=paths,
                        original_size=tuple(result.params["input_size"]) if original_size else None,
-                       caption=result.caption, seed=result.seed)
+                       caption=result.caption, seed=result.seed, labels=result.labels)
     return (*stack_view(stack), result.caption, result.seed, stack)
 
 
@@ -1097,6 +1208,8 @@ def decompose_layer_handler(loaded: Loaded, settings, run_info: dict[str, Any], 
                      Shape.of(params, DEFAULTS)) as (stop, job):
         index = selected_layer(stack, layer_number)
         new_stack, result = decompose_layer(loaded, stack, index, run_info, stop=stop, **params)
+    for note in result.notes:  # e.g. the Korean OCR model not downloadable offline
+        gr.Warning(note, duration=None)
     if message := export_failures_message(new_stack.files["failed"]):
         gr.Warning(message, duration=None)
     if sessions is not None:
@@ -1141,10 +1254,13 @@ def edit_layer_handler(settings, run_info: dict[str, Any], layer_number, instruc
                                              edit_note=info, seed=seed),
                                  duration_s=time.perf_counter() - start)
         new_layers = replace_layer(stack.layers, index, [edited])
-        files = save_sub_run(stack, new_layers, index, result, run_info)
+        # The edited layer keeps its name (the cup is still the cup); a text read from it before no longer holds.
+        name = stack.labels.name(index)
+        labels = stack.labels.replaced(len(stack.layers), index, LayerLabels(names=(name,)) if name else None, 1)
+        files = save_sub_run(stack, new_layers, index, result, run_info, labels)
     new_stack = LayerStack(layers=new_layers, run_folder=stack.run_folder, files=files,
                            previous=dataclasses.replace(stack, previous=None), original_size=stack.original_size,
-                           caption=instruction, seed=seed)
+                           caption=instruction, seed=seed, labels=labels)
     if sessions is not None:
         sessions.show(request.session_hash, new_stack.run_folder)
     prune_runs(settings, sessions, Path(new_stack.run_folder))
@@ -1413,7 +1529,10 @@ def build_ui(loaded: Loaded, settings):
         if loaded.demo:
             gr.Markdown(DEMO_BANNER, elem_classes="banner")
         if loaded.lossy:
-            gr.Markdown(LOSSY_BANNER.format(f"{loaded.quant.name}: {loaded.quant.summary}"), elem_classes="banner")
+            what = "".join(f"; {key.replace('_', ' ')} {value}" for key, value in loaded.quantized.items())
+            gr.Markdown(LOSSY_BANNER.format(f"{loaded.quant.name}: {loaded.quant.summary}{what}"), elem_classes="banner")
+        gr.Radio([(preset.label, preset.name) for preset in PRESETS.values()], value=loaded.preset, label="Preset",
+                 info=PRESET_NOTE, interactive=False)
         with gr.Row(elem_classes="studio"):
             with gr.Column(min_width=300, elem_classes="settings"):
                 image = gr.Image(label="Input image", type="filepath", image_mode=None, height=INPUT_HEIGHT,
@@ -1428,6 +1547,8 @@ def build_ui(loaded: Loaded, settings):
                                                       "holds both)", value=False)
                 with gr.Accordion("Advanced settings", open=False):
                     widgets.update({p.name: param_widget(gr, p) for p in PARAMS if p.advanced and p.name not in widgets})
+                with gr.Row(elem_classes="design-options"):  # what the exports make of the layers (studio.design)
+                    widgets.update({name: param_widget(gr, PARAM[name]) for name in DESIGN_PARAMS})
                 with gr.Row(elem_classes="run-buttons"):
                     run = gr.Button("Decompose", variant="primary", scale=3)
                     stop_button = gr.Button("Stop", variant="stop", interactive=False, scale=1)
@@ -1436,6 +1557,7 @@ def build_ui(loaded: Loaded, settings):
                 gallery = gr.Gallery(label="Layers (bottom first; click one to select it)", columns=4,
                                      object_fit="contain", format="png", height="auto", elem_id="layers",
                                      elem_classes="checker")
+                gallery_line = gr.Markdown()  # `gallery_note`: "4 layers asked, 3 kept (1 empty)"
                 with gr.Group(visible=False, elem_id="layer-tools") as layer_tools:  # once there are layers
                     with gr.Row():
                         # Empty until a layer is clicked. A plain None start is drawn as 0, red under minimum=1 (Gradio
@@ -1522,8 +1644,9 @@ def build_ui(loaded: Loaded, settings):
         for kind, event in (("decompose", run_event), ("layer", layer_event), ("edit", edit_event)):
             event.then(finisher(kind), finish_inputs, finish_outputs, preprocess=False, **quiet)
         undo_event.success(finisher("undo"), finish_inputs, finish_outputs, preprocess=False, **quiet)
-        for event in (run_event, layer_event, edit_event, undo_event):  # a new stack: no layer stays highlighted
+        for event in (run_event, layer_event, edit_event, undo_event):  # a new stack: no layer stays highlighted,
             event.success(None, js=DESELECT_LAYER_JS, **quiet)
+            event.success(gallery_note, inputs=stack, outputs=gallery_line, **quiet)  # and what the tidy option did
         # Stop: Gradio cancels the event on the page; `stop_job` makes the pipeline itself stop at its next step
         # (a cancelled event's thread would otherwise run to the end). Not in the "gpu" queue: it must not wait.
         stop_button.click(stop_job, cancels=[run_event, layer_event, edit_event], api_name="stop",

@@ -103,12 +103,13 @@ def server(demo_pipe, models_dir, tmp_path_factory):
 
 def engine_on(loaded, vram_budget_gb: float = float("inf"), **plan_kwargs) -> list[str]:
     """The low-VRAM engine on a pipeline loaded with --offload off (its weights on the CPU), planned from its modules
-    (`plan_loaded`: resident_blocks, text_resident_layers, host_ram_gb, text_layer_fp8_gb) as `load_pipeline` plans the
-    budget mode from the files; a test forces the counts this way. Returns what was applied."""
+    and the mode it was loaded in (`plan_loaded`: resident_blocks, text_resident_layers, host_ram_gb, text_layer_fp8_gb)
+    as `load_pipeline` plans the budget mode from the files; a test forces the counts this way. Returns what was
+    applied."""
     from studio.engine.stream import enable_budget_offload, plan_loaded
     from studio.modes import OFFLOAD
 
-    loaded.machine = plan_loaded(loaded.pipe, vram_budget_gb, **plan_kwargs)
+    loaded.machine = plan_loaded(loaded.pipe, vram_budget_gb, **dict(quant=loaded.quant) | plan_kwargs)
     loaded.stages, applied = enable_budget_offload(loaded.pipe, loaded.machine)
     loaded.offload = OFFLOAD["budget"]
     return applied

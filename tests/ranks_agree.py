@@ -68,7 +68,9 @@ def main(models_dir: str, out_json: str, out_npz: str) -> None:
         if len(calls) == 2:
             stop.set()
 
-    hook = pipe.pipe.text_encoder.register_forward_pre_hook(count_and_stop)
+    # The first language layer runs once per caption token (the prefill, then each decode step of the caption decoder,
+    # which never calls the text encoder's own forward).
+    hook = pipe.pipe.text_encoder.model.language_model.layers[0].register_forward_pre_hook(count_and_stop)
     attempt("stop_in_caption", stop=stop)
     hook.remove()
     results["caption_forwards_before_stop"] = len(calls)

@@ -60,18 +60,18 @@ def test_a_24_gb_card_with_32_gb_of_ram_page_locks_every_streamed_block_and_read
     assert ram.disk_read_gb_per_image == pytest.approx((60 - pinned) * BLOCK + REAL["text_encoder_gb"])
 
 
-def test_a_16_gb_card_with_32_gb_of_ram_page_locks_the_text_layers_it_streams_first():
-    plan = plan_budget(15.0, image_tokens=DEFAULT_JOB_TOKENS, **REAL)
+def test_a_12_gb_card_with_32_gb_of_ram_page_locks_the_text_layers_it_streams_first():
+    plan = plan_budget(11.0, image_tokens=DEFAULT_JOB_TOKENS, **REAL)
     ram = plan_host_ram(plan, REAL, 30.0)
     text_streamed = plan.text_encoder.streamed_layers
-    assert len(text_streamed) == 5 and ram.pinned_text_layers == text_streamed
-    pinned = int((ALLOWANCE - 5 * TEXT_LAYER) // BLOCK)
+    assert len(text_streamed) == 11 and ram.pinned_text_layers == text_streamed
+    pinned = int((ALLOWANCE - 11 * TEXT_LAYER) // BLOCK)
     assert len(ram.pinned_blocks) == pinned < len(plan.streamed_blocks)
     assert set(ram.pinned_blocks) <= set(plan.streamed_blocks)  # the streamed ones first
-    assert ram.pin_transformer_rest  # its 0.04 GB fit in what the blocks leave
+    assert ram.pin_transformer_rest  # its 0.08 GB fit in what the blocks leave
     unpinned_streamed = len(plan.streamed_blocks) - pinned
     expected = (unpinned_streamed * BLOCK * BUDGET_FORWARDS_PER_IMAGE + len(plan.resident_blocks) * BLOCK
-                + REAL["text_encoder_gb"] - 5 * TEXT_LAYER)
+                + REAL["text_encoder_gb"] - 11 * TEXT_LAYER)
     assert ram.disk_read_gb_per_image == pytest.approx(expected)
 
 
@@ -89,7 +89,8 @@ def test_a_machine_that_fits_nothing_is_told_its_figures_and_what_it_needs():
     message = str(err.value)
     minimum = budget_minimum_ram_gb(REAL, 8.0)
     # The lossy option's figures: tests/test_lossy_low_ram.py.
-    for part in ("This machine: 8.0 GB of VRAM, 16.0 GB of RAM available", "57 of the 57 streamed transformer blocks",
+    # 10 GB left after the system and the page cache: the 18 streamed text layers (7.8 GB), then 3 blocks.
+    for part in ("This machine: 8.0 GB of VRAM, 16.0 GB of RAM available", "54 of the 57 streamed transformer blocks",
                  f"at 8.0 GB of VRAM it needs {minimum:.1f} GB of RAM"):
         assert part in message
     machine_fits("budget", REAL, vram_gb=8.0, ram_gb=minimum)  # the figure it names is enough

@@ -172,7 +172,8 @@ def test_infinity_and_nan_seeds_sent_as_raw_json_are_refused_by_name(server, tmp
     file_value = json.dumps({"path": uploaded, "meta": {"_type": "gradio.FileData"}})
 
     def body(seed: str) -> str:
-        return f'{{"data": [{file_value}, "a raw card", " ", {seed}, false, 1.0, 2, 2, 640, true, true, false]}}'
+        return (f'{{"data": [{file_value}, "a raw card", " ", {seed}, false, 1.0, 2, 2, 640, true, true, '
+                f'true, false, false, "en", false, false]}}')  # ... the designer's options (issue 26), original_size
 
     for literal, message in (("Infinity", "seed=inf is not a whole number"),
                              ("-Infinity", "seed=-inf is not a whole number"), ("NaN", "seed=nan is not a whole number")):

@@ -255,11 +255,10 @@ def outputs_shown(page) -> dict:
                 error_overlays=visible_error_overlays(page))
 
 
-def checker_pixels(page, locator, left: float, top: float, size: int = 32) -> set[int]:
-    """The grey levels of a screenshot of `size` px square at (left, top) inside `locator`'s box."""
-    where = box(locator)
-    shot = page.screenshot(clip=dict(x=where["x"] + left, y=where["y"] + top, width=size, height=size))
-    return set(np.asarray(Image.open(io.BytesIO(shot)).convert("L")).ravel().tolist())
+def checker_pixels(locator, left: int, top: int, size: int = 32) -> set[int]:
+    """The grey levels on screen of a `size` px square at (left, top) inside `locator`'s box."""
+    shot = Image.open(io.BytesIO(locator.screenshot())).convert("L")
+    return set(np.asarray(shot.crop((left, top, left + size, top + size))).ravel().tolist())
 
 
 def img_box_matches_its_picture(locator) -> bool:
@@ -301,7 +300,7 @@ def studio(served, browser, tmp_path_factory):
     fill_settings(page, LONG_PROMPT, Layers="3", Steps="2", **{"True CFG scale": "1"})
     page.get_by_text("Advanced settings").click()  # closed again: the page as it usually looks
     page.evaluate(RECORD_STATUS)
-    seen["input_checker"] = checker_pixels(page, page.locator("#input-image img"), 4, 4)
+    seen["input_checker"] = checker_pixels(page.locator("#input-image img"), 4, 4)
     seen["input_img_fits"] = img_box_matches_its_picture(page.locator("#input-image img"))
     page.get_by_role("button", name="Decompose", exact=True).click()
     expect(page.locator("#run-status .run-status.running")).to_be_visible(timeout=30_000)

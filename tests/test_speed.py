@@ -1,4 +1,5 @@
-"""Speed features (issue 13): the caption's attention kernels, --compile, and the lossy compute modes' refusals.
+"""Speed features (issues 13, 24): the caption's attention kernels, regional compile, and the lossy compute modes'
+refusals.
 
 Speed itself is measured by bench/bench_speed.py (bench/results/speed.json), never by a test. These tests check that
 the features change nothing they should not: the same caption and layers, the same layers compiled, no recompiles.
@@ -12,8 +13,7 @@ import torch
 
 import app
 import studio.compiling
-from studio.compiling import (CAPTION_CACHE_TOKENS, COMPILE_OPTIONS, caption_compile_problem, compile_cache_file,
-                              compile_caption_decode, compile_problem, load_compile_cache)
+from studio.compiling import COMPILE_OPTIONS, compile_cache_file, compile_problem, load_compile_cache
 from studio.modes import BF16, OFFLOAD, QUANT
 from studio.params import STEPS_RANGE
 from studio.quant import _torchao_linear_filter, quant_problem
@@ -24,13 +24,11 @@ CAPTION_TOKENS = 24  # the demo's caption is 512 random tokens (~30 s on 2 cores
 
 @pytest.fixture
 def short_captions(demo_pipe, monkeypatch):
-    """Cap the caption's length (speed only: generate itself runs unchanged) and record, for every text-encoder
-    forward, whether cuDNN attention was allowed."""
-    generate = demo_pipe.pipe.text_encoder.generate
-    monkeypatch.setattr(demo_pipe.pipe.text_encoder, "generate",
-                        lambda **kwargs: generate(**dict(kwargs, max_new_tokens=CAPTION_TOKENS)))
+    """Cap the caption's length (speed only) and record, for every forward of the first language layer (the prefill,
+    each decode step, each prompt encoding), whether cuDNN attention was allowed."""
+    monkeypatch.setattr(app, "CAPTION_MAX_NEW_TOKENS", CAPTION_TOKENS)
     cudnn_allowed: list[bool] = []
-    handle = demo_pipe.pipe.text_encoder.register_forward_pre_hook(
+    handle = demo_pipe.pipe.text_encoder.model.language_model.layers[0].register_forward_pre_hook(
         lambda *_: cudnn_allowed.append(torch.backends.cuda.cudnn_sdp_enabled()))
     yield cudnn_allowed
     handle.remove()
@@ -40,7 +38,8 @@ def test_caption_runs_without_cudnn_attention_and_the_layers_stay_the_same(demo_
     run = dict(prompt="", layers=2, num_inference_steps=2, seed=5)
     cudnn_before = torch.backends.cuda.cudnn_sdp_enabled()
     new = app.infer(demo_pipe, rgba_image, **run)
-    # Caption: CAPTION_TOKENS decode forwards without cuDNN; then the prompt and negative prompt encodings with it.
+    # Caption: the prefill and CAPTION_TOKENS - 1 decode steps without cuDNN; then the prompt and negative prompt
+    # encodings with it.
     assert short_captions[:CAPTION_TOKENS] == [False] * CAPTION_TOKENS
     assert short_captions[CAPTION_TOKENS:] == [cudnn_before] * 2
     assert torch.backends.cuda.cudnn_sdp_enabled() == cudnn_before  # the setting is given back after the caption
@@ -63,10 +62,11 @@ def unique_graphs() -> int:
 def test_compiled_blocks_under_budget_hooks_and_first_block_cache_match_eager_without_recompiling(models_dir, rgba_image,
                                                                                                monkeypatch):
     # Dynamo traces the real blocks with fullgraph=True (a graph break would raise); the "eager" backend runs the
-    # traced graph without Inductor, so no C++ toolchain is needed on the CPU.
+    # traced graph without Inductor, so no C++ toolchain is needed on the CPU (which compiles nothing by default).
     monkeypatch.setattr(studio.compiling, "COMPILE_OPTIONS", dict(COMPILE_OPTIONS, backend="eager"))
     settings = dict(offload="budget", first_block_cache=True)
-    eager_pipe = app.load_pipeline(demo_settings(models_dir, **settings))
+    eager_pipe = app.load_pipeline(demo_settings(models_dir, compile=False, **settings))
+    monkeypatch.setattr(studio.compiling, "machine_compile_problem", lambda *args, **kwargs: None)
     compiled_pipe = app.load_pipeline(demo_settings(models_dir, compile=True, **settings))
     blocks = len(compiled_pipe.pipe.transformer.transformer_blocks)
     assert f"compiled_transformer_blocks({blocks})" in compiled_pipe.optimizations
@@ -125,73 +125,32 @@ def test_compile_is_refused_where_hooks_sit_inside_the_blocks():
 
 
 def test_compile_and_lossy_flags_from_the_command_line_and_environment(monkeypatch):
+    assert app.parse_args([])[1].compile is True  # where it can run (`compiling.machine_compile_problem`)
+    assert app.parse_args(["--no-compile", "--quantization", "int8_dynamic"])[1].compile is False
+    monkeypatch.setenv("QIL_COMPILE", "0")
     assert app.parse_args([])[1].compile is False
-    assert app.parse_args(["--compile", "--quantization", "int8_dynamic"])[1].compile is True
-    monkeypatch.setenv("QIL_COMPILE", "1")
-    assert app.parse_args([])[1].compile is True
     with pytest.raises(SystemExit):  # an unknown mode is refused by the parser, naming the choices
         app.parse_args(["--quantization", "int4_dynamic"])
 
 
 # ----------------------------------------------------------------------------------------------------
-# The caption's compiled decode (static KV cache) and the warm-up at load time
+# The caption's decoder (CUDA graphs where they can run) and the warm-up at load time
 # ----------------------------------------------------------------------------------------------------
-def test_static_cache_compiled_caption_gives_the_eager_text_with_one_graph_for_every_shape(demo_pipe, rgba_image,
-                                                                                         monkeypatch):
-    # Dynamo traces the real decode step of the demo's Qwen2.5-VL (mrope) over a static cache; the "eager" backend
-    # runs the traced graph without Inductor or CUDA graphs (the CPU has neither), so the static cache's arithmetic
-    # and the traced step are what is checked here against transformers' default dynamic cache. (On the GPU, Inductor's
-    # fused kernels in bf16 do change the random full-size model's text: ENABLE_CAPTION_COMPILE says so.)
-    encoder = demo_pipe.pipe.text_encoder
-    generate = encoder.generate  # captions of CAPTION_TOKENS tokens (speed only; no hook: it would be traced)
-    monkeypatch.setattr(encoder, "generate", lambda **kwargs: generate(**dict(kwargs, max_new_tokens=CAPTION_TOKENS)))
-    eager = app.caption_image(demo_pipe.pipe, rgba_image, 640)
-    wide = rgba_image.resize((600, 200))
-    eager_wide = app.caption_image(demo_pipe.pipe, wide, 640)
-    graphs = unique_graphs()
-    compile_caption_decode(encoder, backend="eager", mode=None)
-    try:
-        assert encoder.generation_config.cache_implementation == "static"
-        assert encoder.generation_config.max_cache_len == CAPTION_CACHE_TOKENS
-        compiled = app.caption_image(demo_pipe.pipe, rgba_image, 640)
-        assert unique_graphs() == graphs + 1  # the decode step was traced and run compiled
-        compiled_wide = app.caption_image(demo_pipe.pipe, wide, 640)  # another prompt length, the same cache size
-        assert unique_graphs() == graphs + 1  # no recompile for a new image shape
-    finally:  # transformers' default dynamic cache and eager decoding again
-        config = encoder.generation_config
-        config.cache_implementation = config.max_cache_len = config.compile_config = None
-    assert len(eager) > 10  # a text of CAPTION_TOKENS tokens to match (the wide image has more image tokens)
-    assert compiled == eager and compiled_wide == eager_wide
-    assert encoder.generation_config.cache_implementation is None  # undone: the next caption decodes eagerly
-    assert app.caption_image(demo_pipe.pipe, rgba_image, 640) == eager
-
-
-@pytest.mark.parametrize("offload, on_cuda, triton, expected", [
-    ("off", False, True, "need a CUDA GPU"),
-    ("off", True, False, "need Triton"),
-    ("model", True, True, "--offload model"),
-    ("sequential", True, True, "--offload sequential"),
-    ("budget", True, True, "records its CUDA graphs again every caption"),  # measured slower: graphs re-recorded
-    ("off", True, True, None),
-])
-def test_caption_compile_problem_names_the_reason(offload, on_cuda, triton, expected):
-    problem = caption_compile_problem(OFFLOAD[offload], on_cuda, triton)
-    assert problem == expected if expected is None else expected in problem
-
-
-def test_on_the_cpu_the_caption_decodes_eagerly_and_nothing_warms_up(models_dir):
-    settings = demo_settings(models_dir, caption_compile=True, warm_up=True)
-    pipe = app.load_pipeline(settings)
-    assert pipe.pipe.text_encoder.generation_config.cache_implementation is None
-    assert pipe.pipe.text_encoder.generation_config.compile_config is None
-    assert not [name for name in pipe.optimizations if "caption_compiled" in name or "warm_up" in name]
+def test_on_the_cpu_the_caption_decoder_runs_eagerly_and_nothing_warms_up(models_dir, caplog):
+    with caplog.at_level(logging.INFO, logger=app.logger.name):
+        pipe = app.load_pipeline(demo_settings(models_dir, warm_up=True))
+    assert pipe.caption_decoder  # the decoder's steps, eagerly: no CUDA
+    assert "Caption decoder without CUDA graphs: no CUDA GPU" in caplog.text
+    assert not [name for name in pipe.optimizations if "caption_cuda_graphs" in name or "warm_up" in name]
+    assert not app.load_pipeline(demo_settings(models_dir, caption_graphs=False)).caption_decoder
 
 
 def test_warm_up_runs_a_short_caption_and_the_fewest_steps_then_gives_generate_back(demo_pipe):
     encoder, transformer = demo_pipe.pipe.text_encoder, demo_pipe.pipe.transformer
     assert "generate" not in encoder.__dict__
     calls = {"text_encoder": 0, "transformer": 0}
-    handles = [encoder.register_forward_pre_hook(lambda *_: calls.__setitem__("text_encoder", calls["text_encoder"] + 1)),
+    layer = encoder.model.language_model.layers[0]  # the decoder's steps call the layers, not the text encoder
+    handles = [layer.register_forward_pre_hook(lambda *_: calls.__setitem__("text_encoder", calls["text_encoder"] + 1)),
                transformer.register_forward_pre_hook(lambda *_: calls.__setitem__("transformer", calls["transformer"] + 1))]
     try:
         seconds = app.warm_up(demo_pipe, resolution=640, layers=2)
@@ -199,22 +158,24 @@ def test_warm_up_runs_a_short_caption_and_the_fewest_steps_then_gives_generate_b
         for handle in handles:
             handle.remove()
     assert seconds > 0
-    # The caption: WARM_UP_CAPTION_TOKENS forwards (prefill + one per further token); then the prompt and the negative
+    # The caption: WARM_UP_CAPTION_TOKENS forwards (prefill + one step per further token); then the prompt and the negative
     # prompt encoded once each. The transformer: the fewest steps, each with true CFG (two calls).
     assert calls["text_encoder"] == app.WARM_UP_CAPTION_TOKENS + 2
     assert calls["transformer"] == STEPS_RANGE[0] * 2
     assert "generate" not in encoder.__dict__  # the class's own generate again: the user's caption is whole
 
 
-def test_caption_compile_and_warm_up_flags_from_the_command_line_and_environment(monkeypatch):
+def test_caption_graphs_and_warm_up_flags_from_the_command_line_and_environment(monkeypatch):
     settings = app.parse_args([])[1]
-    assert settings.caption_compile is False and settings.warm_up is True  # opt-in: not exact on the GPU
-    settings = app.parse_args(["--caption-compile", "--no-warm-up"])[1]
-    assert settings.caption_compile is True and settings.warm_up is False
+    assert settings.caption_graphs is True and settings.warm_up is True  # exact to bf16: on by default
+    settings = app.parse_args(["--no-caption-graphs", "--no-warm-up"])[1]
+    assert settings.caption_graphs is False and settings.warm_up is False
     monkeypatch.setenv("QIL_WARM_UP", "0")
-    monkeypatch.setenv("QIL_CAPTION_COMPILE", "1")
+    monkeypatch.setenv("QIL_CAPTION_GRAPHS", "0")
     settings = app.parse_args([])[1]
-    assert settings.warm_up is False and settings.caption_compile is True
+    assert settings.warm_up is False and settings.caption_graphs is False
+    with pytest.raises(SystemExit):  # retired: --caption-compile was not exact
+        app.parse_args(["--caption-compile"])
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -229,6 +190,7 @@ def test_compile_cache_file_sits_in_the_inductor_cache_dir_and_names_the_torch_v
 def test_a_damaged_compile_cache_is_said_and_the_blocks_compile_anyway(models_dir, tmp_path, monkeypatch, caplog):
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path))
     monkeypatch.setattr(studio.compiling, "COMPILE_OPTIONS", dict(COMPILE_OPTIONS, backend="eager"))  # no C++ toolchain needed
+    monkeypatch.setattr(studio.compiling, "machine_compile_problem", lambda *args, **kwargs: None)  # the CPU compiles too
     damaged = compile_cache_file()
     damaged.write_bytes(b"half a file" * 100)
     with caplog.at_level(logging.WARNING, logger=app.logger.name):

@@ -56,10 +56,11 @@ def plain_png(path: Path, size=(96, 64), colour=(20, 160, 90, 255)) -> Path:
 
 
 def decompose_values(image) -> list:
-    """All 12 inputs of /decompose, as a raw HTTP client sends them: the image, then GOOD's settings."""
+    """All 17 inputs of /decompose, as a raw HTTP client sends them: the image, then GOOD's settings."""
     d = DEFAULTS
     return [image, GOOD["prompt"], d["negative_prompt"], GOOD["seed"], False, GOOD["true_cfg_scale"],
-            GOOD["num_inference_steps"], GOOD["layers"], d["resolution"], d["cfg_normalize"], d["use_en_prompt"], False]
+            GOOD["num_inference_steps"], GOOD["layers"], d["resolution"], d["cfg_normalize"], d["use_en_prompt"],
+            d["tidy_layers"], d["clean_edges"], d["text_layers"], d["text_language"], d["name_layers"], False]
 
 
 def call_over_http(url: str, endpoint: str, data: list) -> tuple[str, str]:

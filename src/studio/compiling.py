@@ -1,13 +1,15 @@
-"""torch.compile of the transformer blocks (regional: each block's own forward, before any hook) and its
-on-disk caches; the caption decode's static cache and compiled step.
+"""The transformer's forward at the speed of its arithmetic, exactly (issue 24, item 5): torch.compile of the transformer
+blocks (regional: each block's own forward, before any hook) and its on-disk caches, and each block's Q, K and V
+projections fused into one matmul per stream.
 """
 
 import logging
 import os
+import platform
 from pathlib import Path
-from typing import Any
 
 import torch
+from diffusers.models.transformers.transformer_qwenimage import QwenDoubleStreamAttnProcessor2_0, apply_rotary_emb_qwen
 
 from studio.modes import OffloadMode, QuantMode
 
@@ -15,18 +17,39 @@ logger = logging.getLogger(__name__)
 
 
 COMPILE_OPTIONS = dict(fullgraph=True, dynamic=True)
-# One static cache length for every caption (prompt with image tokens, ~1,400 at 1024 px, + 512 new tokens): every
-# image shape then shares one compiled graph. 2048 tokens of KV cache cost 0.1 GB; a longer prompt grows it (recompiles).
-CAPTION_CACHE_TOKENS = 2048
-CAPTION_COMPILE_OPTIONS = dict(mode="reduce-overhead", fullgraph=False, dynamic=False)
+# torch.compile on Windows: the seed found PyTorch 2.4 failing there; triton-windows (Triton's Windows build) supports
+# PyTorch 2.6 and newer.
+WINDOWS_COMPILE_MIN_TORCH = (2, 6)
+# Triton's kernels need compute capability 7.0 (Volta) or newer.
+TRITON_MIN_CAPABILITY = (7, 0)
 
 
 def compile_problem(offload: OffloadMode, quant: QuantMode) -> str | None:
     """Why the transformer blocks cannot be compiled with these modes (None: they can), from their rows."""
     if offload.compile_problem:
-        return f"--compile does not apply with --offload {offload.name}: {offload.compile_problem}"
+        return f"Regional compile does not apply with --offload {offload.name}: {offload.compile_problem}"
     if quant.compile_problem:
-        return f"--compile does not apply with --quantization {quant.name}: {quant.compile_problem}"
+        return f"Regional compile does not apply with --quantization {quant.name}: {quant.compile_problem}"
+    return None
+
+
+def machine_compile_problem(on_cuda: bool, triton: bool, capability: tuple[int, int] | None,
+                            system: str | None = None, torch_version: str | None = None) -> str | None:
+    """Why this machine runs the blocks eagerly although compiling is the default (ENABLE_COMPILE); None: it compiles.
+    `triton`: whether Triton is installed (Inductor's GPU kernels are Triton kernels)."""
+    system = system or platform.system()
+    version = tuple(int(part) for part in (torch_version or torch.__version__).split("+")[0].split(".")[:2])
+    if not on_cuda:
+        return "Regional compile off: no CUDA GPU (the blocks are compiled for the GPU; the CPU runs them as loaded)"
+    if not triton:
+        return ("Regional compile off: torch.compile's GPU kernels need Triton, which is not installed (pip install "
+                "triton; on Windows pip install triton-windows)")
+    if capability is not None and tuple(capability) < TRITON_MIN_CAPABILITY:
+        return (f"Regional compile off: Triton needs compute capability {'.'.join(map(str, TRITON_MIN_CAPABILITY))} "
+                f"or newer and this GPU has {'.'.join(map(str, capability))}")
+    if system == "Windows" and version < WINDOWS_COMPILE_MIN_TORCH:
+        return (f"Regional compile off: PyTorch {'.'.join(map(str, version))} on Windows (torch.compile failed there "
+                f"with 2.4; triton-windows supports PyTorch {'.'.join(map(str, WINDOWS_COMPILE_MIN_TORCH))} and newer)")
     return None
 
 
@@ -40,12 +63,13 @@ def compile_transformer_blocks(transformer: torch.nn.Module) -> int:
     """
     blocks = transformer.transformer_blocks
     for block in blocks:
-        block.forward = torch.compile(block.forward, **COMPILE_OPTIONS)
+        if not hasattr(block.forward, "_torchdynamo_orig_callable"):  # applied again (a bench's next row): once
+            block.forward = torch.compile(block.forward, **COMPILE_OPTIONS)
     return len(blocks)
 
 
 def compile_cache_file() -> Path:
-    """torch's portable compile cache ("mega-cache") for --compile, beside Inductor's on-disk caches."""
+    """torch's portable compile cache ("mega-cache") for the regional compile, beside Inductor's on-disk caches."""
     return Path(os.environ["TORCHINDUCTOR_CACHE_DIR"]) / f"mega_cache_torch{torch.__version__}.bin"
 
 
@@ -58,8 +82,7 @@ def load_compile_cache() -> bool:
     binaries, the autotuning results and the automatic-dynamic profile) and `load_cache_artifacts` puts them all back
     in place before the first compile. On the CPU a process with an empty cache directory and this file alone hit
     Inductor's and AOTAutograd's caches; whether it pays on a GPU's second start is bench_speed.py's B4 (pending a
-    run). With --caption-compile the file holds the caption decode's compile too. A file that does not load (another
-    torch, a damaged file) is said and the blocks compile anew.
+    run). A file that does not load (another torch, a damaged file) is said and the blocks compile anew.
     """
     path = compile_cache_file()
     if not path.is_file():
@@ -87,31 +110,106 @@ def save_compile_cache() -> Path | None:
     return path
 
 
-def caption_compile_problem(offload: OffloadMode, on_cuda: bool, triton: bool) -> str | None:
-    """Why the caption's decode is not compiled with these settings (None: it is; ENABLE_CAPTION_COMPILE).
-    `triton`: whether Triton is installed (torch.compile's GPU kernels are Triton kernels)."""
+# ----------------------------------------------------------------------------------------------------------------
+# Fused QKV projections
+# ----------------------------------------------------------------------------------------------------------------
+def fuse_problem(on_cuda: bool, quant: QuantMode, machine=None) -> str | None:
+    """Why the blocks keep their separate Q, K and V projections (None: they are fused; ENABLE_FUSED_QKV). `machine`:
+    the budget mode's `MachinePlan` (its RAM plan)."""
     if not on_cuda:
-        return "caption decode not compiled: its CUDA graphs need a CUDA GPU (the CPU decodes eagerly)"
-    if not triton:
-        return ("caption decode not compiled: torch.compile's GPU kernels need Triton, which is not installed "
-                "(pip install triton; on Windows pip install triton-windows)")
-    if offload.caption_graphs_problem:
-        return f"caption decode not compiled with --offload {offload.name}: {offload.caption_graphs_problem}"
+        return "Fused QKV projections not applied: they pay on a GPU (the CPU runs the blocks as loaded)"
+    if quant.lossy or quant.compute != "bf16":
+        return f"Fused QKV projections not applied with --quantization {quant.name}: its weights are kept per projection"
+    ram = getattr(machine, "ram", None)
+    if ram is not None and ram.low_ram:
+        return ("Fused QKV projections not applied: with less RAM than the weights, blocks stay views of the weight "
+                "files, and fused copies would be held in RAM (0.11 GB a block)")
     return None
 
 
-def compile_caption_decode(text_encoder, **options: Any) -> None:
-    """A static KV cache and a compiled decode step for the text encoder's `generate` (ENABLE_CAPTION_COMPILE).
+def fuse_qkv_projections(transformer: torch.nn.Module) -> int:
+    """Each block's Q, K and V projections (and the text stream's) as one Linear of the three stacked, the three removed
+    (the weights are held once); the blocks' processor then runs one matmul per stream. Returns how many blocks.
 
-    Set on its generation config, so the pipeline's own `get_image_caption` stays the caller: transformers compiles
-    the decode step (`get_compiled_call`) when the cache is static; the prefill stays eager. `options` override
-    CAPTION_COMPILE_OPTIONS (tests: backend "eager" on the CPU).
+    Why not diffusers' own `fuse_qkv_projections` (0.42.1): `Attention.fuse_projections` adds `to_qkv` and
+    `to_added_qkv` beside the three it keeps (+0.11 GB a block, 6.8 GB for 60), and QwenDoubleStreamAttnProcessor2_0
+    never reads them. Applied before any hook: the budget engine's block groups and host copies are made from the fused
+    modules. A block fused already is left as it is.
     """
-    from transformers import CompileConfig
+    blocks = transformer.transformer_blocks
+    with torch.no_grad():
+        for block in blocks:
+            attn = block.attn
+            if hasattr(attn, "to_qkv"):
+                continue
+            attn.to_qkv = _stacked_linear(attn, ("to_q", "to_k", "to_v"))
+            attn.to_added_qkv = _stacked_linear(attn, ("add_q_proj", "add_k_proj", "add_v_proj"))
+            previous = attn.processor
+            attn.set_processor(FusedQwenDoubleStreamAttnProcessor())
+            attn.processor._attention_backend = previous._attention_backend
+            attn.processor._parallel_config = previous._parallel_config
+    return len(blocks)
 
-    config = text_encoder.generation_config
-    config.cache_implementation = "static"
-    config.max_cache_len = CAPTION_CACHE_TOKENS
-    config.compile_config = CompileConfig(**{**CAPTION_COMPILE_OPTIONS, **options})
-    if text_encoder.device.type == "cpu":  # transformers compiles only on accelerators unless told (tests)
-        config.compile_config._compile_all_devices = True
+
+def _stacked_linear(attn: torch.nn.Module, names: tuple[str, ...]) -> torch.nn.Linear:
+    """One Linear whose weight and bias are those of `names` stacked (their outputs concatenated); `names` removed."""
+    parts = [getattr(attn, name) for name in names]
+    fused = torch.nn.Linear(parts[0].in_features, sum(p.out_features for p in parts), bias=parts[0].bias is not None,
+                            device="meta")  # no random init: the weights are set below
+    fused.weight = torch.nn.Parameter(torch.cat([p.weight for p in parts]), requires_grad=parts[0].weight.requires_grad)
+    if parts[0].bias is not None:
+        fused.bias = torch.nn.Parameter(torch.cat([p.bias for p in parts]), requires_grad=parts[0].bias.requires_grad)
+    for name in names:
+        delattr(attn, name)
+    return fused
+
+
+class FusedQwenDoubleStreamAttnProcessor(QwenDoubleStreamAttnProcessor2_0):
+    """diffusers' QwenDoubleStreamAttnProcessor2_0 (0.42.1) with each stream's Q, K and V from one matmul
+    (`fuse_qkv_projections`); the rest as diffusers' (tests/test_exact.py compares the two on the demo model)."""
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, encoder_hidden_states_mask=None,
+                 attention_mask=None, image_rotary_emb=None):
+        from diffusers.models.attention_dispatch import dispatch_attention_fn
+
+        if not hasattr(attn, "to_qkv"):
+            return super().__call__(attn, hidden_states, encoder_hidden_states, encoder_hidden_states_mask,
+                                    attention_mask, image_rotary_emb)
+        if encoder_hidden_states is None:
+            raise ValueError("QwenDoubleStreamAttnProcessor2_0 requires encoder_hidden_states (text stream)")
+        if attention_mask is not None:
+            raise ValueError("QwenDoubleStreamAttnProcessor2_0 does not accept an external attention_mask. Pass "
+                             "encoder_hidden_states_mask to let the processor build the joint mask.")
+        if encoder_hidden_states_mask is not None:
+            image_mask = torch.ones(hidden_states.shape[:2], dtype=torch.bool, device=hidden_states.device)
+            attention_mask = torch.cat([encoder_hidden_states_mask, image_mask], dim=1)[:, None, None, :]
+        seq_txt = encoder_hidden_states.shape[1]
+        head_dim = attn.inner_dim // attn.heads
+        # The one difference: Q, K and V of each stream from one matmul.
+        img_query, img_key, img_value = (x.unflatten(-1, (-1, head_dim)) for x in attn.to_qkv(hidden_states).chunk(3, -1))
+        txt_query, txt_key, txt_value = (x.unflatten(-1, (-1, head_dim))
+                                         for x in attn.to_added_qkv(encoder_hidden_states).chunk(3, -1))
+        if attn.norm_q is not None:
+            img_query = attn.norm_q(img_query)
+        if attn.norm_k is not None:
+            img_key = attn.norm_k(img_key)
+        if attn.norm_added_q is not None:
+            txt_query = attn.norm_added_q(txt_query)
+        if attn.norm_added_k is not None:
+            txt_key = attn.norm_added_k(txt_key)
+        if image_rotary_emb is not None:
+            img_freqs, txt_freqs = image_rotary_emb
+            img_query = apply_rotary_emb_qwen(img_query, img_freqs, use_real=False)
+            img_key = apply_rotary_emb_qwen(img_key, img_freqs, use_real=False)
+            txt_query = apply_rotary_emb_qwen(txt_query, txt_freqs, use_real=False)
+            txt_key = apply_rotary_emb_qwen(txt_key, txt_freqs, use_real=False)
+        joint_hidden_states = dispatch_attention_fn(
+            torch.cat([txt_query, img_query], dim=1), torch.cat([txt_key, img_key], dim=1),
+            torch.cat([txt_value, img_value], dim=1), attn_mask=attention_mask, dropout_p=0.0, is_causal=False,
+            backend=self._attention_backend, parallel_config=self._parallel_config)
+        joint_hidden_states = joint_hidden_states.flatten(2, 3).to(txt_query.dtype)
+        img_attn_output = attn.to_out[0](joint_hidden_states[:, seq_txt:, :].contiguous())
+        if len(attn.to_out) > 1:
+            img_attn_output = attn.to_out[1](img_attn_output)  # dropout
+        txt_attn_output = attn.to_add_out(joint_hidden_states[:, :seq_txt, :].contiguous())
+        return img_attn_output, txt_attn_output

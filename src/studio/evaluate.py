@@ -1,9 +1,12 @@
 """`app.py evaluate`: score decompositions against ground-truth layers with LayerD's metrics (`studio.scores`),
 one row per ground truth and grid setting, into evaluate.csv and evaluate.json. The model is loaded and run by
-functions the app passes in.
+functions the app passes in. Where the ground truth's strings are known (assets/layered_gt/text_layers.json), the
+text read back from the predicted layers is scored too (`text_cer`, `studio.design`).
 """
 
 import argparse
+import dataclasses
+import gc
 import itertools
 import json
 import sys
@@ -15,16 +18,26 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from studio.design import ground_truth_text, ocr_engine, text_cer
 from studio.errors import OutOfMemoryError
 from studio.exports import export_layer_pngs, safe_file_text
 from studio.images import _layer_pngs, composite_layers, find_ground_truth, read_layered_file
+from studio.modes import QUANT
 from studio.params import LAYERS_RANGE, PARAM, PARAMS, add_param_args, check_params
 from studio.scores import EVAL_MAX_MERGES, PSNR_CAP_DB, evaluate_layers
 
 # `evaluate --grid KEY=V1,V2`: the settings a grid may vary -> the PARAMS row each sets (its type reads the values,
-# `check_param` checks them); first_block_cache_threshold is a load setting, not a PARAMS row.
+# `check_param` checks them), or None for a load setting (`LOAD_GRID_KEYS`).
 EVAL_GRID_KEYS = {"steps": "num_inference_steps", "layers": "layers", "true_cfg_scale": "true_cfg_scale",
-                  "resolution": "resolution", "seed": "seed", "first_block_cache_threshold": None}
+                  "resolution": "resolution", "seed": "seed", "first_block_cache_threshold": None,
+                  "quantization": None, "quantized_blocks": None}
+# The load settings a grid may vary, each with what reads its value. FirstBlockCache is switched in place; the
+# quantization keys change the loaded model, so each of their combinations loads it anew (`RELOAD_GRID_KEYS`: 57 GB of
+# weights leave no room for a bf16 copy beside a quantized one), the previous one freed first, the grid ordered so
+# that each loads once. A block range of several parts joins them with "+" (0-11+48-59): "," separates values.
+LOAD_GRID_KEYS = {"first_block_cache_threshold": float, "quantization": str,
+                  "quantized_blocks": lambda text: text.replace("+", ",")}
+RELOAD_GRID_KEYS = ("quantization", "quantized_blocks")
 
 
 def evaluate_parser() -> argparse.ArgumentParser:
@@ -44,6 +57,10 @@ def evaluate_parser() -> argparse.ArgumentParser:
                         help="score layers as they are; by default non-overlapping top layers are grouped, as LayerD does")
     parser.add_argument("--grid", nargs="+", action="extend", default=[], metavar="KEY=V1,V2",
                         help="run every combination, one row each with time per image; KEY: " + ", ".join(EVAL_GRID_KEYS))
+    parser.add_argument("--no-text-cer", dest="text_cer", action="store_false",
+                        help="skip the text score: by default, where the ground truth's strings are known (a "
+                             "text_layers.json beside it, as in assets/layered_gt), the predicted layers are read by "
+                             "OCR (--text-language) and scored by character error rate against them")
     parser.add_argument("--pred", type=Path, default=None, metavar="DIR",
                         help="score layers made elsewhere, no model: DIR/<ground truth name>/ (PNGs), .zip or .psd; "
                              "with one ground truth, DIR itself may hold the PNG layers")
@@ -53,8 +70,10 @@ def evaluate_parser() -> argparse.ArgumentParser:
 
 # `evaluate`: one row per ground truth and setting, in evaluate.csv; means per setting in evaluate.json.
 EVAL_COLUMNS = ("ground_truth", "settings", "gt_layers", "pred_layers", "rgb_l1", "alpha_iou", "edit_cost", "merges",
-                "recomposition_psnr_db", "recomposition_rgb_mae", "recomposition_alpha_error", "seconds", "error")
-EVAL_MEANS = ("rgb_l1", "alpha_iou", "edit_cost", "merges", "recomposition_psnr_db", "seconds")
+                "recomposition_psnr_db", "recomposition_rgb_mae", "recomposition_alpha_error", "text_cer", "seconds",
+                "error")
+# text_cer's mean is over the designs with text (a design without has none: its row leaves it empty).
+EVAL_MEANS = ("rgb_l1", "alpha_iou", "edit_cost", "merges", "recomposition_psnr_db", "text_cer", "seconds")
 
 
 def parse_grid(items: list[str]) -> list[dict[str, Any]]:
@@ -67,14 +86,21 @@ def parse_grid(items: list[str]) -> list[dict[str, Any]]:
             raise ValueError(f"--grid {item!r}: write KEY=V1,V2,... with KEY one of {', '.join(EVAL_GRID_KEYS)}")
         if key in axes:
             raise ValueError(f"--grid {item!r}: {key} is given twice; put all its values in one KEY=V1,V2,...")
-        kind = PARAM[EVAL_GRID_KEYS[key]].type if EVAL_GRID_KEYS[key] else float
+        kind = PARAM[EVAL_GRID_KEYS[key]].type if EVAL_GRID_KEYS[key] else LOAD_GRID_KEYS[key]
         try:
-            axes[key] = [kind(value) for value in values.split(",")]
+            axes[key] = [kind(value.strip()) for value in values.split(",")]
         except ValueError:
             raise ValueError(f"--grid {item!r}: every value of {key} must be a {kind.__name__}") from None
         if key == "first_block_cache_threshold" and min(axes[key]) < 0:
             raise ValueError(f"--grid {item!r}: a FirstBlockCache threshold is 0 (off) or more")
-    return [dict(zip(axes, combo)) for combo in itertools.product(*axes.values())]
+        if key == "quantization" and set(axes[key]) - set(QUANT):
+            raise ValueError(f"--grid {item!r}: a quantization is one of {', '.join(QUANT)}")
+    axes = {key: axes[key] for key in sorted(axes, key=lambda key: key not in RELOAD_GRID_KEYS)}  # reloads vary slowest
+    combos = [dict(zip(axes, combo)) for combo in itertools.product(*axes.values())]
+    for combo in combos:  # a block range means nothing to a mode that does not choose blocks: one run of it
+        if not QUANT[combo.get("quantization") or "bf16"].block_range:
+            combo.pop("quantized_blocks", None)
+    return [dict(items) for items in dict.fromkeys(tuple(combo.items()) for combo in combos)]
 
 
 def grid_label(combo: dict[str, Any]) -> str:
@@ -126,7 +152,7 @@ def evaluation_summary(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
 def evaluation_table(summary: list[dict[str, Any]]) -> str:
     """The terminal table: one row per setting. Lower is better for L1 and edit cost; higher for IoU and PSNR."""
     head = f"{'settings':<40} {'images':>6} {'failed':>6} {'RGB L1':>8} {'IoU':>7} {'edit':>7} {'merges':>6} " \
-           f"{'PSNR dB':>8} {'s/image':>8}"
+           f"{'PSNR dB':>8} {'text CER':>8} {'s/image':>8}"
     lines = [head, "-" * len(head)]
 
     def cell(value, width, digits):
@@ -136,7 +162,8 @@ def evaluation_table(summary: list[dict[str, Any]]) -> str:
         lines.append(f"{entry['settings'][:40]:<40} {entry['images']:>6} {entry['failed']:>6} "
                      f"{cell(entry['mean_rgb_l1'], 8, 4)} {cell(entry['mean_alpha_iou'], 7, 4)} "
                      f"{cell(entry['mean_edit_cost'], 7, 4)} {cell(entry['mean_merges'], 6, 2)} "
-                     f"{cell(entry['mean_recomposition_psnr_db'], 8, 2)} {cell(entry['mean_seconds'], 8, 2)}")
+                     f"{cell(entry['mean_recomposition_psnr_db'], 8, 2)} {cell(entry['mean_text_cer'], 8, 4)} "
+                     f"{cell(entry['mean_seconds'], 8, 2)}")
     return "\n".join(lines)
 
 
@@ -209,12 +236,21 @@ def evaluate_main(settings, ns: argparse.Namespace, start: Callable, infer: Call
                                            for k, v in vars(ns).items() if k != "auth"},
                                 max_merges=ns.max_merges, group_top_layers=ns.group,
                                 metrics="LayerD (github.com/CyberAgentAILab/LayerD, src/layerd/evaluation)",
-                                psnr_cap_db=PSNR_CAP_DB)
+                                psnr_cap_db=PSNR_CAP_DB,
+                                text_cer="OCR of the predicted layers (studio.design, RapidOCR PP-OCRv4) against the "
+                                         "strings drawn into the ground truth (text_layers.json): character errors / "
+                                         "characters, each string matched to its nearest read line")
 
-    def score(path: Path, pred: list[Image.Image], label: str, seconds: float | None) -> dict[str, Any]:
+    def score(path: Path, pred: list[Image.Image], label: str, seconds: float | None, texts=None) -> dict[str, Any]:
         result = evaluate_layers(pred, layers_of[path], ns.max_merges, ns.group)
-        return dict(ground_truth=str(path), settings=label, gt_layers=len(layers_of[path]), pred_layers=len(pred),
-                    seconds=seconds, **result)
+        row = dict(ground_truth=str(path), settings=label, gt_layers=len(layers_of[path]), pred_layers=len(pred),
+                   seconds=seconds, **result)
+        truth = ground_truth_text(path) if ns.text_cer else None
+        if truth:  # OCR of the predicted layers (`texts`: infer's own, with --text-layers) against the drawn strings
+            engine = ocr_engine(ns.text_language, str(settings.models_dir))
+            row["text"] = text_cer(pred, truth, engine=engine, texts=texts)
+            row["text_cer"] = row["text"]["cer"]
+        return row
 
     # 3a. Layers made elsewhere: read and score, no model.
     if ns.pred is not None:
@@ -226,27 +262,48 @@ def evaluate_main(settings, ns: argparse.Namespace, start: Callable, infer: Call
             except ValueError as err:
                 rows.append(dict(ground_truth=str(path), settings="pred", error=str(err)))
                 print(f"skipped {path}: {err}", file=sys.stderr)
-    # 3b. Decompose each flattened ground truth with every setting of the grid, the model loaded once.
+    # 3b. Decompose each flattened ground truth with every setting of the grid, the model loaded once (once per
+    #     quantization setting of the grid).
     elif layers_of:
-        loaded = start(settings)  # ModelNotAvailableError & co.: exit 2 with the message (`exits_with_message`)
-        info.update(loaded.run_info())
-        if loaded.demo:
-            print("DEMO MODEL in use: tiny random weights; its layers are noise, so its scores are poor by design.")
-        loaded.pipe.set_progress_bar_config(desc="steps", position=1, leave=False)
+        loaded, load = None, None
         for combo, values in zip(combos, settings_of):
             label = grid_label(combo) if combo else \
                 f"steps={ns.num_inference_steps} resolution={ns.resolution} seed={ns.seed}"
+            if loaded is None or {k: combo[k] for k in RELOAD_GRID_KEYS if k in combo} != load:
+                load = {k: combo[k] for k in RELOAD_GRID_KEYS if k in combo}
+                if loaded is not None:  # the previous model's memory goes before the next one loads; the GPU's
+                    loaded = None  #      too, since the budget mode plans with its free memory
+                    gc.collect()
+                    import torch
+
+                    if torch.cuda.is_available():
+                        torch.cuda.empty_cache()
+                try:  # the first load's errors (no weights, a machine too small) end the command: exit 2
+                    loaded = start(dataclasses.replace(settings, **load))
+                except ValueError as err:
+                    if not info.get("loads"):
+                        raise
+                    rows.extend(dict(ground_truth=str(path), settings=label, error=str(err)) for path in layers_of)
+                    print(f"skipped {label}: {err}", file=sys.stderr)
+                    continue
+                if not info.get("loads"):
+                    info.update(loaded.run_info())
+                    if loaded.demo:
+                        print("DEMO MODEL in use: tiny random weights; its layers are noise, so its scores are poor "
+                              "by design.")
+                info.setdefault("loads", {})[grid_label(load) or "flags"] = loaded.run_info()
+                loaded.pipe.set_progress_bar_config(desc="steps", position=1, leave=False)
             if "first_block_cache_threshold" in combo:
                 set_first_block_cache(loaded, combo["first_block_cache_threshold"])
             for path in tqdm(layers_of, desc=label, unit="image", position=0):
                 gt = layers_of[path]
                 layers = values["layers"] or min(max(len(gt), LAYERS_RANGE[0]), LAYERS_RANGE[1])
                 try:
-                    start = time.perf_counter()
+                    began = time.perf_counter()
                     result = infer(loaded, composite_layers(gt), **dict(values, layers=layers))
-                    seconds = time.perf_counter() - start
+                    seconds = time.perf_counter() - began
                     export_layer_pngs(result.layers, Path(ns.out) / "pred" / safe_file_text(label) / path.stem)
-                    rows.append(score(path, result.layers, label, seconds))
+                    rows.append(score(path, result.layers, label, seconds, result.labels.texts))
                 except (ValueError, OutOfMemoryError) as err:
                     rows.append(dict(ground_truth=str(path), settings=label, error=str(err)))
                     tqdm.write(f"skipped {path} ({label}): {err}", file=sys.stderr)

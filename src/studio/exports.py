@@ -1,6 +1,7 @@
 """The export writers: pure functions `layers -> file` (bottom first), no Gradio and no torch in them, so the
 combine tool writes its PSD with the same code. PNG, ZIP, PPTX, PSD; `EXPORTS` is the table the run folders and the
-page follow (a new format: its `export_*` function and one row).
+page follow (a new format: its `export_*` function and one row). What each layer is called and which are text comes
+from `studio.naming.LayerLabels` (issue 26: named layers, editable text).
 """
 
 import dataclasses
@@ -13,7 +14,9 @@ from pathlib import Path
 
 from PIL import Image
 
+from studio.design import LayerText, add_text_boxes, hide_shape
 from studio.images import check_layers, composite_layers, crop_to_alpha, layer_names
+from studio.naming import LayerLabels
 
 # Exports (section 6). PowerPoint's default widescreen slide is 13.333 in wide; the slide's longer side
 # gets (about) that length and the shorter one follows the image's aspect ratio (PowerPoint accepts 1 to 56 in).
@@ -52,28 +55,30 @@ def layer_file_name(index: int) -> str:
     return f"layer_{index + 1}.png"
 
 
-def export_layer_pngs(layers: list[Image.Image], folder: Path) -> list[Path]:
-    """Full-canvas layer_1.png ... layer_N.png (bottom first) in `folder`."""
+def export_layer_pngs(layers: list[Image.Image], folder: Path, file_names: list[str] | None = None) -> list[Path]:
+    """Full-canvas layer_1.png ... layer_N.png (bottom first) in `folder`; `file_names` instead where given
+    (`LayerLabels.file_names`: layer_2_red-circle.png)."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     paths = []
     for index, layer in enumerate(layers):
-        path = folder / layer_file_name(index)
+        path = folder / (file_names[index] if file_names else layer_file_name(index))
         layer.save(path)
         paths.append(path)
     return paths
 
 
 def export_zip(layers: list[Image.Image], path: Path, extra_files: dict[str, bytes] | None = None,
-               original_size_layers: list[Image.Image] | None = None) -> Path:
-    """layer_1.png ... layer_N.png (bottom first), composite.png and any extra files (params.json);
-    with `original_size_layers`, the same layer and composite files under `original_size/` too."""
+               original_size_layers: list[Image.Image] | None = None, file_names: list[str] | None = None) -> Path:
+    """layer_1.png ... layer_N.png (bottom first; `file_names` instead where given), composite.png and any extra
+    files (params.json); with `original_size_layers`, the same layer and composite files under `original_size/` too."""
     check_layers(layers)
     sets = {"": layers, "original_size/": original_size_layers or []}
     with zipfile.ZipFile(path, "w", compression=zipfile.ZIP_DEFLATED) as archive:
         for prefix, set_layers in sets.items():
             for index, layer in enumerate(set_layers):
-                archive.writestr(prefix + layer_file_name(index), _png_bytes(layer))
+                archive.writestr(prefix + (file_names[index] if file_names else layer_file_name(index)),
+                                 _png_bytes(layer))
             if set_layers:
                 archive.writestr(prefix + "composite.png", _png_bytes(composite_layers(set_layers)))
         for name, data in (extra_files or {}).items():
@@ -87,11 +92,14 @@ def _png_bytes(image: Image.Image) -> bytes:
     return buffer.getvalue()
 
 
-def export_pptx(layers: list[Image.Image], path: Path, names: list[str] | None = None) -> Path:
+def export_pptx(layers: list[Image.Image], path: Path, names: list[str] | None = None,
+                texts: list[LayerText | None] | None = None) -> Path:
     """One slide of the image's aspect ratio; each layer a named picture cropped to its alpha bounding box
     and placed at its offset, so objects can be selected and moved; bottom first in z-order.
 
     A fully transparent layer gets no picture (there is nothing to select); the others keep their numbers.
+    `texts` (`studio.design`'s, per layer): a text layer's picture is hidden and an editable text box per line is put
+    right above it, at its place, size and colour, named "<layer name>: <line>".
     """
     from pptx import Presentation
     from pptx.util import Emu
@@ -104,7 +112,7 @@ def export_pptx(layers: list[Image.Image], path: Path, names: list[str] | None =
     presentation = Presentation()
     presentation.slide_width, presentation.slide_height = Emu(width * emu_per_px), Emu(height * emu_per_px)
     slide = presentation.slides.add_slide(presentation.slide_layouts[6])  # layout 6: blank
-    for layer, name in zip(layers, names):
+    for index, (layer, name) in enumerate(zip(layers, names)):
         cropped = crop_to_alpha(layer)
         if cropped is None:
             continue
@@ -112,6 +120,10 @@ def export_pptx(layers: list[Image.Image], path: Path, names: list[str] | None =
         picture = slide.shapes.add_picture(io.BytesIO(_png_bytes(image)), Emu(left * emu_per_px), Emu(top * emu_per_px),
                                            Emu(image.width * emu_per_px), Emu(image.height * emu_per_px))
         picture.name = name
+        text = texts[index] if texts else None
+        if text is not None and text.is_text:  # kept, hidden: the pixels stay one click away in the Selection Pane
+            hide_shape(picture)
+            add_text_boxes(slide, text.lines, emu_per_px, name=name)
     presentation.save(path)
     return Path(path)
 
@@ -146,15 +158,17 @@ class Export:
 
     key: str  # save_run's paths key (the download box's label is its upper case)
     suffix: str
-    # write(layers, path, params.json bytes, the original-size layers or None) -> path
-    write: Callable[[list[Image.Image], Path, bytes, list[Image.Image] | None], Path]
+    # write(layers, path, params.json bytes, the original-size layers or None, the layers' LayerLabels) -> path
+    write: Callable[[list[Image.Image], Path, bytes, list[Image.Image] | None, LayerLabels], Path]
     at_original_size: bool = True  # also written into original_size/ (the ZIP holds both sizes instead)
 
 
 # THE exports table, in the page's order. A new format: its `export_*` function above and one row here.
 EXPORTS = (
-    Export("pptx", ".pptx", lambda layers, path, params, original: export_pptx(layers, path)),
-    Export("zip", ".zip", lambda layers, path, params, original: export_zip(layers, path, {"params.json": params},
-                                                                            original), at_original_size=False),
-    Export("psd", ".psd", lambda layers, path, params, original: export_psd(layers, path)),
+    Export("pptx", ".pptx", lambda layers, path, params, original, labels: export_pptx(
+        layers, path, labels.layer_names(layers), labels.pptx_texts(len(layers)))),
+    Export("zip", ".zip", lambda layers, path, params, original, labels: export_zip(
+        layers, path, {"params.json": params}, original, labels.file_names(len(layers))), at_original_size=False),
+    Export("psd", ".psd", lambda layers, path, params, original, labels: export_psd(
+        layers, path, labels.psd_names(layers))),
 )

@@ -22,7 +22,12 @@ class Loaded:
     parallel: Any = None  # this rank's `ParallelState` with several GPUs
     cfg_hook: Any = None  # the CFG-parallel hook with several GPUs
     compiled: bool = False  # the transformer blocks run compiled
+    caption_decoder: bool = False  # the caption decodes through `studio.caption` (CUDA graphs where they can run)
     environment: dict[str, Any] = dataclasses.field(default_factory=dict)  # the machine (`environment_info`)
+    preset: str = "exact"  # --preset as it resolved: "fast" where its 8-bit mode applied (`studio.modes.PRESETS`)
+    quantized: dict[str, Any] = dataclasses.field(default_factory=dict)  # what the mode quantized (the 8-bit modes:
+    #                                                                       blocks, kernel), for params.json
+    models_dir: Path | None = None  # --models-dir: models fetched on first use go under it (the OCR's: studio.design)
 
     @property
     def lossy(self) -> bool:
@@ -37,6 +42,7 @@ class Loaded:
         """What every params.json records about the model and the machine besides the run's inputs."""
         versions = ("python", "torch", "cuda", "diffusers", "transformers", "gradio")
         return dict(model_path=str(self.model_path), offload_mode=self.offload.name, dtype=self.dtype,
-                    quantization=self.quant.name, lossy=self.lossy, optimizations=list(self.optimizations),
+                    quantization=self.quant.name, lossy=self.lossy, preset=self.preset,
+                    quantized=dict(self.quantized) or None, optimizations=list(self.optimizations),
                     demo=self.demo, versions={key: self.environment.get(key) for key in versions},
                     gpu_name=self.environment.get("gpu_name"))

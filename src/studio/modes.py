@@ -1,7 +1,7 @@
-"""Offload modes and quantization modes as data: one row of capabilities each.
+"""Offload modes, quantization modes and presets as data: one row of capabilities each.
 
 A new mode is its row here plus its own code (the function that applies it, registered where the modes are applied:
-`OFFLOAD_APPLY` and `QUANT_APPLY` in src/app.py). Nothing else compares mode names: checks read the row.
+`OFFLOAD_APPLY` in src/app.py, `QUANT_APPLY` in studio/quant.py). Nothing else compares mode names: checks read the row.
 Imports no torch.
 """
 
@@ -19,26 +19,28 @@ class OffloadMode:
     host_ram: str  # "all": every weight held in RAM; "planned": what does not fit RAM is read from the files
     cpu: bool  # runs without CUDA as it is (budget: its hooks with every weight on the CPU); else "off" replaces it
     compile_problem: str | None = None  # why --compile cannot apply in this mode; None: it can
-    caption_graphs_problem: str | None = None  # why the caption's decode cannot be replayed as CUDA graphs
+    caption_graphs_problem: str | None = None  # why the caption's decode cannot be replayed as CUDA graphs (it then
+    #                                            goes through transformers' generate); None: `studio.caption`'s decoder
 
 
 OFFLOAD_ROWS = (
     OffloadMode("off", "every weight on the GPU (~60 GB of VRAM)", vram="everything", host_ram="all", cpu=True),
+    # model: accelerate's hook moves the whole text encoder in when it is called (the prefill) and out when the next
+    # model is: the decode steps, which never call it, read resident weights at fixed addresses.
     OffloadMode("model", "whole components move to the GPU in turn (the 41 GB transformer must fit alone)",
-                vram="largest_model", host_ram="all", cpu=False,
-                caption_graphs_problem="accelerate's hooks move the text encoder's weights inside its forward, which a "
-                                       "CUDA graph cannot replay"),
+                vram="largest_model", host_ram="all", cpu=False),
     OffloadMode("sequential", "accelerate streams every layer from the CPU (~1 GB of VRAM, ~12x slower per step)",
                 vram="one_layer", host_ram="all", cpu=False,
                 compile_problem="accelerate's hooks on every layer inside a block would break the compiled graph at "
                                 "each weight copy",
                 caption_graphs_problem="accelerate's hooks move the text encoder's weights inside its forward, which a "
                                        "CUDA graph cannot replay"),
+    # budget: a graph is captured per caption, after the prefill has brought the weights in (24 GB: the whole text
+    # encoder; 16 GB: its language phase, every layer resident). Where language layers stream per token (12 GB) or are
+    # cast from float8 per call (fp8_storage), hooks run inside each step: the decoder runs its steps eagerly
+    # (`caption.caption_graphs_problem` says so at load).
     OffloadMode("budget", "the low-VRAM engine: each stage has the GPU in turn, blocks that do not fit stream in "
-                          "ahead of use", vram="planned", host_ram="planned", cpu=True,
-                caption_graphs_problem="the text encoder's weights are copied to the GPU anew for each image (new "
-                                       "addresses), so torch.compile records its CUDA graphs again every caption "
-                                       "(slower than eager: bench/RESULTS.md)"),
+                          "ahead of use", vram="planned", host_ram="planned", cpu=True),
 )
 OFFLOAD = {mode.name: mode for mode in OFFLOAD_ROWS}
 # "auto" is not a mode: `resolve_offload_mode` picks one of the rows for the machine.
@@ -60,6 +62,9 @@ class QuantMode:
     compile_problem: str | None = None  # why --compile cannot apply with it
     forces_compile: bool = False  # it pays only compiled: --compile is turned on with it
     holds_transformer_in_ram: bool = False  # its weights exist only in RAM (no file holds them): the planner pins all
+    block_range: bool = False  # --quantized-blocks picks its blocks (the others stay bf16); their 8-bit weights exist
+    #                            only in RAM, so the planner pins those blocks (`ram_only_blocks` in its sizes)
+    runs_on_cpu: bool = False  # without CUDA it computes the same math through a reference matmul (the demo, the tests)
 
 
 QUANT_ROWS = (
@@ -75,9 +80,54 @@ QUANT_ROWS = (
               min_capability=(8, 9), package="torchao", offload_modes=("off",), forces_compile=True),
     QuantMode("int8_dynamic", "transformer matmuls in int8 (torchao)", lossy=True, storage_bytes=1, compute="int8",
               min_capability=(8, 0), package="torchao", offload_modes=("off",), forces_compile=True),
+    # Our own 8-bit linears (`studio.w8a8`): plain 1-byte tensors the low-VRAM engine moves by their bytes, so they
+    # run in every offload mode; the modulation and timestep linears (one row per image) stay bf16.
+    QuantMode("int8_w8a8", "transformer blocks' matmuls in int8 (torch._int_mm), weights stored in 1 byte; "
+                           "Ampere and Ada (RTX 30/40) have 4x the bf16 rate in int8", lossy=True, storage_bytes=1,
+              compute="int8", min_capability=(8, 0), block_range=True, runs_on_cpu=True),
+    QuantMode("fp8_w8a8", "transformer blocks' matmuls in float8 (row-wise torch._scaled_mm), weights stored in 1 "
+                          "byte; Ada and Hopper", lossy=True, storage_bytes=1, compute="fp8", min_capability=(8, 9),
+              block_range=True, runs_on_cpu=True),
 )
 QUANT = {mode.name: mode for mode in QUANT_ROWS}
 BF16 = QUANT["bf16"]
+
+
+def fast_mode_for(capability: tuple[int, int] | None) -> str | None:
+    """The 8-bit mode of the Fast preset on a GPU of `capability` (None: no CUDA, the reference matmul on the CPU).
+
+    int8 on Ampere and Ada (Ada GeForce: int8 4x the bf16 rate, fp8 2x); fp8 from Hopper on, where `_int_mm` was
+    slower than bf16 (H100: 3.02 ms a block against 2.82 ms, shared/PERF_METHOD.md) and fp8 faster (1.90 ms).
+    None below int8's compute capability: Fast then has no 8-bit mode.
+    """
+    if capability is None:
+        return "int8_w8a8"
+    if capability >= (9, 0):
+        return "fp8_w8a8"
+    return "int8_w8a8" if capability >= QUANT["int8_w8a8"].min_capability else None
+
+
+@dataclasses.dataclass(frozen=True)
+class Preset:
+    """A choice a person makes by one name (`--preset`, the page). Explicit flags win over its settings."""
+
+    name: str
+    label: str  # the page's
+    quantization: str | None  # None: bf16; FAST_QUANTIZATION: the card's 8-bit mode (`fast_mode_for`)
+    quantized_blocks: str  # `--quantized-blocks` text
+    first_block_cache_threshold: float  # FirstBlockCache on at this threshold
+    lossy: bool
+
+
+FAST_QUANTIZATION = "8-bit"  # in a Preset: the card's own 8-bit mode, `fast_mode_for`
+PRESET_ROWS = (
+    # Exact: bf16 weights and compute, the model's own output (FirstBlockCache at the seed's 0.1, as without a preset).
+    Preset("exact", "Exact (bf16)", None, "default", 0.1, lossy=False),
+    # Fast: 8-bit matmuls in the middle blocks (the first and last fifth bf16) and FirstBlockCache at the seed's 0.1.
+    # SageAttention stays its own opt-in flag: pip's package is too old for diffusers (`studio.w8a8`).
+    Preset("fast", "Fast (8-bit, lossy)", FAST_QUANTIZATION, "default", 0.1, lossy=True),
+)
+PRESETS = {preset.name: preset for preset in PRESET_ROWS}
 
 
 def quant_mode(name: str | None) -> QuantMode:

@@ -65,7 +65,22 @@ PARAMS = (
     Param("cfg_normalize", True, bool, "CFG normalize", "--no-cfg-normalize", "turn off CFG normalization"),
     Param("use_en_prompt", True, bool, "English auto-caption (off: Chinese)", "--zh-caption",
           "auto-caption in Chinese instead of English"),
+    # What the layers become before export (studio.design, issue 26): not the pipeline's arguments.
+    Param("tidy_layers", True, bool, "Drop empty / repeated layers", "--no-tidy-layers",
+          "keep empty and near-duplicate layers as the model made them", advanced=False, pipeline=False),
+    Param("clean_edges", False, bool, "Clean edges", "--clean-edges",
+          "replace the colour left in soft edges by the layer's own (no halo on a new background)", advanced=False,
+          pipeline=False),
+    Param("text_layers", False, bool, "Editable text", "--text-layers", "read text layers (OCR, CPU): PPTX text "
+          "boxes, PSD layers named 'Text: ...', the strings in params.json", advanced=False, pipeline=False),
+    Param("text_language", "en", str, "Text language", "--text-language", "the text's language: en and zh use the "
+          "bundled OCR model; ko fetches a Korean one into models/ocr/ on first use",
+          choices=("en", "zh", "ko"), advanced=False, pipeline=False),
+    Param("name_layers", False, bool, "Name the layers", "--name-layers", "the caption model names each layer "
+          "(gallery, PSD, PPTX, file names); costs a short caption per layer", advanced=False, pipeline=False),
 )
+# The rows the page shows in one row under the advanced settings: what the exports make of the layers.
+DESIGN_PARAMS = ("tidy_layers", "clean_edges", "text_layers", "text_language", "name_layers")
 PARAM = {p.name: p for p in PARAMS}
 # The defaults by name (tests and the README's server override them here; widgets and handlers read them at build).
 DEFAULTS = {p.name: p.default for p in PARAMS}
@@ -132,7 +147,9 @@ def check_param(name: str, value: Any) -> Any:
     if p.type is str:
         if not isinstance(value, str):
             raise ValueError(f"{name} must be text, not a {type(value).__name__} ({shown}): send one string")
-        if len(value) > p.range[1]:
+        if p.choices is not None and value not in p.choices:
+            raise ValueError(f"{name}={shown} is not supported: use one of {p.choices}")
+        if p.range is not None and len(value) > p.range[1]:
             raise ValueError(f"{name} is {len(value):,} characters long: the limit is {p.range[1]:,} (the model reads "
                              f"about that much; a longer text is cut off). Shorten it.")
         return value
@@ -173,7 +190,7 @@ def check_params(**values: Any) -> dict[str, Any]:
 def param_widget(gr, p: Param, **overrides):
     """The widget of a PARAMS row: text box, checkbox, radio (choices), slider (a step) or number box."""
     value = DEFAULTS[p.name]  # read at build time: the README's test server changes its steps here
-    if p.type is str:
+    if p.type is str and p.choices is None:
         options = dict(label=p.label, value=value or None, max_length=p.range[1])
         return gr.Textbox(**{**options, **overrides})
     if p.type is bool:

@@ -1,6 +1,7 @@
 """Weight storage and quantized compute (all LOSSY, all opt-in): fp8_storage (float8 weights, bf16 compute;
-`apply_fp8_storage`, and the text encoder's float8 layers on 16 GB cards), torchao's fp8/int8 dynamic compute, and
-the sizes the planner needs for them before loading (from the weight files and a meta-device build).
+`apply_fp8_storage`, and the text encoder's float8 layers on 12 GB cards), torchao's fp8/int8 dynamic compute, our
+own 8-bit linears in the chosen blocks (int8_w8a8 / fp8_w8a8, `studio.w8a8`: every offload mode, the Fast preset),
+and the sizes the planner needs for them before loading (from the weight files and a meta-device build).
 """
 
 import itertools
@@ -12,7 +13,8 @@ from typing import Any
 import torch
 
 from studio.engine.memory import module_gb, text_encoder_parts, budget_sizes_from_files, release_freed_heap
-from studio.modes import OffloadMode, QuantMode
+from studio.modes import QUANT, OffloadMode, QuantMode
+from studio.w8a8 import parse_block_range, quantize_blocks, w8a8_element_sizes, w8a8_record
 
 logger = logging.getLogger(__name__)
 
@@ -21,12 +23,15 @@ def quant_problem(mode: QuantMode, offload: OffloadMode, capability: tuple[int, 
                   package_installed: bool) -> str | None:
     """Why `mode` cannot run here (None: it can), from its row. `capability` is the GPU's, None without CUDA."""
     flag = f"--quantization {mode.name}"
-    if mode.min_capability is not None and capability is None:
+    if mode.min_capability is not None and capability is None and not mode.runs_on_cpu:
         return f"{flag} needs a CUDA GPU and this machine has none"
-    if mode.min_capability is not None and capability < mode.min_capability:
+    if mode.min_capability is not None and capability is not None and capability < mode.min_capability:
         need = ".".join(map(str, mode.min_capability))
+        other = QUANT["int8_w8a8"]
+        instead = (f" (--quantization {other.name} runs on it)" if mode.block_range and mode is not other
+                   and capability >= other.min_capability else "")
         return (f"{flag} needs a GPU of compute capability {need} or newer for its {mode.compute} matmuls; this one "
-                f"is {capability[0]}.{capability[1]}")
+                f"is {capability[0]}.{capability[1]}{instead}")
     if mode.package is not None and not package_installed:
         return f"{flag} needs the {mode.package} package (pip install {mode.package}), which is not installed"
     if mode.offload_modes is not None and offload.name not in mode.offload_modes:
@@ -131,11 +136,6 @@ def fp8_storage_element_sizes(model_path: Path | str) -> dict[str, int]:
             if t.dtype == torch.float8_e4m3fn}
 
 
-def fp8_stored(transformer: torch.nn.Module) -> bool:
-    """Whether `apply_fp8_storage` cast this transformer (its weights are then float8 copies in RAM, not file views)."""
-    return any(p.dtype == torch.float8_e4m3fn for p in transformer.parameters())
-
-
 def fp8_storage_sizes(model_path: Path | str, element_size: int) -> dict[str, Any] | None:
     """fp8_storage's sizes from the files: the transformer's float8 weights, and `text_layer_fp8_gb`, a text encoder
     language layer in float8 (the planner stores so those that would stream, where the text encoder does not fit)."""
@@ -146,17 +146,42 @@ def fp8_storage_sizes(model_path: Path | str, element_size: int) -> dict[str, An
     return dict(sizes, text_layer_fp8_gb=fp8_text_layer_gb_from_files(model_path, dtype))
 
 
-def planner_sizes(model_path: Path | str, element_size: int, mode: QuantMode
+def w8a8_sizes(model_path: Path | str, element_size: int, mode: QuantMode, blocks: str) -> dict[str, Any] | None:
+    """An 8-bit mode's sizes from the files (`block_range` rows): the chosen blocks' token-wise weights at 1 byte
+    (`w8a8_element_sizes`, a meta build), each block's own size (`block_gbs`: the bf16 ones are larger) and
+    `ram_only_blocks`, the 8-bit blocks, whose weights no file holds (the planner pins them)."""
+    stored = w8a8_element_sizes(model_path, mode.name, blocks)
+    sizes = budget_sizes_from_files(model_path, element_size, stored)
+    if sizes is None:
+        return None
+    chosen = tuple(sorted({int(name.split(".")[1]) for name in stored}))
+    return dict(sizes, ram_only_blocks=chosen)
+
+
+def fast_sizes(model_path: Path | str, element_size: int) -> dict[str, Any] | None:
+    """The Fast preset's sizes (its default blocks; int8 and fp8 both store 1 byte) for a bf16 refusal's advice
+    (`plan_machine`'s `fast_sizes`); None where they cannot be read (the advice is then left out, never the load)."""
+    try:
+        return w8a8_sizes(model_path, element_size, QUANT["int8_w8a8"], "default")
+    except (OSError, ValueError, TypeError, AttributeError) as err:  # another model's blocks: only the advice goes
+        logger.info("The Fast preset's sizes could not be read (%s): refusals will not name its figures.", err)
+        return None
+
+
+def planner_sizes(model_path: Path | str, element_size: int, mode: QuantMode, blocks: str = "default"
                   ) -> tuple[dict[str, Any] | None, dict[str, Any] | None]:
     """The sizes `load_pipeline` checks the machine with before loading (`budget_sizes_from_files`): (the weights as
     they will be held, the other figures a refusal names). fp8_storage: (its float8 figures, the bf16 ones, to say
-    what bf16 needs); bf16: (bf16, fp8_storage's float8 figures, to say what the lossy option needs); the torchao
-    modes (resident only): (bf16, None). (None, None) where the files cannot say."""
+    what bf16 needs); the 8-bit modes: (theirs for `blocks`, bf16's); bf16: (bf16, fp8_storage's float8 figures, to
+    say what the lossy option needs); the torchao modes (resident only): (bf16, None). (None, None) where the files
+    cannot say. A bad `blocks` range raises ValueError here, before anything loads."""
     sizes = budget_sizes_from_files(model_path, element_size)
     if sizes is None:
         return None, None
     if mode.holds_transformer_in_ram:  # fp8_storage
         return fp8_storage_sizes(model_path, element_size), sizes
+    if mode.block_range:  # int8_w8a8, fp8_w8a8
+        return w8a8_sizes(model_path, element_size, mode, blocks), sizes
     if mode.lossy:
         return sizes, None
     try:  # only for a refusal's advice: never a reason for a bf16 load to fail
@@ -166,15 +191,31 @@ def planner_sizes(model_path: Path | str, element_size: int, mode: QuantMode
         return sizes, None
 
 
-def apply_quantization(transformer: torch.nn.Module, mode: QuantMode) -> None:
-    """Store or compute the transformer as `mode` says (its row's own code; bf16 does nothing)."""
-    QUANT_APPLY[mode.name](transformer, mode)
+def apply_w8a8(transformer: torch.nn.Module, mode: QuantMode, blocks: str) -> dict[str, Any]:
+    """--quantization int8_w8a8 / fp8_w8a8 (LOSSY): the token-wise linears of the blocks `blocks` names become 8-bit
+    linears (`studio.w8a8`), quantized on the GPU where there is one (the bf16 weights are file views: each goes there
+    and back once); returns what params.json records of it (`w8a8_record`)."""
+    on_cuda = torch.cuda.is_available()
+    indices = parse_block_range(blocks, len(transformer.transformer_blocks))
+    quantize_blocks(transformer, mode.name, indices, "cuda" if on_cuda else None)
+    release_freed_heap()
+    return w8a8_record(mode.name, indices, len(transformer.transformer_blocks), on_cuda)
 
 
-# Each mode's own code (a new mode: its row in `studio.modes` and its function here).
+def apply_quantization(transformer: torch.nn.Module, mode: QuantMode, blocks: str = "default") -> dict[str, Any]:
+    """Store or compute the transformer as `mode` says (its row's own code; bf16 does nothing); returns what it
+    quantized, for params.json (empty where the mode's name says it all). `blocks`: the block range of the
+    `block_range` modes (`--quantized-blocks`)."""
+    return QUANT_APPLY[mode.name](transformer, mode, blocks) or {}
+
+
+# Each mode's own code (a new mode: its row in `studio.modes` and its function here), called (transformer, mode,
+# blocks).
 QUANT_APPLY = {
-    "bf16": lambda transformer, mode: None,
-    "fp8_storage": lambda transformer, mode: apply_fp8_storage(transformer),
-    "fp8_dynamic": apply_torchao,
-    "int8_dynamic": apply_torchao,
+    "bf16": lambda transformer, mode, blocks: None,
+    "fp8_storage": lambda transformer, mode, blocks: apply_fp8_storage(transformer),
+    "fp8_dynamic": lambda transformer, mode, blocks: apply_torchao(transformer, mode),
+    "int8_dynamic": lambda transformer, mode, blocks: apply_torchao(transformer, mode),
+    "int8_w8a8": apply_w8a8,
+    "fp8_w8a8": apply_w8a8,
 }

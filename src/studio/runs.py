@@ -18,6 +18,7 @@ from PIL import Image
 
 from studio.exports import EXPORTS, export_layer_pngs, export_stem, layer_file_name, safe_file_text
 from studio.images import composite_layers, resize_layers
+from studio.naming import LayerLabels
 
 logger = logging.getLogger(__name__)
 
@@ -43,6 +44,7 @@ class DecomposeResult:
     params: dict[str, Any]  # every input, for params.json
     duration_s: float
     notes: list[str] = dataclasses.field(default_factory=list)  # what the input needed, for the user (animated GIF ...)
+    labels: LayerLabels = dataclasses.field(default_factory=LayerLabels)  # layer names and text (studio.naming)
 
 
 def windows_path_warning(outputs: Path, windows: bool = os.name == "nt") -> str | None:
@@ -166,30 +168,34 @@ def _write_run(result: DecomposeResult, folder: Path, run_info: dict[str, Any] |
                   duration_s=round(result.duration_s, 3), created=datetime.datetime.now().isoformat(timespec="seconds"),
                   export_original_size=list(original_layers[0].size) if original_layers else None,
                   **(run_info or {}))
+    # Named layers' files (layer_2_red-circle.png) are listed for `run_folder_complete`.
+    labels, file_names = result.labels, result.labels.file_names(len(result.layers))
+    params["layer_files"] = file_names
     params_bytes = json.dumps(params, indent=2, ensure_ascii=False).encode("utf-8")
     stem = export_stem(result.caption, result.seed)
     failed: dict[str, str] = {}
     paths: dict[str, Any] = {"folder": folder, "failed": failed}
-    paths["layers"] = export_layer_pngs(result.layers, folder)
+    paths["layers"] = export_layer_pngs(result.layers, folder, file_names)
     paths["composite"] = folder / "composite.png"
     composite_layers(result.layers).save(paths["composite"])
     paths["params"] = folder / "params.json"
     paths["params"].write_bytes(params_bytes)
     for export in EXPORTS:
         path = _export_or_note(failed, export.key, export.write, result.layers, folder / f"{stem}{export.suffix}",
-                               params_bytes, original_layers)
+                               params_bytes, original_layers, labels)
         if path is not None:
             paths[export.key] = path
     if original_layers:
         sub = folder / "original_size"
         size = "{}x{}".format(*original_layers[0].size)
-        paths["original"] = {"folder": sub, "layers": export_layer_pngs(original_layers, sub),
+        paths["original"] = {"folder": sub, "layers": export_layer_pngs(original_layers, sub, file_names),
                              "composite": sub / "composite.png"}
         composite_layers(original_layers).save(paths["original"]["composite"])
         for export in EXPORTS:
             if export.at_original_size:
                 path = _export_or_note(failed, f"original_{export.key}", export.write, original_layers,
-                                       sub / f"{stem}_{size}{export.suffix}", params_bytes, None)
+                                       sub / f"{stem}_{size}{export.suffix}", params_bytes, None,
+                                       labels.scaled(result.layers[0].size, original_layers[0].size))
                 if path is not None:
                     paths["original"][export.key] = path
     if failed:  # params.json says which files are missing and why
@@ -235,7 +241,8 @@ def run_folder_complete(folder: Path) -> bool:
     try:
         params = json.loads((folder / "params.json").read_text(encoding="utf-8"))
         stem = export_stem(params["caption"], params["seed"])
-        names = [layer_file_name(i) for i in range(params["layers"])] + ["composite.png"]
+        names = params.get("layer_files") or [layer_file_name(i) for i in range(params["layers"])]
+        names = list(names) + ["composite.png"]
         failed = params.get("failed_exports") or {}  # an export that failed is not written (and never will be)
         names += [f"{stem}{export.suffix}" for export in EXPORTS if export.key not in failed]
     except (OSError, ValueError, KeyError, TypeError):

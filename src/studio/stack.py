@@ -9,8 +9,9 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from studio.exports import export_layer_pngs, layer_file_name
+from studio.exports import export_layer_pngs
 from studio.images import resize_layers
+from studio.naming import LayerLabels
 from studio.params import LAYERS_RANGE
 from studio.runs import SUB_RUNS_DIR, DecomposeResult, save_run
 
@@ -29,6 +30,7 @@ class LayerStack:
     original_size: tuple[int, int] | None = None  # also export at the input's size (exports' original-size option)
     caption: str | None = None  # the caption and seed of the run that made these layers (shown after an undo too)
     seed: int | None = None
+    labels: LayerLabels = dataclasses.field(default_factory=LayerLabels)  # the layers' names and text (studio.naming)
 
 
 def fit_to_canvas(layers: list[Image.Image], size: tuple[int, int]) -> list[Image.Image]:
@@ -70,18 +72,19 @@ def undo(stack: LayerStack) -> LayerStack:
 
 
 def save_sub_run(stack: LayerStack, new_layers: list[Image.Image], index: int, result: DecomposeResult,
-                 run_info: dict[str, Any] | None = None) -> dict[str, Any]:
+                 run_info: dict[str, Any] | None = None, labels: LayerLabels | None = None) -> dict[str, Any]:
     """Write one sub-run under `stack.run_folder/sub_runs/` and return its paths.
 
     The folder is a normal run folder for the *new stack* (layer PNGs, composite, ZIP, PPTX, PSD: what the UI
     offers), whose params.json holds the sub-run's parameters and a `sub_run` entry with the index it replaced.
     Next to them: `input_layer.png` (the layer that was decomposed, alpha as it was) and `sub_layers/` (the
-    sub-run's own output at the model's resolution).
+    sub-run's own output at the model's resolution). `labels`: the new stack's (`LayerLabels.replaced`).
     """
-    sub_run = dict(replaced_index=index, replaced_file=layer_file_name(index), sub_layers=len(result.layers),
+    sub_run = dict(replaced_index=index, replaced_file=stack.labels.file_names(len(stack.layers))[index],
+                   sub_layers=len(result.layers),
                    stack_layers_before=len(stack.layers), stack_layers_after=len(new_layers),
                    applied_to=str(stack.files.get("folder", stack.run_folder)))
-    step = dataclasses.replace(result, layers=new_layers)
+    step = dataclasses.replace(result, layers=new_layers, labels=labels or LayerLabels())
 
     def input_and_sub_layers(folder: Path) -> dict[str, Any]:
         stack.layers[index].save(folder / "input_layer.png")

@@ -51,8 +51,9 @@ OUTPUTS_DIR = Path(__file__).resolve().parents[2] / "outputs"  # the app's; Grad
 # (Gradio keeps the uploaded name, but a user may rename a ZIP to .png).
 PSD_MAGIC = b"8BPS"
 ZIP_MAGIC = b"PK\x03\x04"
-# The studio's ZIP: layer_1.png (bottom) ... layer_N.png, plus composite.png and params.json (studio.exports.export_zip).
-ZIP_LAYER_NAME = re.compile(r"layer_(\d+)\.png$", re.IGNORECASE)
+# The studio's ZIP: layer_1.png (bottom) ... layer_N.png, plus composite.png and params.json
+# (studio.exports.export_zip); a named layer's file is layer_2_red-circle.png (studio.naming.named_layer_file).
+ZIP_LAYER_NAME = re.compile(r"layer_(\d+)(?:_[^/]*)?\.png$", re.IGNORECASE)
 CANVAS_NOTE = ("The canvas is the size of the bottom layer (a PSD's own canvas when that layer came from a PSD). "
                "Loose PNGs sit at its top-left corner and are never rescaled; PSD layers keep their offsets.")
 

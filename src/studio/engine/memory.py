@@ -25,19 +25,27 @@ def budget_sizes(transformer: torch.nn.Module, text_encoder: torch.nn.Module, va
     layers, vision, embed = text_encoder_parts(text_encoder)
     layer_gb = max(module_gb(layer) for layer in layers)
     saved_by_fp8 = sum(layer_gb - module_gb(layer) for layer in layers)
-    sizes = dict(block_gb=max(module_gb(block) for block in blocks), num_blocks=len(blocks),
+    block_gbs = [module_gb(block) for block in blocks]
+    sizes = dict(block_gb=max(block_gbs), num_blocks=len(blocks),
                  other_transformer_gb=module_gb(transformer) - module_gb(*blocks),
                  text_encoder_gb=module_gb(text_encoder) + saved_by_fp8, vae_gb=module_gb(vae),
                  text_layer_gb=layer_gb, text_num_layers=len(layers),
-                 text_vision_gb=module_gb(vision), text_embed_gb=module_gb(embed))
+                 text_vision_gb=module_gb(vision), text_embed_gb=module_gb(embed), **_each_block(block_gbs))
     return sizes if text_layer_fp8_gb is None else dict(sizes, text_layer_fp8_gb=text_layer_fp8_gb)
+
+
+def _each_block(block_gbs: list[float]) -> dict[str, Any]:
+    """{"block_gbs": each block's size} where the blocks differ (8-bit blocks beside bf16 ones: `studio.w8a8`), for
+    the planner; {} where they are all alike (`block_gb` says it)."""
+    return dict(block_gbs=tuple(block_gbs)) if len(set(block_gbs)) > 1 else {}
 
 
 def budget_sizes_from_files(model_path: Path | str, element_size: int,
                             stored: dict[str, int] | None = None) -> dict[str, Any] | None:
     """The same sizes read from the safetensors headers of a diffusers folder (no weights loaded), for weights held
     in a dtype of `element_size` bytes; `stored`: the transformer weights held in another, {name: bytes per element}
-    (fp8_storage: `fp8_storage_element_sizes`). None when a model's files are missing (the loader will say so)."""
+    (fp8_storage: `fp8_storage_element_sizes`; the 8-bit modes: `w8a8_element_sizes`). None when a model's files are
+    missing (the loader will say so)."""
     from safetensors import safe_open
 
     numels: dict[str, dict] = {"transformer": collections.Counter(), "text_encoder": collections.Counter(),
@@ -62,14 +70,16 @@ def budget_sizes_from_files(model_path: Path | str, element_size: int,
                     else:
                         counter["vae"] += numel
     gb = 1 / GIB
-    blocks = [v for k, v in numels["transformer"].items() if k.startswith("block")]
+    count = sum(1 for key in numels["transformer"] if key.startswith("block"))
+    blocks = [numels["transformer"][f"block{i}"] for i in range(count)]  # in block order (`block_gbs`)
     layers = [v for k, v in numels["text_encoder"].items() if k.startswith("layer")]
     if not blocks or not layers:  # not the Qwen-Image layout: nothing to plan from (the loader says what is wrong)
         return None
     return dict(block_gb=max(blocks) * gb, num_blocks=len(blocks), other_transformer_gb=numels["transformer"]["other"] * gb,
                 text_encoder_gb=sum(numels["text_encoder"].values()) * gb, vae_gb=numels["vae"]["vae"] * gb,
                 text_layer_gb=max(layers) * gb, text_num_layers=len(layers),
-                text_vision_gb=numels["text_encoder"]["vision"] * gb, text_embed_gb=numels["text_encoder"]["embed"] * gb)
+                text_vision_gb=numels["text_encoder"]["vision"] * gb, text_embed_gb=numels["text_encoder"]["embed"] * gb,
+                **_each_block([block * gb for block in blocks]))
 
 
 def text_encoder_parts(text_encoder: torch.nn.Module) -> tuple[torch.nn.ModuleList, torch.nn.Module, torch.nn.Module]:

@@ -42,9 +42,13 @@ BUDGET_DEFAULT_JOB_IMAGE_TOKENS = image_tokens(DEFAULTS["layers"], DEFAULTS["res
 BUDGET_PLAN_TEXT_TOKENS = 600
 # Streamed blocks on the GPU at once: the one computing and the next one arriving.
 BUDGET_STREAM_BUFFERS = 2
-# Text encoder activations beside its weights: the caption's prefill (image tokens + prompt), its KV cache and the
-# prompt encoding's full-vocabulary logits and hidden states.
-BUDGET_TEXT_ENCODER_ACTIVATION_GB = 1.5
+# Text encoder activations beside its weights, the largest of its calls (issue 24, from the code): the prompt
+# encoding (BUDGET_PLAN_TEXT_TOKENS = 600 tokens: full-vocabulary logits 0.17 GB in bf16, its 29 hidden states 0.12 GB,
+# MLP temporaries 0.06 GB); the caption's prefill at the 1024 bucket (~1,470 tokens: MLP temporaries 0.16 GB, KV cache
+# 0.08 GB), then the decoder's static KV cache (2,048 slots: 0.11 GB); the vision tower alone (4,900 patches: MLP
+# temporaries 0.1 GB). Measured: the 16 GB split's caption peaked at 12.74 GB reserved beside 12.5 GB of weights
+# (bench/results/caption_sequence_bf16_16.json).
+BUDGET_TEXT_ENCODER_ACTIVATION_GB = 0.5
 # Text encoder on cards where its 15.4 GB do not fit whole (16 and 12 GB): the caption's decode activations are
 # small and steady, so it is planned with a smaller margin than denoising's.
 BUDGET_TEXT_ENCODER_MARGIN_GB = 1.0
@@ -87,17 +91,20 @@ class BudgetPlan:
 class TextEncoderPlan:
     """How the text encoder's stage shares the GPU; `plan_text_encoder` computes it. Sizes in GiB.
 
-    split=False: the whole text encoder is resident (24 GB cards and up). split=True (16 and 12 GB cards): the
-    token-embedding table stays in host RAM (a lookup of one row per token), the vision tower is copied in for its
-    one call per caption, lm_head and `resident_layers` stay, and the other language layers stream in per token.
-    Under --quantization fp8_storage (LOSSY) the layers that would stream are stored in float8 instead and stay
-    resident too (`fp8_layers`, cast to bf16 for their own forward): nothing is copied per token.
+    split=False: the whole text encoder is resident, one stage (24 GB cards and up). split=True (16 and 12 GB cards):
+    two phases. The vision tower runs first, alone (a stage of its own, entered when it is called and left when the
+    language model starts); then the language model's stage: lm_head, the final norm and `resident_layers`, with the
+    token-embedding table in host RAM (a lookup of one row per token). Where all the language layers fit (16 GB cards)
+    nothing is copied per caption token and the caption decodes as CUDA graphs (`studio.caption`); where they do not
+    (12 GB), the other layers stream in per token (`streamed_layers`). Under --quantization fp8_storage (LOSSY) the
+    layers that would stream are stored in float8 instead and stay resident too (`fp8_layers`, cast to bf16 for their
+    own forward): nothing is copied per token.
     """
 
     split: bool
     resident_layers: tuple[int, ...]  # in the loaded dtype (bf16)
     streamed_layers: tuple[int, ...]
-    peak_gb: float  # predicted allocator peak while captioning / encoding the prompt
+    peak_gb: float  # predicted allocator peak while captioning / encoding the prompt (the larger phase)
     minimum_gb: float  # the smallest budget that holds this stage
     streamed_gb_per_token: float  # copied host -> GPU per decoded caption token
     fp8_layers: tuple[int, ...] = ()  # resident in float8 (fp8_storage only: LOSSY)
@@ -106,14 +113,23 @@ class TextEncoderPlan:
     def num_layers(self) -> int:
         return len(self.resident_layers) + len(self.streamed_layers) + len(self.fp8_layers)
 
+    @property
+    def decode_on_gpu(self) -> bool:
+        """Every weight a decode step reads stays on the GPU, in bf16, at fixed addresses: CUDA graphs can replay it."""
+        return not self.streamed_layers and not self.fp8_layers
+
     def describe(self) -> str:
         layers = self.num_layers
-        fp8 = (f"{len(self.fp8_layers)} in float8 (LOSSY), all resident (nothing copied per caption token)"
-               if self.fp8_layers else "")
-        streamed = (f"{len(self.streamed_layers)} streamed ({self.streamed_gb_per_token:.1f} GB copied per caption "
-                    f"token)" if self.streamed_layers or not self.fp8_layers else "")
-        return (f"{len(self.resident_layers)}/{layers} language layers resident, {fp8 or streamed}, vision tower "
-                f"copied in per caption, token embeddings in host RAM")
+        if not self.split:
+            return f"the whole text encoder resident ({layers}/{layers} language layers, one stage)"
+        if self.decode_on_gpu:
+            held = "all resident (nothing copied per caption token)"
+        elif self.fp8_layers:
+            held = f"{len(self.fp8_layers)} in float8 (LOSSY), all resident (nothing copied per caption token)"
+        else:
+            held = f"{len(self.streamed_layers)} streamed ({self.streamed_gb_per_token:.1f} GB copied per caption token)"
+        return (f"{len(self.resident_layers)}/{layers} language layers resident, {held}; the vision tower runs "
+                f"first, alone; token embeddings in host RAM")
 
 
 def activation_gb(tokens: int) -> float:
@@ -150,6 +166,8 @@ def plan_budget(
     text_embed_gb: float = 0.0,
     text_resident_layers: int | None = None,
     text_layer_fp8_gb: float = 0.0,
+    block_gbs: tuple[float, ...] | None = None,
+    ram_only_blocks: tuple[int, ...] = (),
 ) -> BudgetPlan:
     """How many transformer blocks (and text encoder layers) stay on the GPU within `vram_budget_gb`. Pure
     arithmetic on sizes (GiB).
@@ -158,6 +176,8 @@ def plan_budget(
     text encoder, fits beside the streamed ones. `resident_blocks` / `text_resident_layers` override the counts
     (tests, tuning). Without `text_num_layers` the text encoder is one piece that must be resident.
     `text_layer_fp8_gb` (fp8_storage's sizes only): a language layer stored in float8, for `plan_text_encoder`.
+    `block_gbs` (the 8-bit modes' sizes, `studio.w8a8`): each block's own size where they differ (`block_gb` is then
+    the largest: the streaming buffers and the minimum stay sized for it); `ram_only_blocks` is `plan_host_ram`'s.
     """
     # 1. What the denoising stage holds besides its resident blocks: the transformer's other layers, the VAE,
     #    activations for the planned job, and the margin. Streaming adds two blocks in flight.
@@ -183,6 +203,9 @@ def plan_budget(
         count = num_blocks
     else:
         count = min(num_blocks - 1, int((vram_budget_gb - fixed - streaming) // block_gb))
+    if block_gbs is not None:  # blocks of two sizes: as many as their own sizes leave room for
+        count = max([c for c in range(count, num_blocks + 1) if fixed + resident_gb(block_gbs, c)
+                     + (streaming if c < num_blocks else 0.0) <= vram_budget_gb], default=count)
     if resident_blocks is not None:
         if not 1 <= resident_blocks <= num_blocks:
             raise ValueError(f"resident_blocks={resident_blocks} is out of range: use 1 to {num_blocks}")
@@ -193,12 +216,24 @@ def plan_budget(
         resident_blocks=tuple(i for i in range(num_blocks) if i not in streamed),
         streamed_blocks=streamed,
         image_tokens=image_tokens,
-        denoise_peak_gb=fixed - BUDGET_SAFETY_MARGIN_GB + count * block_gb + (streaming if streamed else 0.0),
+        denoise_peak_gb=fixed - BUDGET_SAFETY_MARGIN_GB + (resident_gb(block_gbs, count) if block_gbs else count * block_gb)
+        + (streaming if streamed else 0.0),
         text_encoder_peak_gb=text_encoder_peak,
-        host_ram_gb=other_transformer_gb + num_blocks * block_gb + text_encoder_gb,
+        host_ram_gb=other_transformer_gb + (sum(block_gbs) if block_gbs else num_blocks * block_gb) + text_encoder_gb,
         text_encoder=text,
         minimum_gb=minimum,
     )
+
+
+def resident_gb(block_gbs: tuple[float, ...], count: int) -> float:
+    """The size of the `count` blocks that stay resident (`streamed_block_indices` picks the others), each its own."""
+    streamed = set(streamed_block_indices(len(block_gbs), count))
+    return sum(gb for index, gb in enumerate(block_gbs) if index not in streamed)
+
+
+def each_block_gb(sizes: dict[str, Any]) -> tuple[float, ...]:
+    """Each transformer block's size: `block_gbs` where the blocks differ (8-bit beside bf16), else `block_gb`."""
+    return tuple(sizes.get("block_gbs") or (sizes["block_gb"],) * sizes["num_blocks"])
 
 
 def plan_default_job(vram_gb: float, sizes: dict[str, Any]) -> BudgetPlan:
@@ -210,35 +245,38 @@ def plan_default_job(vram_gb: float, sizes: dict[str, Any]) -> BudgetPlan:
 def plan_text_encoder(vram_budget_gb: float, *, text_encoder_gb: float, layer_gb: float, num_layers: int,
                       vision_gb: float, embed_gb: float, vae_gb: float, resident_layers: int | None = None,
                       fp8_layer_gb: float = 0.0) -> TextEncoderPlan:
-    """The caption stage within `vram_budget_gb` (GiB): the whole text encoder when it fits, else the split
+    """The caption stage within `vram_budget_gb` (GiB): the whole text encoder when it fits, else the two phases
     (see TextEncoderPlan) with as many language layers resident as fit. Pure; the caller raises on `minimum_gb`.
 
-    A streamed layer costs its bytes once per decoded token (a 512-token caption: 512 copies of it), so the
-    resident layers are spread like the transformer's (`streamed_block_indices`) and as many as fit stay.
-    `fp8_layer_gb` (fp8_storage, LOSSY): a layer in float8. Where the split would stream, as many bf16 layers as fit
-    beside the others in float8 stay, and nothing streams: at 16 GB, 18 bf16 + 10 float8 layers instead of 23 + 5
-    streamed, which copied 2.2 GB per caption token (1.1 TB a 512-token caption; 39.5 s against 27.3 s at 24 GB,
-    measured). Where even all-float8 does not fit (12 GB cards), the bf16 split streams as before.
+    In order: the whole text encoder (24 GB cards); the two phases with every language layer resident (16 GB cards:
+    lm_head and 28 layers, 13.2 GB, beside the VAE and the activations, nothing copied per caption token); under
+    fp8_storage (`fp8_layer_gb`, LOSSY: a layer in float8) as many bf16 layers as fit beside the others in float8,
+    nothing streamed; else the exact bf16 split, whose streamed layers cost their bytes once per decoded token (a
+    512-token caption: 512 copies), so as many stay as fit, spread like the transformer's (`streamed_block_indices`).
+    `resident_layers` (tests, tuning) forces the two phases with that many bf16 layers resident.
     """
     margin = BUDGET_TEXT_ENCODER_MARGIN_GB
     whole = text_encoder_gb + vae_gb + BUDGET_TEXT_ENCODER_ACTIVATION_GB
     everything = tuple(range(num_layers))
     if num_layers == 0:  # sizes without the layer split (older callers): one piece, resident
         return TextEncoderPlan(False, everything, (), whole, whole + margin, 0.0)
-    # The split: lm_head and the final norm stay; the vision tower runs before any language layer, so its copy
-    # shares room with the two streamed layers' buffers.
+    # Two phases: the vision tower alone, then lm_head, the final norm and the language layers (the embeddings stay in
+    # host RAM); the larger phase is the stage's peak. Streaming adds two layers in flight.
     head = text_encoder_gb - num_layers * layer_gb - vision_gb - embed_gb
+    vision = vision_gb + vae_gb + BUDGET_TEXT_ENCODER_ACTIVATION_GB
     base = head + vae_gb + BUDGET_TEXT_ENCODER_ACTIVATION_GB
 
-    def peak(count: int) -> float:
-        return base + count * layer_gb + max(vision_gb, BUDGET_STREAM_BUFFERS * layer_gb if count < num_layers else 0.0)
+    def peak(count: int) -> float:  # `count` bf16 layers resident, the others streamed
+        return max(vision, base + count * layer_gb + (BUDGET_STREAM_BUFFERS * layer_gb if count < num_layers else 0.0))
 
-    def peak_fp8(count: int) -> float:  # `count` bf16 layers, the others float8, the vision tower's copy
-        return base + count * layer_gb + (num_layers - count) * fp8_layer_gb + vision_gb
+    def peak_fp8(count: int) -> float:  # `count` bf16 layers, the others float8
+        return max(vision, base + count * layer_gb + (num_layers - count) * fp8_layer_gb)
 
     minimum = min(whole, peak(1)) + margin
     if resident_layers is None and whole + margin <= vram_budget_gb:
         return TextEncoderPlan(False, everything, (), whole, minimum, 0.0)
+    if resident_layers is None and peak(num_layers) + margin <= vram_budget_gb:  # exact, nothing copied per token
+        return TextEncoderPlan(True, everything, (), peak(num_layers), minimum, 0.0)
     # Layer 0 stays bf16, as it stays resident in the streaming split. `resident_layers` (tests, tuning) fixes the
     # bf16 count, the others float8.
     fits_fp8 = [c for c in range(1, num_layers) if peak_fp8(c) + margin <= vram_budget_gb] if fp8_layer_gb > 0 else []
@@ -306,14 +344,16 @@ def plan_host_ram(plan: BudgetPlan, sizes: dict[str, Any], ram_gb: float,
     `plan` (the default job's) and `sizes` (`budget_sizes`). Raises ValueError naming the figures when the text
     encoder's streamed layers do not fit, or when the disk would read more than BUDGET_MAX_DISK_READ_GB_PER_IMAGE.
     `transformer_in_ram` (fp8_storage; `sizes` then hold its float8 figures): the whole transformer is page-locked,
-    or the machine refused; see `fp8_storage_host_ram`."""
+    or the machine refused; see `fp8_storage_host_ram`. The 8-bit modes' `ram_only_blocks` (in `sizes`) are
+    page-locked before any other block, or the machine refused: no file holds their weights either."""
     if not ram_gb > 0:  # NaN too
         raise ValueError(f"--ram-budget {ram_gb} GB: pass a positive number of GB (the host RAM the app may use)")
     blocks = range(sizes["num_blocks"])
     text = plan.text_encoder
     text_streamed = text.streamed_layers if text is not None and text.split else ()
     text_fp8 = text.fp8_layers if text is not None else ()  # float8 copies in RAM (fp8_storage): no file has them
-    layer_gb, block_gb = sizes.get("text_layer_gb", 0.0), sizes["block_gb"]
+    layer_gb, each = sizes.get("text_layer_gb", 0.0), each_block_gb(sizes)
+    ram_only = tuple(sizes.get("ram_only_blocks", ()))  # 8-bit blocks: copies in RAM that no file has
     text_pinned = tuple(sorted(text_streamed + text_fp8))
     text_pinned_gb = len(text_streamed) * layer_gb + len(text_fp8) * sizes.get("text_layer_fp8_gb", 0.0)
     text_rest_gb = sizes["text_encoder_gb"] - len(text_pinned) * layer_gb
@@ -333,28 +373,38 @@ def plan_host_ram(plan: BudgetPlan, sizes: dict[str, Any], ram_gb: float,
             f"Not enough host RAM for the budget mode at {plan.vram_budget_gb:g} GB of VRAM: it needs at least "
             f"{ram_gb - left:.1f} GB ({BUDGET_HOST_RAM_RESERVE_GB:g} GB for the system, {BUDGET_PAGE_CACHE_MIN_GB:g} GB "
             f"of page cache{streamed}) and {ram_gb:.1f} GB is available.")
-    # 2. Then the blocks streamed at the default job (every call), the resident ones and the rest (once per image).
+    # 2. Then the blocks streamed at the default job (every call), the resident ones and the rest (once per image);
+    #    8-bit blocks first, which exist only in RAM.
+    ram_only_gb = sum(each[index] for index in ram_only)
+    if ram_only_gb > left and not transformer_in_ram:
+        raise ValueError(
+            f"Not enough host RAM for the budget mode at {plan.vram_budget_gb:g} GB of VRAM: its {len(ram_only)} "
+            f"transformer blocks in 8 bits are held in RAM ({ram_only_gb:.1f} GB; no file holds those copies), so it "
+            f"needs at least {ram_gb - left + ram_only_gb:.1f} GB ({BUDGET_HOST_RAM_RESERVE_GB:g} GB for the system, "
+            f"{BUDGET_PAGE_CACHE_MIN_GB:g} GB of page cache) and {ram_gb:.1f} GB is available.")
     pinned_blocks = []
-    for index in [] if transformer_in_ram else [*plan.streamed_blocks, *plan.resident_blocks]:
-        if block_gb <= left:
+    order = [*ram_only, *(i for i in [*plan.streamed_blocks, *plan.resident_blocks] if i not in ram_only)]
+    for index in [] if transformer_in_ram else order:
+        if each[index] <= left:
             pinned_blocks.append(index)
-            left -= block_gb
+            left -= each[index]
     if transformer_in_ram:
         pinned_blocks, left = fp8_storage_host_ram(plan, sizes, ram_gb, left, text_pinned_gb)
     pin_rest = transformer_in_ram or sizes["other_transformer_gb"] <= left
     left -= sizes["other_transformer_gb"] if pin_rest else 0.0
     pin_text = text_rest_gb <= left
     # 3. What is read from the files per image: each copy of an unpinned weight, at worst from disk.
-    file_streamed = len(set(plan.streamed_blocks) - set(pinned_blocks))
-    file_resident = len(set(plan.resident_blocks) - set(pinned_blocks))
-    file_gb = ((file_streamed + file_resident) * block_gb + (0.0 if pin_rest else sizes["other_transformer_gb"])
+    file_streamed = set(plan.streamed_blocks) - set(pinned_blocks)
+    streamed_gb = sum(each[index] for index in file_streamed)
+    resident_file_gb = sum(each[index] for index in set(plan.resident_blocks) - set(pinned_blocks))
+    file_gb = (streamed_gb + resident_file_gb + (0.0 if pin_rest else sizes["other_transformer_gb"])
                + (0.0 if pin_text else text_rest_gb))
-    disk_gb = (file_streamed * block_gb * forwards + file_resident * block_gb
+    disk_gb = (streamed_gb * forwards + resident_file_gb
                + (0.0 if pin_rest else sizes["other_transformer_gb"]) + (0.0 if pin_text else text_rest_gb))
     if disk_gb > BUDGET_MAX_DISK_READ_GB_PER_IMAGE:
         raise ValueError(
             f"Not enough host RAM for the budget mode at {plan.vram_budget_gb:g} GB of VRAM: with {ram_gb:.1f} GB "
-            f"available, {file_streamed} of the {len(plan.streamed_blocks)} streamed transformer blocks would be read "
+            f"available, {len(file_streamed)} of the {len(plan.streamed_blocks)} streamed transformer blocks would be read "
             f"from the weight files at every transformer call, {disk_gb:.0f} GB from disk per image (the limit is "
             f"{BUDGET_MAX_DISK_READ_GB_PER_IMAGE:g} GB).")
     return HostRamPlan(ram_gb, tuple(sorted(pinned_blocks)), text_pinned, pin_text, pin_rest, all_gb - file_gb,
@@ -372,12 +422,12 @@ def fp8_storage_host_ram(plan: BudgetPlan, sizes: dict[str, Any], ram_gb: float,
     Where the text encoder lives at 32 GB (29.4 GB available, measured, with a desktop's 2 GB): 29.4 - 4 (system)
     - 2 (page cache) - 19.0 leaves 4.4 GB, and its bf16 weights are 15.4 GB, so it stays in the weight files and is
     read through the page cache (at worst 15.4 GB from disk per caption: ~2 s at 7 GB/s, 12 s at this H200 host's
-    1.3 GB/s), exact where it fits the card whole (24 GB). All its language layers in float8 (12.2 GB -> 6.1 GB; with
-    its bf16 rest 9.4 GB) would not fit RAM either (19.0 + 9.4 > 23.4) and would make every caption lossy. On a
-    16 GB card only the layers that would stream per caption token are float8 (`plan_text_encoder`; `text_pinned_gb`
-    counts them here, 10 layers 2.2 GB, as much RAM as the 5 bf16 layers it streamed page-locked).
+    1.3 GB/s), exact where its language layers all fit the card (24 and 16 GB). All its language layers in float8
+    (12.2 GB -> 6.1 GB; with its bf16 rest 9.4 GB) would not fit RAM either (19.0 + 9.4 > 23.4) and would make every
+    caption lossy. On a 12 GB card only the layers that would stream per caption token are float8
+    (`plan_text_encoder`; `text_pinned_gb` counts them here, 18 layers 3.9 GB).
     """
-    held = sizes["num_blocks"] * sizes["block_gb"] + sizes["other_transformer_gb"]
+    held = sum(each_block_gb(sizes)) + sizes["other_transformer_gb"]
     if held > left:
         streamed = f", the text encoder's pinned layers {text_pinned_gb:.1f} GB" if text_pinned_gb else ""
         raise ValueError(
@@ -406,7 +456,7 @@ def budget_minimum_ram_gb(sizes: dict[str, Any], vram_gb: float, fp8_storage: bo
 
 def weights_gb(sizes: dict[str, Any]) -> float:
     """The transformer's and the text encoder's weights together (GiB), from `budget_sizes`."""
-    return sizes["text_encoder_gb"] + sizes["other_transformer_gb"] + sizes["num_blocks"] * sizes["block_gb"]
+    return sizes["text_encoder_gb"] + sizes["other_transformer_gb"] + sum(each_block_gb(sizes))
 
 
 def budget_minimum_gb(sizes: dict[str, Any], image_tokens: int = BUDGET_DEFAULT_JOB_IMAGE_TOKENS) -> float:
@@ -466,15 +516,16 @@ class MachinePlan:
 def plan_machine(offload: OffloadMode, sizes: dict[str, Any], vram_gb: float, ram_gb: float | None,
                  transformer_in_ram: bool = False, lossy_sizes: dict[str, Any] | None = None,
                  exact_sizes: dict[str, Any] | None = None, resident_blocks: int | None = None,
-                 text_resident_layers: int | None = None) -> MachinePlan:
+                 text_resident_layers: int | None = None, fast_sizes: dict[str, Any] | None = None) -> MachinePlan:
     """Before loading: the plan of an offload mode (its row's `vram` and `host_ram` uses, `studio.modes`) on a
     machine with `vram_gb` of VRAM and `ram_gb` of available host RAM (None: not checked, no GPU), or a ValueError
     naming the machine's figures and the mode that would fit. Pure arithmetic on `sizes` (`transformer_in_ram`:
     fp8_storage's float8 figures, held in RAM). `lossy_sizes`: the float8 figures of a bf16 run, for a refusal to say
-    what the lossy option needs (`fp8_storage_advice`); `exact_sizes`: the bf16 figures of an fp8_storage run."""
+    what the lossy option needs (`fp8_storage_advice`); `exact_sizes`: the bf16 figures of an fp8_storage run;
+    `fast_sizes`: the Fast preset's figures of a bf16 run, for the refusal to say what it needs (`fast_advice`)."""
     all_gb = weights_gb(sizes)
     machine = f"This machine: {vram_gb:.1f} GB of VRAM, {ram_gb or 0:.1f} GB of RAM available."
-    lossy_advice = fp8_storage_advice(lossy_sizes, vram_gb, ram_gb)
+    lossy_advice = fp8_storage_advice(lossy_sizes, vram_gb, ram_gb) + fast_advice(fast_sizes, vram_gb, ram_gb)
     # 1. Modes that keep every weight in RAM, and their VRAM.
     if offload.host_ram == "all" and ram_gb is not None:
         try:
@@ -487,7 +538,7 @@ def plan_machine(offload: OffloadMode, sizes: dict[str, Any], vram_gb: float, ra
                              f"all the weights in RAM.){lossy_advice}") from None
     largest_job = activation_gb(BUDGET_PLAN_IMAGE_TOKENS + BUDGET_PLAN_TEXT_TOKENS) + BUDGET_SAFETY_MARGIN_GB
     needs = {"everything": all_gb + sizes["vae_gb"] + largest_job,
-             "largest_model": sizes["other_transformer_gb"] + sizes["num_blocks"] * sizes["block_gb"]
+             "largest_model": sizes["other_transformer_gb"] + sum(each_block_gb(sizes))
              + sizes["vae_gb"] + largest_job}
     if offload.vram in needs and vram_gb < needs[offload.vram]:
         fits = "budget" if vram_gb >= budget_minimum_gb(sizes) else "sequential"
@@ -555,7 +606,7 @@ def fp8_storage_advice(lossy_sizes: dict[str, Any] | None, vram_gb: float, ram_g
     "" without `lossy_sizes`. `auto` never picks it: bf16 stays the default, exact."""
     if lossy_sizes is None:
         return ""
-    held = lossy_sizes["num_blocks"] * lossy_sizes["block_gb"] + lossy_sizes["other_transformer_gb"]
+    held = sum(each_block_gb(lossy_sizes)) + lossy_sizes["other_transformer_gb"]
     vram_needed = budget_minimum_gb(lossy_sizes)
     ram_needed = budget_minimum_ram_gb(lossy_sizes, max(vram_gb, vram_needed), fp8_storage=True)
     fits = vram_gb >= vram_needed and (ram_gb is None or ram_needed <= ram_gb)
@@ -565,3 +616,24 @@ def fp8_storage_advice(lossy_sizes: dict[str, Any] | None, vram_gb: float, ram_g
             f"held in RAM{text}), needs at least {vram_needed:.1f} GB of VRAM and, {at}, "
             f"{ram_needed:.1f} GB of RAM available: "
             + ("it fits this machine (pass --quantization fp8_storage)." if fits else "it does not fit this machine either."))
+
+
+def fast_advice(fast_sizes: dict[str, Any] | None, vram_gb: float, ram_gb: float | None) -> str:
+    """For a bf16 refusal: what the Fast preset (--preset fast, LOSSY: 8-bit matmuls in the blocks `ram_only_blocks`
+    names, their weights at 1 byte and held in RAM; `fast_sizes`, its figures) needs on this machine in the budget
+    mode, and whether it fits. "" without `fast_sizes`. With the real model's default blocks (12-47) it needs as much
+    VRAM as bf16 (block 0 and the streaming buffers stay bf16-sized) and more RAM (no file holds the 8-bit blocks):
+    a speed preset, which the advice says as it is; fp8_storage is the one that fits smaller machines."""
+    if fast_sizes is None:
+        return ""
+    blocks = tuple(fast_sizes.get("ram_only_blocks", ()))
+    each = each_block_gb(fast_sizes)
+    named = f" ({blocks[0]}-{blocks[-1]})" if blocks and blocks == tuple(range(blocks[0], blocks[-1] + 1)) else ""
+    vram_needed = budget_minimum_gb(fast_sizes)
+    ram_needed = budget_minimum_ram_gb(fast_sizes, max(vram_gb, vram_needed))
+    fits = vram_gb >= vram_needed and (ram_gb is None or ram_needed <= ram_gb)
+    at = f"at {vram_gb:.1f} GB of VRAM" if vram_gb >= vram_needed else f"at {vram_needed:.1f} GB of VRAM"
+    return (f" The Fast preset, --preset fast (LOSSY: 8-bit matmuls in {len(blocks)} of the {len(each)} transformer "
+            f"blocks{named}, their weights at 1 byte, {sum(each[i] for i in blocks):.1f} GB held in RAM), needs at "
+            f"least {vram_needed:.1f} GB of VRAM and, {at}, {ram_needed:.1f} GB of RAM available: "
+            + ("it fits this machine (pass --preset fast)." if fits else "it does not fit this machine either."))

@@ -21,18 +21,20 @@ from diffusers.hooks.group_offloading import (
 
 from studio.engine.memory import budget_sizes, release_freed_heap, text_encoder_parts
 from studio.engine.plan import BUDGET_PLAN_IMAGE_TOKENS, GIB, BudgetPlan, MachinePlan, TextEncoderPlan, plan_machine
-from studio.modes import OFFLOAD
+from studio.modes import BF16, OFFLOAD, QuantMode
 from studio.params import DEFAULTS, LAYERS_RANGE, RESOLUTIONS
-from studio.quant import apply_fp8_text_layers, fp8_stored, fp8_text_layer_gb
+from studio.quant import apply_fp8_text_layers, fp8_text_layer_gb
+from studio.w8a8 import quantized_blocks_of
 
 logger = logging.getLogger(__name__)
 
 
 # A decomposition runs in stages, and each stage has the GPU to itself:
 #   "text_encoder"  caption + prompt encoding with all 8.3B weights resident (16.6 GB: they fit a 24 GB card);
-#                   on 16 and 12 GB cards split (`TextEncoderPlan`): as many language layers resident as fit, the
-#                   others streamed per token through the same hooks as the blocks, the vision tower copied in
-#                   per caption, the token embeddings looked up in host RAM;
+#                   on 16 and 12 GB cards split in two phases (`TextEncoderPlan`): "text_vision", the vision tower
+#                   alone for its one call per caption, then "text_encoder", the language model with as many layers
+#                   resident as fit (all of them at 16 GB; at 12 GB the others streamed per token through the same
+#                   hooks as the blocks), the token embeddings looked up in host RAM;
 #   "transformer"   as many of the 60 blocks resident as the budget holds after this job's activations; each
 #                   other block is copied in on a side CUDA stream while the blocks before it compute (diffusers'
 #                   group offloading ModuleGroup + GroupOffloadingHook, one block per group, chained in block
@@ -269,51 +271,60 @@ def install_block_hooks(blocks, device: torch.device, stream: "torch.cuda.Stream
 
 
 def install_text_encoder_hooks(text_encoder, plan: TextEncoderPlan, device: torch.device,
-                               stream: "torch.cuda.Stream | None") -> tuple[list[torch.nn.Module], set[int], list]:
-    """The text encoder where it does not fit whole (16 and 12 GB cards; `TextEncoderPlan`): its streamed language
-    layers get the same groups and hooks as the streamed transformer blocks (`install_block_hooks`), chained once
-    (the split does not depend on the job), layer 0 (always resident) starting the copies; the vision tower's
-    blocks and merger are one group copied in for its call (patch_embed, 3 MB, stays: transformers' generate()
-    takes the model's device from its first parameter); the token-embedding table is looked up in host RAM, one
-    row per token. Returns (the modules that got hooks, ids of the weights that do not enter with the text
-    encoder's stage, removers of the embedding's hooks)."""
+                               stream: "torch.cuda.Stream | None") -> tuple[list[torch.nn.Module], set[int], set[int], list]:
+    """The text encoder where it does not fit whole (16 and 12 GB cards; `TextEncoderPlan`): the streamed language
+    layers (12 GB) get the same groups and hooks as the streamed transformer blocks (`install_block_hooks`), chained
+    once (the split does not depend on the job), layer 0 (always resident) starting the copies; the token-embedding
+    table is looked up in host RAM, one row per token. Returns (the modules that got group hooks, ids of the vision
+    tower's weights: its own stage, ids of the weights that enter with no stage, removers of the embedding's hooks).
+    The vision tower's patch_embed (3 MB) enters with the language stage too: transformers' generate() takes the
+    model's device from its first parameter."""
     host = torch.device("cpu")
     layers, vision, embed = text_encoder_parts(text_encoder)
-    exclude = ("past_key_values", "past_key_value")  # the KV cache is updated in place
-    hooks, start_hook = install_block_hooks(layers, device, stream, indices=plan.streamed_layers, start_at=0,
-                                            group_id="text_encoder.layers", exclude_kwargs=exclude)
-    chain_streamed(list(hooks.values()), start_hook)
-    vision_modules = [*vision.blocks, vision.merger]
-    install_group_hook(vision, vision_modules, group_offloading_config(device, stream, exclude),
-                       "text_encoder.visual")  # copies on first use
+    hooked: list[torch.nn.Module] = []
+    if plan.streamed_layers:  # no hook at all on a layer that stays: the caption's CUDA graphs need hook-free steps
+        exclude = ("past_key_values", "past_key_value")  # the KV cache is updated in place
+        hooks, start_hook = install_block_hooks(layers, device, stream, indices=plan.streamed_layers, start_at=0,
+                                                group_id="text_encoder.layers", exclude_kwargs=exclude)
+        chain_streamed(list(hooks.values()), start_hook)
+        hooked = list(layers)
     removers = [embed.register_forward_pre_hook(lambda module, args: tuple(a.to(host) if torch.is_tensor(a) else a
                                                                            for a in args)).remove,
                 embed.register_forward_hook(lambda module, args, output: output.to(device)).remove]
-    off_stage = {id(t) for m in [embed, *vision_modules, *(layers[i] for i in plan.streamed_layers)]
-                 for t in itertools.chain(m.parameters(), m.buffers())}
-    return [*layers, vision], off_stage, removers
+    vision_ids = _tensor_ids(vision)
+    off_stage = _tensor_ids(embed, *(layers[i] for i in plan.streamed_layers))
+    return hooked, vision_ids, off_stage, removers
 
 
-def install_stage_hooks(pipe, stages: BudgetStages) -> None:
+def _tensor_ids(*modules: torch.nn.Module) -> set[int]:
+    return {id(t) for m in modules for t in itertools.chain(m.parameters(), m.buffers())}
+
+
+def install_stage_hooks(pipe, stages: BudgetStages, split_text_encoder: bool = False) -> None:
     """Each model, when called, first brings its stage's weights to the GPU and sends the others back
-    (forward pre-hooks; the text encoder's `generate` too). Their removal goes to `stages.removers`."""
+    (forward pre-hooks; the text encoder's `generate` too). Their removal goes to `stages.removers`.
+    `split_text_encoder`: the text encoder's two phases, entered by its vision tower and its language model (a hook
+    on the text encoder itself would bring the language layers in before the vision tower runs)."""
     transformer, text_encoder, vae = pipe.transformer, pipe.text_encoder, pipe.vae
+    _, vision, _ = text_encoder_parts(text_encoder)
 
     def enter_transformer(module, args, kwargs):
         hidden_states = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
         stages.enter("transformer", image_tokens=hidden_states.shape[1])
 
     stages.removers.append(transformer.register_forward_pre_hook(enter_transformer, with_kwargs=True).remove)
-    for module, stage in ((text_encoder, "text_encoder"), (vae.encoder, "vae"), (vae.decoder, "vae")):
+    text_stages = (((vision, "text_vision"), (text_encoder.model.language_model, "text_encoder")) if split_text_encoder
+                   else ((text_encoder, "text_encoder"),))
+    for module, stage in (*text_stages, (vae.encoder, "vae"), (vae.decoder, "vae")):
         handle = module.register_forward_pre_hook(lambda module, args, stage=stage: stages.enter(stage))
         stages.removers.append(handle.remove)
     # transformers' generate() reads the model's device before its first forward: the weights must be on the GPU
-    # when generate starts.
+    # when generate starts (a caption's prefill starts with the vision tower).
     generate = text_encoder.generate
 
     @functools.wraps(generate)
     def generate_on_gpu(*args, **kwargs):
-        stages.enter("text_encoder")
+        stages.enter("text_vision" if split_text_encoder and kwargs.get("pixel_values") is not None else "text_encoder")
         return generate(*args, **kwargs)
 
     text_encoder.generate = generate_on_gpu
@@ -321,15 +332,20 @@ def install_stage_hooks(pipe, stages: BudgetStages) -> None:
 
 
 def plan_loaded(pipe, vram_budget_gb: float, host_ram_gb: float | None = None, resident_blocks: int | None = None,
-                text_resident_layers: int | None = None, text_layer_fp8_gb: float | None = None) -> MachinePlan:
+                text_resident_layers: int | None = None, text_layer_fp8_gb: float | None = None,
+                quant: QuantMode = BF16) -> MachinePlan:
     """The budget mode's plan for a pipeline already in memory (a bench's, or a test's), from its modules' sizes;
     `load_pipeline` plans from the weight files instead, before loading. `resident_blocks` fixes the number of resident
     transformer blocks for every job (tests, tuning); `text_resident_layers` splits the text encoder with that many
-    language layers resident; `host_ram_gb` None: every weight page-locked. `text_layer_fp8_gb`: fp8_storage's float8
-    language layer; by default `quant.fp8_text_layer_gb` where the transformer is stored in float8 (fp8_storage)."""
-    if text_layer_fp8_gb is None and fp8_stored(pipe.transformer):
+    language layers resident; `host_ram_gb` None: every weight page-locked. `quant`: the mode it was loaded in
+    (`Loaded.quant`), never guessed from the weights' dtypes (fp8_w8a8's are float8 too, and its text encoder stays
+    bf16): fp8_storage's float8 language layer (`text_layer_fp8_gb`, by default `quant.fp8_text_layer_gb`) and its
+    transformer held in RAM; the 8-bit modes' blocks held in RAM (`ram_only_blocks`)."""
+    if text_layer_fp8_gb is None and quant.holds_transformer_in_ram:  # fp8_storage
         text_layer_fp8_gb = fp8_text_layer_gb(text_encoder_parts(pipe.text_encoder)[0][0])
     sizes = budget_sizes(pipe.transformer, pipe.text_encoder, pipe.vae, text_layer_fp8_gb)
+    if quant.block_range:  # int8_w8a8, fp8_w8a8: no file holds their 8-bit blocks
+        sizes["ram_only_blocks"] = tuple(quantized_blocks_of(pipe.transformer))
     return plan_machine(OFFLOAD["budget"], sizes, vram_budget_gb, host_ram_gb,
                         transformer_in_ram=text_layer_fp8_gb is not None, resident_blocks=resident_blocks,
                         text_resident_layers=text_resident_layers)
@@ -392,13 +408,16 @@ def enable_budget_offload(pipe, machine: MachinePlan) -> tuple[BudgetStages, lis
     hooks, start_hook = install_block_hooks(blocks, device, stream)
     hooked = list(blocks)
 
-    # 4b. The text encoder where it does not fit whole (16 and 12 GB cards): the same hooks on its streamed language
-    #     layers and vision tower, its embeddings in host RAM. The split does not depend on the job.
-    off_stage: set[int] = set()  # ids of text encoder weights that do not enter with its stage
+    # 4b. The text encoder where it does not fit whole (16 and 12 GB cards): its vision tower a stage of its own, the
+    #     same hooks on its streamed language layers, its embeddings in host RAM. The split does not depend on the job.
+    vision_ids: set[int] = set()  # the vision tower's weights: the "text_vision" stage
+    off_stage: set[int] = set()  # ids of text encoder weights that enter with no stage
     removers: list[Callable[[], None]] = []
     if text_plan.split:
-        text_modules, off_stage, removers = install_text_encoder_hooks(text_encoder, text_plan, device, stream)
+        text_modules, vision_ids, off_stage, removers = install_text_encoder_hooks(text_encoder, text_plan, device,
+                                                                                   stream)
         hooked += text_modules
+    language_ids = _tensor_ids(text_encoder_parts(text_encoder)[1].patch_embed)  # in both phases: see the function
 
     # 5. Stages: each model, when called, first brings its stage's weights to the GPU and sends the others back.
     block_ids = [{id(t) for t in itertools.chain(b.parameters(), b.buffers())} for b in blocks]
@@ -406,11 +425,13 @@ def enable_budget_offload(pipe, machine: MachinePlan) -> tuple[BudgetStages, lis
     stages = BudgetStages(
         device, machine,
         {"transformer": [pair for pair in transformer_weights if id(pair[0]) not in in_blocks],
-         "text_encoder": [pair for pair in text_encoder_weights if id(pair[0]) not in off_stage],
+         "text_encoder": [pair for pair in text_encoder_weights
+                          if id(pair[0]) not in off_stage and (id(pair[0]) not in vision_ids or id(pair[0]) in language_ids)],
+         "text_vision": [pair for pair in text_encoder_weights if id(pair[0]) in vision_ids],
          "text_encoder_streamed": [pair for pair in text_encoder_weights if id(pair[0]) in off_stage]},  # never a stage
         [[pair for pair in transformer_weights if id(pair[0]) in ids] for ids in block_ids],
         hooks, start_hook, stream)
-    install_stage_hooks(pipe, stages)
+    install_stage_hooks(pipe, stages, split_text_encoder=text_plan.split)
     stages.removers += removers
     for module in hooked:
         registry = HookRegistry.check_if_exists_or_initialize(module)
