@@ -73,9 +73,10 @@ from studio.naming import LayerLabels, name_layers  # noqa: E402
 from studio.parallel import (caption_from_rank0, check_gpus, enable_multi_gpu, init_distributed,  # noqa: E402
                              launch_ranks, rank0_says, ranks_on_this_machine, serve_rank, share_job, stop_ranks)
 from studio.params import (DEFAULTS, LAYERS_RANGE, MAX_SEED, PARAM, PARAMS, RESOLUTIONS, STEPS_RANGE,  # noqa: E402
-                           Flag, add_flags, add_param_args, check_params, flag_values, non_negative_float,
-                           param_widget, positive_int)
+                           Flag, add_flags, add_param_args, check_param, check_params, flag_values,
+                           non_negative_float, param_widget, positive_int)
 from studio.params import DESIGN_PARAMS  # noqa: E402  (issue 26's options: one row of the page)
+from studio.progress import TIMINGS_FILE, Job, RunTracker, Shape, Timings, status_html, tap_progress  # noqa: E402
 from studio.quant import apply_quantization, fast_sizes, planner_sizes, quant_problem  # noqa: E402
 from studio.runs import (DecomposeResult, clean_partial_runs, export_failures_message, prune_outputs,  # noqa: E402
                          save_run, windows_path_warning)
@@ -84,8 +85,8 @@ from studio.serving import (LAN_HOST, SHUTDOWN_WAIT_S, Sessions, clean_gradio_ca
                             delete_gradio_files, gradio_cache_schedule, launch_options, network_warning,
                             readable_upload, remove_process_cache, served_file, serving_flags, stop_on_sigterm,
                             use_process_cache)
-from studio.stack import (SUB_RUN_LAYERS, LayerStack, check_layer_index, check_stack_files, replace_layer,  # noqa: E402
-                          save_sub_run, undo)
+from studio.stack import (SUB_RUN_LAYERS, LayerStack, check_layer_index, check_stack_files, fit_to_canvas,  # noqa: E402
+                          replace_layer, save_sub_run, undo)
 from studio.w8a8 import SAGE_BACKEND, sage_attention_problem  # noqa: E402
 
 logger = logging.getLogger("qwen_layered_studio")
@@ -156,8 +157,9 @@ MAX_UPLOAD_SIZE = "50mb"
 # `decompose` command never deletes anything.
 OUTPUTS_MAX_GB = 10.0
 OUTPUTS_MAX_AGE_HOURS = 24.0 * 7
-# The page's own CSS: Gradio's file box cuts a long file name to "...p"; the downloads' names wrap instead.
-UI_CSS = ".downloads .filename .stem { white-space: normal; overflow-wrap: anywhere; }"
+# The page's "Edit this layer" sends the layer to the edit tool's API: its own process and model (~58 GB), started
+# when wanted (src/tool/edit_rgba_image.py, port 7871).
+EDIT_TOOL_URL = "http://127.0.0.1:7871/"
 
 # THE load-flag table: each row is a `Settings` field, its command-line flag and its QIL_* variable (the edit tool
 # takes the rows of "edit"). A new setting: its constant above, one row here, and its use.
@@ -193,6 +195,8 @@ LOAD_FLAGS = (
     Flag("gpus", 1, "--gpus", "split each image over N GPUs of this machine (CFG-parallel; torchrun works too)",
          type=positive_int, metavar="N", commands=("ui", "decompose", "evaluate")),
     *serving_flags(HOST, PORT, MAX_UPLOAD_SIZE, commands=("ui",)),
+    Flag("edit_tool", EDIT_TOOL_URL, "--edit-tool", "where the edit tool runs, for the page's \"Edit this layer\" "
+         "(python src/tool/edit_rgba_image.py)", metavar="URL", commands=("ui",)),
     Flag("outputs_max_gb", OUTPUTS_MAX_GB, "--outputs-max-gb", "delete the oldest run folders beyond this size; 0: no "
          "limit", type=non_negative_float, commands=("ui", "edit")),
     Flag("outputs_max_age_hours", OUTPUTS_MAX_AGE_HOURS, "--outputs-max-age-hours", "delete run folders older than "
@@ -1029,26 +1033,47 @@ PRESET_NOTE = ("Exact: bf16, the model's own output. Fast: 8-bit matmuls in the 
 # Under the recomposition score on the demo model: why it is poor.
 DEMO_SCORE_NOTE = ("The demo model's layers are random noise, so they do not stack back into the input: this poor score "
                    "is expected and says nothing about the real model.")
+# The page's own CSS: a checkerboard behind every RGBA preview, the progress area by the buttons, the compact
+# downloads row, the heights of the input and the comparison on a phone.
+UI_CSS = (Path(__file__).resolve().parent / "studio" / "page.css").read_text(encoding="utf-8")
+# The input and the comparison keep these heights (CSS px; page.css has a phone's): a 15:1 strip stays a strip inside
+# them instead of shrinking the box to a line.
+INPUT_HEIGHT = 360
+COMPARISON_HEIGHT = 420
+# How often the page asks what a run is doing (seconds).
+PROGRESS_POLL_S = 0.5
+# A new stack leaves no layer highlighted: the gallery's own Close (of the big view a click opens) clears its
+# selection. (Setting the gallery's selected_index from Python would give the session its own copy of the gallery,
+# whose files Gradio 6.31 then never deletes.)
+DESELECT_LAYER_JS = """() => { document.querySelector('#layers .preview button[aria-label="Close"]')?.click(); }"""
+NO_IMAGE_MESSAGE = "No image: upload an image (PNG, JPEG, WebP) first."
+NO_LAYERS_MESSAGE = "No layers yet: decompose an image first, then select one of its layers in the gallery."
+NO_SELECTION_MESSAGE = "No layer selected: click a layer in the gallery (or type its number, 1 = bottom)."
+NOTHING_TO_UNDO_MESSAGE = "Nothing to undo: decompose an image first."
+NO_INSTRUCTION_MESSAGE = "No edit instruction: say what to change in the layer, e.g. 'make the cup red'."
 
 
 def recomposition_view(image: Any, stack: "LayerStack | None", demo: bool = False,
-                       read_upload: Callable[[Any], Path] | None = None) -> tuple[Any, str]:
-    """The UI's before/after pair (the input at the model's resolution, the composite of the layers) and the score
-    text, for a stack's run: the score is the one `infer` computed and `save_run` wrote into params.json.
-    `read_upload` (bound in `build_ui`) checks the client's image value as the decompose handler does."""
-    if stack is None:
+                       read_upload: Callable[[Any], Path] | None = None,
+                       serve: Callable[[Path], str] = str) -> tuple[Any, str]:
+    """The page's Input | composite pair and the score under it, for the stack the page shows now: the input at the
+    composite's size (one picture exactly over the other) and the stack's composite.png (a file: the slider's download
+    keeps its name), and how well the stack's layers give back the input (`recomposition_score`; after "Decompose
+    this layer" or an undo, the whole new stack's). `read_upload` (bound in `build_ui`) checks the client's image
+    value as the decompose handler does; `serve`: the copy of the composite a client is handed (`stack_view`)."""
+    if stack is None or image is None:
         return None, ""
     check_stack_files(stack)  # its run folder deleted since: said without the server's path
-    composite = Image.open(stack.files["composite"]).convert("RGBA")
     before = to_rgba(read_upload(image) if read_upload is not None else image)
-    if before.size != composite.size:
-        before = resize_layers([before], composite.size)[0]
-    score = json.loads(Path(stack.files["params"]).read_text(encoding="utf-8"))["recomposition"]
-    text = (f"**How well the layers stack back into the input** ({composite.width}x{composite.height}): "
+    score = recomposition_score(before, stack.layers)
+    width, height = stack.layers[0].size
+    if before.size != (width, height):
+        before = resize_layers([before], (width, height))[0]
+    text = (f"**How well the layers stack back into the input** ({width}x{height}): "
             f"{score_line(score)}. Higher PSNR and lower errors are better; {PSNR_CAP_DB:.0f} dB means identical.")
     if demo:
         text += "\n\n" + DEMO_SCORE_NOTE
-    return (before, composite), text
+    return (before, serve(stack.files["composite"])), text
 
 
 def example_images() -> list[str]:
@@ -1093,6 +1118,19 @@ def _user_error(message: str):
     return gr.Error(message, duration=None)  # stays on the page until closed
 
 
+def selected_layer(stack: LayerStack | None, layer_number) -> int:
+    """The stack's index (0 = bottom) of the layer the page selected (1 = bottom); ValueError saying what to do."""
+    if stack is None:
+        raise ValueError(NO_LAYERS_MESSAGE)
+    if layer_number is None:
+        raise ValueError(NO_SELECTION_MESSAGE)
+    if not float(layer_number).is_integer():
+        raise ValueError(f"Layer {layer_number} is not a whole number: choose a layer from 1 (bottom) to "
+                         f"{len(stack.layers)}.")
+    check_layer_index(int(layer_number) - 1, len(stack.layers))
+    return int(layer_number) - 1
+
+
 def prune_runs(settings, sessions: "Sessions | None", just_saved: Path) -> None:
     """Apply the outputs limits after a run: never to the run just saved nor to any run a live session shows."""
     keep = (sessions.shown_folders() if sessions is not None else set()) | {Path(just_saved)}
@@ -1103,44 +1141,62 @@ def prune_runs(settings, sessions: "Sessions | None", just_saved: Path) -> None:
 
 
 @contextlib.contextmanager
-def guarded_job(sessions: "Sessions | None", request, doing: str):
-    """A GPU handler's run: the session's stop event (Stop, or the client leaving, sets it; None without sessions),
-    and every error turned into the client's message: a user's mistake, out of memory or a stop as it is, anything
-    else through `client_error` (details in the server log, no server path on the page)."""
+def guarded_job(sessions: "Sessions | None", request, doing: str, tracker: RunTracker | None = None, progress=None,
+                kind: str = "decompose", shape: Shape | None = None):
+    """A GPU handler's run. Yields (stop, job): the session's stop event (Stop, or the client leaving, sets it; None
+    without sessions) and its `Job` on the tracker (the page's progress area; the pipeline's bars reach it through
+    Gradio's `progress`). Every error becomes the client's message: a user's mistake, out of memory or a stop as it
+    is, anything else through `client_error` (details in the server log, no server path on the page)."""
     session = getattr(request, "session_hash", None)
     stop = sessions.start_job(session) if sessions is not None else None
+    shape = shape or Shape()
+    job = tracker.begin(session, kind, shape) if tracker is not None and session is not None else Job(kind, shape)
+    if progress is not None:
+        tap_progress(progress, job.on_bars)
+    outcome = "failed"
     try:
-        yield stop
-    except (ValueError, OutOfMemoryError, RunStopped) as err:
+        yield stop, job
+        outcome = "done"
+    except RunStopped as err:
+        outcome = "stopped"
+        raise _user_error(str(err)) from err
+    except (ValueError, OutOfMemoryError) as err:
         raise _user_error(str(err)) from err
     except Exception as err:  # a bug or the machine: the details stay in the server log
         raise _user_error(client_error(err, doing)) from err
     finally:
+        if tracker is not None and session is not None:
+            tracker.end(job, outcome)
         if sessions is not None:
             sessions.end_job(session, stop)
 
 
 # The UI's handlers: module functions, bound to the pipeline and settings with functools.partial in `build_ui`
 # (so a test can call them without a server). They only map widget values to `infer`/`save_run`/`decompose_layer`.
-# `build_ui` also binds `sessions` (Stop, pruning), `read_upload` (`readable_upload`: only uploads and examples
-# may be read; a direct Python call is trusted and passes the image as it is) and `serve` (`served_file`: the page gets
-# Gradio's cached copies, never the outputs folder's files), and Gradio passes `request`.
+# `build_ui` also binds `sessions` (Stop, pruning), `tracker` (the progress area), `read_upload` (`readable_upload`:
+# only uploads and examples may be read; a direct Python call is trusted and passes the image as it is) and `serve`
+# (`served_file`: the page gets Gradio's cached copies, never the outputs folder's files), and Gradio passes `request`
+# and `progress`.
 def decompose_handler(loaded: Loaded, settings, run_info: dict[str, Any], image, original_size: bool = False, *,
                       sessions: "Sessions | None" = None, read_upload: Callable[[Any], Path] | None = None,
-                      serve: Callable[[Path], str] | None = None, request=None, **params) -> tuple:
+                      serve: Callable[[Path], str] | None = None, tracker: RunTracker | None = None, request=None,
+                      progress=None, **params) -> tuple:
     """"Decompose": `params` are PARAMS values. Returns (*StackView, caption, seed, stack)."""
     import gradio as gr
 
-    if image is None:
-        raise _user_error("No image: upload an image (PNG, JPEG, WebP) first.")
-    if not isinstance(original_size, bool):  # the API's "no" would be true in Python
-        raise _user_error(f"original_size={original_size!r:.40} is not true or false: send a boolean")
-    with guarded_job(sessions, request, "decomposing the image") as stop:
+    with guarded_job(sessions, request, "decomposing the image", tracker, progress, "decompose",
+                     Shape.of(params, DEFAULTS)) as (stop, job):
+        if image is None:
+            raise ValueError(NO_IMAGE_MESSAGE)
+        if not isinstance(original_size, bool):  # the API's "no" would be true in Python
+            raise ValueError(f"original_size={original_size!r:.40} is not true or false: send a boolean")
         if read_upload is not None:
             image = read_upload(image)
         result = infer(loaded, image, stop=stop, **params)
+        job.mark("export")
+        name = Path(image).stem if isinstance(image, (str, Path)) else None  # the run folder's name says which image
         paths = save_run(result, settings.outputs, run_info,
-                         original_size=result.params["input_size"] if original_size else None)
+                         original_size=result.params["input_size"] if original_size else None, name=name)
     for note in result.notes:
         gr.Warning(note, duration=None)  # stays on the page until closed
     if message := export_failures_message(paths["failed"]):
@@ -1157,16 +1213,15 @@ def decompose_handler(loaded: Loaded, settings, run_info: dict[str, Any], image,
 
 def decompose_layer_handler(loaded: Loaded, settings, run_info: dict[str, Any], layer_number,
                             stack: LayerStack | None = None, *, sessions: "Sessions | None" = None,
-                            serve: Callable[[Path], str] | None = None, request=None, **params) -> tuple:
+                            serve: Callable[[Path], str] | None = None, tracker: RunTracker | None = None,
+                            request=None, progress=None, **params) -> tuple:
     """"Decompose this layer" (1 = bottom): `params` are PARAMS values. Returns (*StackView, caption, seed, stack)."""
     import gradio as gr
 
-    if stack is None:
-        raise _user_error("No layers yet: decompose an image first, then select one of its layers in the gallery.")
-    if layer_number is None:
-        raise _user_error("No layer selected: click a layer in the gallery (or type its number, 1 = bottom).")
-    with guarded_job(sessions, request, "decomposing the layer") as stop:
-        new_stack, result = decompose_layer(loaded, stack, int(layer_number) - 1, run_info, stop=stop, **params)
+    with guarded_job(sessions, request, "decomposing the layer", tracker, progress, "layer",
+                     Shape.of(params, DEFAULTS)) as (stop, job):
+        index = selected_layer(stack, layer_number)
+        new_stack, result = decompose_layer(loaded, stack, index, run_info, stop=stop, **params)
     for note in result.notes:  # e.g. the Korean OCR model not downloadable offline
         gr.Warning(note, duration=None)
     if message := export_failures_message(new_stack.files["failed"]):
@@ -1183,7 +1238,7 @@ def undo_handler(stack: LayerStack | None = None, *, serve: Callable[[Path], str
     """"Undo": returns (*StackView, caption, seed, stack) of the stack before the last sub-run (its run's caption
     and seed, shown again)."""
     if stack is None:
-        raise _user_error("Nothing to undo: decompose an image first.")
+        raise _user_error(NOTHING_TO_UNDO_MESSAGE)
     try:
         restored = undo(stack)
         check_stack_files(restored)
@@ -1192,14 +1247,221 @@ def undo_handler(stack: LayerStack | None = None, *, serve: Callable[[Path], str
     return (*stack_view(restored, serve), restored.caption, restored.seed, restored)
 
 
-def stop_handler(sessions: "Sessions", request=None) -> None:
+def edit_layer_handler(settings, run_info: dict[str, Any], layer_number, instruction: str | None,
+                       stack: LayerStack | None = None, *, sessions: "Sessions | None" = None,
+                       serve: Callable[[Path], str] | None = None, tracker: RunTracker | None = None, request=None,
+                       **tool_params) -> tuple:
+    """"Edit this layer" (1 = bottom): the layer goes to the edit tool's API (`--edit-tool`: its own process and
+    model, `src/tool/edit_rgba_image.py`; `tool_params`: its other parameters, else its defaults), and the edited
+    layer takes its place in the stack, saved like a sub-run, with one step of undo. Returns (*StackView, caption,
+    seed, stack); the caption is the instruction."""
+    with guarded_job(sessions, request, "editing the layer", tracker, None, "edit") as (stop, job):
+        index = selected_layer(stack, layer_number)
+        instruction = check_param("prompt", instruction or "").strip()
+        if not instruction:
+            raise ValueError(NO_INSTRUCTION_MESSAGE)
+        check_stack_files(stack)
+        start = time.perf_counter()
+        edited, seed, info = edit_with_tool(settings, stack.layers[index], instruction, stop, job, **tool_params)
+        job.mark("export")
+        result = DecomposeResult(layers=[edited], caption=instruction, auto_caption=False, seed=seed,
+                                 params=dict(edit_instruction=instruction, edit_tool=settings.edit_tool,
+                                             edit_note=info, seed=seed),
+                                 duration_s=time.perf_counter() - start)
+        new_layers = replace_layer(stack.layers, index, [edited])
+        # The edited layer keeps its name (the cup is still the cup); a text read from it before no longer holds.
+        name = stack.labels.name(index)
+        labels = stack.labels.replaced(len(stack.layers), index, LayerLabels(names=(name,)) if name else None, 1)
+        files = save_sub_run(stack, new_layers, index, result, run_info, labels)
+    new_stack = LayerStack(layers=new_layers, run_folder=stack.run_folder, files=files,
+                           previous=dataclasses.replace(stack, previous=None), original_size=stack.original_size,
+                           caption=instruction, seed=seed, labels=labels)
+    if sessions is not None:
+        sessions.show(request.session_hash, new_stack.run_folder)
+    prune_runs(settings, sessions, Path(new_stack.run_folder))
+    logger.info("Layer %d edited by the edit tool; saved in %s", index + 1, files["folder"])
+    return (*stack_view(new_stack, serve), instruction, seed, new_stack)
+
+
+def edit_with_tool(settings, layer: Image.Image, instruction: str, stop: threading.Event | None, job: Job,
+                   **tool_params):
+    """The edit tool's `/edit` on `layer` (its defaults for the rest): (the edited RGBA layer at the layer's size, the
+    seed it used, its note). Its steps go to `job`; a set `stop` leaves the tool (its run then stops at its next
+    step: the tool stops a session's run when the session ends)."""
+    import tempfile
+
+    from gradio_client import Client, handle_file
+    from gradio_client.exceptions import AppError
+
+    url = settings.edit_tool
+    with tempfile.TemporaryDirectory(prefix=".edit-", dir=settings.outputs) as folder:
+        try:
+            client = Client(url, auth=settings.auth, verbose=False, download_files=folder)
+        except Exception as err:  # no answer, or not a Gradio app
+            logger.info("The edit tool at %s did not answer: %s", url, err)
+            raise ValueError(f"The edit tool does not answer at {url}. Start it in a second terminal with "
+                             f"`python src/tool/edit_rgba_image.py` (add --demo to try it without its weights), or "
+                             f"point --edit-tool at where it runs.") from None
+        try:
+            path = Path(folder) / "layer.png"
+            layer.save(path)
+            submitted = client.submit(handle_file(str(path)), instruction, **tool_params, api_name="/edit")
+            while not submitted.done():
+                if stop is not None and stop.is_set():
+                    submitted.cancel()
+                    raise RunStopped(STOPPED_MESSAGE)
+                bars = submitted.status().progress_data
+                if bars:
+                    job.mark("edit", int(bars[-1].index or 0), int(bars[-1].length or 0))
+                time.sleep(0.25)
+            edited_path, seed, info = submitted.result()
+        except AppError as err:
+            raise ValueError(f"The edit tool says: {err}") from None
+        finally:
+            client.close()  # the tool's session ends: a run it still has stops at its next step
+        with Image.open(edited_path) as opened:
+            edited = opened.convert("RGBA")
+    return fit_to_canvas([edited], layer.size)[0], int(seed), str(info)
+
+
+def stop_handler(sessions: "Sessions", request=None, tracker: RunTracker | None = None) -> None:
     """"Stop": the session's running job ends at its next step (Gradio's `cancels=` drops the event itself)."""
     sessions.stop(request.session_hash)
+    if tracker is not None:
+        tracker.stopping(request.session_hash)
 
 
-def end_session_handler(sessions: "Sessions", request=None) -> None:
+def end_session_handler(sessions: "Sessions", request=None, tracker: RunTracker | None = None) -> None:
     """The page closed or the client left (`demo.unload`): its job stops, its run folder may be pruned again."""
     sessions.end(request.session_hash)
+    if tracker is not None:
+        tracker.forget(request.session_hash)
+
+
+# The page's own steps around the API's events (private: a client calls the events above directly). A GPU event is
+# `page_start` (its mistakes said at once, the buttons locked, the progress area on), the event, then `page_finish`
+# (the view of the new stack, the buttons back); `page_poll` refreshes the progress area meanwhile.
+def button_updates(stack: LayerStack | None, layer_number, running: bool) -> list:
+    """Decompose, Stop, Decompose this layer, Undo, Edit this layer: what can be pressed now."""
+    import gradio as gr
+
+    selected = stack is not None and layer_number is not None
+    return [gr.update(interactive=not running), gr.update(interactive=running),
+            gr.update(interactive=selected and not running),
+            gr.update(interactive=stack is not None and stack.previous is not None and not running),
+            gr.update(interactive=selected and not running)]
+
+
+def page_start(tracker: RunTracker, kind: str, image=None, layer_number=None, instruction=None, stack=None,
+               request=None, **params) -> list:
+    """Before a run: its mistakes are said now (the run does not start, nothing on the page changes), else the buttons
+    lock and the progress area starts. Returns (status, timer, *buttons, the run's input)."""
+    import gradio as gr
+
+    try:
+        if kind == "decompose" and image is None:
+            raise ValueError(NO_IMAGE_MESSAGE)
+        if kind in ("layer", "edit"):
+            selected_layer(stack, layer_number)
+        if kind == "edit" and not (instruction or "").strip():
+            raise ValueError(NO_INSTRUCTION_MESSAGE)
+        check_params(**{**DEFAULTS, **params})
+    except ValueError as err:
+        raise _user_error(str(err)) from err
+    tracker.queue(request.session_hash, kind, Shape.of(params, DEFAULTS))
+    return [status_html(tracker.status(request.session_hash)), gr.Timer(active=True),
+            *button_updates(stack, layer_number, running=True), image]
+
+
+def page_poll(tracker: RunTracker, stack: LayerStack | None, layer_number, request=None) -> list:
+    """The progress area now; once the run has ended (a stopped run ends after its event was cancelled), the last word,
+    the buttons back and the polling off. Returns (status, timer, *buttons)."""
+    import gradio as gr
+
+    status = tracker.status(request.session_hash)
+    if status is not None and status.running:
+        return [status_html(status), gr.skip(), *[gr.skip()] * 5]
+    return [status_html(status), gr.Timer(active=False), *button_updates(stack, layer_number, running=False)]
+
+
+def page_finish(tracker: RunTracker, kind: str, stack: LayerStack | None, new_input, shown_input, layer_number=None,
+                *, demo: bool = False, read_upload: Callable[[Any], Path] | None = None,
+                serve: Callable[[Path], str] = str, request=None) -> list:
+    """After an event that may have changed the stack: the progress area's last word, the buttons back, and for a new
+    stack everything that shows it (nothing selected, the comparison and score of the whole stack, the tools).
+    An error or a stop leaves every output as it was. Returns (status, timer, *buttons, selected layer, comparison,
+    score, layer tools, caption and seed, downloads, comparison box, the input the comparison shows). The gallery's
+    highlight is cleared on the page (`DESELECT_LAYER_JS`).
+
+    The comparison is always sent (the same pictures when the stack did not change): Gradio 6.31 answers a
+    `gr.skip()` for a component by giving the session its own copy of it, whose files it then never deletes."""
+    import gradio as gr
+
+    changed, running = kind == "undo", False
+    status = gr.skip()
+    if kind != "undo":
+        session = request.session_hash
+        job = tracker.job(session)
+        if job is not None and job.outcome is None and job.phase == "queued":
+            tracker.end(job, "failed")  # refused before its handler began
+        running = job is not None and job.outcome is None  # Stop cancelled the event; the run ends at its next step
+        changed = job is not None and job.outcome == "done"
+        status = status_html(tracker.status(session))
+    comparison, score, shown = page_comparison(kind if changed else "kept", stack, new_input, shown_input, demo,
+                                               read_upload, serve)
+    if not changed:  # an error or a stop: every output as it was (the poll ends a run that is still stopping)
+        return [status, gr.skip() if running else gr.Timer(active=False),
+                *([gr.skip()] * 5 if running else button_updates(stack, layer_number, running=False)),
+                gr.skip(), comparison, score, *[gr.skip()] * 4, shown]
+    visible = gr.update(visible=True)
+    return [status, gr.Timer(active=False), *button_updates(stack, None, running=False), None, comparison, score,
+            visible, visible, visible, visible, shown]
+
+
+def page_comparison(kind: str, stack: LayerStack | None, new_input, shown_input, demo: bool = False,
+                    read_upload: Callable[[Any], Path] | None = None,
+                    serve: Callable[[Path], str] = str) -> tuple[Any, str, Any]:
+    """The comparison and score for the stack, and the input it compares with, kept in the page's state: a new
+    decomposition's upload (read once, here: Gradio's cache lets an upload go after an hour), else the one kept."""
+    if stack is None or (kind != "decompose" and shown_input is None):
+        return None, "", shown_input
+    try:
+        if kind == "decompose":
+            shown_input = to_rgba(read_upload(new_input) if read_upload is not None else new_input)
+        comparison, score = recomposition_view(shown_input, stack, demo, serve=serve)
+    except ValueError:  # the upload left Gradio's cache: the layers are still right
+        comparison, score, shown_input = None, "The input is no longer on the server: decompose it again to compare.", None
+    return comparison, score, shown_input
+
+
+def selection_changed(tracker: RunTracker, stack: LayerStack | None, layer_number, request=None) -> list:
+    """A layer was clicked or typed: the layer buttons follow (Decompose this layer, Edit this layer)."""
+    running = tracker.running(request.session_hash)
+    _, _, run_layer, _, edit = button_updates(stack, layer_number, running)
+    return [run_layer, edit]
+
+
+def check_upload(image, read_upload: Callable[[Any], Path] | None = None) -> None:
+    """An image as soon as it is uploaded, as `infer` will read it (header first, then its pixels): a file the app
+    cannot take is said now, not after a wait in the queue (the page then empties the input)."""
+    if image is None:
+        return
+    try:
+        to_rgba(read_upload(image) if read_upload is not None else image)
+    except ValueError as err:
+        raise _user_error(str(err)) from err
+
+
+def page_nothing_to_undo(stack: LayerStack | None) -> None:
+    """Undo on the page with nothing to undo (its button is greyed out then; a click can still race a run): a warning,
+    and the undo does not run, so nothing on the page changes."""
+    import gradio as gr
+
+    if stack is None or stack.previous is None:
+        gr.Warning(NOTHING_TO_UNDO_MESSAGE if stack is None else
+                   "Nothing to undo: undo goes back one layer decomposition or edit, and there is none since the "
+                   "last decomposition or undo.")
+        raise gr.Error("nothing to undo", visible=False, print_exception=False)  # ends the page's chain quietly
 
 
 def gradio_handler(handler: Callable, names: list[str], defaults: dict[str, Any], progress=None,
@@ -1208,17 +1470,20 @@ def gradio_handler(handler: Callable, names: list[str], defaults: dict[str, Any]
 
     Gradio reads the signature: its names are the API's parameter names, a None default makes a parameter
     without an initial widget value optional for gradio_client, and a `gr.Progress` default turns on the
-    progress bar. Written here (not one hand-written signature per handler) so that PARAMS alone decides them.
+    progress bar (handed to the handler as `progress` where it takes one). Written here (not one hand-written
+    signature per handler) so that PARAMS alone decides them.
     """
     import gradio as gr
 
     # (`is not None`: a gr.Progress is falsy, its len() is that of its tracked iterables, 0 before a run.)
     tracked = ["progress"] if progress is not None else []
     slots = list(names) + (["request"] if request else []) + tracked
+    takes_progress = "progress" in inspect.signature(handler).parameters
 
     def call(*args):
         values = dict(zip(slots, args))
-        values.pop("progress", None)
+        if not takes_progress:
+            values.pop("progress", None)
         return handler(**values)
 
     call.__signature__ = inspect.Signature(
@@ -1251,114 +1516,169 @@ def build_ui(loaded: Loaded, settings, sessions: "Sessions | None" = None):
     names = [p.name for p in PARAMS]
     defaults = {name: None if p.type is str and not DEFAULTS[name] else DEFAULTS[name] for name, p in PARAM.items()}
     shared = [name for name in names if name not in ("layers", "prompt")]  # "Decompose this layer" has its own two
-    progress = gr.Progress(track_tqdm=True)  # the pipeline's tqdm steps become the page's progress bar
+    progress = gr.Progress(track_tqdm=True)  # the pipeline's tqdm bars: the progress area's counts, an API client's
     sessions = sessions or Sessions()  # each session's shown run folder (pruning keeps it) and running job (Stop)
+    tracker = RunTracker(Timings(Path(settings.outputs) / TIMINGS_FILE))  # what each session's run is doing
     examples = example_images()
 
     def read_upload(value) -> Path:  # the upload record lives on the Blocks, made below
         return readable_upload(value, demo.upload_file_set, get_upload_folder(), examples)
 
-    decompose = gradio_handler(functools.partial(decompose_handler, loaded, settings, run_info, sessions=sessions,
-                                                 read_upload=read_upload, serve=served_file),
+    jobs = dict(sessions=sessions, tracker=tracker)
+    decompose = gradio_handler(functools.partial(decompose_handler, loaded, settings, run_info, read_upload=read_upload,
+                                                 serve=served_file, **jobs),
                                ["image", *names, "original_size"], dict(defaults, original_size=False), progress,
                                request=True)
     decompose_this_layer = gradio_handler(functools.partial(decompose_layer_handler, loaded, settings, run_info,
-                                                            sessions=sessions, serve=served_file),
+                                                            serve=served_file, **jobs),
                                           ["layer_number", "layers", "prompt", *shared, "stack"],
                                           dict(defaults, layers=SUB_RUN_LAYERS), progress, request=True)
     undo_last = gradio_handler(functools.partial(undo_handler, serve=served_file), ["stack"], {})
-    stop_job = gradio_handler(functools.partial(stop_handler, sessions), [], {}, request=True)
-    end_session = gradio_handler(functools.partial(end_session_handler, sessions), [], {}, request=True)
+    edit_this_layer = gradio_handler(functools.partial(edit_layer_handler, settings, run_info, serve=served_file, **jobs),
+                                     ["layer_number", "instruction", "stack"], {}, request=True)
+    stop_job = gradio_handler(functools.partial(stop_handler, sessions, tracker=tracker), [], {}, request=True)
+    end_session = gradio_handler(functools.partial(end_session_handler, sessions, tracker=tracker), [], {}, request=True)
 
     def select_layer(evt: gr.SelectData):
         return evt.index + 1  # the gallery counts from 0, its captions (and "Selected layer") from 1
 
     # delete_cache: Gradio deletes its own uploads and result copies on that schedule, and all of them at exit.
     with gr.Blocks(title="Qwen-Image-Layered studio", delete_cache=gradio_cache_schedule(settings)) as demo:
-        gr.Markdown("# Qwen-Image-Layered studio\nSplit an image into editable RGBA layers.")
+        gr.Markdown("# Qwen-Image-Layered studio\nSplit an image into editable RGBA layers.", elem_classes="page-head")
         if loaded.demo:
-            gr.Markdown(DEMO_BANNER)
+            gr.Markdown(DEMO_BANNER, elem_classes="banner")
         if loaded.lossy:
             what = "".join(f"; {key.replace('_', ' ')} {value}" for key, value in loaded.quantized.items())
-            gr.Markdown(LOSSY_BANNER.format(f"{loaded.quant.name}: {loaded.quant.summary}{what}"))
+            gr.Markdown(LOSSY_BANNER.format(f"{loaded.quant.name}: {loaded.quant.summary}{what}"), elem_classes="banner")
         gr.Radio([(preset.label, preset.name) for preset in PRESETS.values()], value=loaded.preset, label="Preset",
                  info=PRESET_NOTE, interactive=False)
-        with gr.Row():
-            with gr.Column():
-                image = gr.Image(label="Input image", type="filepath", image_mode=None)
+        with gr.Row(elem_classes="studio"):
+            with gr.Column(min_width=300, elem_classes="settings"):
+                image = gr.Image(label="Input image", type="filepath", image_mode=None, height=INPUT_HEIGHT,
+                                 sources=["upload", "clipboard"], elem_id="input-image", elem_classes="checker")
                 widgets = {"prompt": param_widget(gr, PARAM["prompt"], lines=2)}
+                with gr.Row(elem_classes="main-settings"):  # the main choices, beside the prompt
+                    widgets["layers"] = param_widget(gr, PARAM["layers"], min_width=160)
+                    widgets["resolution"] = param_widget(gr, PARAM["resolution"], min_width=160)
+                # More options of a run go in this row (e.g. a speed preset, text layers).
+                with gr.Row(elem_classes="run-options"):
+                    original_size = gr.Checkbox(label="Also export at the input's original size (PPTX, PSD; the ZIP "
+                                                      "holds both)", value=False)
                 with gr.Accordion("Advanced settings", open=False):
-                    widgets.update({p.name: param_widget(gr, p) for p in PARAMS if p.advanced})
-                with gr.Row():  # what the exports make of the layers (studio.design): PARAMS rows too
+                    widgets.update({p.name: param_widget(gr, p) for p in PARAMS if p.advanced and p.name not in widgets})
+                with gr.Row(elem_classes="design-options"):  # what the exports make of the layers (studio.design)
                     widgets.update({name: param_widget(gr, PARAM[name]) for name in DESIGN_PARAMS})
-                original_size = gr.Checkbox(label="Export at the input's original size (PPTX, PSD; the ZIP holds both sizes)",
-                                            value=False)
-                with gr.Row():
-                    run = gr.Button("Decompose", variant="primary")
-                    stop_button = gr.Button("Stop", variant="stop")
-            with gr.Column():
+                with gr.Row(elem_classes="run-buttons"):
+                    run = gr.Button("Decompose", variant="primary", scale=3)
+                    stop_button = gr.Button("Stop", variant="stop", interactive=False, scale=1)
+                status = gr.HTML(elem_id="run-status")  # the one progress area: phase, counts, time left
+            with gr.Column(min_width=300, elem_classes="results"):
                 gallery = gr.Gallery(label="Layers (bottom first; click one to select it)", columns=4,
-                                     object_fit="contain", format="png")
+                                     object_fit="contain", format="png", height="auto", elem_id="layers",
+                                     elem_classes="checker")
                 gallery_line = gr.Markdown()  # `gallery_note`: "4 layers asked, 3 kept (1 empty)"
-                with gr.Group():
+                with gr.Group(visible=False, elem_id="layer-tools") as layer_tools:  # once there are layers
                     with gr.Row():
                         # Empty until a layer is clicked. A plain None start is drawn as 0, red under minimum=1 (Gradio
                         # 6.31 leaves a None value out of the page's config); a value from a function is sent at load.
                         layer_number = gr.Number(lambda: None, label="Selected layer (1 = bottom)", precision=0,
-                                                 minimum=1, placeholder="click a layer in the gallery")
-                        sub_layers = param_widget(gr, PARAM["layers"], value=SUB_RUN_LAYERS, label="Its layers")
+                                                 minimum=1, placeholder="click a layer in the gallery", min_width=140)
+                        sub_layers = param_widget(gr, PARAM["layers"], value=SUB_RUN_LAYERS, label="Its layers",
+                                                  info="a layer holds fewer things than the image: 2 by default",
+                                                  min_width=160)
                     sub_prompt = param_widget(gr, PARAM["prompt"],
                                               label="Prompt for this layer (empty: the model captions the layer)")
                     with gr.Row():
-                        run_layer = gr.Button("Decompose this layer")
-                        undo_button = gr.Button("Undo last layer decomposition")
-                caption = gr.Textbox(label="Caption used", interactive=False)
-                used_seed = gr.Number(label="Seed used", interactive=False, precision=0)
-                # One under the other, full width, so the file names can be read whole (UI_CSS wraps long ones).
-                with gr.Column(elem_classes="downloads"):
-                    downloads = [gr.File(label=export.key.upper()) for export in EXPORTS]
-                comparison = gr.ImageSlider(label="Input | composite of the layers", type="pil", image_mode="RGBA",
-                                            format="png", interactive=False)
-                score_text = gr.Markdown()
+                        run_layer = gr.Button("Decompose this layer", interactive=False)
+                        undo_button = gr.Button("Undo last layer change", interactive=False)
+                    with gr.Row(equal_height=True):
+                        instruction = param_widget(gr, PARAM["prompt"], label="Edit instruction (the edit tool's model)",
+                                                   placeholder="e.g. make the cup red", scale=3)
+                        edit_button = gr.Button("Edit this layer", interactive=False, scale=1)
+                with gr.Row(visible=False, elem_classes="result-info") as result_info:
+                    caption = gr.Textbox(label="Caption used", interactive=False, scale=3)
+                    used_seed = gr.Number(label="Seed used", interactive=False, precision=0, min_width=100)
+                # One slim line per file (its name says what it is), the whole name readable.
+                with gr.Column(visible=False, elem_classes="downloads", elem_id="downloads") as downloads_row:
+                    downloads = [gr.File(label=export.key.upper(), show_label=False) for export in EXPORTS]
+                with gr.Column(visible=False, elem_id="comparison") as comparison_box:
+                    comparison = gr.ImageSlider(label="Input | composite of the layers", type="pil", format="png",
+                                                interactive=False, max_height=COMPARISON_HEIGHT)
+                    score_text = gr.Markdown()
         if examples:
             gr.Examples(examples=[[p] for p in examples], inputs=[image])
         stack = gr.State(None)  # the LayerStack the gallery shows and the downloads hold
+        new_input, shown_input = gr.State(None), gr.State(None)  # a run's input; the one the comparison shows
+        timer = gr.Timer(PROGRESS_POLL_S, active=False)
         view = [gallery, *downloads]  # a StackView
+        results = [*view, caption, used_seed, stack]
+        buttons = [run, stop_button, run_layer, undo_button, edit_button]
+        quiet = dict(api_visibility="private", show_progress="hidden")  # the page's own steps, drawn nowhere
+        # A run's checks go through the queue (a refusal's message reaches the page only there), never waiting in it.
+        checks = dict(quiet, concurrency_limit=None)
+        # An event's outputs draw no progress and no "Error" over themselves (show_progress="hidden"): the progress
+        # area says what runs, and an error leaves every output as it was (its message is said once, in a toast).
+        gpu = dict(show_progress="hidden", concurrency_limit=1,  # one GPU job at a time; others wait in the queue
+                   concurrency_id="gpu")  # ... shared by "Decompose", "Decompose this layer" and "Edit this layer"
+        finish = functools.partial(page_finish, tracker, demo=loaded.demo, read_upload=read_upload, serve=served_file)
+        finish_inputs = [stack, new_input, shown_input, layer_number]
+        finish_outputs = [status, timer, *buttons, layer_number, comparison, score_text, layer_tools,
+                          result_info, downloads_row, comparison_box, shown_input]
+        start_outputs = [status, timer, *buttons, new_input]
+
+        def starter(kind: str, names_: list[str]):
+            return gradio_handler(functools.partial(page_start, tracker, kind), names_, {}, request=True)
+
+        def finisher(kind: str):
+            return gradio_handler(functools.partial(finish, kind),
+                                  ["stack", "new_input", "shown_input", "layer_number"], {}, request=True)
+
         run_event = run.click(
+            starter("decompose", ["image", *names]), [image, *(widgets[name] for name in names)], start_outputs,
+            preprocess=False, **checks,
+        ).success(
             decompose,
             inputs=[image, *(widgets[name] for name in names), original_size],
-            outputs=[*view, caption, used_seed, stack],
+            outputs=results,
             api_name="decompose",
-            concurrency_limit=1,  # one GPU job at a time; others wait in Gradio's queue
-            concurrency_id="gpu",  # ... shared with "Decompose this layer"
             # The handler takes the raw values: Gradio's Image preprocess opens the upload with Pillow before the
             # handler runs, so a broken or huge file would fail there with a developer's message. Unprocessed,
             # the image arrives as Gradio's file value; Gradio checks its path only when the value carries its
             # `meta` key, so `readable_upload` checks it (uploads and examples only), then `to_rgba` decodes it with
             # the checks and messages above; `check_params` checks the numbers.
             preprocess=False,
+            **gpu,
         )
-        run_event.success(lambda: None, outputs=layer_number, api_visibility="private"  # a new stack: nothing selected
-                          ).success(functools.partial(recomposition_view, demo=loaded.demo,
-                                                      read_upload=read_upload),
-                                    inputs=[image, stack], outputs=[comparison, score_text], api_visibility="private",
-                                    preprocess=False)
-        gallery.select(select_layer, outputs=layer_number, api_visibility="private")
+        layer_inputs = [layer_number, sub_layers, sub_prompt, *(widgets[name] for name in shared), stack]
         layer_event = run_layer.click(
-            decompose_this_layer,
-            inputs=[layer_number, sub_layers, sub_prompt, *(widgets[name] for name in shared), stack],
-            outputs=[*view, caption, used_seed, stack],
-            api_name="decompose_layer",
-            concurrency_limit=1,
-            concurrency_id="gpu",
-        )
-        undo_event = undo_button.click(undo_last, inputs=[stack], outputs=[*view, caption, used_seed, stack],
-                                       api_name="undo")
-        for event in (run_event, layer_event, undo_event):  # under the gallery: what the tidy option did
-            event.success(gallery_note, inputs=stack, outputs=gallery_line, api_visibility="private")
+            starter("layer", ["layer_number", "layers", "prompt", *shared, "stack"]), layer_inputs, start_outputs,
+            **checks,
+        ).success(decompose_this_layer, inputs=layer_inputs, outputs=results, api_name="decompose_layer", **gpu)
+        edit_inputs = [layer_number, instruction, stack]
+        edit_event = edit_button.click(
+            starter("edit", ["layer_number", "instruction", "stack"]), edit_inputs, start_outputs, **checks,
+        ).success(edit_this_layer, inputs=edit_inputs, outputs=results, api_name="edit_layer", **gpu)
+        undo_event = undo_button.click(page_nothing_to_undo, [stack], None, **quiet).success(
+            undo_last, inputs=[stack], outputs=results, api_name="undo", show_progress="hidden")
+        for kind, event in (("decompose", run_event), ("layer", layer_event), ("edit", edit_event)):
+            event.then(finisher(kind), finish_inputs, finish_outputs, preprocess=False, **quiet)
+        undo_event.success(finisher("undo"), finish_inputs, finish_outputs, preprocess=False, **quiet)
+        for event in (run_event, layer_event, edit_event, undo_event):  # a new stack: no layer stays highlighted,
+            event.success(None, js=DESELECT_LAYER_JS, **quiet)
+            event.success(gallery_note, inputs=stack, outputs=gallery_line, **quiet)  # and what the tidy option did
         # Stop: Gradio cancels the event on the page; `stop_job` makes the pipeline itself stop at its next step
         # (a cancelled event's thread would otherwise run to the end). Not in the "gpu" queue: it must not wait.
-        stop_button.click(stop_job, cancels=[run_event, layer_event], api_name="stop", concurrency_limit=None)
+        stop_button.click(stop_job, cancels=[run_event, layer_event, edit_event], api_name="stop",
+                          concurrency_limit=None)
+        timer.tick(gradio_handler(functools.partial(page_poll, tracker), ["stack", "layer_number"], {}, request=True),
+                   [stack, layer_number], [status, timer, *buttons], queue=False, **quiet)
+        gallery.select(select_layer, outputs=layer_number, **quiet)
+        layer_number.change(gradio_handler(functools.partial(selection_changed, tracker), ["stack", "layer_number"],
+                                           {}, request=True),
+                            [stack, layer_number], [run_layer, edit_button], queue=False, **quiet)
+        # A file the app cannot take is said when it is uploaded (and the input emptied), not after a wait in the queue.
+        image.upload(functools.partial(check_upload, read_upload=read_upload), [image], None, preprocess=False,
+                     **quiet).failure(lambda: None, None, image, **quiet)
         demo.unload(end_session)  # a closed page or a vanished client stops its own job the same way
     demo.queue(default_concurrency_limit=1)
     return demo
@@ -1435,7 +1755,9 @@ def main(argv: list[str] | None = None) -> int:
                 logger.info("Stopping the running job before exiting (at most %.0f s)", SHUTDOWN_WAIT_S)
 
         stop_on_sigterm(first=stop_jobs)  # the job stops while Gradio closes
-        demo.launch(**launch_options(settings, css=UI_CSS))
+        # run_history off: Gradio's "Runs" page would leave the app, and its "Load run" restores the gallery but not
+        # the layer stack behind it.
+        demo.launch(**launch_options(settings, css=UI_CSS), run_history=False)
         stop_jobs()  # (Ctrl+C comes here)
         if _PIPELINE_LOCK.acquire(timeout=SHUTDOWN_WAIT_S):
             _PIPELINE_LOCK.release()

@@ -36,6 +36,8 @@ def test_every_good_image_gets_its_own_run_folder(batch):
     assert [(p["layers"], p["num_inference_steps"], p["seed"]) for p in params] == [(2, 2, 3)] * 2
     for folder in folders:
         assert sorted(p.name for p in folder.glob("layer_*.png")) == ["layer_1.png", "layer_2.png"]
+    # Each run folder says which image it holds: <stamp>_<image>_seed<seed>.
+    assert [re.sub(r"^\d{8}-\d{6}-\d{6}_", "", f.name) for f in folders] == ["a_seed3", "b_seed3"]
 
 
 def test_bad_files_are_reported_and_skipped_and_the_summary_lists_both(batch):
@@ -47,9 +49,10 @@ def test_bad_files_are_reported_and_skipped_and_the_summary_lists_both(batch):
     # The images after the bad file still ran; each ok line names its run folder.
     assert [line.split()[1] for line in ok] == [str(inputs / "photos" / "a.png"), str(inputs / "photos" / "b.jpg")]
     assert all(Path(line.split(" -> ")[1]).parent == out for line in ok)
-    assert failed == [f"  FAILED  {inputs / 'broken.png'}: ValueError: broken.png is not an image: its content is "
+    # The message, without the exception's class (issue 23: the lines began "ValueError:").
+    assert failed == [f"  FAILED  {inputs / 'broken.png'}: broken.png is not an image: its content is "
                       f"no image format this app reads. Upload a PNG, JPEG or WebP file.",
-                      f"  FAILED  {inputs / 'missing.png'}: ValueError: image file '{inputs / 'missing.png'}' "
+                      f"  FAILED  {inputs / 'missing.png'}: image file '{inputs / 'missing.png'}' "
                       f"does not exist"]
 
 
@@ -79,3 +82,12 @@ def test_bad_parameters_stop_before_the_model_loads(tmp_path):
     assert proc.returncode == 2
     assert "layers=12 is out of range: use an integer from 2 to 10" in proc.stderr
     assert "Loaded " not in proc.stderr and not (tmp_path / "models").exists()
+
+
+def test_a_long_caption_is_cut_on_the_per_image_line():
+    from studio.batch import CAPTION_SHOWN_CHARS, short_text
+
+    caption = "A flat illustration of a desk with a blue mug, a lamp and a plant, " * 15  # ~1,000 characters
+    shown = short_text(caption)
+    assert len(shown) <= CAPTION_SHOWN_CHARS + 1 and shown.endswith("…") and caption.startswith(shown[:-1])
+    assert short_text("a card") == "a card"

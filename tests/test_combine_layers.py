@@ -213,3 +213,61 @@ def test_ui_upload_with_a_bad_file_keeps_what_was_stacked(tmp_path):
     assert np.array_equal(pixels(Image.open(preview)), result)  # the page shows what the PNG download holds
     assert "Canvas 30×20" in notes
     assert [l.name for l in cl.read_layers(psd)] == ["bottom", "top"]
+
+
+def test_command_line_o_without_layer_files_says_what_is_missing_instead_of_serving(tmp_path, capsys):
+    assert cl.main(["-o", str(tmp_path / "none.png")]) == 2
+    assert f"error: -o {tmp_path / 'none.png'} needs the layer files to combine" in capsys.readouterr().err
+    assert not (tmp_path / "none.png").exists()
+
+
+def test_browser_a_hidden_layer_leaves_the_composite_and_the_psd(tmp_path):
+    """In Chromium: each layer's "visible" box can be clicked; the hidden layer is gone from the composite shown and
+    from the PSD download; the arrows that would leave the stack are greyed out; the downloads carry a name."""
+    import httpx
+    from playwright.sync_api import expect, sync_playwright
+    from psd_tools import PSDImage
+
+    from test_served_app import CHROMIUM, CHROMIUM_ARGS
+
+    bottom = save(Image.new("RGBA", (40, 30), (0, 0, 255, 255)), tmp_path / "bottom.png")
+    top = save(shape_layer((40, 30), (0, 0, 19, 14), (255, 0, 0, 255)), tmp_path / "top.png")
+    demo = cl.build_ui()
+    port = free_port()
+    demo.queue().launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True, css=cl.CSS)
+    try:
+        with sync_playwright() as playwright:
+            browser = playwright.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
+            page = browser.new_context(accept_downloads=True, viewport={"width": 1366, "height": 900}).new_page()
+            page.goto(f"http://127.0.0.1:{port}/")
+            page.locator("input[type=file]").first.set_input_files([str(bottom), str(top)])
+            shown = page.get_by_label("visible")
+            expect(shown).to_have_count(2, timeout=30_000)
+            assert [box.is_enabled() for box in shown.all()] == [True, True]  # was <input disabled>
+            # The list shows the top first: its ↑ and the bottom's ↓ would leave the stack.
+            assert page.locator("#layer-2-up").is_disabled() and page.locator("#layer-1-down").is_disabled()
+            assert page.locator("#layer-1-up").is_enabled() and page.locator("#layer-2-down").is_enabled()
+            preview = page.locator("img[src*='_combined.png']").first
+            expect(preview).to_be_visible(timeout=30_000)
+            before = preview.get_attribute("src")
+            shown.first.click()  # the top layer's box
+            expect(shown.first).not_to_be_checked()
+            expect(page.locator("img[src*='_combined.png']").first).not_to_have_attribute("src", before, timeout=30_000)
+            composite = Image.open(io_bytes(httpx.get(page.locator("img[src*='_combined.png']").first
+                                                      .get_attribute("src")).content))
+            assert np.array_equal(pixels(composite), pixels(Image.open(bottom)))  # no red left
+            with page.expect_download() as download_info:
+                page.get_by_role("button", name="Download PSD (visible layers)").click()
+            assert download_info.value.suggested_filename == "bottom_combined.psd"
+            download_info.value.save_as(tmp_path / "visible.psd")
+            psd = PSDImage.open(tmp_path / "visible.psd")
+            assert [layer.name for layer in psd] == ["bottom"]
+            browser.close()
+    finally:
+        demo.close()
+
+
+def io_bytes(data: bytes):
+    import io
+
+    return io.BytesIO(data)

@@ -9,6 +9,8 @@ from PIL import Image, ImageDraw
 
 import app
 from studio.params import flag_values
+from studio.runs import DecomposeResult, save_run
+from studio.stack import LayerStack
 from studio.errors import ModelNotAvailableError
 from conftest import demo_settings, free_port
 from tool import edit_rgba_image as edit
@@ -110,10 +112,14 @@ def test_missing_edit_weights_fail_offline_with_the_apps_message(tmp_path, monke
 def edit_server(edit_pipe, models_dir, tmp_path_factory):
     """The tool's UI on the demo edit pipeline, in this process: (url, outputs folder)."""
     outputs = tmp_path_factory.mktemp("edit-outputs")
-    demo = edit.build_ui(edit_pipe, demo_settings(models_dir, outputs=outputs), rmbg=None, matte="chroma_key")
-    port = free_port()
-    demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True)
-    yield f"http://127.0.0.1:{port}/", outputs
+    from studio.serving import launch_options
+
+    # As the tool's `main` launches it (ServingGuard in front): its Sessions stop a job whose client stopped
+    # listening, and only the guard counts who listens (one count per process, shared with the other servers here).
+    settings = demo_settings(models_dir, outputs=outputs, host="127.0.0.1", port=free_port())
+    demo = edit.build_ui(edit_pipe, settings, rmbg=None, matte="chroma_key")
+    demo.launch(**launch_options(settings), prevent_thread_lock=True, quiet=True)
+    yield f"http://127.0.0.1:{settings.port}/", outputs
     demo.close()
 
 
@@ -216,10 +222,64 @@ def test_a_server_file_named_in_a_raw_value_is_never_read(edit_server, tmp_path,
                                                                        "chroma_key"]}).json()["event_id"]
         return httpx.get(f"{url}gradio_api/call/edit/{event}", timeout=300).text
 
-    answer, answer_missing = call(secret), call(tmp_path / "missing.png")
+    # Served as `main` serves it (show_error): Gradio's refusal of a value with `meta` repeats the path the client
+    # sent, and nothing else of the server's (tests/test_trust.py checks the app the same way).
+    missing = tmp_path / "missing.png"
+    answer, answer_missing = call(secret).replace(str(secret), "<sent>"), call(missing).replace(str(missing), "<sent>")
 
     assert "event: error" in answer and "event: complete" not in answer
     assert str(tmp_path) not in answer
+    assert ("not uploaded by a user" if with_meta else "was not uploaded to this app") in answer, answer
     assert answer == answer_missing  # nothing tells whether the file exists
     runs_after = set((outputs / "edits").glob("*")) if (outputs / "edits").exists() else set()
     assert runs_after == runs_before  # no edit ran on it
+
+
+def test_the_studios_edit_this_layer_puts_the_tools_edit_in_its_place_with_undo(edit_server, models_dir, tmp_path):
+    """The studio page's "Edit this layer": the selected layer goes to this tool's API, the edited layer replaces it
+    in the stack (saved as a sub-run of the stack's run folder), and one undo gives the stack back (issue 23)."""
+    url, _ = edit_server
+    bottom = Image.new("RGBA", (150, 100), (20, 20, 20, 255))
+    layers = [bottom, synthetic_layer()]
+    outputs = tmp_path / "outputs"
+    paths = save_run(DecomposeResult(layers=layers, caption="two layers", auto_caption=False, seed=5, params={},
+                                     duration_s=0.1), outputs)
+    stack = LayerStack(layers=layers, run_folder=paths["folder"], files=paths, caption="two layers", seed=5)
+    settings = demo_settings(models_dir, outputs=outputs, edit_tool=url)
+
+    gallery, *_, caption, seed, edited = app.edit_layer_handler(settings, {}, 2, "make the ellipse green", stack,
+                                                                 seed=7, num_inference_steps=2, matte="chroma_key")
+    assert (len(gallery), caption, seed) == (2, "make the ellipse green", 7)
+    assert edited.layers[0] is bottom and edited.layers[1].size == (150, 100)
+    assert not np.array_equal(np.asarray(edited.layers[1]), np.asarray(layers[1]))  # the tool's edit took its place
+    params = json.loads(edited.files["params"].read_text())
+    assert params["sub_run"]["replaced_index"] == 1 and params["edit_instruction"] == "make the ellipse green"
+    assert edited.files["folder"].parent == paths["folder"] / "sub_runs"
+    *_, restored = app.undo_handler(edited)
+    assert restored.layers == layers
+
+
+def test_the_studios_edit_this_layer_says_how_to_start_the_tool_when_it_does_not_answer(models_dir, tmp_path):
+    import gradio as gr
+
+    layers = [Image.new("RGBA", (40, 30), (20, 20, 20, 255))] * 2
+    paths = save_run(DecomposeResult(layers=layers, caption="x", auto_caption=False, seed=5, params={}, duration_s=0.1),
+                     tmp_path)
+    stack = LayerStack(layers=layers, run_folder=paths["folder"], files=paths)
+    settings = demo_settings(models_dir, outputs=tmp_path, edit_tool=f"http://127.0.0.1:{free_port()}/")
+    with pytest.raises(gr.Error, match=r"The edit tool does not answer at http://127\.0\.0\.1:\d+/\. Start it in a "
+                                       r"second terminal with `python src/tool/edit_rgba_image.py`"):
+        app.edit_layer_handler(settings, {}, 1, "make it red", stack)
+
+
+def test_a_set_stop_ends_the_edit_before_it_runs_its_model(edit_pipe):
+    """The tool's Stop (and a session that ends: the page closed, the studio's client gone) sets the edit's stop."""
+    import threading
+
+    from studio.errors import RunStopped
+
+    stop = threading.Event()
+    stop.set()
+    with pytest.raises(RunStopped):
+        edit.edit_layer(edit_pipe, synthetic_layer(), "make it red", num_inference_steps=2, matte="chroma_key",
+                        stop=stop)

@@ -233,7 +233,11 @@ def test_bad_files_are_reported_and_skipped_and_the_run_goes_on(bad_files, tmp_p
     paths = [bad / name for name in expected] + [good_psd]  # the good file comes last: the run must reach it
     code = app.main(["evaluate", *map(str, paths), "--pred", str(pred), "--out", str(out)])
     assert code == 1  # something failed
-    err = capsys.readouterr().err
+    captured = capsys.readouterr()
+    err = captured.err
+    # The footer counts what the table counts, then the files that could not be read (issue 23: it said "0 scored,
+    # 2 failed" under a table of "0 images, 1 failed").
+    assert f"1 scored, 0 failed, {len(expected)} ground truth file(s) unreadable;" in captured.out
     with open(out / "evaluate.csv", encoding="utf-8") as handle:
         rows = list(csv.DictReader(handle))
     assert [Path(r["ground_truth"]).name for r in rows] == [*expected, "good.psd"]
@@ -244,6 +248,17 @@ def test_bad_files_are_reported_and_skipped_and_the_run_goes_on(bad_files, tmp_p
     assert sorted(Path(p).name for p in report["unreadable"]) == sorted(expected)
     (summary,) = report["summary"]
     assert (summary["settings"], summary["images"], summary["failed"], summary["mean_edit_cost"]) == ("pred", 1, 0, 0)
+
+
+def test_a_pred_folder_of_png_layers_with_several_ground_truths_says_where_each_prediction_goes(tmp_path, capsys):
+    one, two = export_psd(truth(), tmp_path / "one.psd"), export_psd(truth(), tmp_path / "two.psd")
+    export_layer_pngs(truth(), tmp_path / "pred")  # PNG layers in the folder itself: one prediction
+    code = app.main(["evaluate", str(one), str(two), "--pred", str(tmp_path / "pred"), "--out", str(tmp_path / "out")])
+    assert code == 2 and not (tmp_path / "out").exists()  # said before anything runs
+    assert (f"--pred {tmp_path / 'pred'} holds PNG layers itself: that is one prediction, and 2 ground truths were "
+            f"given (one, two). Put each prediction in {tmp_path / 'pred'}/<name>/") in capsys.readouterr().err
+    # One ground truth: the folder is its prediction.
+    assert app.main(["evaluate", str(one), "--pred", str(tmp_path / "pred"), "--out", str(tmp_path / "out")]) == 0
 
 
 def test_evaluate_refuses_bad_arguments_before_any_model_loads(tmp_path, capsys):
@@ -337,8 +352,9 @@ def test_ui_shows_the_score_next_to_input_and_composite(demo_run):
     image_path, result, paths = demo_run
     stack = LayerStack(layers=result.layers, run_folder=paths["folder"], files=paths)
     (before, after), text = app.recomposition_view({"path": str(image_path)}, stack, demo=True)
-    assert before.size == after.size == result.layers[0].size  # the input at the model's resolution
-    assert np.array_equal(np.asarray(after), np.asarray(composite_layers(result.layers)))
+    assert before.size == Image.open(after).size == result.layers[0].size  # the input at the model's resolution
+    assert Path(after) == paths["composite"]  # the file itself: the slider's download is composite.png
+    assert np.array_equal(np.asarray(Image.open(after)), np.asarray(composite_layers(result.layers)))
     assert f"{result.params['recomposition']['psnr_db']:.2f} dB" in text and app.DEMO_SCORE_NOTE in text
     assert app.DEMO_SCORE_NOTE not in app.recomposition_view(str(image_path), stack, demo=False)[1]
     assert app.recomposition_view(str(image_path), None) == (None, "")

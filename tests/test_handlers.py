@@ -52,7 +52,7 @@ def test_decompose_layer_and_undo_handlers_replace_and_restore_the_stack(demo_pi
     with pytest.raises(gr.Error, match="nothing to undo") as refused:
         app.undo_handler(restored)
     assert refused.value.duration is None  # an error stays on the page until closed
-    with pytest.raises(gr.Error, match=r"layer 5 is not in the stack: choose a layer from 1 \(bottom\) to 2 "):
+    with pytest.raises(gr.Error, match=r"^'Layer 5 is not in the stack: it has 2 layers. Choose a layer from 1 \(bottom\) to 2.'$"):
         app.decompose_layer_handler(demo_pipe, settings, {}, 5, stack, layers=2, **FAST)
 
 
@@ -79,13 +79,32 @@ def test_handlers_are_bound_with_partial_in_build_ui(demo_pipe, models_dir, tmp_
         {"decompose": True, "decompose_layer": True, "undo": False}
 
 
-def test_the_pages_score_view_reads_only_uploads(demo_pipe, models_dir, tmp_path, first_run):
-    """The private input|composite event gets the client's raw image value too: it goes through readable_upload."""
+def test_the_pages_comparison_reads_only_uploads(demo_pipe, models_dir, tmp_path, first_run):
+    """The page's own step after a run (its Input | composite view) gets the client's raw image value too: it goes
+    through readable_upload, and a file no client uploaded is never read."""
     _, returned = first_run
     secret = tmp_path / "secret.png"  # a real image on the server that no client uploaded
     Image.new("RGBA", (64, 64), (1, 2, 3, 255)).save(secret)
     demo = app.build_ui(demo_pipe, demo_settings(models_dir, outputs=tmp_path / "out"))
-    views = [fn.fn for fn in demo.fns.values() if getattr(fn.fn, "func", None) is app.recomposition_view]
-    assert len(views) == 1
+    finishes = [fn.fn.handler for fn in demo.fns.values()
+                if getattr(getattr(fn.fn, "handler", None), "func", None) is app.page_finish]
+    assert len(finishes) == 4  # after Decompose, Decompose this layer, Edit this layer, Undo
+    read_upload = finishes[0].keywords["read_upload"]
     with pytest.raises(ValueError, match="not uploaded to this app"):
-        views[0]({"path": str(secret)}, returned[-1])
+        read_upload({"path": str(secret)})
+    comparison, score, shown = app.page_comparison("decompose", returned[-1], {"path": str(secret)}, None,
+                                                   read_upload=read_upload)
+    assert (comparison, shown) == (None, None) and "no longer on the server" in score
+
+
+def test_undo_on_the_page_with_nothing_to_undo_is_a_warning_and_changes_nothing(first_run):
+    """The page's Undo (greyed out then; a click can still race a run) warns and stops its chain without an error
+    toast, so no output of the page changes (issue 23); the API's /undo still answers with an error."""
+    import gradio as gr
+
+    stack = first_run[1][-1]  # a first run: nothing to undo
+    with pytest.warns(UserWarning, match="Nothing to undo"), pytest.raises(gr.Error) as quiet:
+        app.page_nothing_to_undo(stack)
+    assert quiet.value.visible is False
+    with pytest.raises(gr.Error, match="Nothing to undo: decompose an image first"):
+        app.undo_handler(None)

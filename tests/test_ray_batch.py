@@ -20,7 +20,7 @@ from conftest import demo_settings
 ray = pytest.importorskip("ray")  # in requirements.txt; the missing-Ray message is tested below without it
 JOB = dict(prompt="a card", negative_prompt=" ", true_cfg_scale=4.0, num_inference_steps=2, layers=2, resolution=640,
            seed=3)
-VARYING = ("created", "duration_s")  # the only params.json entries that differ between two runs of one job
+VARYING = ("created", "duration_s", "design_seconds")  # the params.json entries (timings) that differ between two runs
 
 
 @pytest.fixture(scope="module")

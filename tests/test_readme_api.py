@@ -94,7 +94,7 @@ def test_a_layer_outside_the_stack_is_refused_with_the_range(readme_run):
     from gradio_client.exceptions import AppError
 
     namespace, _, _ = readme_run  # after the README's undo, the stack has 3 layers
-    with pytest.raises(AppError, match=r"^layer 7 is not in the stack: choose a layer from 1 \(bottom\) to 3 "):
+    with pytest.raises(AppError, match=r"^Layer 7 is not in the stack: it has 3 layers. Choose a layer from 1 \(bottom\) to 3\.$"):
         namespace["client"].predict(layer_number=7, layers=2, api_name="/decompose_layer")
 
 

@@ -44,10 +44,11 @@ def test_replace_layer_puts_the_sub_layers_where_the_layer_was():
 def test_replace_layer_names_the_bad_index_and_the_range():
     layers = [solid((0, 0, 0, 255))] * 3
     # Counted from 1, as the gallery counts: index 3 is layer 4, and a stack of 3 takes layers 1 to 3.
-    with pytest.raises(ValueError, match=r"^layer 4 is not in the stack: choose a layer from 1 \(bottom\) to 3 "
-                                         r"\(layer index 3; indices run from 0\)$"):
+    # No 0-based index in the message: the page and the API count from 1 (issue 23).
+    with pytest.raises(ValueError, match=r"^Layer 4 is not in the stack: it has 3 layers. Choose a layer from 1 "
+                                         r"\(bottom\) to 3.$"):
         replace_layer(layers, 3, [solid((1, 1, 1, 255))])
-    with pytest.raises(ValueError, match=r"^layer 0 is not in the stack: choose a layer from 1 \(bottom\) to 3"):
+    with pytest.raises(ValueError, match=r"^Layer 0 is not in the stack: it has 3 layers. Choose a layer from 1 \(bottom\) to 3"):
         replace_layer(layers, -1, [solid((1, 1, 1, 255))])
 
 

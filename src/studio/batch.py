@@ -69,18 +69,31 @@ def decompose_batch(loaded, infer: Callable, images: list[Path], outputs: Path, 
             result = infer(loaded, image, **infer_kwargs)
             # The absolute path, as Ray's workers record it: `completed_images` (resume) matches on it.
             paths = save_run(result, outputs, dict(run_info or {}, input_file=os.path.realpath(image)),
-                             original_size=result.params["input_size"] if original_size else None)
+                             original_size=result.params["input_size"] if original_size else None,
+                             name=Path(image).stem)
         except (ValueError, OSError, Image.DecompressionBombError, OutOfMemoryError) as err:
-            items.append(BatchItem(image, error=f"{type(err).__name__}: {err}"))
+            items.append(BatchItem(image, error=str(err)))  # the messages name the file and the fix
             tqdm.write(terminal_safe(f"skipped {image}: {err}"), file=sys.stderr)
             continue
         warnings = result.notes + [f"{key} export failed: {reason}" for key, reason in paths["failed"].items()]
         items.append(BatchItem(image, folder=paths["folder"], warnings=warnings, score=result.params["recomposition"]))
-        tqdm.write(terminal_safe(f"{image} -> {paths['folder']} (caption: {result.caption}); "
+        tqdm.write(terminal_safe(f"{image} -> {paths['folder']} (caption: {short_text(result.caption)}); "
                                  f"{score_line(result.params['recomposition'])}"), file=sys.stderr)
         for warning in warnings:
             tqdm.write(terminal_safe(f"  note: {warning}"), file=sys.stderr)
     return items
+
+
+# A caption runs to ~1,000 characters: the per-image line shows its start (params.json holds it whole).
+CAPTION_SHOWN_CHARS = 80
+
+
+def short_text(text: str, limit: int = CAPTION_SHOWN_CHARS) -> str:
+    """`text` on one line, cut at a word to about `limit` characters with an ellipsis."""
+    text = " ".join(str(text).split())
+    if len(text) <= limit:
+        return text
+    return text[:limit].rsplit(" ", 1)[0].rstrip(",.;:") + "…"
 
 
 def batch_summary(items: list[BatchItem]) -> str:

@@ -206,6 +206,13 @@ def evaluate_main(settings, ns: argparse.Namespace, start: Callable, infer: Call
         raise ValueError("--grid varies how the model runs, --pred scores layers made without it: pass one")
     if ns.pred is not None and not Path(ns.pred).is_dir():
         raise ValueError(f"--pred {ns.pred} is not a folder")
+    if ns.pred is not None and len(truths) > 1 and _layer_pngs(Path(ns.pred)) and \
+            not any((Path(ns.pred) / truth.stem).is_dir() for truth in truths):
+        # PNG layers in DIR itself are one prediction: which of the ground truths it is cannot be told.
+        names = ", ".join(truth.stem for truth in truths[:2]) + (", ..." if len(truths) > 2 else "")
+        raise ValueError(f"--pred {ns.pred} holds PNG layers itself: that is one prediction, and {len(truths)} ground "
+                         f"truths were given ({names}). Put each prediction in {ns.pred}/<name>/ (e.g. "
+                         f"{ns.pred}/{truths[0].stem}/layer_1.png ...), or pass one ground truth.")
     if Path(ns.out).exists() and not Path(ns.out).is_dir():
         raise ValueError(f"--out {ns.out} is a file: pass a folder (it is created if missing)")
     # The PARAMS values of each grid combination: the flags' (checked by their `type=`), then the grid's on top.
@@ -304,6 +311,11 @@ def evaluate_main(settings, ns: argparse.Namespace, start: Callable, infer: Call
     # 4. The files and the table.
     csv_path, json_path = write_evaluation(ns.out, rows, info)
     print(evaluation_table(evaluation_summary([row for row in rows if row["settings"] != "-"])))
-    failed = [row for row in rows if row.get("error")]
-    print(f"{len(rows) - len(failed)} scored, {len(failed)} failed; {csv_path}, {json_path}")
-    return 1 if failed else 0
+    # The footer counts what the table counts (scored and failed pairs of a ground truth and a setting), then the
+    # ground truth files that could not be read at all.
+    failed = [row for row in rows if row.get("error") and row["settings"] != "-"]
+    unreadable = [row for row in rows if row["settings"] == "-"]
+    scored = len(rows) - len(failed) - len(unreadable)
+    print(f"{scored} scored, {len(failed)} failed" + (f", {len(unreadable)} ground truth file(s) unreadable"
+                                                         if unreadable else "") + f"; {csv_path}, {json_path}")
+    return 1 if failed or unreadable else 0

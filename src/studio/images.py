@@ -51,10 +51,13 @@ def read_image_file(path: Path, notes: list[str] | None = None) -> Image.Image:
     # 1. The header: format, size, frame count. No pixel is decoded yet.
     try:
         opened = Image.open(path)
-    except Image.DecompressionBombError:  # Pillow's own guard, from the header, past twice its MAX_IMAGE_PIXELS
-        raise ValueError(f"{name} is too large: over {2 * Image.MAX_IMAGE_PIXELS / 1e6:.0f} megapixels, and this app "
-                         f"takes at most {MAX_INPUT_PIXELS / 1e6:.0f}. Scale it down first (the model works at about "
-                         f"{RESOLUTIONS[-1]} px a side anyway).") from None
+    except Image.DecompressionBombError as err:  # Pillow's own guard, from the header, past twice MAX_IMAGE_PIXELS
+        # Its message holds the image's pixel count ("Image size (400000000 pixels) exceeds limit of ..."): the user
+        # is told the image's size, not Pillow's limit.
+        pixels = re.search(r"\((\d+) pixels\)", str(err))
+        size = f"{int(pixels.group(1)) / 1e6:,.0f} megapixels" if pixels else "too large"
+        raise ValueError(f"{name} is {size}: the limit is {MAX_INPUT_PIXELS / 1e6:.0f} megapixels. Scale it down "
+                         f"first (the model works at about {RESOLUTIONS[-1]} px a side anyway).") from None
     except Image.UnidentifiedImageError:
         raise ValueError(f"{name} is not an image: its content is no image format this app reads. Upload a PNG, "
                          f"JPEG or WebP file.") from None

@@ -16,18 +16,22 @@ from typing import Any
 
 from PIL import Image
 
-from studio.exports import EXPORTS, export_layer_pngs, export_stem, layer_file_name
+from studio.exports import EXPORTS, export_layer_pngs, export_stem, layer_file_name, safe_file_text
 from studio.images import composite_layers, resize_layers
 from studio.naming import LayerLabels
 
 logger = logging.getLogger(__name__)
 
 
+# A run folder's name says which image it holds: `<stamp>_<the input's name>_seed<seed>`, the name cut to this many
+# characters (a sub-run's folder has no name: it lives in its run's).
+RUN_NAME_MAX_CHARS = 24
 # The longest path the app writes inside the outputs folder, in characters: a sub-run's original-size PPTX,
-# <stamp>_seed<10 digits> (37) / sub_runs / <stamp>_seed<10> (37) / original_size / <60-char text>_seed<10>_<32000x2000>.pptx
-# (91), with separators: 190 (Gradio's cached copies, .gradio-cache/<64 hex>/<name>, stay under 160). Windows
-# without long paths enabled stops at 259 characters, which leaves 68 for the outputs folder (`windows_path_warning`).
-RUN_PATH_MAX_CHARS = 190
+# <stamp>_<24-char name>_seed<10 digits> (62) / sub_runs / <stamp>_seed<10> (37) / original_size /
+# <60-char text>_seed<10>_<32000x2000>.pptx (91), with separators: 215 (Gradio's cached copies,
+# .gradio-cache/<64 hex>/<name>, stay under 160). Windows without long paths enabled stops at 259 characters, which
+# leaves 43 for the outputs folder (`windows_path_warning`).
+RUN_PATH_MAX_CHARS = 215
 WINDOWS_MAX_PATH_CHARS = 259  # MAX_PATH (260) less the terminating NUL
 
 
@@ -57,9 +61,11 @@ def windows_path_warning(outputs: Path, windows: bool = os.name == "nt") -> str 
             f"long paths (LongPathsEnabled, see Microsoft's 'Maximum Path Length Limitation').")
 
 
-def new_run_folder(outputs: Path, seed: int) -> Path:
+def new_run_folder(outputs: Path, seed: int, name: str | None = None) -> Path:
+    """`<stamp>_seed<seed>`, or `<stamp>_<name>_seed<seed>` with the input's `name` (made safe, RUN_NAME_MAX_CHARS)."""
     stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S-%f")
-    folder = Path(outputs) / f"{stamp}_seed{seed}"
+    name = safe_file_text(name or "", RUN_NAME_MAX_CHARS) if name else ""
+    folder = Path(outputs) / (f"{stamp}_{name}_seed{seed}" if name else f"{stamp}_seed{seed}")
     folder.mkdir(parents=True, exist_ok=False)
     return folder
 
@@ -70,10 +76,10 @@ PARTIAL_PREFIX = ".partial-"
 
 
 @contextlib.contextmanager
-def atomic_run_folder(outputs: Path, seed: int):
+def atomic_run_folder(outputs: Path, seed: int, name: str | None = None):
     """Yield `(partial, final)`: write the run into `partial`; when the block ends without error it is renamed to
     `final` (one rename, so a run folder is either complete or absent); after an error it is deleted."""
-    final = new_run_folder(outputs, seed)  # reserves the name (stamps are unique per microsecond)
+    final = new_run_folder(outputs, seed, name)  # reserves the name (stamps are unique per microsecond)
     final.rmdir()
     partial = final.with_name(f"{PARTIAL_PREFIX}{os.getpid()}-{final.name}")
     partial.mkdir()
@@ -125,8 +131,8 @@ def export_failures_message(failed: dict[str, str]) -> str | None:
 
 def save_run(result: DecomposeResult, outputs: Path, run_info: dict[str, Any] | None = None,
              original_size: tuple[int, int] | None = None,
-             extra_files: Callable[[Path], dict[str, Any]] | None = None) -> dict[str, Any]:
-    """Write one run's folder and return its paths.
+             extra_files: Callable[[Path], dict[str, Any]] | None = None, name: str | None = None) -> dict[str, Any]:
+    """Write one run's folder (`name`: the input's, in the folder's name) and return its paths.
 
     At the model's resolution: layer_1.png ... layer_N.png, composite.png, params.json and
     <stem>.zip / .pptx / .psd, where <stem> is `export_stem(caption, seed)`. With `original_size`
@@ -137,7 +143,7 @@ def save_run(result: DecomposeResult, outputs: Path, run_info: dict[str, Any] | 
     The folder is written under a temporary name and renamed when complete (`atomic_run_folder`). An export that
     fails costs only its own file: it is missing from `paths`, and `paths["failed"]` names it with the reason.
     """
-    with atomic_run_folder(outputs, result.seed) as (partial, final):
+    with atomic_run_folder(outputs, result.seed, name) as (partial, final):
         paths = _write_run(result, partial, run_info, original_size)
         if extra_files is not None:
             paths.update(extra_files(partial))

@@ -571,5 +571,11 @@ def delete_gradio_files(demo) -> None:
     skipped; the example images it keeps for the page stay).
     """
     from gradio.route_utils import delete_files_created_by_app
+    from gradio.utils import get_upload_folder
 
     delete_files_created_by_app(demo, None)
+    # Gradio deletes the files, not the folders (named by each file's hash) they sat in: the empty ones go too.
+    cache = Path(get_upload_folder())
+    for folder in (cache.iterdir() if cache.is_dir() else ()):
+        if folder.is_dir() and not any(folder.iterdir()):
+            folder.rmdir()

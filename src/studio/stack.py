@@ -50,8 +50,8 @@ def check_layer_index(index: int, count: int) -> None:
     if not isinstance(index, (int, np.integer)):
         raise ValueError(f"layer index {index!r} is not a whole number: choose a layer from 1 (bottom) to {count}")
     if not 0 <= index < count:
-        raise ValueError(f"layer {index + 1} is not in the stack: choose a layer from 1 (bottom) to {count} "
-                         f"(layer index {index}; indices run from 0)")
+        raise ValueError(f"Layer {index + 1} is not in the stack: it has {count} layers. Choose a layer from 1 "
+                         f"(bottom) to {count}.")
 
 
 def replace_layer(layers: list[Image.Image], index: int, sub_layers: list[Image.Image]) -> list[Image.Image]:

@@ -30,7 +30,7 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # src/, for `studio`
 # Torch-free modules only: the combine tool starts in well under a second and never loads the model.
 from studio.errors import exits_with_message, terminal_safe  # noqa: E402
-from studio.exports import export_psd  # noqa: E402
+from studio.exports import export_psd, safe_file_text  # noqa: E402
 from studio.images import composite_layers, read_file_layers  # noqa: E402
 from studio.params import add_flags  # noqa: E402
 from studio.serving import (GRADIO_CACHE_MAX_AGE_S, LAN_HOST, clean_gradio_caches, delete_gradio_files,  # noqa: E402
@@ -90,7 +90,8 @@ def read_layers(path: Path | str, below: list[Layer] = ()) -> list[Layer]:
     except (OSError, zipfile.BadZipFile, Image.DecompressionBombError) as err:
         # The reason's text can hold the server's path of the upload: it goes to the log, its kind to the user.
         logger.info("%s is not a readable layer file: %s", path, err)
-        raise LayerFileError(f"{path.name}: not a readable PNG, ZIP or PSD ({type(err).__name__})") from err
+        raise LayerFileError(f"{path.name}: not a readable PNG, ZIP or PSD ({type(err).__name__}). Export the "
+                             f"layers again as PNG files, the studio's ZIP or a PSD saved with its layers.") from err
     return [Layer(**{field.name: getattr(layer, field.name) for field in dataclasses.fields(layer)}) for layer in read]
 
 
@@ -193,6 +194,25 @@ def stack_notes(stack: list[Layer]) -> list[str]:
 # ----------------------------------------------------------------------------------------------------
 # 4. UI
 # ----------------------------------------------------------------------------------------------------
+# The tool's CSS: the app's page.css (the checkerboard behind RGBA previews) and the layer list's compact rows.
+PAGE_CSS = (Path(__file__).resolve().parents[1] / "studio" / "page.css").read_text(encoding="utf-8")
+CSS = PAGE_CSS + """
+.layer-row { align-items: center !important; gap: var(--size-2) !important; flex-wrap: nowrap !important; }
+.layer-row > * { min-width: 0 !important; }
+.layer-row .layer-thumb { flex: 0 0 56px !important; width: 56px; height: 56px; }
+.layer-row .layer-name { flex: 1 1 0 !important; width: auto !important; overflow: hidden; padding: 0 !important; }
+.layer-row .layer-name p { margin: 0; overflow: hidden; text-overflow: ellipsis; white-space: nowrap; }
+.layer-row .layer-shown { flex: 0 0 auto !important; width: auto !important; padding: 0 var(--size-2) !important; }
+.layer-row button { flex: 0 0 34px !important; min-width: 34px !important; padding: 2px !important; }
+"""
+
+
+def download_stem(stack: list[Layer]) -> str:
+    """The downloads' name: the bottom layer's file (a ZIP's or PSD's own name), then "_combined"."""
+    source = Path(stack[0].source.split("/")[0]).stem if stack else "layers"
+    return f"{safe_file_text(source) or 'layers'}_combined"
+
+
 def build_ui():
     """The Gradio Blocks app. Handlers map widget values to the functions above and refresh the view."""
     # Gradio reads GRADIO_TEMP_DIR when it is imported: its cache goes in this process's folder beside the app's.
@@ -208,7 +228,7 @@ def build_ui():
             return None, notes, None, None
         folder = Path(get_upload_folder()) / secrets.token_hex(16)
         folder.mkdir(parents=True)
-        stem = folder / "stack"
+        stem = folder / download_stem(stack)  # the files keep a readable name
         png = str(save_stack(stack, stem.with_suffix(".png")))  # the preview shows this same file
         psd = str(export_stack_psd(stack, stem.with_suffix(".psd"))) if any(l.visible for l in stack) else None
         return png, notes, png, psd
@@ -232,39 +252,47 @@ def build_ui():
         return new_stack, *view(new_stack)
 
     with gr.Blocks(title="Combine layers", delete_cache=CACHE_SCHEDULE) as demo:
-        gr.Markdown("# Combine layers\nStack RGBA layers bottom → top: PNGs, the studio's ZIP, or a PSD. " + CANVAS_NOTE)
+        gr.Markdown("# Combine layers\nStack RGBA layers bottom → top: PNGs, the studio's ZIP, or a PSD. Reorder, hide "
+                    "and remove them; the composite follows every change. " + CANVAS_NOTE)
         stack = gr.State([])
         with gr.Row():
             with gr.Column():
                 files = gr.File(label="Add layers (PNG, ZIP or PSD; added on top, in the order given)",
-                                file_count="multiple", file_types=[".png", ".webp", ".zip", ".psd"])
-                clear = gr.Button("Remove all layers")
+                                file_count="multiple", file_types=[".png", ".webp", ".zip", ".psd"], height=140)
                 layer_list = gr.Column()
+                clear = gr.Button("Remove all layers", size="sm", variant="secondary")
             with gr.Column():
-                preview = gr.Image(label="Composite", type="filepath", image_mode="RGBA", interactive=False)
-                notes = gr.Markdown()
+                preview = gr.Image(label="Composite", type="filepath", image_mode="RGBA", interactive=False,
+                                   height=420, elem_classes="checker")
                 with gr.Row():
                     png_button = gr.DownloadButton("Download PNG")
                     psd_button = gr.DownloadButton("Download PSD (visible layers)")
+                notes = gr.Markdown()
         view_outputs = [preview, notes, png_button, psd_button]
 
         with layer_list:
             @gr.render(inputs=stack)
             def render_layers(layers):
-                gr.Markdown("**Layers** — the top of this list is the top of the stack.")
+                if layers:
+                    gr.Markdown("**Layers** — the top of the list is the top of the stack.")
                 for index in reversed(range(len(layers))):
                     layer = layers[index]
                     w, h = layer.image.size
                     where = " (bottom)" if index == 0 else " (top)" if index == len(layers) - 1 else ""
-                    with gr.Row(equal_height=True):
-                        gr.Image(layer.image, format="png", height=64, width=64, show_label=False, container=False,
-                                 interactive=False, buttons=[])
+                    with gr.Row(equal_height=True, elem_classes="layer-row"):
+                        gr.Image(layer.image, format="png", height=56, width=56, show_label=False, container=False,
+                                 interactive=False, buttons=[], elem_classes=["layer-thumb", "checker"])
                         gr.Markdown(f"**{index + 1}{where}** {layer.name}  \n{w}×{h} at ({layer.left}, "
-                                    f"{layer.top}) · {layer.source}")
-                        shown = gr.Checkbox(layer.visible, label="visible", min_width=80)
-                        up = gr.Button("↑", size="sm", min_width=40)
-                        down = gr.Button("↓", size="sm", min_width=40)
-                        remove = gr.Button("✕", size="sm", min_width=40)
+                                    f"{layer.top}) · {layer.source}", elem_classes="layer-name")
+                        # interactive: Gradio would draw a checkbox made inside gr.render as a disabled one
+                        shown = gr.Checkbox(layer.visible, label="visible", interactive=True, min_width=0, scale=0,
+                                            container=False, elem_classes="layer-shown")
+                        up = gr.Button("↑", size="sm", min_width=0, scale=0, interactive=index < len(layers) - 1,
+                                       elem_id=f"layer-{index + 1}-up")
+                        down = gr.Button("↓", size="sm", min_width=0, scale=0, interactive=index > 0,
+                                         elem_id=f"layer-{index + 1}-down")
+                        remove = gr.Button("✕", size="sm", min_width=0, scale=0, variant="stop",
+                                           elem_id=f"layer-{index + 1}-remove")
                     private = dict(outputs=[stack, *view_outputs], api_visibility="private")
                     shown.input(lambda s, v, i=index: on_change(set_visible(s, i, v)), [stack, shown], **private)
                     up.click(lambda s, i=index: on_change(move_layer(s, i, +1)), stack, **private)
@@ -293,6 +321,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     args = parse_args(argv)
+    if args.output is not None and not args.layers:  # -o means "headless": it needs the files to combine
+        print(f"error: -o {args.output} needs the layer files to combine, e.g. "
+              f"combine_layers.py layer_1.png layer_2.png -o {args.output} (without files and -o, the tool starts its "
+              f"page)", file=sys.stderr)
+        return 2
     if args.layers:
         if args.output is None or args.output.suffix.lower() not in (".png", ".psd"):
             print(f"error: -o {args.output or ''} must name a .png (the composite) or a .psd (the layers) file, "
@@ -314,8 +347,10 @@ def main(argv: list[str] | None = None) -> int:
         logger.info("Deleted %s: Gradio's cache of a process that no longer runs", leftover)
     print(f"Serving on http://{args.host}:{args.port}")
     stop_on_sigterm()  # SIGTERM closes Gradio like Ctrl+C
+    # CSS: the checkerboard and the layer rows. run_history off: Gradio's "Runs" page would leave the tool, and its
+    # "Load run" restores the picture but not the stack behind it.
     demo = build_ui().queue()
-    demo.launch(**launch_options(args))
+    demo.launch(**launch_options(args, css=CSS), run_history=False)
     delete_gradio_files(demo)
     remove_process_cache()  # the uploads and downloads of this process, whatever Gradio left
     return 0

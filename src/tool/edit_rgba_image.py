@@ -33,11 +33,11 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # src/, for `import app` and `studio`
 import app  # noqa: E402  (loads no model on import)
 from studio.demo_model import build_demo_components, save_demo_pipeline  # noqa: E402
-from studio.errors import ModelNotAvailableError, OutOfMemoryError, exits_with_message  # noqa: E402
+from studio.errors import ModelNotAvailableError, OutOfMemoryError, RunStopped, exits_with_message  # noqa: E402
 from studio.images import to_rgba  # noqa: E402
 from studio.params import MAX_SEED, PARAM, add_flags, check_param, flag_values, param_widget  # noqa: E402
 from studio.runs import atomic_run_folder, clean_partial_runs, prune_outputs  # noqa: E402
-from studio.serving import (clean_gradio_caches, client_error, delete_gradio_files, gradio_cache_schedule,  # noqa: E402
+from studio.serving import (Sessions, clean_gradio_caches, client_error, delete_gradio_files, gradio_cache_schedule,  # noqa: E402
                             launch_options, network_warning, readable_upload, remove_process_cache, serving_flags,
                             stop_on_sigterm, use_process_cache)
 
@@ -229,8 +229,10 @@ def edit_layer(
     randomize_seed: bool = DEFAULTS["randomize_seed"],
     matte: str = DEFAULTS["matte"],
     rmbg=None,
+    stop=None,
 ) -> EditResult:
-    """Edit one RGBA layer as `prompt` says; the result keeps the layer's size. The pipeline's tqdm reports steps."""
+    """Edit one RGBA layer as `prompt` says; the result keeps the layer's size. The pipeline's tqdm reports steps.
+    Setting `stop` (a threading.Event: the page's Stop, or its client leaving) ends the edit at its next step."""
     # 1. Check inputs.
     pipe = loaded.pipe
     rgba = to_rgba(layer)
@@ -253,9 +255,9 @@ def edit_layer(
     generator = app.noise_generator(pipe, seed)
     edited = app.run_pipeline(
         loaded, lambda: pipe(image=flat, prompt=prompt, negative_prompt=negative_prompt, true_cfg_scale=true_cfg_scale,
-                           num_inference_steps=num_inference_steps, num_images_per_prompt=1,
-                           generator=generator).images[0],
-        app.out_of_memory_message(loaded, job="edit", program="tool"))
+                           num_inference_steps=num_inference_steps, num_images_per_prompt=1, generator=generator,
+                           callback_on_step_end=app.stop_callback(stop)).images[0],
+        app.out_of_memory_message(loaded, job="edit", program="tool"), stop=stop)
     # 4. Back to the layer's size, then the alpha: matted at the size it is delivered at.
     resized = edited.convert("RGB").resize(rgba.size, Image.LANCZOS)
     alpha = rmbg_matte(rmbg, resized) if matte_used == "rmbg" else chroma_key_matte(resized)
@@ -304,25 +306,32 @@ def build_ui(loaded, settings, rmbg=None, matte: str = DEFAULTS["matte"]):
     from gradio.utils import get_upload_folder
 
     run_info = loaded.run_info()
+    sessions = Sessions()  # each session's running edit: Stop, or the session ending (the page closed, the studio's
+    # "Edit this layer" client gone), stops it at its next step
 
     def edit(image, prompt, seed=DEFAULTS["seed"], randomize_seed=DEFAULTS["randomize_seed"],
              true_cfg_scale=DEFAULTS["true_cfg_scale"], num_inference_steps=DEFAULTS["num_inference_steps"],
-             negative_prompt=DEFAULTS["negative_prompt"], matte=matte, progress=gr.Progress(track_tqdm=True)):
+             negative_prompt=DEFAULTS["negative_prompt"], matte=matte, request: gr.Request = None,
+             progress=gr.Progress(track_tqdm=True)):
         if image is None:
             raise gr.Error("No layer: upload an RGBA image (a PNG with transparency) first.", duration=None)
+        session = getattr(request, "session_hash", None)
+        stop = sessions.start_job(session)
         try:
             # Uploads only (`app.readable_upload`), then the app's reader: size checked before decoding, messages
             # that name the file.
             layer = to_rgba(readable_upload(image, demo.upload_file_set, get_upload_folder()))
             result = edit_layer(loaded, layer, prompt, negative_prompt=negative_prompt, true_cfg_scale=true_cfg_scale,
                                 num_inference_steps=num_inference_steps, seed=seed, randomize_seed=randomize_seed,
-                                matte=matte, rmbg=rmbg)
+                                matte=matte, rmbg=rmbg, stop=stop)
             folder = save_edit(result, layer, settings.outputs, run_info)
             prune_edits(settings, folder)
-        except (ValueError, OutOfMemoryError) as err:
+        except (ValueError, OutOfMemoryError, RunStopped) as err:
             raise gr.Error(str(err), duration=None) from err  # stays on the page until closed
         except Exception as err:  # a bug or the machine: the details stay in the server log
             raise gr.Error(client_error(err, "editing the layer"), duration=None) from err
+        finally:
+            sessions.end_job(session, stop)
         logger.info("Edit saved in %s (%.1f s, matte %s)", folder, result.duration_s, result.matte)
         # The folder's name only: the page is no place for the server's paths.
         return result.image, result.seed, f"Alpha recovered by **{result.matte}**. Saved as `edits/{folder.name}`."
@@ -348,12 +357,14 @@ def build_ui(loaded, settings, rmbg=None, matte: str = DEFAULTS["matte"]):
                         param_widget(gr, PARAM[name], value=DEFAULTS[name])
                         for name in ("true_cfg_scale", "num_inference_steps", "negative_prompt"))
                     matte_choice = gr.Radio(MATTE_CHOICES, value=matte, label="Alpha recovery")
-                run = gr.Button("Edit", variant="primary")
+                with gr.Row():
+                    run = gr.Button("Edit", variant="primary", scale=3)
+                    stop_button = gr.Button("Stop", variant="stop", scale=1)
             with gr.Column():
                 result = gr.Image(label="Edited layer", type="pil", image_mode="RGBA", format="png", interactive=False)
                 used_seed = gr.Number(label="Seed used", precision=0, interactive=False)
                 info = gr.Markdown()
-        gr.on([run.click, prompt.submit], edit,
+        edit_event = gr.on([run.click, prompt.submit], edit,
               inputs=[image, prompt, seed, randomize_seed, true_cfg_scale, num_inference_steps, negative_prompt,
                       matte_choice],
               outputs=[result, used_seed, info], api_name="edit",
@@ -362,6 +373,17 @@ def build_ui(loaded, settings, rmbg=None, matte: str = DEFAULTS["matte"]):
               # reads it with the app's checks and messages (Gradio's preprocess would fail with its own dump).
               preprocess=False,
               concurrency_limit=1)  # one GPU job at a time; others wait in Gradio's queue
+        # Stop: Gradio cancels the event on the page, and the pipeline stops at its next step (a cancelled event's
+        # thread would run on). Not in the queue of the edits: it must not wait for one.
+        def stop_edit(request: gr.Request):
+            sessions.stop(request.session_hash)
+
+        def end_session(request: gr.Request):
+            sessions.end(request.session_hash)
+
+        stop_button.click(stop_edit, None, None, cancels=[edit_event], api_visibility="private",
+                          concurrency_limit=None)
+        demo.unload(end_session)
     demo.queue(default_concurrency_limit=1)
     return demo
 
