@@ -62,6 +62,7 @@ TEXT_CONFIG = dict(hidden_size=3584, num_hidden_layers=28, num_attention_heads=2
 VISION_CONFIG = dict(depth=32, hidden_size=1280, num_heads=16, intermediate_size=3420, out_hidden_size=3584,
                      fullatt_block_indexes=[7, 15, 23, 31], window_size=112, patch_size=14, spatial_merge_size=2,
                      temporal_patch_size=2)
+WEIGHT_SCALE = 0.02  # the random transformer's weights scaled down: 60 random residual blocks keep activations finite
 VAE_CONFIG = dict(base_dim=96, z_dim=16, dim_mult=[1, 2, 4, 4], temperal_downsample=[False, True, True],
                   input_channels=4)
 # Qwen2.5-VL-7B-Instruct's generation_config.json (Qwen-Image's text encoder ships it): greedy (top_k 1) with a
@@ -141,7 +142,7 @@ def build_pipeline(tiny: bool):
     text_encoder.generation_config.update(**GENERATION)
     with torch.no_grad():
         for p in transformer.parameters():
-            p.mul_(0.02)  # 60 random residual blocks: activations stay finite
+            p.mul_(WEIGHT_SCALE)
         text_encoder.lm_head.weight[[SPECIAL_IDS["<|im_end|>"], SPECIAL_IDS["<|endoftext|>"]]] = 0  # 512 tokens
     tokenizer, processor = word_level_processor()
     scheduler = FlowMatchEulerDiscreteScheduler(  # Qwen-Image's published scheduler config (studio.demo_model)
