@@ -215,7 +215,7 @@ def main(argv=None) -> int:
 
     loaded = apply(pipe, "off")  # resident on each rank's GPU
     results["applied_resident"] = loaded.optimizations
-    run(2)  # warm-up on both ranks at once: kernels and the caption's sequence lengths (bench_24gb: caption_first_lengths)
+    run(2)  # warm-up on both ranks at once: kernels and the caption's sequence lengths (h100_24gb.json: caption_first_lengths)
     log("warm-up done")
 
     # 1-2. Resident.
