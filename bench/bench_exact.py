@@ -63,6 +63,7 @@ TEXT_CONFIG = dict(hidden_size=3584, num_hidden_layers=28, num_attention_heads=2
 VISION_CONFIG = dict(depth=32, hidden_size=1280, num_heads=16, intermediate_size=3420, out_hidden_size=3584,
                      fullatt_block_indexes=[7, 15, 23, 31], window_size=112, patch_size=14, spatial_merge_size=2,
                      temporal_patch_size=2)
+WEIGHT_SCALE = 0.02  # the random transformer's weights scaled down: 60 random residual blocks keep activations finite
 VAE_CONFIG = dict(base_dim=96, z_dim=16, dim_mult=[1, 2, 4, 4], temperal_downsample=[False, True, True],
                   input_channels=4)
 # Qwen2.5-VL-7B-Instruct's generation_config.json (Qwen-Image's text encoder ships it): greedy (top_k 1) with a
@@ -99,6 +100,26 @@ class Clock:
         return a.elapsed_time(b) / 1e3 if CUDA else b - a
 
 
+def word_level_processor():
+    """The word-level tokenizer over the real 152,064 ids (PERF_METHOD.md) and its processor: a random model's ids
+    decode to one word each and re-encode to one token each, so a caption conditions the transformer with its real
+    length. Returns (tokenizer, processor)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import Qwen2TokenizerFast, Qwen2VLImageProcessor, Qwen2VLProcessor, Qwen2VLVideoProcessor
+
+    vocab = {f"w{i}": i for i in range(min(SPECIAL_IDS.values()))}
+    vocab.update(SPECIAL_IDS)
+    vocab.update({f"x{i}": i for i in range(max(SPECIAL_IDS.values()) + 1, VOCAB)})
+    word_level = Tokenizer(models.WordLevel(vocab, unk_token="<|endoftext|>"))
+    word_level.pre_tokenizer = pre_tokenizers.Whitespace()
+    word_level.add_special_tokens(list(SPECIAL_IDS))
+    tokenizer = Qwen2TokenizerFast(tokenizer_object=word_level, eos_token="<|im_end|>", pad_token="<|endoftext|>",
+                                   unk_token="<|endoftext|>", bos_token=None)
+    processor = Qwen2VLProcessor(image_processor=Qwen2VLImageProcessor(), tokenizer=tokenizer,
+                                 video_processor=Qwen2VLVideoProcessor())
+    return tokenizer, processor
+
+
 def build_pipeline(tiny: bool):
     """The whole pipeline in pageable host RAM: full size (built on the GPU in seconds, bf16, random), or the demo's."""
     if tiny:
@@ -106,9 +127,7 @@ def build_pipeline(tiny: bool):
                                               models_dir=Path("/tmp/bench_exact_models"))).pipe
     from diffusers import (AutoencoderKLQwenImage, FlowMatchEulerDiscreteScheduler, QwenImageLayeredPipeline,
                            QwenImageTransformer2DModel)
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import (Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2TokenizerFast,
-                              Qwen2VLImageProcessor, Qwen2VLProcessor, Qwen2VLVideoProcessor)
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 
     torch.manual_seed(0)
     torch.set_default_dtype(torch.bfloat16)
@@ -124,19 +143,9 @@ def build_pipeline(tiny: bool):
     text_encoder.generation_config.update(**GENERATION)
     with torch.no_grad():
         for p in transformer.parameters():
-            p.mul_(0.02)  # 60 random residual blocks: activations stay finite
+            p.mul_(WEIGHT_SCALE)
         text_encoder.lm_head.weight[[SPECIAL_IDS["<|im_end|>"], SPECIAL_IDS["<|endoftext|>"]]] = 0  # 512 tokens
-    # The word-level tokenizer over the real ids: each id decodes to one word and re-encodes to one token.
-    vocab = {f"w{i}": i for i in range(min(SPECIAL_IDS.values()))}
-    vocab.update(SPECIAL_IDS)
-    vocab.update({f"x{i}": i for i in range(max(SPECIAL_IDS.values()) + 1, VOCAB)})
-    word_level = Tokenizer(models.WordLevel(vocab, unk_token="<|endoftext|>"))
-    word_level.pre_tokenizer = pre_tokenizers.Whitespace()
-    word_level.add_special_tokens(list(SPECIAL_IDS))
-    tokenizer = Qwen2TokenizerFast(tokenizer_object=word_level, eos_token="<|im_end|>", pad_token="<|endoftext|>",
-                                   unk_token="<|endoftext|>", bos_token=None)
-    processor = Qwen2VLProcessor(image_processor=Qwen2VLImageProcessor(), tokenizer=tokenizer,
-                                 video_processor=Qwen2VLVideoProcessor())
+    tokenizer, processor = word_level_processor()
     scheduler = FlowMatchEulerDiscreteScheduler(  # Qwen-Image's published scheduler config (studio.demo_model)
         base_image_seq_len=256, base_shift=0.5, max_image_seq_len=8192, max_shift=0.9, num_train_timesteps=1000,
         shift=1.0, shift_terminal=0.02, time_shift_type="exponential", use_dynamic_shifting=True)

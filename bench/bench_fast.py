@@ -6,14 +6,16 @@ on a pipeline built in memory, with `Settings(preset=...)` and the budget offloa
 after from_pretrained (the preset picks the card's 8-bit mode: int8 below compute capability 9.0, fp8 from Hopper on).
 
 Per row (`--rows exact:24,fast:24,fast:16`; the exact rows first: Fast quantizes the transformer in place):
-    1. the card emulated: the allocator capped at VRAM - 0.5 GB, the app told VRAM - 1 GB (bench_low_ram.emulate_card);
+    1. the card emulated: the allocator capped at VRAM - 0.5 GB, the app told VRAM - 1 GB (`emulate_card`);
     2. `apply_preset` (FirstBlockCache off in every row: with random weights its skips mean nothing; both presets
        use it alike);
     3. `app.warm_up`, then `app.infer` with a given prompt (no caption: both presets caption with the same bf16 text
        encoder) at 640 px / 4 layers, CFG 4, --steps steps: the whole image, the median transformer call of calls
        2..N (hooks with a sync), the peak VRAM, the plan (blocks resident, GB streamed per call);
-    4. the engine's hooks off, the weights left in their host copies for the next row.
-The JSON is rewritten after every row.
+    4. the engine's hooks off, the weights left in their host copies, and the Q, K and V projections an exact row
+       fused on CUDA split again (`unfuse_qkv_projections`): each row starts from the blocks from_pretrained gives, as
+       the app's own load of that preset would (Fast keeps its 8-bit projections apart: `fuse_problem`).
+The JSON is rewritten after every row. The pipeline is bench_exact.py's (`build_pipeline`).
 
     PYTHONUNBUFFERED=1 python bench/bench_fast.py --out bench/results/fast.json --rows exact:24,fast:24,exact:16,fast:16
     python bench/bench_fast.py --tiny --out /tmp/fast_tiny.json        # the script on the CPU (demo model), seconds
@@ -32,6 +34,9 @@ sys.path[:0] = [str(ROOT / "src"), str(ROOT / "bench")]
 import app  # noqa: E402, I001  (first: it sets PYTORCH_CUDA_ALLOC_CONF before torch loads, as the app does)
 import torch  # noqa: E402
 
+import bench_exact  # noqa: E402
+from diffusers.models.transformers.transformer_qwenimage import QwenDoubleStreamAttnProcessor2_0  # noqa: E402
+from studio.compiling import FUSED_PROJECTIONS  # noqa: E402
 from studio.engine.stream import disable_budget_offload  # noqa: E402
 from studio.modes import OFFLOAD  # noqa: E402
 
@@ -46,28 +51,47 @@ def apply_preset(pipe, preset: str, vram_budget_gb: float | None, **settings):
                                                              warm_up=False, **settings), OFFLOAD["budget"])
 
 
+def emulate_card(vram_gb: float) -> tuple[float, float]:
+    """The allocator capped at the card's size less 0.5 GB; returns (cap, the budget the app is told: less 1 GB), as
+    bench_exact.py's rows: 24 -> cap 23.5, budget 23."""
+    cap_gb, budget_gb = vram_gb - 0.5, vram_gb - 1.0
+    torch.cuda.set_per_process_memory_fraction(cap_gb * GIB / torch.cuda.get_device_properties(0).total_memory)
+    return cap_gb, budget_gb
+
+
+def unfuse_qkv_projections(transformer) -> int:
+    """Undo `studio.compiling.fuse_qkv_projections` (an exact row's, on CUDA): each stacked projection split back into
+    the three Linears from_pretrained gave (copies of its rows) and diffusers' processor back; returns how many blocks.
+    Only bf16 blocks are fused (`fuse_problem`), and this runs after every row, so a Fast row never meets one."""
+    count = 0
+    with torch.no_grad():
+        for block in transformer.transformer_blocks:
+            attn = block.attn
+            if not hasattr(attn, "to_qkv"):
+                continue
+            for fused, names in (("to_qkv", FUSED_PROJECTIONS[:3]), ("to_added_qkv", FUSED_PROJECTIONS[3:])):
+                stacked = getattr(attn, fused)
+                weights = stacked.weight.chunk(len(names))
+                biases = stacked.bias.chunk(len(names)) if stacked.bias is not None else [None] * len(names)
+                for name, weight, bias in zip(names, weights, biases):
+                    linear = torch.nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, device="meta")
+                    linear.weight = torch.nn.Parameter(weight.clone(), requires_grad=False)
+                    if bias is not None:
+                        linear.bias = torch.nn.Parameter(bias.clone(), requires_grad=False)
+                    setattr(attn, name, linear)
+                delattr(attn, fused)
+            previous = attn.processor
+            attn.set_processor(QwenDoubleStreamAttnProcessor2_0())
+            attn.processor._attention_backend = previous._attention_backend
+            attn.processor._parallel_config = previous._parallel_config
+            count += 1
+    return count
+
+
 def build_pipeline(tiny: bool):
-    """The whole pipeline in pageable host RAM, where from_pretrained leaves a user: full size (built on the GPU in
-    seconds, bf16, random; the word-level tokenizer of PERF_METHOD.md), or the demo's."""
-    if tiny:
-        return app.load_pipeline(app.Settings(demo=True, offload="off", first_block_cache=False,
-                                              models_dir=Path("/tmp/bench_fast_models"))).pipe
-    import bench_24gb
-    import bench_machines
-    from diffusers import QwenImageLayeredPipeline
-
-    from studio.demo_model import build_demo_components
-
-    models = bench_24gb.build_models()
-    tokenizer, processor = bench_machines.word_level_processor()
-    pipe = QwenImageLayeredPipeline(vae=models.vae, transformer=models.transformer, text_encoder=models.text_encoder,
-                                    tokenizer=tokenizer, processor=processor,
-                                    scheduler=build_demo_components("")["scheduler"])
-    prefix = pipe.prompt_template_encode.split("{}")[0]
-    pipe.prompt_template_encode_start_idx = len(tokenizer(prefix).input_ids)
-    pipe.to("cpu")
-    torch.cuda.empty_cache()
-    return pipe
+    """The whole pipeline in pageable host RAM, where from_pretrained leaves a user: bench_exact.py's full-size
+    random pipeline (built on the GPU in seconds, bf16; the word-level tokenizer of PERF_METHOD.md), or the demo's."""
+    return bench_exact.build_pipeline(tiny)
 
 
 def sync() -> None:
@@ -98,10 +122,8 @@ class CallClock:
 def run_row(pipe, preset: str, vram_gb: float, args) -> dict:
     from PIL import Image
 
-    import bench_low_ram
-
     cuda = torch.cuda.is_available()
-    cap_gb, budget_gb = bench_low_ram.emulate_card(vram_gb) if cuda else (None, None)
+    cap_gb, budget_gb = emulate_card(vram_gb) if cuda else (None, None)
     row = dict(preset=preset, vram_gb=vram_gb, cap_gb=cap_gb, vram_budget_gb=budget_gb)
     start = time.perf_counter()
     loaded = apply_preset(pipe, preset, budget_gb, first_block_cache=False, quantized_blocks=args.quantized_blocks,
@@ -129,6 +151,7 @@ def run_row(pipe, preset: str, vram_gb: float, args) -> dict:
         row["error"] = f"{type(err).__name__}: {err}"[:2000]
     finally:
         disable_budget_offload(loaded.stages)
+        row["unfused_blocks_after"] = unfuse_qkv_projections(pipe.transformer)  # the next row starts as loaded
         app.clear_memory()
     return row
 
@@ -151,7 +174,7 @@ def main(argv=None) -> int:
     cuda = torch.cuda.is_available()
     results = dict(card=torch.cuda.get_device_name(0) if cuda else "cpu", capability=torch.cuda.get_device_capability()
                    if cuda else None, torch=torch.__version__, weights="the demo model" if args.tiny else
-                   "random, full size (bench_24gb.build_models)", first_block_cache=False, rows=[])
+                   "random, full size (bench_exact.build_pipeline)", first_block_cache=False, rows=[])
     pipe = build_pipeline(args.tiny)
     for preset, vram_gb in rows:
         row = run_row(pipe, preset, vram_gb, args)

@@ -1,9 +1,9 @@
 """Machines with 32 GB of host RAM (issue 12) through the app's real path: weights read from the files on demand.
 
-Sibling of bench_machines.py (its helpers are reused), for the rows whose RAM is below the weights (~54 GB):
+For the rows whose RAM is below the weights (~54 GB):
     1. full-size Qwen-Image-Layered models with random weights (speed and memory depend on shapes, not values;
-       quality is never measured: ../shared/PERF_METHOD.md), built on the GPU by a child process and written with
-       `save_pretrained` to --pipe (~54 GB; outside $OUT);
+       quality is never measured: ../shared/PERF_METHOD.md), bench_exact.py's (`build_pipeline`), built on the GPU by
+       a child process and written with `save_pretrained` to --pipe (~54 GB; outside $OUT);
     2. per row, after `sync` and `echo 3 > /proc/sys/vm/drop_caches` (every weight starts on disk), a child process
        inside a cgroup v2 with memory.max = the row's RAM (page cache counts: an honest small machine), holding
        --os-gb of touched ballast for what a desktop uses besides the app. It caps the allocator at the card's size
@@ -85,7 +85,7 @@ def disk_rate_gb_s(pipe_dir: Path, gb: float = 3.0) -> float | None:
 # ----------------------------------------------------------------------------------------------------
 def emulate_card(vram_gb: float) -> tuple[float, float]:
     """The allocator capped at the card's size less 0.5 GB; returns (cap, the budget `auto` is told: less 1 GB), as
-    bench_machines: 24 -> cap 23.5, budget 23. Without CUDA nothing is capped."""
+    bench_exact.py's rows: 24 -> cap 23.5, budget 23. Without CUDA nothing is capped."""
     import torch
 
     cap_gb, budget_gb = vram_gb - 0.5, vram_gb - 1.0
@@ -107,14 +107,65 @@ def load_as_app(pipe_dir: Path, budget_gb: float, quantization: str | None):
 
 
 def use_word_level_tokenizer(pipe) -> None:
-    """The word-level tokenizer and processor over the real ids (PERF_METHOD.md, bench_machines.word_level_processor)
+    """The word-level tokenizer and processor over the real ids (PERF_METHOD.md, bench_exact.word_level_processor)
     in place of the saved demo ones, so the 512-token caption conditions the transformer with its real length."""
-    import bench_machines
+    import bench_exact
 
-    pipe.tokenizer, pipe.processor = bench_machines.word_level_processor()
+    pipe.tokenizer, pipe.processor = bench_exact.word_level_processor()
     pipe.vl_processor = pipe.processor  # the caption's processor: the pipeline keeps its own reference
     prefix = pipe.prompt_template_encode.split("{}")[0]
     pipe.prompt_template_encode_start_idx = len(pipe.tokenizer(prefix).input_ids)
+
+
+def sync() -> None:
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+class StageClock:
+    """Wall time of the caption and of the denoising loop, from hooks on the models (one sync per call)."""
+
+    def __init__(self, pipe):
+        self.pipe, self.caption_s, self.caption_words, self.first, self.last, self.calls = pipe, 0.0, 0, None, None, 0
+        caption = pipe.get_image_caption
+
+        def timed_caption(*args, **kwargs):
+            sync()
+            start = time.perf_counter()
+            # cuDNN attention builds a plan per new sequence length: every decode step is one, so a caption of new
+            # lengths costs ~3.5x (bench/RESULTS.md). Off for the caption in every row alike.
+            from torch.nn.attention import SDPBackend, sdpa_kernel
+
+            with sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]):
+                out = caption(*args, **kwargs)
+            sync()
+            self.caption_s += time.perf_counter() - start
+            self.caption_words = len(out.split())
+            return out
+
+        pipe.get_image_caption = timed_caption
+        self.handles = [pipe.transformer.register_forward_pre_hook(self._pre),
+                        pipe.transformer.register_forward_hook(self._post)]
+
+    def _pre(self, module, args):
+        if self.first is None:
+            sync()
+            self.first = time.perf_counter()
+
+    def _post(self, module, args, output):
+        sync()
+        self.last = time.perf_counter()
+        self.calls += 1
+
+    def denoise_s(self) -> float:
+        return (self.last - self.first) if self.first is not None else 0.0
+
+    def close(self):
+        del self.pipe.get_image_caption
+        for handle in self.handles:
+            handle.remove()
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -123,26 +174,23 @@ def use_word_level_tokenizer(pipe) -> None:
 def build(pipe_dir: Path, tiny: bool) -> None:
     sys.path[:0] = [str(ROOT / "src"), str(ROOT / "bench")]
     import app  # noqa: I001  (first: it sets PYTORCH_CUDA_ALLOC_CONF before torch loads)
-    import torch
 
     if tiny:
         app.build_demo_pipeline(pipe_dir)
         return
-    import bench_24gb
-    import bench_machines
+    import bench_exact
     from diffusers import QwenImageLayeredPipeline
 
-    models = bench_24gb.build_models()
-    with torch.no_grad():  # the caption always runs to its 512 tokens: no end-of-text logit can win
-        ids = bench_machines.SPECIAL_IDS
-        models.text_encoder.lm_head.weight[[ids["<|im_end|>"], ids["<|endoftext|>"]]] = 0
+    from studio.demo_model import LAYERED_DEMO_CORPUS, build_demo_components, save_demo_pipeline
+
+    built = bench_exact.build_pipeline(tiny=False)  # random, full size; the caption always runs to its 512 tokens
     # Saved with the demo's tokenizer and processor (they round-trip through from_pretrained); each row puts the
-    # word-level ones in after loading (bench_machines.word_level_processor).
-    components = app.build_demo_components(app.LAYERED_DEMO_CORPUS)
-    pipe = QwenImageLayeredPipeline(vae=models.vae, transformer=models.transformer, text_encoder=models.text_encoder,
+    # word-level ones in after loading (`use_word_level_tokenizer`).
+    components = build_demo_components(LAYERED_DEMO_CORPUS)
+    pipe = QwenImageLayeredPipeline(vae=built.vae, transformer=built.transformer, text_encoder=built.text_encoder,
                                     tokenizer=components["tokenizer"], processor=components["processor"],
-                                    scheduler=components["scheduler"])
-    app.save_demo_pipeline(pipe, pipe_dir, "Full-size random Qwen-Image-Layered weights (bench/bench_low_ram.py)")
+                                    scheduler=built.scheduler)
+    save_demo_pipeline(pipe, pipe_dir, "Full-size random Qwen-Image-Layered weights (bench/bench_low_ram.py)")
     (pipe_dir / "DEMO_MODEL.txt").unlink()  # not the demo: the app must treat it as the real model
 
 
@@ -153,10 +201,11 @@ def run_row(args) -> dict:
     ballast = bytearray(b"\1") * int(args.os_gb * GIB)  # touched: what a desktop holds besides the app
     sys.path[:0] = [str(ROOT / "src"), str(ROOT / "bench")]
     import app  # noqa: I001
-    import bench_machines
     import torch
     from diffusers.hooks.group_offloading import ModuleGroup
     from PIL import Image
+
+    from studio.engine import memory
 
     vram_gb, ram_gb = (float(x) for x in args.row.split("x"))
     cuda = torch.cuda.is_available()
@@ -164,9 +213,10 @@ def run_row(args) -> dict:
     row = dict(vram_gb=vram_gb, ram_gb=ram_gb, **row_key(args.quantization), cap_gb=cap_gb, vram_budget_gb=budget_gb,
                os_ballast_gb=args.os_gb,
                card=torch.cuda.get_device_name(0) if cuda else "cpu",
-               versions=dict(torch=torch.__version__, diffusers=app._version("diffusers"),
-                             transformers=app._version("transformers"), safetensors=app._version("safetensors")),
-               ok=False, available_ram_gb_seen=round(app.available_ram_gb(), 2))
+               versions=dict(torch=torch.__version__, diffusers=app.package_version("diffusers"),
+                             transformers=app.package_version("transformers"),
+                             safetensors=app.package_version("safetensors")),
+               ok=False, available_ram_gb_seen=round(memory.available_ram_gb(), 2))
     marks = {"start": read_bytes()}
     group = Path("/sys/fs/cgroup") / args.cgroup if args.cgroup else None
     sampled = {"peak": 0}
@@ -180,25 +230,25 @@ def run_row(args) -> dict:
     try:
         # 1. Load as the app does (`auto`, the RAM it measures itself), then the word-level tokenizer (PERF_METHOD.md).
         start = time.perf_counter()
-        pipe = load_as_app(args.pipe, budget_gb, args.quantization)
-        row.update(load_s=round(time.perf_counter() - start, 2), mode=pipe._studio_info["offload_mode"],
-                   applied=pipe._studio_info["optimizations"], lossy=pipe._studio_info["lossy"],
-                   rss_anon_loaded_gb=round(rss_anon_gb(), 2))
+        loaded = load_as_app(args.pipe, budget_gb, args.quantization)
+        pipe = loaded.pipe
+        row.update(load_s=round(time.perf_counter() - start, 2), mode=loaded.offload.name,
+                   applied=loaded.optimizations, lossy=loaded.lossy, rss_anon_loaded_gb=round(rss_anon_gb(), 2))
         marks["loaded"] = read_bytes()
         if not args.tiny:
             use_word_level_tokenizer(pipe)
 
         # 2. Where the time goes: stage entries (whole models to the GPU) and streamed groups, bytes and seconds.
         copies = dict(stage_s=0.0, stage_gb=0.0, streamed_gb=0.0)
-        stages = getattr(pipe, "_budget_stages", None)
+        stages = loaded.stages
         if stages is not None:
             enter = stages.enter
 
             def timed_enter(*a, **k):
-                bench_machines.sync()
+                sync()
                 t, before = time.perf_counter(), stages.stage_bytes
                 enter(*a, **k)
-                bench_machines.sync()
+                sync()
                 copies["stage_s"] += time.perf_counter() - t
                 copies["stage_gb"] += (stages.stage_bytes - before) / GIB
 
@@ -210,7 +260,7 @@ def run_row(args) -> dict:
             return onload(group)
 
         ModuleGroup.onload_ = counted_onload
-        clock = bench_machines.StageClock(pipe)
+        clock = StageClock(pipe)
         caption = pipe.get_image_caption  # StageClock's timing wrapper: mark the disk reads after it too
 
         def caption_marked(*a, **k):
@@ -234,7 +284,7 @@ def run_row(args) -> dict:
         if cuda:
             torch.cuda.reset_peak_memory_stats()
         marks["infer"] = read_bytes()
-        result = app.infer(pipe, image, prompt="", layers=4, resolution=640, num_inference_steps=args.steps,
+        result = app.infer(loaded, image, prompt="", layers=4, resolution=640, num_inference_steps=args.steps,
                            true_cfg_scale=4.0, seed=1)
         marks["end"] = read_bytes()
         pipe.get_image_caption = caption
@@ -337,7 +387,7 @@ def main(argv=None) -> int:
     start = time.perf_counter()
     results = dict(command="python " + " ".join([sys.argv[0], *(argv if argv is not None else sys.argv[1:])]),
                    **row_key(args.quantization),
-                   weights="random, full size (bench_24gb.build_models), save_pretrained to disk" if not args.tiny
+                   weights="random, full size (bench_exact.build_pipeline), save_pretrained to disk" if not args.tiny
                    else "the tiny demo pipeline", rows=[])
 
     def save():

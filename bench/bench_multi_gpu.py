@@ -1,16 +1,20 @@
 """Several GPUs, one image: the full-size Qwen-Image-Layered models (random weights) on 1 GPU vs 2 GPUs (CFG-parallel).
 
-Every figure goes through the app's own path: `app.init_distributed` / `app.enable_multi_gpu` (section 4c), the
-budget engine `app.enable_budget_offload` (4b) and `app.infer` with an empty prompt (the model writes its 512-token
-caption). Quality cannot be measured with random weights and is never claimed. Method: ../shared/PERF_METHOD.md.
+Every figure goes through the app's own path: `studio.parallel.init_distributed` / `enable_multi_gpu` /
+`serve_rank` (as `app.main` calls them), `app.apply_memory_optimizations` (resident, then the budget engine) and
+`app.infer` with an empty prompt (the model writes its 512-token caption). The models are bench_exact.py's
+(`build_pipeline`). Quality cannot be measured with random weights and is never claimed. Method:
+../shared/PERF_METHOD.md.
 
 Run on a machine with 2 GPUs of >= 80 GB and ~256 GB of RAM, in one command (~5 minutes on 2 H200s):
     PYTHONUNBUFFERED=1 torchrun --standalone --nproc-per-node 2 bench/bench_multi_gpu.py --out bench/results/multi_gpu.json
-Test it on the CPU first (tiny models, gloo): torchrun --standalone --nproc-per-node 2 bench/bench_multi_gpu.py --tiny
+Test it on the CPU first (the demo model, gloo):
+    torchrun --standalone --nproc-per-node 2 bench/bench_multi_gpu.py --tiny --steps 2 --out /tmp/multi_gpu_tiny.json
 
 Phases (the JSON is rewritten after each):
     0. build       the three models on each rank's GPU from the same seed (checked equal across ranks), a
-                   word-level tokenizer over the real 152,064 ids (captions cost what real ones cost), warm-up
+                   word-level tokenizer over the real 152,064 ids (captions cost what real ones cost), the app's
+                   apply step (resident), warm-up
     Each phase is measured after a 2-step run of its own configuration (`warmed`).
     1. one_gpu     rank 0 alone, everything resident
     2. two_gpu     both ranks (`enable_multi_gpu`: cond on rank 0, uncond on rank 1), resident; layers vs phase 1
@@ -30,75 +34,32 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "src"))
 sys.path.insert(0, str(ROOT / "bench"))
 
-import app  # noqa: E402  (first: it sets PYTORCH_CUDA_ALLOC_CONF before torch loads, as the app does)
-import bench_24gb as b24  # noqa: E402  (the full-size model builders)
+import app  # noqa: E402, I001  (first: it sets PYTORCH_CUDA_ALLOC_CONF before torch loads, as the app does)
+import bench_exact  # noqa: E402  (the full-size pipeline)
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 from PIL import Image  # noqa: E402
 
+from studio.modes import OFFLOAD  # noqa: E402
+from studio.parallel import enable_multi_gpu, init_distributed, serve_rank  # noqa: E402
+
 GIB = 2**30
-# Qwen2.5-VL's special tokens at their real ids (151643 ... 151656).
-QWEN_SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|object_ref_start|>", "<|object_ref_end|>",
-                 "<|box_start|>", "<|box_end|>", "<|quad_start|>", "<|quad_end|>", "<|vision_start|>",
-                 "<|vision_end|>", "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>"]
-TINY = dict(  # --tiny: CPU test of this script (gloo), the same code at toy size
-    transformer=dict(patch_size=2, in_channels=64, out_channels=16, num_layers=2, attention_head_dim=16,
-                     num_attention_heads=2, joint_attention_dim=32, axes_dims_rope=(4, 6, 6), use_additional_t_cond=True,
-                     use_layer3d_rope=True),
-    text=dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1, intermediate_size=64,
-              vocab_size=400, max_position_embeddings=4096, rope_theta=1e6,
-              rope_scaling={"type": "mrope", "mrope_section": [2, 3, 3]}, eos_token_id=302, pad_token_id=300),
-    vision=dict(depth=1, hidden_size=16, num_heads=2, intermediate_size=32, out_hidden_size=32, fullatt_block_indexes=[0],
-                window_size=112, patch_size=14, spatial_merge_size=2, temporal_patch_size=2),
-    vae=dict(base_dim=4, z_dim=16, dim_mult=[1, 2, 4, 4], temperal_downsample=[False, True, True], input_channels=4),
-    special_base=300, image_pad=312, vision_start=309, vision_end=310)
-
-
-def word_level_processor(vocab_size: int, special_base: int):
-    """A tokenizer of one id per whitespace-separated word over the model's whole vocabulary, Qwen's special tokens
-    at their real ids: the random model's caption ids decode to as many words, which re-encode to as many tokens."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast, Qwen2VLImageProcessor, Qwen2VLProcessor, Qwen2VLVideoProcessor
-
-    vocab = {f"w{i}": i for i in range(vocab_size)}
-    for k, token in enumerate(QWEN_SPECIALS):
-        vocab.pop(f"w{special_base + k}")
-        vocab[token] = special_base + k
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="w0"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    tok.add_special_tokens(QWEN_SPECIALS)
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>",
-                                        unk_token="w0")
-    return Qwen2VLProcessor(image_processor=Qwen2VLImageProcessor(), tokenizer=tokenizer,
-                            video_processor=Qwen2VLVideoProcessor())
 
 
 def build_pipeline(tiny: bool):
-    """bench_24gb's full-size models (or TINY's) + the word-level processor + the app's scheduler config."""
-    from diffusers import QwenImageLayeredPipeline
-
-    if tiny:
-        b24.DEVICE = "cpu"
-        b24.TRANSFORMER_CONFIG, b24.TEXT_CONFIG = TINY["transformer"], TINY["text"]
-        b24.VISION_CONFIG, b24.VAE_CONFIG = TINY["vision"], TINY["vae"]
-        b24.IMAGE_PAD, b24.VISION_START, b24.VISION_END = TINY["image_pad"], TINY["vision_start"], TINY["vision_end"]
-    models = b24.build_models()
-    vocab_size = b24.TEXT_CONFIG["vocab_size"]
-    special_base = TINY["special_base"] if tiny else 151643
-    processor = word_level_processor(vocab_size, special_base)
-    with torch.no_grad():  # the random model never ends its caption: 512 new tokens, as a long real one
-        for token in ("<|im_end|>", "<|endoftext|>"):
-            models.text_encoder.lm_head.weight[special_base + QWEN_SPECIALS.index(token)].zero_()
-    scheduler = app.build_demo_components(app.LAYERED_DEMO_CORPUS)["scheduler"]  # the published scheduler config
-    pipe = QwenImageLayeredPipeline(vae=models.vae, transformer=models.transformer, text_encoder=models.text_encoder,
-                                    tokenizer=processor.tokenizer, processor=processor, scheduler=scheduler)
-    prefix = pipe.prompt_template_encode.split("{}")[0]
-    pipe.prompt_template_encode_start_idx = len(processor.tokenizer(prefix).input_ids)
-    if tiny:
-        pipe.to(torch.float32)  # CPU bf16 convolutions are ~20x slower (app.load_pipeline)
+    """bench_exact.py's full-size random pipeline (the word-level tokenizer over the real ids: captions cost what real
+    ones cost) in host RAM, or the demo's on the CPU. The same seed on every rank (checked below)."""
+    pipe = bench_exact.build_pipeline(tiny)
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+def apply(pipe, offload: str, vram_budget_gb: float | None = None):
+    """The app's apply step on the in-memory pipeline (`apply_memory_optimizations`: fused QKV and regional compile
+    where they apply, then the offload mode), FirstBlockCache off; returns the `Loaded`."""
+    settings = app.Settings(offload=offload, vram_budget_gb=vram_budget_gb, first_block_cache=False, warm_up=False)
+    return app.apply_memory_optimizations(pipe, settings, OFFLOAD[offload])
 
 
 def test_image(size: int = 640) -> Image.Image:
@@ -118,13 +79,13 @@ def main(argv=None) -> int:
     parser.add_argument("--cap-gb", type=float, default=23.5, help="allocator cap per GPU (GiB): the emulated card")
     parser.add_argument("--vram-budget", type=float, default=23.0, help="the budget engine's budget (GiB)")
     parser.add_argument("--skip-budget", action="store_true")
-    parser.add_argument("--tiny", action="store_true", help="toy-size models on the CPU (tests this script)")
+    parser.add_argument("--tiny", action="store_true", help="the demo model on the CPU (tests this script)")
     args = parser.parse_args(argv)
     budget_steps = args.budget_steps or args.steps
     start = time.perf_counter()
 
     # 0. Ranks, models, warm-up.
-    state = app.init_distributed()
+    state = init_distributed()
     assert state is not None and state.world_size == 2, "run under torchrun --nproc-per-node 2"
     rank, cuda = state.rank, torch.cuda.is_available()
     sync = torch.cuda.synchronize if cuda else (lambda: None)
@@ -152,7 +113,11 @@ def main(argv=None) -> int:
             args.out.parent.mkdir(parents=True, exist_ok=True)
             args.out.write_text(json.dumps(results, indent=2))
 
+    if rank != 0:  # --tiny: rank 0 writes the demo model's files first
+        dist.barrier(group=state.job_group)
     pipe = build_pipeline(args.tiny)
+    if rank == 0:
+        dist.barrier(group=state.job_group)
     checksum = sum(float(p.float().sum()) for p in (pipe.transformer.proj_out.weight, pipe.text_encoder.lm_head.weight,
                                                      pipe.transformer.transformer_blocks[-1].attn.to_q.weight))
     sums = [None, None]
@@ -189,7 +154,7 @@ def main(argv=None) -> int:
             torch.cuda.reset_peak_memory_stats()
         sync()
         t = time.perf_counter()
-        result = app.infer(pipe, image, prompt="", layers=args.layers, resolution=args.resolution, true_cfg_scale=4.0,
+        result = app.infer(loaded, image, prompt="", layers=args.layers, resolution=args.resolution, true_cfg_scale=4.0,
                            num_inference_steps=steps, seed=7, randomize_seed=False)
         sync()
         seconds = time.perf_counter() - t
@@ -223,7 +188,7 @@ def main(argv=None) -> int:
         else:
             if cuda:
                 torch.cuda.reset_peak_memory_stats()
-            app.serve_rank(pipe)
+            serve_rank(loaded, app.infer)
             out = (dict(peak_alloc_gb=round(torch.cuda.max_memory_allocated() / GIB, 2) if cuda else None), None)
         peaks = [None, None]
         dist.all_gather_object(peaks, out[0]["peak_alloc_gb"], group=state.job_group)
@@ -248,9 +213,9 @@ def main(argv=None) -> int:
         results["denoise_step_two_vs_one" + suffix] = round(two["per_step_median_s"] / one["per_step_median_s"], 3)
         results["max_abs_diff" + suffix] = max_abs_diff(layers_one, layers_two)
 
-    if cuda:
-        pipe.to("cuda")
-    run(2)  # warm-up on both ranks at once: kernels and the caption's sequence lengths (bench_24gb: caption_first_lengths)
+    loaded = apply(pipe, "off")  # resident on each rank's GPU
+    results["applied_resident"] = loaded.optimizations
+    run(2)  # warm-up on both ranks at once: kernels and the caption's sequence lengths (h100_24gb.json: caption_first_lengths)
     log("warm-up done")
 
     # 1-2. Resident.
@@ -259,7 +224,8 @@ def main(argv=None) -> int:
         results["one_gpu"], results["one_gpu_s"] = one, one["whole_image_50_steps_s"]
         log(f"one_gpu {one}")
     save()
-    results["applied"] = app.enable_multi_gpu(pipe, state)
+    loaded.cfg_hook, results["applied"] = enable_multi_gpu(pipe, state)
+    loaded.parallel = state
     two, layers_two = warmed(together, args.steps)
     if rank == 0:
         results["two_gpu"], results["two_gpu_s"] = two, two["whole_image_50_steps_s"]
@@ -271,10 +237,13 @@ def main(argv=None) -> int:
     # 3-4. Each GPU capped, the budget engine on each.
     if not args.skip_budget:
         t = time.perf_counter()
-        applied = app.enable_budget_offload(pipe, args.vram_budget)
+        pipe.to("cpu")  # where from_pretrained leaves the weights; the CFG hook stays on the transformer
         if cuda:
             torch.cuda.empty_cache()
             torch.cuda.set_per_process_memory_fraction(args.cap_gb * GIB / torch.cuda.get_device_properties(0).total_memory)
+        hook = loaded.cfg_hook
+        loaded = apply(pipe, "budget", args.vram_budget if cuda else None)
+        loaded.cfg_hook, loaded.parallel, applied = hook, state, loaded.optimizations
         dist.barrier(group=state.job_group)
         results["budget_setup"] = dict(applied=applied, setup_s=round(time.perf_counter() - t, 1), cap_gb=args.cap_gb,
                                        vram_budget_gb=args.vram_budget)
@@ -283,8 +252,8 @@ def main(argv=None) -> int:
             results["two_gpu_24gb"], results["two_gpu_24gb_s"] = two24, two24["whole_image_50_steps_s"]
             log(f"two_gpu_24gb {two24}")
         save()
-        del pipe._parallel  # rank 0 alone again: the CFG hook stands aside
-        pipe._cfg_parallel_hook.enabled = False
+        loaded.parallel, loaded.cfg_hook = None, None  # rank 0 alone again: the CFG hook stands aside
+        hook.enabled = False
         one24, layers_one24 = warmed(alone, budget_steps)
         if rank == 0:
             results["one_gpu_24gb"], results["one_gpu_24gb_s"] = one24, one24["whole_image_50_steps_s"]

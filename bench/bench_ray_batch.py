@@ -2,10 +2,11 @@
 
 The app's own path end to end, on the full-size models with random weights (speed depends on shapes, not values;
 quality is never measured: ../shared/PERF_METHOD.md). Two child processes, one after the other:
-    (a) local  on GPU 0: `app.load_pipeline` + `app.decompose_batch` (what `python src/app.py decompose DIR` runs),
-               called one image at a time so the deadline can stop it between images;
-    (b) ray    with both GPUs: `app.decompose_ray` with 2 workers on a local Ray instance that the app starts (what
-               `decompose DIR --ray --ray-workers 2` runs), over the images (a) finished.
+    (a) local  on GPU 0: `app.load_pipeline` + `studio.batch.decompose_batch` with `app.infer` (what `python
+               src/app.py decompose DIR` runs), called one image at a time so the deadline can stop it between images;
+    (b) ray    with both GPUs: `studio.batch.decompose_ray` with `app.start_pipeline` / `app.infer` and 2 workers on a
+               local Ray instance that it starts (what `decompose DIR --ray --ray-workers 2` runs), over the images (a)
+               finished.
 Then the run folders of (a) and (b) are compared: the same files, the same pixels in every PNG (layers, composite),
 params.json equal except its timing entries (`created`, `duration_s`); the ZIP/PPTX/PSD bytes are compared too.
 Job: 640 px, 4 layers, true CFG 4, a prompt (so no caption: one GPU or two, a caption costs the same per image),
@@ -35,8 +36,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 PHASES = ("local", "ray")
-TIMING_KEYS = ("created", "duration_s")
-RAY_START_S = 30.0  # the Ray phase's own costs besides imports, loads and images: instance, workers, shutdown (a guess)  # params.json entries that differ between two runs of one job
+TIMING_KEYS = ("created", "duration_s", "design_seconds")  # params.json entries that differ between two runs of one job
+RAY_START_S = 30.0  # the Ray phase's own costs besides imports, loads and images: instance, workers, shutdown (a guess)
 
 
 def job(args) -> dict:
@@ -95,7 +96,7 @@ class CallTimer:
         return [group[-1][1] - group[0][0] for group in groups]
 
 
-def mark_ready(path: str, pipe) -> None:
+def mark_ready(path: str, loaded) -> None:
     """Ray worker_setup: when each worker's pipeline is loaded (wall clock), its process and GPU."""
     with open(path, "a") as f:
         f.write(json.dumps(dict(t=time.time(), pid=os.getpid(), gpu=os.environ.get("CUDA_VISIBLE_DEVICES"))) + "\n")
@@ -107,6 +108,9 @@ def child(args) -> None:
     sys.path.insert(0, str(ROOT / "src"))
     import app  # noqa: I001  (first: it sets PYTORCH_CUDA_ALLOC_CONF before torch loads)
     import torch
+
+    from studio.batch import decompose_batch, decompose_ray
+    from studio.params import check_params
 
     cuda = torch.cuda.is_available()
     res = dict(phase=args.child, import_s=round(time.time() - born, 2), ok=False)
@@ -121,14 +125,13 @@ def child(args) -> None:
         if not cuda:
             torch.set_num_threads(1)  # as each 1-CPU Ray worker (Ray sets OMP_NUM_THREADS=1): the same floats
         start = time.time()
-        pipe = app.load_pipeline(settings)
-        res.update(load_s=round(time.time() - start, 2), mode=pipe._studio_info["offload_mode"],
-                   applied=pipe._studio_info["optimizations"],
+        loaded = app.load_pipeline(settings)
+        res.update(load_s=round(time.time() - start, 2), mode=loaded.offload.name, applied=loaded.optimizations,
                    card=torch.cuda.get_device_name(0) if cuda else "cpu (--tiny)",
-                   versions=dict(torch=torch.__version__, diffusers=app._version("diffusers"),
-                                 transformers=app._version("transformers"), python=sys.version.split()[0]))
-        run_info = app.run_info_for(pipe, app.print_environment_info(print_it=False))
-        timer = CallTimer(pipe.transformer, cuda)
+                   versions=dict(torch=torch.__version__, diffusers=app.package_version("diffusers"),
+                                 transformers=app.package_version("transformers"), python=sys.version.split()[0]))
+        run_info = loaded.run_info()
+        timer = CallTimer(loaded.pipe.transformer, cuda)
         res.update(per_image_s=[], errors=[])
         batch_start = time.time()
         for k, image in enumerate(images):
@@ -140,7 +143,7 @@ def child(args) -> None:
                 res["cut"] = f"deadline: {k} of {len(images)} images (the rest would leave Ray too little time)"
                 break
             t = time.time()
-            [item] = app.decompose_batch(pipe, [image], settings.outputs, run_info, **job(args))
+            [item] = decompose_batch(loaded, app.infer, [image], settings.outputs, run_info, **job(args))
             res["per_image_s"].append(round(time.time() - t, 3))
             if item.error:
                 res["errors"].append(f"{image.name}: {item.error}")
@@ -148,7 +151,7 @@ def child(args) -> None:
             save()
         res["infer_s"] = [round(json.loads(p.read_text())["duration_s"], 3)  # each image's `infer`, as Ray's
                           for p in sorted(settings.outputs.glob("*/params.json"), key=lambda p: p.stat().st_mtime)]
-        steps = app.check_params(num_inference_steps=args.steps)["num_inference_steps"]
+        steps = check_params(num_inference_steps=args.steps)["num_inference_steps"]
         step_s = timer.step_seconds(len(res["per_image_s"]), steps)
         res.update(step_median_s=round(statistics.median(step_s), 4) if step_s else None, steps_timed=len(step_s),
                    transformer_calls=len(timer.marks),
@@ -160,8 +163,8 @@ def child(args) -> None:
         ready.unlink(missing_ok=True)
         res["call_start"] = start = time.time()
         save()  # the call's start: a cut run's progress is read from the run folders (`ray_progress`)
-        items, skipped = app.decompose_ray(images, settings, workers=2,
-                                           worker_setup=functools.partial(mark_ready, str(ready)), **job(args))
+        items, skipped = decompose_ray(images, settings, app.start_pipeline, app.infer, workers=2,
+                                       worker_setup=functools.partial(mark_ready, str(ready)), **job(args))
         end = time.time()
         res.update(decompose_ray_s=round(end - start, 2), skipped=len(skipped),
                    errors=[f"{item.image.name}: {item.error}" for item in items if item.error],
@@ -239,9 +242,9 @@ def compare(local: Path, ray: Path) -> dict:
     from PIL import Image
 
     sys.path.insert(0, str(ROOT / "src"))
-    import app
+    from studio.runs import completed_images
 
-    a, b = app.completed_images(local), app.completed_images(ray)
+    a, b = completed_images(local), completed_images(ray)
     res = dict(images_local=len(a), images_ray=len(b), missing_in_ray=sorted(Path(k).name for k in set(a) - set(b)),
                max_abs_diff=0, pixels_differing=0, file_sets_differ=[], params_differ={}, exports_bytes_differ=[],
                exports_content_differ=[])

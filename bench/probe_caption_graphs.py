@@ -62,7 +62,7 @@ GIB = 2**30
 
 
 def word_level_processor():
-    """bench_machines.word_level_processor: each id decodes to one word and re-encodes to one token."""
+    """bench_exact.word_level_processor's: each id decodes to one word and re-encodes to one token."""
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import Qwen2TokenizerFast, Qwen2VLImageProcessor, Qwen2VLProcessor, Qwen2VLVideoProcessor
 

@@ -8,7 +8,7 @@ times in each process: the first call picks the algorithms):
   - the full-size VAE (random weights, seeded) decoding a seeded 640 px latent of 4 layers, as the pipeline does
     (one frame per layer; the app's slicing and tiling on);
   - two full-width transformer blocks (seeded) on a 640 px / 4-layer job, cuDNN attention as in the app.
-Weights are random (bench_24gb's configs), so nothing here says anything about quality.
+Weights are random (bench_exact.py's configs), so nothing here says anything about quality.
 
     python bench/probe_determinism.py --out probe.json          # on a GPU
     python bench/probe_determinism.py --out probe.json --tiny   # the script on the CPU (the demo's sizes)
@@ -29,7 +29,7 @@ sys.path[:0] = [str(ROOT / "src"), str(ROOT / "bench")]
 def child(benchmark: bool, out: Path, tiny: bool) -> None:
     import app  # noqa: I001  (first: it sets the allocator's settings before torch loads)
     import torch
-    import bench_24gb
+    import bench_exact
     from diffusers import AutoencoderKLQwenImage, QwenImageTransformer2DModel
 
     device = "cuda" if torch.cuda.is_available() and not tiny else "cpu"
@@ -37,8 +37,8 @@ def child(benchmark: bool, out: Path, tiny: bool) -> None:
         app.setup_cuda_optimizations()  # TF32 + cudnn.benchmark, as the app
     torch.backends.cudnn.benchmark = benchmark
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
-    vae_config = dict(bench_24gb.VAE_CONFIG, base_dim=8) if tiny else bench_24gb.VAE_CONFIG
-    dit_config = dict(bench_24gb.TRANSFORMER_CONFIG, num_layers=2)
+    vae_config = dict(bench_exact.VAE_CONFIG, base_dim=8) if tiny else bench_exact.VAE_CONFIG
+    dit_config = dict(bench_exact.TRANSFORMER_CONFIG, num_layers=2)
     if tiny:
         dit_config.update(num_attention_heads=2, attention_head_dim=32, joint_attention_dim=64, axes_dims_rope=(8, 12, 12))
     torch.manual_seed(0)
@@ -47,7 +47,7 @@ def child(benchmark: bool, out: Path, tiny: bool) -> None:
         dit = QwenImageTransformer2DModel(**dit_config).to(dtype).eval()
     with torch.no_grad():
         for p in dit.parameters():
-            p.mul_(bench_24gb.WEIGHT_SCALE)
+            p.mul_(bench_exact.WEIGHT_SCALE)
     if app.ENABLE_VAE_SLICING:
         vae.enable_slicing()
     if app.ENABLE_VAE_TILING:

@@ -2,7 +2,7 @@
 
 A transformer of the real width (3072, 24 heads of 128; 60 blocks in the real model, --blocks here) with random bf16
 weights is saved with save_pretrained, then, in a fresh process: `from_pretrained(dtype=bf16)` (the files' dtype:
-mapped, nothing copied), `app.apply_fp8_storage` (the cast the app makes), and `app._host_copies` as the budget mode
+mapped, nothing copied), `studio.quant.apply_fp8_storage` (the cast the app makes), and `studio.engine.stream._host_copies` as the budget mode
 makes it on CUDA (one host buffer; page-locking is skipped here: no GPU). A thread samples RssAnon (anonymous memory:
 what a cgroup cannot reclaim) and RssFile (mapped file pages: page cache, evictable) every 10 ms.
 
@@ -40,9 +40,13 @@ def build(folder: Path, blocks: int) -> None:
 
 def probe(folder: Path) -> dict:
     sys.path.insert(0, str(ROOT / "src"))
-    import app  # noqa: I001
+    import app  # noqa: F401, I001  (first: it sets the allocator's settings before torch loads)
     import torch
     from diffusers import QwenImageTransformer2DModel
+
+    from studio.engine import stream
+    from studio.engine.memory import module_gb
+    from studio.quant import apply_fp8_storage
 
     peaks = {"phase": "start", "RssAnon": {}, "RssFile": {}}
     stop = threading.Event()
@@ -60,14 +64,14 @@ def probe(folder: Path) -> dict:
     peaks["phase"] = "from_pretrained"
     model = QwenImageTransformer2DModel.from_pretrained(folder, dtype=torch.bfloat16)
     out["after_from_pretrained"] = status_gb()
-    out["bf16_gb"] = round(app._module_gb(model), 3)
+    out["bf16_gb"] = round(module_gb(model), 3)
     peaks["phase"] = "cast"
-    app.apply_fp8_storage(model)
+    apply_fp8_storage(model)
     out["after_cast"] = status_gb()
-    out["fp8_gb"] = round(app._module_gb(model), 3)
+    out["fp8_gb"] = round(module_gb(model), 3)
     peaks["phase"] = "host_copies"
-    app._page_lock = lambda flat: False  # no GPU: the buffer is made and filled as on CUDA, not page-locked
-    app._host_copies(model, on_cuda=True)
+    stream._page_lock = lambda flat: False  # no GPU: the buffer is made and filled as on CUDA, not page-locked
+    stream._host_copies(model, on_cuda=True)
     out["after_host_copies"] = status_gb()
     stop.set()
     thread.join()

@@ -1,8 +1,8 @@
 """Streamed blocks ordered on the GPU vs diffusers' host waits: the budget engine's per-step time, A/B in one process.
 
 The budget engine streams the transformer blocks that do not fit through diffusers' ModuleGroup
-(`app.PageLockedModuleGroup`). With record_stream=False diffusers makes the host wait for the compute stream after
-every streamed block (`_offload_to_memory`), so the GPU idles while Python queues the next block. The variant tried
+(`studio.engine.stream.PageLockedModuleGroup`). With record_stream=False diffusers makes the host wait for the compute
+stream after every streamed block (`_offload_to_memory`), so the GPU idles while Python queues the next block. The variant tried
 here (`gpu_ordered_onload` / `gpu_ordered_offload`, below) drops that wait: the side stream instead waits on the GPU
 for the compute stream before each copy. This probe loads the app's pipeline once (`app.load_pipeline`, `auto`, the
 card emulated with `set_per_process_memory_fraction` and `Settings(vram_budget_gb=)`, as bench_low_ram.py does) and
@@ -34,11 +34,11 @@ sys.path[:0] = [str(ROOT / "src"), str(ROOT / "bench")]
 
 import app  # noqa: E402, I001  (first: it sets PYTORCH_CUDA_ALLOC_CONF before torch loads, as the app does)
 import bench_low_ram  # noqa: E402
-import bench_machines  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from diffusers.hooks.group_offloading import ModuleGroup  # noqa: E402
 from PIL import Image  # noqa: E402
+from studio.engine import stream  # noqa: E402
 
 GIB = 2**30
 
@@ -72,7 +72,7 @@ ORDERINGS = {
 def use(ordering: str) -> None:
     # Stage changes (`_BudgetStages.release`) stay as they are in both: their empty_cache frees blocks with cudaFree,
     # which waits for the whole device, so no kernel still reads a freed group there.
-    app.PageLockedModuleGroup._onload_from_memory, app.PageLockedModuleGroup._offload_to_memory = ORDERINGS[ordering]
+    stream.PageLockedModuleGroup._onload_from_memory, stream.PageLockedModuleGroup._offload_to_memory = ORDERINGS[ordering]
 
 
 def main() -> int:
@@ -93,9 +93,10 @@ def main() -> int:
 
     # 1. Load as the app does.
     start = time.perf_counter()
-    pipe = bench_low_ram.load_as_app(args.pipe, budget_gb, args.quantization)
-    result.update(load_s=round(time.perf_counter() - start, 1), mode=pipe._studio_info["offload_mode"],
-                  applied=pipe._studio_info["optimizations"])
+    loaded = bench_low_ram.load_as_app(args.pipe, budget_gb, args.quantization)
+    pipe = loaded.pipe
+    result.update(load_s=round(time.perf_counter() - start, 1), mode=loaded.offload.name,
+                  applied=loaded.optimizations)
     image = Image.open(sorted((ROOT / "assets" / "test_images").iterdir())[0])
 
     # 2. One warm run (2 steps: first-run costs), then the orderings alternated; every run's layers against the
@@ -103,10 +104,10 @@ def main() -> int:
     reference = None
     for index, ordering in enumerate(["gpu_ordered"] + ["host_waits", "gpu_ordered"] * args.repeats):
         use(ordering)
-        clock = bench_machines.StageClock(pipe)
+        clock = bench_low_ram.StageClock(pipe)
         if cuda:
             torch.cuda.reset_peak_memory_stats()
-        out = app.infer(pipe, image, prompt="a poster with a cat", layers=4, resolution=640,
+        out = app.infer(loaded, image, prompt="a poster with a cat", layers=4, resolution=640,
                         num_inference_steps=2 if index == 0 else args.steps, true_cfg_scale=4.0, seed=1)
         clock.close()
         layers = np.stack([np.asarray(layer) for layer in out.layers]).astype(np.int16)

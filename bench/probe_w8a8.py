@@ -1,6 +1,6 @@
 """W8A8 kernels at the real shapes (issue 25): the per-block times the Fast projection needs, and kernel = reference.
 
-One full-width QwenImageTransformerBlock (random weights, scaled down as bench_24gb does) at the default job, 640 px /
+One full-width QwenImageTransformerBlock (random weights, scaled down as bench_exact.py does) at the default job, 640 px /
 4 layers with a 517-token prompt: 9,600 image and 517 text tokens. For bf16, int8_w8a8 and fp8_w8a8 (src/studio/w8a8.py):
   - the block's 12 token-wise linears alone (the FLOPs the modes change: 2 x 113.2M x 10,117 = 2.29 TFLOP a block),
     eager and compiled (Inductor fuses the activations' quantization and the epilogue), and the 8-bit kernels alone
@@ -34,7 +34,7 @@ from studio.modes import OFFLOAD, QUANT  # noqa: E402
 from studio.quant import quant_problem  # noqa: E402
 
 IMAGE_TOKENS, TEXT_TOKENS = 9600, 517  # 640 px, 4 layers (+2 frames) x 1,600; a 512-token caption + the template
-WEIGHT_SCALE = 0.02  # bench_24gb.py's: keeps random activations finite
+WEIGHT_SCALE = 0.02  # bench_exact.py's: keeps random activations finite
 
 
 def timed(fn, repeats: int, cuda: bool) -> float:

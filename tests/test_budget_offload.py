@@ -1,5 +1,5 @@
 """The low-VRAM engine (offload mode "budget"): its plan, its errors, and on the demo pipeline that it changes
-nothing but where weights live. Speed and memory are measured on the full-size model by bench/bench_24gb.py."""
+nothing but where weights live. Speed and memory are measured on the full-size model by bench/bench_exact.py."""
 
 import numpy as np
 import pytest
@@ -10,7 +10,7 @@ from studio.engine.plan import BUDGET_PLAN_IMAGE_TOKENS, BUDGET_SAFETY_MARGIN_GB
 from studio.errors import OutOfMemoryError
 from conftest import demo_settings, engine_on
 
-# Sizes (GiB) of the real model in bf16, as bench/bench_24gb.py reports them for the full-size architecture.
+# Sizes (GiB) of the real model in bf16, as bench/results/h100_24gb.json reports them for the full-size architecture.
 REAL_SIZES = dict(block_gb=0.633, num_blocks=60, other_transformer_gb=0.0755, text_encoder_gb=15.445, vae_gb=0.236)
 DEFAULT_JOB_TOKENS = (4 + 2) * (640 // 16) ** 2  # 640 bucket, 4 layers
 

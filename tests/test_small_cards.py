@@ -1,6 +1,6 @@
 """16 and 12 GB cards and small machines (issue 12): the text encoder split in the budget mode, the `auto` choice,
 and the refusals before loading. On the demo pipeline the split must change nothing but where weights live.
-Speed and memory are measured on the full-size model by bench/bench_machines.py."""
+Speed and memory are measured on the full-size model by bench/bench_exact.py."""
 
 import math
 
@@ -17,7 +17,7 @@ from studio.errors import OutOfMemoryError
 from studio.params import LAYERS_RANGE
 from conftest import demo_settings, run_app, engine_on, machine_fits
 
-# Sizes (GiB) of the real model in bf16: the transformer's from bench/bench_24gb.py; the text encoder's language
+# Sizes (GiB) of the real model in bf16: the transformer's from bench/results/h100_24gb.json; the text encoder's language
 # layer from Qwen2.5-VL-7B's config (q/o 3584x3584 + k/v 3584x512 with biases, MLP 3 x 3584x18944, two norms:
 # 233,057,792 parameters), its vision tower and embedding table (152,064 x 3584).
 LAYER_GB = 233_057_792 * 2 / 2**30

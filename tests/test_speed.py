@@ -1,7 +1,7 @@
 """Speed features (issues 13, 24): the caption's attention kernels, regional compile, and the lossy compute modes'
 refusals.
 
-Speed itself is measured by bench/bench_speed.py (bench/results/speed.json), never by a test. These tests check that
+Speed itself is measured by bench/bench_exact.py (earlier: bench/results/speed.json), never by a test. These tests check that
 the features change nothing they should not: the same caption and layers, the same layers compiled, no recompiles.
 """
 

@@ -218,6 +218,50 @@ def test_the_planners_sizes_from_the_files_match_the_loaded_quantized_model(demo
     assert planned == loaded - scales
 
 
+@pytest.mark.parametrize("mode", MODES)
+def test_fused_blocks_are_quantized_with_their_stacked_projections_and_give_the_unfused_blocks_output(demo_path, mode):
+    """A block fused by `fuse_qkv_projections` (the exact path on CUDA; a bench's earlier row in the same process)
+    has `to_qkv` / `to_added_qkv` in place of the six Q, K and V projections: W8A8 replaces those two. The same math:
+    per-token scales from the shared input, per-row weight scales, exact sums on this CPU's reference path."""
+    from studio.compiling import fuse_qkv_projections
+
+    unfused, fused = _demo_transformer(demo_path), _demo_transformer(demo_path)
+    fuse_qkv_projections(fused)
+    replaced = w8a8.quantize_blocks(fused, mode, "all")
+    w8a8.quantize_blocks(unfused, mode, "all")
+    stacked = {"attn.to_qkv", "attn.to_out.0", "attn.to_added_qkv", "attn.to_add_out", "img_mlp.net.0.proj",
+               "img_mlp.net.2", "txt_mlp.net.0.proj", "txt_mlp.net.2"}
+    assert set(replaced) == {f"transformer_blocks.{i}.{name}" for i in range(4) for name in stacked}
+    assert w8a8.quantized_blocks_of(fused) == {i: mode for i in range(4)}
+    attn, parts = fused.transformer_blocks[1].attn, unfused.transformer_blocks[1].attn
+    assert type(attn.to_qkv) is w8a8.W8A8Linear and attn.to_qkv.weight.dtype == w8a8.W8A8_MODES[mode].weight_dtype
+    assert not any(hasattr(attn, name) for name in ("to_q", "to_k", "to_v", "add_q_proj", "add_k_proj", "add_v_proj"))
+    # The stacked layer is the three layers' rows: weights, scales and outputs bit for bit.
+    assert torch.equal(attn.to_qkv.weight.view(torch.uint8),
+                       torch.cat([parts.to_q.weight, parts.to_k.weight, parts.to_v.weight]).view(torch.uint8))
+    assert torch.equal(attn.to_qkv.weight_scale,
+                       torch.cat([parts.to_q.weight_scale, parts.to_k.weight_scale, parts.to_v.weight_scale]))
+    x = torch.randn(2, 5, 32, generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        assert torch.equal(attn.to_added_qkv(x), torch.cat([parts.add_q_proj(x), parts.add_k_proj(x),
+                                                             parts.add_v_proj(x)], dim=-1))
+        result, expected = fused(**_transformer_inputs(1))[0], unfused(**_transformer_inputs(1))[0]
+    assert result.shape == expected.shape and torch.isfinite(result).all()
+    assert torch.equal(result, expected)
+
+
+def test_fusing_blocks_quantized_already_is_refused_before_any_block_changes(demo_path):
+    """The app quantizes first and then leaves the 8-bit modes unfused (`fuse_problem`); fusing a quantized block
+    would stack 1-byte weights into a Linear without their scales, so `fuse_qkv_projections` refuses it."""
+    from studio.compiling import fuse_qkv_projections
+
+    transformer = _demo_transformer(demo_path)
+    w8a8.quantize_blocks(transformer, "int8_w8a8", "2")
+    with pytest.raises(TypeError, match=r"transformer_blocks\.2\.attn\.to_q is a W8A8Linear .*before quantizing"):
+        fuse_qkv_projections(transformer)
+    assert not any(hasattr(block.attn, "to_qkv") for block in transformer.transformer_blocks)
+
+
 # ----------------------------------------------------------------------------------------------------
 # The block range, the modes, SageAttention: what the user is told
 # ----------------------------------------------------------------------------------------------------

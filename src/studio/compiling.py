@@ -101,8 +101,9 @@ def load_compile_cache() -> bool:
     gathers in one file everything the compile used (Inductor's FX graphs, AOTAutograd's graphs, the Triton kernels'
     binaries, the autotuning results and the automatic-dynamic profile) and `load_cache_artifacts` puts them all back
     in place before the first compile. On the CPU a process with an empty cache directory and this file alone hit
-    Inductor's and AOTAutograd's caches; whether it pays on a GPU's second start is bench_speed.py's B4 (pending a
-    run). A file that does not load (another torch, a damaged file) is said and the blocks compile anew.
+    Inductor's and AOTAutograd's caches; on an H200 a second start then paid 7.7 s of compiling instead of 14.2 s with
+    Inductor's caches alone (bench/results/speed_24gb.json, `second_start*`). A file that does not load (another
+    torch, a damaged file) is said and the blocks compile anew.
     """
     if problem := compile_cache_problem():
         import torch._inductor.config
@@ -154,6 +155,10 @@ def fuse_problem(on_cuda: bool, quant: QuantMode, machine=None) -> str | None:
     return None
 
 
+# The projections `fuse_qkv_projections` stacks: each stream's Q, K and V.
+FUSED_PROJECTIONS = ("to_q", "to_k", "to_v", "add_q_proj", "add_k_proj", "add_v_proj")
+
+
 def fuse_qkv_projections(transformer: torch.nn.Module) -> int:
     """Each block's Q, K and V projections (and the text stream's) as one Linear of the three stacked, the three removed
     (the weights are held once); the blocks' processor then runs one matmul per stream. Returns how many blocks.
@@ -162,8 +167,22 @@ def fuse_qkv_projections(transformer: torch.nn.Module) -> int:
     `to_added_qkv` beside the three it keeps (+0.11 GB a block, 6.8 GB for 60), and QwenDoubleStreamAttnProcessor2_0
     never reads them. Applied before any hook: the budget engine's block groups and host copies are made from the fused
     modules. A block fused already is left as it is.
+
+    Only plain bf16 / float32 Linears are stacked: where a block was quantized already (W8A8, torchao, fp8_storage)
+    it raises TypeError before any block changes, since a stacked Linear would drop the 8-bit weights' scales or
+    casting hooks. The app never asks it (it quantizes first, and `fuse_problem` keeps the quantized modes'
+    projections apart); the other order works: `w8a8.quantize_blocks` replaces a fused block's stacked projections.
     """
     blocks = transformer.transformer_blocks
+    for index, block in enumerate(blocks):  # every block checked before any is changed
+        for name in () if hasattr(block.attn, "to_qkv") else FUSED_PROJECTIONS:
+            part = getattr(block.attn, name)
+            if (type(part) is not torch.nn.Linear or type(part.weight) is not torch.nn.Parameter
+                    or part.weight.element_size() < 2):
+                raise TypeError(f"transformer_blocks.{index}.attn.{name} is a {type(part).__name__} with a "
+                                f"{type(part.weight).__name__} of {part.weight.dtype}, not a bf16 / float32 Linear: it "
+                                f"was quantized. Fuse the Q, K and V projections before quantizing "
+                                f"(w8a8.quantize_blocks takes fused blocks).")
     with torch.no_grad():
         for block in blocks:
             attn = block.attn

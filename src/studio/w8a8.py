@@ -73,6 +73,13 @@ TOKENWISE_LINEARS = (
     "img_mlp.net.0.proj", "img_mlp.net.2",  # image stream feed-forward (up, down)
     "txt_mlp.net.0.proj", "txt_mlp.net.2",  # text stream feed-forward
 )
+# A block fused by `studio.compiling.fuse_qkv_projections` holds each stream's Q, K and V as one stacked Linear: W8A8
+# replaces that one in place of the three. The same math: a token's scale comes from its input, which the three share,
+# and the weight's scales are per output row, so the stacked layer's rows are the three layers' rows.
+FUSED_LINEARS = {
+    "attn.to_qkv": ("attn.to_q", "attn.to_k", "attn.to_v"),
+    "attn.to_added_qkv": ("attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj"),
+}
 # The bf16 fraction at each end of the stack under "default": 12 of 60 blocks at the start and 12 at the end.
 SENSITIVE_FRACTION = 0.2
 # torch._int_mm on CUDA refuses M <= 16 ("self.size(0) needs to be greater than 16") and K, N not multiples of 8.
@@ -261,12 +268,25 @@ class W8A8Linear(torch.nn.Module):
 # ----------------------------------------------------------------------------------------------------
 # 4. Applying it to the transformer, and its sizes for the planner
 # ----------------------------------------------------------------------------------------------------
+def tokenwise_linears(block: torch.nn.Module) -> tuple[str, ...]:
+    """The `TOKENWISE_LINEARS` of `block` as it is now: where it was fused (`FUSED_LINEARS`), the stacked projection in
+    place of the three it holds."""
+    names = list(TOKENWISE_LINEARS)
+    for fused, parts in FUSED_LINEARS.items():
+        parent_name, _, child = fused.rpartition(".")
+        if hasattr(block.get_submodule(parent_name), child):
+            start = names.index(parts[0])
+            names[start : start + len(parts)] = [fused]
+    return tuple(names)
+
+
 def quantize_blocks(transformer: torch.nn.Module, mode: str, blocks: Iterable[int] | str = "default",
                     device: torch.device | str | None = None) -> list[str]:
-    """Replace the `TOKENWISE_LINEARS` of `transformer.transformer_blocks[i]` for each i in `blocks` (indices or
-    `parse_block_range` text) by `W8A8Linear`s of `mode`; return the replaced modules' names. Modulation linears and
-    everything outside the blocks keep their class and dtype. Apply it before the engine's host copies (they then
-    lay out the 1-byte weights); `device="cuda"` quantizes there (each weight goes there and back once)."""
+    """Replace the token-wise linears of `transformer.transformer_blocks[i]` for each i in `blocks` (indices or
+    `parse_block_range` text) by `W8A8Linear`s of `mode`; return the replaced modules' names. The linears are
+    `tokenwise_linears(block)`: `TOKENWISE_LINEARS`, or on a block fused already its stacked Q, K and V. Modulation
+    linears and everything outside the blocks keep their class and dtype. Apply it before the engine's host copies
+    (they then lay out the 1-byte weights); `device="cuda"` quantizes there (each weight goes there and back once)."""
     w8a8_mode(mode)
     stack = transformer.transformer_blocks
     indices = parse_block_range(blocks, len(stack)) if isinstance(blocks, str) else tuple(sorted(set(blocks)))
@@ -276,7 +296,7 @@ def quantize_blocks(transformer: torch.nn.Module, mode: str, blocks: Iterable[in
     replaced = []
     for index in indices:
         block = stack[index]
-        for name in TOKENWISE_LINEARS:
+        for name in tokenwise_linears(block):
             parent_name, _, child = name.rpartition(".")
             parent = block.get_submodule(parent_name)
             linear = getattr(parent, child) if not child.isdigit() else parent[int(child)]

@@ -44,7 +44,7 @@ logger = logging.getLogger(__name__)
 # Off the GPU, each model's weights live in one page-locked host buffer: entering a stage is one copy at PCIe
 # speed, leaving it is free (the GPU copy is dropped; the host copy never changes).
 # FirstBlockCache's hooks wrap ours: a step it skips never calls the later blocks, so none of their weights
-# move (bench/bench_24gb.py counts block calls and bytes moved).
+# move (bench/results/h100_24gb.json counted block calls and bytes moved).
 _PAGE_BYTES = 4096  # cudaHostRegister locks whole pages
 _TENSOR_ALIGN_BYTES = 512  # each tensor starts aligned inside the host buffer: full-speed copies, any dtype
 _START_STREAMING_HOOK = "budget_start_streaming"
