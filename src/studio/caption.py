@@ -25,7 +25,9 @@ Exactness: the decode's numbers differ from eager `generate` only where kernels 
 cache with a mask of the unfilled slots, instead of over the grown dynamic cache without one). On the CPU in
 float32 that is ~1e-7 of a logit (tests/test_caption_decode.py); in bf16 the tolerance is LOGIT_TOLERANCE_ULPS
 bf16 ulps of the step's largest logit (`bf16_tolerance`): on a 2-layer bf16 model on the CPU the largest difference
-was a quarter of it; bench/probe_caption_graphs.py checks the graph on the full-size model on a GPU.
+was a quarter of it. On the full-size model (28 layers, H100, bench/bench_exact.py) 4 ulps is too tight for any two
+exact computations: eager's own teacher-forced single pass differs from eager `generate` by up to 0.258 (mean 0.032)
+and the graph decode by up to 0.235 (mean 0.032), within that spread (bench/RESULTS.md, "The caption's exactness").
 """
 
 import contextlib
@@ -55,8 +57,9 @@ MIN_GRAPH_STEPS = 8
 # The static KV cache holds the prompt and the new tokens, rounded up to this many slots: SDPA's memory-efficient
 # kernel reads the attention mask's rows in aligned chunks (a shorter row would be copied to a padded one per call).
 CACHE_ALIGN = 64
-# Two bf16 computations of the same logits (different attention kernels, summation orders) agree to a few units in
-# the last place of the largest logit; this many is the tolerance stated for "exact to bf16" (`bf16_tolerance`).
+# On a small bf16 model two computations of the same logits (different attention kernels, summation orders) agree to
+# a few units in the last place of the largest logit (`bf16_tolerance`; the CPU tests' bound). On the full-size model
+# the spread of two exact computations is wider, and that spread is the GPU check's tolerance (bench_exact.py).
 LOGIT_TOLERANCE_ULPS = 4
 
 # Generation settings the greedy decode reproduces exactly, and the values at which the others change nothing.
