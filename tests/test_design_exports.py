@@ -250,9 +250,10 @@ def test_the_page_shows_the_options_in_one_row(demo_pipe, models_dir, tmp_path):
     assert len({id(block.parent) for block in found}) == 1  # one group (Gradio's Form) in one Row
     assert type(found[0].parent).__name__ == "Form" and type(found[0].parent.parent).__name__ == "Row"
     assert next(block for block in found if block.label == PARAM["tidy_layers"].label).value is True
-    # The line under the gallery follows each run, sub-run and undo (`gallery_note`), not part of the API.
+    # The line under the gallery follows each run, sub-run, edit of a layer and undo (`gallery_note`), not part of
+    # the API.
     notes = [fn for fn in demo.fns.values() if fn.fn is app.gallery_note]
-    assert len(notes) == 3 and all(fn.api_visibility == "private" for fn in notes)
+    assert len(notes) == 4 and all(fn.api_visibility == "private" for fn in notes)
 
 
 def test_korean_text_offline_is_a_note_and_the_run_goes_on(tmp_path, monkeypatch):
