@@ -5,7 +5,6 @@ and the sizes the planner needs for them before loading (from the weight files a
 """
 
 import itertools
-import json
 import logging
 from pathlib import Path
 from typing import Any
@@ -14,7 +13,7 @@ import torch
 
 from studio.engine.memory import module_gb, text_encoder_parts, budget_sizes_from_files, release_freed_heap
 from studio.modes import QUANT, OffloadMode, QuantMode
-from studio.w8a8 import parse_block_range, quantize_blocks, w8a8_element_sizes, w8a8_record
+from studio.w8a8 import meta_transformer, parse_block_range, quantize_blocks, w8a8_element_sizes, w8a8_record
 
 logger = logging.getLogger(__name__)
 
@@ -120,16 +119,7 @@ def fp8_storage_element_sizes(model_path: Path | str) -> dict[str, int]:
     loaded dtype), for the planner before loading (`budget_sizes_from_files`). The cast's own rule decides: the
     transformer is built from its config on the meta device (no memory; 0.3 s for the real one) and cast as
     `apply_fp8_storage` does."""
-    import diffusers
-
-    folder = Path(model_path) / "transformer"
-    name = json.loads((folder / "config.json").read_text()).get("_class_name")
-    model_class = getattr(diffusers, str(name), None)
-    if not (isinstance(model_class, type) and issubclass(model_class, diffusers.ModelMixin)):
-        raise ValueError(f"{folder / 'config.json'} names no diffusers model class ({name!r}): --quantization "
-                         f"fp8_storage cannot size its float8 weights; pass the folder of a diffusers pipeline")
-    with torch.device("meta"):
-        transformer = model_class.from_config(model_class.load_config(folder))
+    transformer = meta_transformer(model_path, "--quantization fp8_storage cannot size its float8 weights")
     apply_fp8_storage(transformer)
     return {name: t.element_size() for name, t in itertools.chain(transformer.named_parameters(),
                                                                    transformer.named_buffers())
