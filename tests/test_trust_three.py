@@ -272,7 +272,9 @@ def test_a_run_s_files_reach_its_client_as_copies_and_its_folder_is_not_served(a
 def test_a_raw_client_s_run_folder_is_released_when_its_job_ends(app_server, raw_result):
     url, outputs, settings, sessions = app_server
     folder, *_ = raw_result
-    assert folder not in sessions.shown_folders()  # its stream closed with the result: nobody shows it any more
+    # Its stream closed with the result: nobody shows it any more (the server counts the stream's end just after the
+    # client has read it).
+    wait_for(lambda: folder not in sessions.shown_folders(), 10, "the run folder to be released")
     layers = [Image.new("RGBA", (64, 48), (20, 160, 90, 255))] * 2
     newer = save_run(DecomposeResult(layers=layers, caption="a newer run", auto_caption=False, seed=72,
                                      params={"input_size": [64, 48]}, duration_s=0.1), outputs)["folder"]
@@ -349,7 +351,9 @@ def test_a_job_whose_raw_client_never_listens_is_stopped_and_a_session_queues_tw
     assert joins[2].json()["detail"] == ("This session already has 2 jobs waiting or running (the limit per session): "
                                          "wait for one to finish.")
     wait_for(lambda: not app._PIPELINE_LOCK.locked(), 120, "the unlistened job to stop")
-    assert len(counted_steps) <= 8  # a few steps, not 50
+    # Stopped within ~CLIENT_GONE_S: a few steps, however fast this machine's are, not the 50 a job left running does
+    # (true CFG 1: one transformer call a step).
+    assert len(counted_steps) < 25
     assert run_folders(outputs) == before
 
 
@@ -367,7 +371,9 @@ def test_a_job_whose_raw_client_disconnects_is_stopped(app_server, counted_steps
         wait_for(lambda: len(counted_steps) >= 1, 60, "the first step")
     stopped_at = len(counted_steps)
     wait_for(lambda: not app._PIPELINE_LOCK.locked(), 120, "the job to stop")
-    assert len(counted_steps) <= stopped_at + 4
+    # The steps of ~CLIENT_GONE_S after the disconnect (6 on a fast CI machine), not the rest of the 50 a job left
+    # running does (true CFG 1: one transformer call a step); and nothing saved.
+    assert len(counted_steps) < stopped_at + 25
     assert run_folders(outputs) == before
 
 
