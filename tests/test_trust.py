@@ -17,7 +17,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from conftest import ROOT, demo_settings, free_port
+from conftest import ROOT, demo_settings, free_port, wait_for
 from PIL import Image
 
 import app
@@ -159,13 +159,6 @@ def slow_steps(demo_pipe):
     handle = demo_pipe.pipe.transformer.register_forward_pre_hook(hook, with_kwargs=True)
     yield calls
     handle.remove()
-
-
-def wait_for(condition, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.1)
 
 
 def test_stop_ends_the_run_at_the_next_step_frees_it_and_the_app_stays_ready(server, slow_steps, tmp_path):

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from conftest import demo_settings, free_port
+from conftest import demo_settings, free_port, wait_for
 from PIL import Image
 
 import app
@@ -326,13 +326,6 @@ def counted_steps(demo_pipe, monkeypatch):
     monkeypatch.setattr(studio.serving, "CLIENT_GONE_S", 1.0)
     yield calls
     handle.remove()
-
-
-def wait_for(condition, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.1)
 
 
 def test_a_job_whose_raw_client_never_listens_is_stopped_and_a_session_queues_two_jobs_at_most(app_server,
